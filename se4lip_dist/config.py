@@ -1,0 +1,339 @@
+"""One frozen dataclass per concern, YAML presets and dotted ``key=value`` overrides.
+
+The resolved :class:`Config` is the single source of truth for every stage. At the Ray boundary it
+travels as a plain dict (:meth:`Config.to_dict`) and is rebuilt with :meth:`Config.from_dict` on
+the first line of the worker function, because Ray Tune edits nested dict paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A config file, preset or override that cannot be applied."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How videos become aligned lip crops and audio in the shards."""
+
+    fps: int = 25
+    """Video frames per second after resampling by timestamp."""
+    sample_rate: int = 16000
+    """Audio samples per second (mono) after resampling."""
+    crop_size: int = 96
+    """Side in pixels of the square mouth-centred crop stored in the shards."""
+    jpeg_quality: int = 90
+    """JPEG quality of the stored crops."""
+    segment_frames: int = 250
+    """Longest run of frames in one shard row; longer clips are split into segments."""
+    shard_bytes: int = 128 * 1024 * 1024
+    """Target upper bound of one Parquet shard file."""
+
+    def __post_init__(self) -> None:
+        _check(self.fps > 0, "data.fps must be positive")
+        _check(self.sample_rate % self.fps == 0, "data.sample_rate must be a multiple of data.fps")
+        _check(16 <= self.crop_size <= 512, "data.crop_size must be in [16, 512]")
+        _check(1 <= self.jpeg_quality <= 100, "data.jpeg_quality must be in [1, 100]")
+        _check(self.segment_frames >= 16, "data.segment_frames must be >= 16")
+        _check(self.shard_bytes >= 1024 * 1024, "data.shard_bytes must be >= 1 MiB")
+
+    @property
+    def samples_per_frame(self) -> int:
+        """Audio samples that belong to one video frame (640 at 16 kHz / 25 fps)."""
+        return self.sample_rate // self.fps
+
+
+@dataclass(frozen=True)
+class FaceConfig:
+    """Face detection and mouth tracking used by ``prepare``."""
+
+    backend: str = "insightface"
+    """``insightface`` (SCRFD boxes + 5 keypoints) or ``none`` (fixed box for pre-cropped faces)."""
+    insightface_root: str | None = None
+    """InsightFace model root holding ``models/<pack>/``; None means ``~/.insightface``."""
+    pack: str = "buffalo_sc"
+    """InsightFace model pack whose detector is used."""
+    det_size: int = 320
+    """Detector input side in pixels."""
+    det_threshold: float = 0.5
+    """Minimum detection score."""
+    detect_every: int = 5
+    """Run the detector on every k-th frame and interpolate keypoints in between."""
+    smooth_window: int = 3
+    """Centred moving average over detections (odd; 1 disables smoothing)."""
+    mouth_scale: float = 0.9
+    """Crop side as a multiple of the eye-to-mouth distance (face scale)."""
+    fixed_mouth: tuple[float, float, float] = (0.5, 0.75, 0.35)
+    """Backend ``none``: mouth centre x, y and crop side as fractions of the frame."""
+    max_missing_fraction: float = 0.5
+    """A clip fails when more than this fraction of its detections found no face."""
+
+    def __post_init__(self) -> None:
+        _check(self.backend in ("insightface", "none"), "face.backend must be insightface|none")
+        _check(self.detect_every >= 1, "face.detect_every must be >= 1")
+        _check(self.smooth_window >= 1 and self.smooth_window % 2 == 1,
+               "face.smooth_window must be odd and >= 1")
+        _check(0.0 < self.mouth_scale <= 4.0, "face.mouth_scale must be in (0, 4]")
+        _check(len(self.fixed_mouth) == 3, "face.fixed_mouth must be (x, y, side)")
+        _check(0.0 <= self.max_missing_fraction <= 1.0, "face.max_missing_fraction in [0, 1]")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Speech and lip encoders (pure torch; see ``se4lip_dist.models``)."""
+
+    frontend: str = "stft"
+    """Speech front end: ``stft`` (log-magnitude, the paper) or ``mel`` (ablation)."""
+    n_fft: int = 512
+    win_length: int = 512
+    hop_length: int = 128
+    n_mels: int = 80
+    """Mel bands when ``frontend=mel``."""
+    backbone: str = "gru"
+    """Speech backbone: ``gru`` (the paper) or ``cnn`` (Wav2Lip-style conv encoder, ablation)."""
+    gru_layers: int = 8
+    embed_dim: int = 512
+    """Embedding size of both encoders (the GRU's hidden size, the lip CNN's last channels)."""
+    lip_channels: tuple[int, ...] = (32, 64, 128, 256, 512)
+    """Channel widths of the lip CNN stages (Table 2: 32, 64, 128, 256, 512)."""
+    lip_height: int = 96
+    lip_width: int = 96
+    """Lip input size; taken from the centre of the stored crop (resized when larger)."""
+    cnn_channels: tuple[int, ...] = (32, 64, 128, 256)
+    """Channel widths of the ``cnn`` speech backbone."""
+
+    def __post_init__(self) -> None:
+        _check(self.frontend in ("stft", "mel"), "model.frontend must be stft|mel")
+        _check(self.backbone in ("gru", "cnn"), "model.backbone must be gru|cnn")
+        _check(self.gru_layers >= 1, "model.gru_layers must be >= 1")
+        _check(self.win_length <= self.n_fft, "model.win_length must be <= model.n_fft")
+        _check(len(self.lip_channels) == 5, "model.lip_channels needs 5 stage widths")
+        _check(self.lip_height >= 16 and self.lip_width >= 16, "model.lip_* must be >= 16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Pair sampling, optimisation and validation."""
+
+    window_frames: int = 5
+    """Video frames per lip window (and the matching audio span)."""
+    batch_size: int = 16
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    epochs: int = 10
+    max_steps: int | None = None
+    """Stop after this many optimizer steps in total (None: run all epochs)."""
+    pairs_per_segment: int = 8
+    """Training pairs sampled from each shard row per epoch."""
+    hard_negative_fraction: float = 0.5
+    """Of the same-clip negatives, the share taken a few frames away (the rest far away)."""
+    cross_clip_fraction: float = 0.25
+    """Of all negatives, the share whose audio comes from another clip."""
+    hard_offset_max: int = 3
+    """Hard negatives are shifted by 2..hard_offset_max frames."""
+    val_fraction: float = 0.1
+    """Clips held out for validation (by a hash of the clip id) when the manifest has no split."""
+    max_offset: int = 15
+    """AV-offset search range in frames (syncnet_python uses +-15)."""
+    grad_clip: float = 1.0
+    amp: bool = True
+    """Mixed precision (bf16 autocast) on GPU; ignored on CPU."""
+    shuffle_buffer: int = 256
+    seed: int = 0
+    num_workers: int = 2
+    cpus_per_worker: float = 0.5
+    """Fractional CPUs leave room for Ray Data: reserving every CPU on 2 cores hangs Ray."""
+
+    def __post_init__(self) -> None:
+        _check(self.window_frames >= 1, "train.window_frames must be >= 1")
+        _check(self.batch_size >= 2, "train.batch_size must be >= 2")
+        _check(self.lr > 0, "train.lr must be positive")
+        _check(0.0 <= self.hard_negative_fraction <= 1.0, "train.hard_negative_fraction in [0, 1]")
+        _check(0.0 <= self.cross_clip_fraction <= 1.0, "train.cross_clip_fraction in [0, 1]")
+        _check(0.0 < self.val_fraction < 1.0, "train.val_fraction in (0, 1)")
+        _check(self.hard_offset_max >= 2, "train.hard_offset_max must be >= 2")
+        _check(self.num_workers >= 1, "train.num_workers must be >= 1")
+        _check(self.cpus_per_worker > 0, "train.cpus_per_worker must be positive")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole resolved configuration."""
+
+    preset: str = "paper"
+    data: DataConfig = field(default_factory=DataConfig)
+    face: FaceConfig = field(default_factory=FaceConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples become lists), safe for YAML, JSON and Ray."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        """Rebuild from :meth:`to_dict` output, validating every section."""
+        return _build(cls, d, "")
+
+    def override(self, overrides: dict[str, Any]) -> Config:
+        """Apply ``{"section.key": value}`` overrides (values already parsed)."""
+        d = self.to_dict()
+        for dotted, value in overrides.items():
+            _set_dotted(d, dotted, value)
+        return Config.from_dict(d)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def list_presets() -> list[str]:
+    """Names of the YAML presets shipped in the package."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(
+    preset: str = "paper",
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> Config:
+    """Resolve preset, then config file, then ``key=value`` overrides (later wins).
+
+    Args:
+        preset: name of a YAML preset in ``se4lip_dist/presets``.
+        config_file: optional YAML file with the same nesting as :meth:`Config.to_dict`.
+        overrides: strings like ``model.gru_layers=4``; values are parsed as YAML scalars.
+
+    Raises:
+        ConfigError: unknown preset/key, bad value or a failed validation.
+    """
+    path = PRESET_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {list_presets()}")
+    d = _read_yaml(path)
+    d["preset"] = preset
+    if config_file is not None:
+        for dotted, value in _flatten(_read_yaml(Path(config_file))).items():
+            _set_dotted(d, dotted, value)
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        _set_dotted(d, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return Config.from_dict(d)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read config: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = d
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls: type, d: dict[str, Any], where: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(d).__name__}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {[where + k for k in unknown]}; known: {sorted(known)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in d.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{where}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{where}{name}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from e
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Coerce YAML scalars to the annotated type (ints for floats, lists for tuples)."""
+    args = [a for a in get_args(hint) if a is not type(None)]
+    optional = type(None) in get_args(hint)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key} may not be null")
+    if optional and len(args) == 1:
+        hint = args[0]
+    if get_origin(hint) is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        inner = get_args(hint)[0]
+        return tuple(_coerce(v, inner, key) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true/false, got {value!r}")
+        return value
+    if hint in (int, float):
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML 1.1 reads "1e-3" as a string
+            except ValueError:
+                raise ConfigError(f"{key} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if hint is int and not float(value).is_integer():
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return hint(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    return value
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "FaceConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "list_presets",
+    "load_config",
+    "replace",
+]

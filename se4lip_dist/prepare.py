@@ -1,0 +1,541 @@
+"""``prepare``: videos -> 25 fps frames + 16 kHz audio -> mouth tracking -> lip crops -> shards.
+
+The per-clip work (:func:`process_clip`) is a pure function of one input file; Ray actors run it
+in parallel (each actor loads the face detector once), and the driver alone writes shards and the
+manifest, so a crash or Ctrl-C never leaves a half-written shard or a manifest naming one.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from se4lip_dist.config import Config
+from se4lip_dist.manifest import (
+    FAILURES,
+    MANIFEST,
+    ClipRecord,
+    Manifest,
+    ManifestError,
+    append_failure,
+)
+from se4lip_dist.shards import SHARD_GLOB, Segment, ShardWriter, encode_jpeg, segments_to_table
+
+VIDEO_EXTS = {".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".flv", ".mpg", ".mpeg", ".ts"}
+MANIFEST_EXTS = {".csv", ".jsonl"}
+PREVIEW_TILES = 16
+
+
+class PrepareError(RuntimeError):
+    """A problem that stops the whole run (bad output folder, detector that cannot load)."""
+
+
+@dataclass(frozen=True)
+class PrepareInput:
+    """One video to prepare, with optional labels from a manifest."""
+
+    path: str
+    speaker: str | None = None
+    split: str | None = None
+
+
+@dataclass
+class Failure:
+    """An input that could not be prepared, and why."""
+
+    input: str
+    error: str
+    stage: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"input": self.input, "stage": self.stage, "error": self.error}
+
+
+@dataclass
+class ClipResult:
+    """What one clip's processing returns to the driver."""
+
+    input: PrepareInput
+    clip_id: str
+    segments: list[Segment] = field(default_factory=list)
+    record: ClipRecord | None = None
+    preview: np.ndarray | None = None
+    failure: Failure | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class PrepareSummary:
+    """The outcome of a ``prepare`` run."""
+
+    out_dir: str
+    inputs: int = 0
+    prepared: int = 0
+    skipped: int = 0
+    duplicates: list[str] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    frames: int = 0
+    video_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    bytes_written: int = 0
+    total_clips: int = 0
+    total_frames: int = 0
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    @property
+    def bytes_per_video_minute(self) -> float:
+        return self.bytes_written / (self.video_seconds / 60) if self.video_seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "out_dir": self.out_dir,
+            "inputs": self.inputs,
+            "prepared": self.prepared,
+            "skipped_complete": self.skipped,
+            "duplicates": self.duplicates,
+            "failed": len(self.failures),
+            "failures": [f.to_json() for f in self.failures],
+            "frames": self.frames,
+            "wall_seconds": round(self.wall_seconds, 2),
+            "frames_per_s": round(self.frames_per_s, 1),
+            "bytes_per_video_minute": round(self.bytes_per_video_minute),
+            "total_clips": self.total_clips,
+            "total_frames": self.total_frames,
+        }
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def collect_inputs(items: Iterable[str]) -> tuple[list[PrepareInput], list[Failure]]:
+    """Expand files, folders (recursively) and CSV/JSONL manifests into inputs.
+
+    Bad entries (missing paths, malformed manifest lines) become :class:`Failure` records so the
+    rest of the run goes on.
+    """
+    inputs: list[PrepareInput] = []
+    failures: list[Failure] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in VIDEO_EXTS and f.is_file())
+            if not found:
+                failures.append(Failure(item, "no video files in this folder", "input"))
+            inputs.extend(PrepareInput(str(f)) for f in found)
+        elif p.suffix.lower() in MANIFEST_EXTS:
+            got, bad = _read_input_manifest(p)
+            inputs.extend(got)
+            failures.extend(bad)
+        elif p.is_file():
+            inputs.append(PrepareInput(str(p)))
+        else:
+            failures.append(Failure(item, "no such file or folder", "input"))
+    return inputs, failures
+
+
+def _read_input_manifest(path: Path) -> tuple[list[PrepareInput], list[Failure]]:
+    """Rows of ``path,speaker,split`` (CSV with header) or JSON objects per line (JSONL)."""
+    if not path.is_file():
+        return [], [Failure(str(path), "no such manifest file", "input")]
+    inputs: list[PrepareInput] = []
+    failures: list[Failure] = []
+    base = path.parent
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        return [], [Failure(str(path), f"cannot read manifest: {e}", "input")]
+    rows: list[tuple[int, dict[str, Any] | None, str]] = []
+    if path.suffix.lower() == ".jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                rows.append((n, obj if isinstance(obj, dict) else None, "not a JSON object"))
+            except json.JSONDecodeError as e:
+                rows.append((n, None, f"malformed JSON: {e.msg}"))
+    else:
+        reader = csv.DictReader(text.splitlines())
+        if reader.fieldnames is None or "path" not in reader.fieldnames:
+            return [], [Failure(str(path), "CSV manifest needs a header with a 'path' column",
+                                "input")]
+        for n, row in enumerate(reader, 2):
+            rows.append((n, row if None not in row else None, "too many fields"))
+    for n, row, why in rows:
+        where = f"{path}:{n}"
+        if row is None:
+            failures.append(Failure(where, why, "input"))
+            continue
+        raw = str(row.get("path") or "").strip()
+        if not raw:
+            failures.append(Failure(where, "missing 'path'", "input"))
+            continue
+        video = Path(raw) if Path(raw).is_absolute() else base / raw
+        if not video.is_file():
+            failures.append(Failure(f"{where} ({video})", "no such file", "input"))
+            continue
+        split = (row.get("split") or None) and str(row["split"]).strip()
+        if split not in (None, "", "train", "val", "test"):
+            failures.append(Failure(where, f"split must be train|val|test, got {split!r}",
+                                    "input"))
+            continue
+        inputs.append(PrepareInput(str(video), (row.get("speaker") or None) and
+                                   str(row["speaker"]).strip(), split or None))
+    return inputs, failures
+
+
+def clip_id_for(path: str | Path) -> str:
+    """Stable id: a filesystem-safe stem plus a hash of the file's bytes.
+
+    Content hashing makes reruns resume even when the folder moved, and identical files
+    given twice are recognised as one clip.
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem)[:48] or "clip"
+    return f"{stem}-{h.hexdigest()[:10]}"
+
+
+# ---------------------------------------------------------------- one clip
+
+
+def process_clip(inp: PrepareInput, clip_id: str, cfg: Config, detector: Any) -> ClipResult:
+    """Decode, track the mouth, crop and segment one video. Never raises for bad input.
+
+    Args:
+        inp: the input video.
+        clip_id: its id (see :func:`clip_id_for`).
+        cfg: resolved config (``data`` and ``face`` sections are used).
+        detector: a ``se4lip_dist.faces.FaceDetector``.
+    """
+    from se4lip_dist import faces, media
+
+    start = time.perf_counter()
+    result = ClipResult(inp, clip_id)
+    data, face = cfg.data, cfg.face
+    stage = "decode"
+    try:
+        info = media.probe(inp.path)
+        if not info.has_video:
+            raise media.MediaError(f"{inp.path}: no video stream")
+        if not info.has_audio:
+            raise media.MediaError(f"{inp.path}: no audio stream")
+        audio = media.decode_audio(inp.path, data.sample_rate)
+        stage = "faces"
+        tracker = faces.MouthTracker(
+            detector,
+            detect_every=face.detect_every,
+            smooth_window=face.smooth_window,
+            max_missing_fraction=face.max_missing_fraction,
+        )
+        jpegs: list[bytes] = []
+        kps: list[np.ndarray] = []
+        scores: list[float] = []
+        detected: list[bool] = []
+        tiles: list[np.ndarray] = []
+        for tf in tracker.track(media.iter_video_frames(inp.path, data.fps)):
+            cx, cy, side = faces.mouth_square(tf.kps, face.mouth_scale)
+            crop = faces.crop_square(tf.frame, cx, cy, side, data.crop_size)
+            jpegs.append(encode_jpeg(crop, data.jpeg_quality))
+            kps.append(np.asarray(tf.kps, np.float32))
+            scores.append(float(tf.score))
+            detected.append(bool(tf.detected))
+            if tf.index % 5 == 0 and len(tiles) < 4 * PREVIEW_TILES:
+                tiles.append(crop)
+        n = len(jpegs)
+        stage = "segment"
+        if n < cfg.train.window_frames:
+            raise ValueError(
+                f"{inp.path}: clip has {n} frames at {data.fps} fps, shorter than one "
+                f"{cfg.train.window_frames}-frame window"
+            )
+        spf = data.samples_per_frame
+        audio = _fit_length(audio, n * spf)
+        kp = np.stack(kps)
+        sc = np.asarray(scores, np.float32)
+        de = np.asarray(detected, bool)
+        for seg, s0 in enumerate(range(0, n, data.segment_frames)):
+            s1 = min(n, s0 + data.segment_frames)
+            if seg > 0 and s1 - s0 < cfg.train.window_frames:
+                # A tail shorter than one window is useless alone: extend the previous segment.
+                prev = result.segments[-1]
+                prev.lips_jpeg.extend(jpegs[s0:s1])
+                prev.audio = audio[prev.start_frame * spf : s1 * spf]
+                prev.keypoints = kp[prev.start_frame : s1]
+                prev.det_score = sc[prev.start_frame : s1]
+                prev.detected = de[prev.start_frame : s1]
+                break
+            result.segments.append(
+                Segment(
+                    clip_id=clip_id, segment=seg, start_frame=s0, clip_frames=n,
+                    fps=data.fps, sample_rate=data.sample_rate, crop_size=data.crop_size,
+                    lips_jpeg=jpegs[s0:s1], audio=audio[s0 * spf : s1 * spf],
+                    keypoints=kp[s0:s1], det_score=sc[s0:s1], detected=de[s0:s1],
+                    speaker=inp.speaker, split=inp.split,
+                )
+            )
+        result.record = ClipRecord(
+            source=str(inp.path), frames=n, segments=len(result.segments), shard="",
+            speaker=inp.speaker, split=inp.split, duration_s=round(n / data.fps, 3),
+            src_fps=info.src_fps, vfr=info.vfr,
+            missing_fraction=round(float(tracker.missing_fraction), 4),
+            mean_det_score=round(float(sc[de].mean()) if de.any() else 0.0, 4),
+        )
+        result.preview = _contact_sheet(tiles)
+    except Exception as e:  # noqa: BLE001 - every per-clip error becomes a failure record
+        msg = str(e) or type(e).__name__
+        if inp.path not in msg:
+            msg = f"{inp.path}: {msg}"
+        result.failure = Failure(inp.path, msg, stage)
+        result.segments = []
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _fit_length(x: np.ndarray, n: int) -> np.ndarray:
+    if len(x) >= n:
+        return x[:n]
+    return np.concatenate([x, np.zeros(n - len(x), x.dtype)])
+
+
+def _contact_sheet(tiles: list[np.ndarray]) -> np.ndarray | None:
+    """Up to 16 crops spread over the clip, in 2 rows."""
+    if not tiles:
+        return None
+    idx = np.linspace(0, len(tiles) - 1, min(PREVIEW_TILES, len(tiles))).round().astype(int)
+    chosen = [tiles[i] for i in idx]
+    per_row = (len(chosen) + 1) // 2
+    rows = []
+    for r in range(0, len(chosen), per_row):
+        row = chosen[r : r + per_row]
+        row += [np.zeros_like(chosen[0])] * (per_row - len(row))
+        rows.append(np.concatenate(row, axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+# ---------------------------------------------------------------- the run
+
+
+class _ClipWorker:
+    """Ray actor body: loads the detector once and prepares clips."""
+
+    def __init__(self, cfg_dict: dict[str, Any]) -> None:
+        _single_thread()
+        from se4lip_dist.faces import build_detector
+
+        self.cfg = Config.from_dict(cfg_dict)
+        self.detector = build_detector(self.cfg.face)
+
+    def process(self, inp: PrepareInput, clip_id: str) -> ClipResult:
+        return process_clip(inp, clip_id, self.cfg, self.detector)
+
+
+def _single_thread() -> None:
+    # Parallelism comes from running one clip per core; threads inside would oversubscribe.
+    import cv2
+    import torch
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def run_prepare(
+    items: list[str],
+    out_dir: str | Path,
+    cfg: Config,
+    *,
+    workers: int | None = None,
+    address: str | None = None,
+    preview_dir: str | Path | None = None,
+    on_start: Callable[[int], None] | None = None,
+    on_result: Callable[[ClipResult], None] | None = None,
+) -> PrepareSummary:
+    """Prepare videos into shards under ``out_dir``; resumes an existing folder.
+
+    Args:
+        items: video files, folders, or CSV/JSONL manifests.
+        out_dir: shard folder (created; an existing one must have the same data/face config).
+        cfg: resolved config.
+        workers: parallel clip workers; 0 runs in this process without Ray; None = Ray CPUs.
+        address: Ray cluster address (None starts a local Ray).
+        preview_dir: where to write one PNG contact sheet of lip crops per clip.
+        on_start: called with the number of clips to process.
+        on_result: called after each clip (for progress bars).
+
+    Raises:
+        PrepareError: the output folder is incompatible or the face detector cannot load.
+    """
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = PrepareSummary(out_dir=str(out))
+    manifest = _open_manifest(out, cfg)
+    preview = Path(preview_dir) if preview_dir else None
+    if preview:
+        preview.mkdir(parents=True, exist_ok=True)
+
+    inputs, failures = collect_inputs(items)
+    summary.inputs = len(inputs) + len(failures)
+    todo: list[tuple[PrepareInput, str]] = []
+    seen: dict[str, str] = {}
+    for inp in inputs:
+        try:
+            cid = clip_id_for(inp.path)
+        except OSError as e:
+            failures.append(Failure(inp.path, f"{inp.path}: cannot read: {e.strerror or e}",
+                                    "input"))
+            continue
+        if cid in seen:
+            summary.duplicates.append(f"{inp.path} (same content as {seen[cid]})")
+            continue
+        seen[cid] = inp.path
+        if cid in manifest.clips:
+            summary.skipped += 1
+            continue
+        todo.append((inp, cid))
+
+    # Fail the whole run early, with one message, when the detector itself cannot load.
+    from se4lip_dist.faces import FaceModelError, build_detector
+
+    try:
+        detector = build_detector(cfg.face)
+    except FaceModelError as e:
+        raise PrepareError(str(e)) from e
+
+    writer = ShardWriter(out, cfg.data.shard_bytes, prefix=f"shard-{int(time.time()):x}")
+    pending: dict[str, ClipRecord] = {}
+
+    def commit(info: Any) -> None:
+        if info is None:
+            return
+        for cid in info.clips:
+            pending[cid].shard = info.file
+        manifest.add_shard(info, {cid: pending.pop(cid) for cid in info.clips})
+        manifest.save(out)
+        summary.bytes_written += info.bytes
+
+    if on_start:
+        on_start(len(todo))
+    try:
+        for res in _results(todo, cfg, detector, workers, address):
+            if res.failure:
+                failures.append(res.failure)
+            else:
+                assert res.record is not None
+                pending[res.clip_id] = res.record
+                summary.prepared += 1
+                summary.frames += res.record.frames
+                summary.video_seconds += res.record.frames / cfg.data.fps
+                commit(writer.add(res.clip_id, segments_to_table(res.segments)))
+                if preview and res.preview is not None:
+                    _write_png(preview / f"{res.clip_id}.png", res.preview)
+            if on_result:
+                on_result(res)
+    finally:
+        # On Ctrl-C or a crash, keep every clip that finished: flush them as a complete shard.
+        commit(writer.flush())
+        manifest.save(out)
+        for f in failures:
+            append_failure(out, {**f.to_json(), "time": time.time()})
+    summary.failures = failures
+    summary.wall_seconds = time.perf_counter() - t0
+    summary.total_clips = len(manifest.clips)
+    summary.total_frames = manifest.total_frames
+    return summary
+
+
+def _open_manifest(out: Path, cfg: Config) -> Manifest:
+    """Load the folder's manifest (checking the config matches) or start a new one."""
+    wanted = {"data": cfg.to_dict()["data"], "face": cfg.to_dict()["face"]}
+    if (out / MANIFEST).exists():
+        try:
+            manifest = Manifest.load(out)
+        except ManifestError as e:
+            raise PrepareError(str(e)) from e
+        have = {k: manifest.config.get(k) for k in wanted}
+        diffs = [
+            f"{sec}.{k}: {have[sec].get(k)!r} -> {v!r}"
+            for sec in wanted
+            for k, v in wanted[sec].items()
+            if have[sec] is None or have[sec].get(k) != v
+        ]
+        # Where the detector weights live does not change what the shards contain.
+        diffs = [d for d in diffs if not d.startswith("face.insightface_root")]
+        if diffs:
+            raise PrepareError(
+                f"{out}: already holds shards prepared with another config ({'; '.join(diffs)}); "
+                "use a new --out folder"
+            )
+    else:
+        manifest = Manifest(config=wanted)
+    _remove_orphans(out, manifest)
+    return manifest
+
+
+def _remove_orphans(out: Path, manifest: Manifest) -> None:
+    """Delete temp files and shards no manifest names (left by a killed run; their clips redo)."""
+    named = {s.file for s in manifest.shards}
+    for f in list(out.glob(".*.tmp")) + [f for f in out.glob(SHARD_GLOB) if f.name not in named]:
+        f.unlink(missing_ok=True)
+
+
+def _results(
+    todo: list[tuple[PrepareInput, str]],
+    cfg: Config,
+    detector: Any,
+    workers: int | None,
+    address: str | None,
+) -> Iterator[ClipResult]:
+    if not todo:
+        return
+    if workers == 0:
+        for inp, cid in todo:
+            yield process_clip(inp, cid, cfg, detector)
+        return
+    import ray
+    from ray.util import ActorPool
+
+    from se4lip_dist.runtime import cluster_cpus, init_ray
+
+    init_ray(address)
+    n = workers or max(1, int(cluster_cpus()))
+    actor_cls = ray.remote(num_cpus=1)(_ClipWorker)
+    cfg_dict = cfg.to_dict()
+    pool = ActorPool([actor_cls.remote(cfg_dict) for _ in range(min(n, len(todo)))])
+    yield from pool.map_unordered(lambda a, v: a.process.remote(*v), todo)
+
+
+def _write_png(path: Path, rgb: np.ndarray) -> None:
+    import cv2
+
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    cv2.imwrite(str(tmp), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    tmp.replace(path)
+
+
+__all__ = [
+    "FAILURES",
+    "ClipResult",
+    "Failure",
+    "PrepareError",
+    "PrepareInput",
+    "PrepareSummary",
+    "clip_id_for",
+    "collect_inputs",
+    "process_clip",
+    "run_prepare",
+]

@@ -130,7 +130,9 @@ def collect_inputs(items: Iterable[str]) -> tuple[list[PrepareInput], list[Failu
     for item in items:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in VIDEO_EXTS and f.is_file())
+            found = sorted(
+                f for f in p.rglob("*") if f.suffix.lower() in VIDEO_EXTS and f.is_file()
+            )
             if not found:
                 failures.append(Failure(item, "no video files in this folder", "input"))
             inputs.extend(PrepareInput(str(f)) for f in found)
@@ -296,7 +298,7 @@ def process_clip(inp: PrepareInput, clip_id: str, cfg: Config, detector: Any) ->
             mean_det_score=round(float(sc[de].mean()) if de.any() else 0.0, 4),
         )
         result.preview = _contact_sheet(tiles)
-    except Exception as e:  # noqa: BLE001 - every per-clip error becomes a failure record
+    except Exception as e:  # every per-clip error becomes a failure record, never a crash
         msg = str(e) or type(e).__name__
         if inp.path not in msg:
             msg = f"{inp.path}: {msg}"
@@ -399,10 +401,11 @@ def run_prepare(
             failures.append(Failure(inp.path, f"{inp.path}: cannot read: {e.strerror or e}",
                                     "input"))
             continue
-        if cid in seen:
-            summary.duplicates.append(f"{inp.path} (same content as {seen[cid]})")
+        digest = cid.rsplit("-", 1)[1]
+        if digest in seen:
+            summary.duplicates.append(f"{inp.path} (same content as {seen[digest]})")
             continue
-        seen[cid] = inp.path
+        seen[digest] = inp.path
         if cid in manifest.clips:
             summary.skipped += 1
             continue

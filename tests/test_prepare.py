@@ -1,0 +1,213 @@
+"""prepare: synthetic and real video -> shards + manifest; resume; bad input; interrupts."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from se4lip_dist.cli import app
+from se4lip_dist.config import load_config
+from se4lip_dist.manifest import Manifest
+from se4lip_dist.prepare import PrepareError, collect_inputs, run_prepare
+from se4lip_dist.shards import decode_audio, decode_lips, iter_rows
+from se4lip_dist.synthetic import make_synthetic_clip, write_clip
+
+FIXED = load_config("cpu-small", overrides=["face.backend=none"])
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    d = tmp_path_factory.mktemp("clips")
+    metas = [make_synthetic_clip(d / f"syn_{i}.mp4", 2.0, seed=i, size=(128, 128))
+             for i in range(3)]
+    return d, metas
+
+
+def _rows_by_clip(out: Path) -> dict[str, list[dict]]:
+    rows: dict[str, list[dict]] = {}
+    for s in Manifest.load(out).shard_paths(out):
+        for r in iter_rows(s):
+            rows.setdefault(r["clip_id"], []).append(r)
+    return rows
+
+
+def test_synthetic_clips_become_aligned_shards(clips, tmp_path: Path) -> None:
+    d, metas = clips
+    out = tmp_path / "shards"
+    s = run_prepare([str(d)], out, FIXED, workers=0, preview_dir=tmp_path / "prev")
+    assert (s.prepared, len(s.failures), s.total_frames) == (3, 0, 150)
+    m = Manifest.load(out)
+    assert sorted(c.frames for c in m.clips.values()) == [50, 50, 50]
+    assert sum(sh.rows for sh in m.shards) == 3
+    for sh in m.shards:
+        assert pq.read_metadata(out / sh.file).num_rows == sh.rows
+    assert len(list((tmp_path / "prev").glob("*.png"))) == 3
+    by_source = {Path(c.source).name: cid for cid, c in m.clips.items()}
+    rows = _rows_by_clip(out)
+    for meta in metas:
+        (row,) = rows[by_source[Path(meta["path"]).name]]
+        assert len(decode_audio(row["audio"])) == 50 * 640
+        # The crop is centred on the drawn mouth: the non-skin area at its centre grows with the
+        # mouth opening of the same frame (so crops and frames are not shifted either).
+        lips = decode_lips(row["lips"]).astype(np.float32)
+        c = lips.shape[1] // 2
+        skin = np.median(lips, axis=(1, 2), keepdims=True)
+        mouth = (np.abs(lips - skin).sum(-1) > 60)[:, c - 24 : c + 24, c - 32 : c + 32]
+        r = np.corrcoef(mouth.mean(axis=(1, 2)), meta["mouth_open"])[0, 1]
+        assert r > 0.9, f"mouth area vs mouth opening correlation {r:.2f}"
+
+
+def test_rerun_resumes_and_adds_only_missing(clips, tmp_path: Path) -> None:
+    d, _ = clips
+    out = tmp_path / "shards"
+    first = run_prepare([str(d / "syn_0.mp4")], out, FIXED, workers=0)
+    assert first.prepared == 1
+    shards_before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")}
+    again = run_prepare([str(d)], out, FIXED, workers=0)
+    assert (again.prepared, again.skipped) == (2, 1)
+    for name, mtime in shards_before.items():
+        assert (out / name).stat().st_mtime_ns == mtime, "an existing shard was rewritten"
+    third = run_prepare([str(d)], out, FIXED, workers=0)
+    assert (third.prepared, third.skipped, third.total_clips) == (0, 3, 3)
+    assert len(_rows_by_clip(out)) == 3
+
+
+def test_other_config_on_same_folder_is_refused(clips, tmp_path: Path) -> None:
+    d, _ = clips
+    out = tmp_path / "shards"
+    run_prepare([str(d / "syn_0.mp4")], out, FIXED, workers=0)
+    other = FIXED.override({"data.crop_size": 64})
+    with pytest.raises(PrepareError, match="crop_size"):
+        run_prepare([str(d)], out, other, workers=0)
+
+
+def test_interrupt_keeps_finished_clips(clips, tmp_path: Path) -> None:
+    d, _ = clips
+    out = tmp_path / "shards"
+    seen = []
+
+    def boom(res) -> None:
+        seen.append(res)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_prepare([str(d)], out, FIXED, workers=0, on_result=boom)
+    assert len(Manifest.load(out).clips) == 2
+    (out / ".shard-x.parquet.tmp").write_bytes(b"partial")
+    (out / "shard-orphan-00000.parquet").write_bytes(b"from a killed run")
+    rest = run_prepare([str(d)], out, FIXED, workers=0)
+    assert (rest.prepared, rest.skipped) == (1, 2)
+    assert not (out / ".shard-x.parquet.tmp").exists()
+    assert not (out / "shard-orphan-00000.parquet").exists()
+    assert sum(len(v) for v in _rows_by_clip(out).values()) == 3
+
+
+def test_bad_inputs_are_reported_and_others_processed(clips, tmp_path: Path) -> None:
+    d, _ = clips
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "empty.mp4").write_bytes(b"")
+    (bad / "text.mp4").write_text("this is not a video")
+    good = (d / "syn_1.mp4").read_bytes()
+    (bad / "truncated.mp4").write_bytes(good[: len(good) // 3])
+    frames = np.zeros((50, 64, 64, 3), np.uint8)
+    write_clip(bad / "silent.mp4", frames, None, 25, 16000)
+    write_clip(bad / "audio_only.m4a", None, np.zeros(16000, np.float32), 25, 16000)
+    write_clip(bad / "short.mp4", frames[:3], np.zeros(3 * 640, np.float32), 25, 16000)
+    (bad / "dup.mp4").write_bytes((d / "syn_0.mp4").read_bytes())
+    listing = tmp_path / "list.csv"
+    listing.write_text(
+        "path,speaker,split\n"
+        f"{d / 'syn_2.mp4'},spk,val\n"
+        "missing/clip.mp4,spk,train\n"
+        f"{d / 'syn_0.mp4'},spk,train,extra-field\n"
+    )
+    items = [str(d / "syn_0.mp4"), str(bad), str(bad / "audio_only.m4a"), str(listing),
+             str(tmp_path / "nope.mp4")]
+    out = tmp_path / "shards"
+    result = CliRunner().invoke(
+        app, ["prepare", *items, "--out", str(out), "--preset", "cpu-small",
+              "--face-backend", "none", "--workers", "0", "--json"]
+    )
+    assert result.exit_code == 1, result.output
+    summary = json.loads(result.stdout)
+    errors = {Path(f["input"].split(" (")[0].split(":")[0]).name: f["error"]
+              for f in summary["failures"]}
+    assert set(errors) >= {"empty.mp4", "text.mp4", "truncated.mp4", "silent.mp4",
+                           "audio_only.m4a", "short.mp4", "nope.mp4", "list.csv"}
+    for name, err in errors.items():
+        if name != "list.csv":
+            assert name in err or name == "nope.mp4", f"{name}: error does not name it: {err}"
+    assert "no audio" in errors["silent.mp4"]
+    assert "no video" in errors["audio_only.m4a"]
+    assert "shorter than one" in errors["short.mp4"]
+    assert summary["prepared"] == 2, summary  # syn_0 (+ its duplicate) and syn_2
+    assert len(summary["duplicates"]) == 1 and "dup.mp4" in summary["duplicates"][0]
+    m = Manifest.load(out)
+    assert sorted(c.frames for c in m.clips.values()) == [50, 50]
+    assert {c.split for c in m.clips.values()} == {None, "val"}
+    lines = (out / "failures.jsonl").read_text().splitlines()
+    assert len(lines) == len(summary["failures"])
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_manifest_inputs(tmp_path: Path, clips) -> None:
+    d, _ = clips
+    jl = tmp_path / "in.jsonl"
+    jl.write_text(
+        json.dumps({"path": str(d / "syn_0.mp4"), "speaker": "a", "split": "train"}) + "\n"
+        + "{not json\n"
+        + json.dumps({"path": str(d / "syn_1.mp4"), "split": "holdout"}) + "\n"
+        + json.dumps(["a list"]) + "\n"
+    )
+    inputs, failures = collect_inputs([str(jl)])
+    assert [(Path(i.path).name, i.speaker, i.split) for i in inputs] == [
+        ("syn_0.mp4", "a", "train")
+    ]
+    assert [f.input for f in failures] == [f"{jl}:2", f"{jl}:3", f"{jl}:4"]
+    assert "malformed JSON" in failures[0].error and "holdout" in failures[1].error
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_file(tmp_path: Path, clips) -> None:
+    d, _ = clips
+    p = tmp_path / "locked.mp4"
+    p.write_bytes((d / "syn_0.mp4").read_bytes())
+    p.chmod(0)
+    s = run_prepare([str(p)], tmp_path / "out", FIXED, workers=0)
+    assert len(s.failures) == 1 and "locked.mp4" in s.failures[0].error
+
+
+@pytest.mark.timeout(240)
+def test_parallel_on_ray_matches_in_process(clips, tmp_path: Path) -> None:
+    import ray
+
+    d, _ = clips
+    try:
+        s = run_prepare([str(d)], tmp_path / "ray", FIXED, workers=2)
+    finally:
+        ray.shutdown()
+    local = run_prepare([str(d)], tmp_path / "local", FIXED, workers=0)
+    assert s.prepared == local.prepared == 3
+    a, b = _rows_by_clip(tmp_path / "ray"), _rows_by_clip(tmp_path / "local")
+    assert a.keys() == b.keys()
+    for cid in a:
+        assert a[cid][0]["audio"] == b[cid][0]["audio"]
+        assert a[cid][0]["lips"] == b[cid][0]["lips"]
+
+
+def test_grid_clips_with_scrfd(shared_data: Path, insightface_root: Path, tmp_path: Path) -> None:
+    vids = sorted((shared_data / "grid_s1" / "video").glob("*.mp4"))[:3]
+    cfg = load_config("paper", overrides=[f"face.insightface_root={insightface_root}"])
+    s = run_prepare([str(v) for v in vids], tmp_path / "grid", cfg, workers=0)
+    assert s.prepared == 3 and not s.failures
+    for c in Manifest.load(tmp_path / "grid").clips.values():
+        assert c.frames in (74, 75)
+        assert c.missing_fraction == 0.0 and c.mean_det_score > 0.6

@@ -69,10 +69,11 @@ class FaceConfig:
     """Minimum detection score."""
     detect_every: int = 5
     """Run the detector on every k-th frame and interpolate keypoints in between."""
-    smooth_window: int = 3
-    """Centred moving average over detections (odd; 1 disables smoothing)."""
+    smooth_window: int = 1
+    """Centred line fit over this many detections (odd; 1 = none). Detections 5 frames apart
+    already vary little; wider windows lag a moving head (HDTF: 2.7 px -> 7.3 px mean error)."""
     mouth_scale: float = 0.9
-    """Crop side as a multiple of the eye-to-mouth distance (face scale)."""
+    """Crop side = mouth_scale x (eye-to-mouth + inter-ocular distance)."""
     fixed_mouth: tuple[float, float, float] = (0.5, 0.75, 0.35)
     """Backend ``none``: mouth centre x, y and crop side as fractions of the frame."""
     max_missing_fraction: float = 0.5

@@ -1,0 +1,533 @@
+"""Face detection, face selection, mouth tracking and mouth-centred crops.
+
+The detector (InsightFace SCRFD, 5 keypoints) runs on every ``detect_every``-th frame and on the
+last one; :class:`MouthTracker` smooths the detected keypoints over neighbouring detections and
+interpolates them for the frames in between, streaming with a bounded frame buffer. For
+already-cropped, face-centred renderer output (SyncTalk/ER-NeRF style) :class:`FixedMouthDetector`
+stands in for the detector with a fixed mouth position.
+
+Keypoint order everywhere: left eye, right eye, nose, left mouth corner, right mouth corner
+(image coordinates, pixels).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+
+from se4lip_dist.config import FaceConfig
+
+# Fixed detections are built on a frontal template where eye-to-mouth distance equals
+# inter-ocular distance; these are the template's other proportions (relative to that distance).
+_TEMPLATE_MOUTH_HALF_WIDTH = 0.4
+_TEMPLATE_NOSE_ABOVE_MOUTH = 0.45
+
+
+class FaceModelError(Exception):
+    """The InsightFace model root or pack is missing or unusable."""
+
+
+class NoFaceError(Exception):
+    """Too many detections in a clip found no face."""
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detected face.
+
+    Attributes:
+        box: (x1, y1, x2, y2) in pixels.
+        kps: (5, 2) float32 keypoints: left eye, right eye, nose, left/right mouth corner.
+        score: detector confidence.
+    """
+
+    box: tuple[float, float, float, float]
+    kps: np.ndarray
+    score: float
+
+
+class FaceDetector(Protocol):
+    """Anything that finds faces in an RGB frame."""
+
+    def detect(self, frame_rgb: np.ndarray) -> list[Detection]:
+        """Return all faces found in an (H, W, 3) uint8 RGB frame."""
+        ...
+
+
+def find_detector_model(root: str | None, pack: str = "buffalo_sc") -> Path:
+    """Locate ``<root>/models/<pack>/det_*.onnx`` without touching the network.
+
+    Args:
+        root: InsightFace model root; None means ``~/.insightface``.
+        pack: model pack name.
+
+    Raises:
+        FaceModelError: the root, pack folder or detector file does not exist.
+    """
+    base = Path(root).expanduser() if root is not None else Path("~/.insightface").expanduser()
+    pack_dir = base / "models" / pack
+    hint = (
+        f"--insightface-root must point at a root holding models/{pack}/det_*.onnx "
+        "(InsightFace's layout, as under ~/.insightface); models are never downloaded"
+    )
+    if not base.is_dir():
+        raise FaceModelError(f"InsightFace root {base} does not exist; {hint}")
+    if not pack_dir.is_dir():
+        raise FaceModelError(f"InsightFace pack folder {pack_dir} does not exist; {hint}")
+    candidates = sorted(pack_dir.glob("det_*.onnx"))
+    if not candidates:
+        raise FaceModelError(f"no det_*.onnx detector in {pack_dir}; {hint}")
+    return candidates[0]
+
+
+class InsightFaceDetector:
+    """SCRFD face detector from an InsightFace pack, on CPU with a fixed thread count."""
+
+    def __init__(
+        self,
+        root: str | None,
+        pack: str = "buffalo_sc",
+        det_size: int = 320,
+        threshold: float = 0.5,
+        threads: int = 1,
+    ) -> None:
+        """Load ``<root>/models/<pack>/det_*.onnx`` (checked first: never downloads).
+
+        Args:
+            root: InsightFace model root; None means ``~/.insightface``.
+            pack: model pack whose detector is used.
+            det_size: square detector input side in pixels.
+            threshold: minimum detection score.
+            threads: onnxruntime intra-op threads.
+
+        Raises:
+            FaceModelError: the model file is missing or cannot be loaded.
+        """
+        self.model_path = find_detector_model(root, pack)
+        try:
+            import onnxruntime as ort
+            from insightface.model_zoo.scrfd import SCRFD
+        except ImportError as e:
+            raise FaceModelError(
+                f"face detection needs insightface and onnxruntime: pip install insightface "
+                f"onnxruntime ({e})"
+            ) from e
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = max(1, int(threads))
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Busy-waiting worker threads steal the core from the parallel clip on a small machine.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            session = ort.InferenceSession(
+                str(self.model_path), sess_options=opts, providers=["CPUExecutionProvider"]
+            )
+            # SCRFD copies these session options into its fixed-size session per input size.
+            self._model = SCRFD(model_file=str(self.model_path), session=session)
+        except Exception as e:
+            raise FaceModelError(f"cannot load detector {self.model_path}: {e}") from e
+        self.det_size = (int(det_size), int(det_size))
+        self.threshold = float(threshold)
+        self._model.prepare(ctx_id=-1, input_size=self.det_size, det_thresh=self.threshold)
+
+    def detect(self, frame_rgb: np.ndarray) -> list[Detection]:
+        """Return the faces in an RGB uint8 frame (SCRFD itself expects BGR)."""
+        bgr = np.ascontiguousarray(frame_rgb[..., ::-1])
+        det, kpss = self._model.detect(bgr, input_size=self.det_size, det_thresh=self.threshold)
+        out = []
+        for i in range(det.shape[0]):
+            x1, y1, x2, y2, score = (float(v) for v in det[i])
+            kps = np.asarray(kpss[i], dtype=np.float32).reshape(5, 2)
+            out.append(Detection(box=(x1, y1, x2, y2), kps=kps, score=score))
+        return out
+
+
+class FixedMouthDetector:
+    """Fixed mouth position for face-centred, pre-cropped video (backend ``none``).
+
+    Returns one detection whose mouth-corner midpoint is at ``(x*W, y*H)`` and whose keypoint
+    geometry makes :func:`mouth_square` give a crop side of ``side*min(H, W)``.
+    """
+
+    def __init__(
+        self, fixed_mouth: tuple[float, float, float], mouth_scale: float = 0.9
+    ) -> None:
+        """Args:
+        fixed_mouth: mouth centre x, y and crop side as fractions of the frame.
+        mouth_scale: the value later passed to :func:`mouth_square` (needed to hit the side).
+        """
+        x, y, side = (float(v) for v in fixed_mouth)
+        if side <= 0 or mouth_scale <= 0:
+            raise ValueError("fixed_mouth side and mouth_scale must be positive")
+        self.fixed_mouth = (x, y, side)
+        self.mouth_scale = float(mouth_scale)
+
+    def detect(self, frame_rgb: np.ndarray) -> list[Detection]:
+        """Return the single fixed detection for this frame's size."""
+        h, w = frame_rgb.shape[:2]
+        x, y, side = self.fixed_mouth
+        cx, cy = x * w, y * h
+        # mouth_square: side = mouth_scale * (eye-mouth + inter-ocular) = mouth_scale * 2f here.
+        f = side * min(h, w) / (2.0 * self.mouth_scale)
+        mw, nose = _TEMPLATE_MOUTH_HALF_WIDTH * f, _TEMPLATE_NOSE_ABOVE_MOUTH * f
+        kps = np.array(
+            [
+                [cx - f / 2, cy - f],
+                [cx + f / 2, cy - f],
+                [cx, cy - nose],
+                [cx - mw, cy],
+                [cx + mw, cy],
+            ],
+            dtype=np.float32,
+        )
+        box = (cx - f, cy - 1.8 * f, cx + f, cy + 0.8 * f)
+        return [Detection(box=box, kps=kps, score=1.0)]
+
+
+def build_detector(cfg: FaceConfig, threads: int = 1) -> FaceDetector:
+    """Detector for ``cfg.backend`` (``insightface`` or ``none``).
+
+    Raises:
+        FaceModelError: backend ``insightface`` and the model is missing.
+    """
+    if cfg.backend == "none":
+        return FixedMouthDetector(cfg.fixed_mouth, mouth_scale=cfg.mouth_scale)
+    if cfg.backend == "insightface":
+        return InsightFaceDetector(
+            cfg.insightface_root,
+            pack=cfg.pack,
+            det_size=cfg.det_size,
+            threshold=cfg.det_threshold,
+            threads=threads,
+        )
+    raise ValueError(f"unknown face backend {cfg.backend!r}")
+
+
+def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def select_face(
+    dets: list[Detection], prev: Detection | None, frame_hw: tuple[int, int]
+) -> Detection | None:
+    """Pick the speaker's face among the detections.
+
+    With ``prev``, the detection overlapping it most (IoU > 0.1) wins, so a larger face that
+    appears elsewhere does not steal the track; otherwise (or when none overlaps) the largest,
+    most central face wins (InsightFace's ``area - 2 * squared centre offset``).
+
+    Args:
+        dets: detections of one frame.
+        prev: the face selected at the previous detection, if any.
+        frame_hw: (height, width) of the frame.
+
+    Returns:
+        The selected detection, or None when ``dets`` is empty.
+    """
+    if not dets:
+        return None
+    if prev is not None:
+        ious = [_iou(d.box, prev.box) for d in dets]
+        best = int(np.argmax(ious))
+        if ious[best] > 0.1:
+            return dets[best]
+    h, w = frame_hw
+
+    def value(d: Detection) -> float:
+        x1, y1, x2, y2 = d.box
+        off2 = ((x1 + x2) / 2 - w / 2) ** 2 + ((y1 + y2) / 2 - h / 2) ** 2
+        return (x2 - x1) * (y2 - y1) - 2.0 * off2
+
+    return max(dets, key=value)
+
+
+def mouth_square(kps: np.ndarray, mouth_scale: float) -> tuple[float, float, float]:
+    """Square mouth crop from 5 keypoints.
+
+    Centre: midpoint of the mouth corners. Side: ``mouth_scale * (eye_mouth + inter_ocular)``,
+    where ``eye_mouth`` is the distance from the eye midpoint to the mouth midpoint and
+    ``inter_ocular`` the distance between the eyes. On a frontal face the two are about equal;
+    their sum is steadier than either alone (yaw shrinks the eye distance, pitch the eye-mouth
+    distance). At ``mouth_scale`` 0.9 the square spans roughly the face-box width: the whole
+    mouth with the nose base and the chin, like Wav2Lip's lower face.
+
+    Args:
+        kps: (5, 2) keypoints.
+        mouth_scale: crop side per unit of ``eye_mouth + inter_ocular``.
+
+    Returns:
+        (cx, cy, side) in pixels.
+    """
+    k = np.asarray(kps, dtype=np.float64).reshape(5, 2)
+    eyes = (k[0] + k[1]) / 2
+    mouth = (k[3] + k[4]) / 2
+    eye_mouth = float(np.linalg.norm(mouth - eyes))
+    inter_ocular = float(np.linalg.norm(k[1] - k[0]))
+    side = mouth_scale * (eye_mouth + inter_ocular)
+    return float(mouth[0]), float(mouth[1]), max(side, 1.0)
+
+
+def crop_square(
+    frame: np.ndarray, cx: float, cy: float, side: float, out_size: int
+) -> np.ndarray:
+    """Resample the axis-aligned square centred at (cx, cy) to ``out_size`` pixels.
+
+    Coordinates are pixel indices (pixel i's centre is at i, as for detector keypoints).
+    Sub-pixel accurate: the centre of output pixel u samples input
+    ``cx - side/2 + (u + 0.5) * side / out_size``. Areas outside the frame replicate the border.
+
+    Returns:
+        (out_size, out_size, 3) uint8.
+    """
+    if side <= 0 or out_size <= 0:
+        raise ValueError("side and out_size must be positive")
+    src = np.ascontiguousarray(frame)
+    # Large reductions alias with bilinear sampling: warp at ~1:1 first, then area-average.
+    mid = out_size if side <= 1.5 * out_size else math.ceil(side)
+    s = side / mid
+    x0 = cx - side / 2 + 0.5 * s
+    y0 = cy - side / 2 + 0.5 * s
+    m = np.array([[s, 0.0, x0], [0.0, s, y0]], dtype=np.float64)
+    out = cv2.warpAffine(
+        src,
+        m,
+        (mid, mid),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
+    if mid != out_size:
+        out = cv2.resize(out, (out_size, out_size), interpolation=cv2.INTER_AREA)
+    if out.ndim == 2:
+        out = np.repeat(out[:, :, None], 3, axis=2)
+    return out.astype(np.uint8, copy=False)
+
+
+@dataclass
+class TrackedFrame:
+    """One frame with its tracked keypoints.
+
+    Attributes:
+        index: frame index in the clip.
+        frame: the RGB frame as given.
+        kps: (5, 2) float32 smoothed/interpolated keypoints.
+        score: detector score at detected frames, interpolated between them; 0.0 where no face
+            was found and the keypoints were carried over.
+        detected: the detector ran on this frame and found a face.
+    """
+
+    index: int
+    frame: np.ndarray
+    kps: np.ndarray
+    score: float
+    detected: bool
+
+
+@dataclass
+class _Det:
+    t: int
+    kps: np.ndarray | None
+    score: float
+
+
+class MouthTracker:
+    """Detect every k-th frame, smooth over detections, interpolate in between (streaming).
+
+    Smoothing fits a straight line per keypoint coordinate to the valid detections within
+    ``smooth_window`` detections centred on each one and evaluates it there: in the interior
+    with no gaps this is exactly the centred moving average, and unlike a plain average it
+    stays unbiased at clip edges, across gaps and at the irregular last detection.
+
+    Memory: about ``detect_every * (smooth_window // 2 + 1)`` frames are buffered. A gap of
+    missed detections longer than ``max_buffer`` frames carries the last keypoints forward
+    (score 0.0) instead of waiting; a clip whose first ``max_buffer`` frames hold no face at
+    all raises :class:`NoFaceError`.
+    """
+
+    def __init__(
+        self,
+        detector: FaceDetector,
+        detect_every: int = 5,
+        smooth_window: int = 3,
+        max_missing_fraction: float = 0.5,
+        max_buffer: int = 100,
+    ) -> None:
+        """Args:
+        detector: face detector.
+        detect_every: run the detector on frames 0, k, 2k, ... and on the last frame.
+        smooth_window: detections in the centred smoothing window (odd; 1 disables).
+        max_missing_fraction: raise NoFaceError when more detections than this missed.
+        max_buffer: most frames held while waiting for a face (raised to what smoothing needs).
+        """
+        if detect_every < 1 or smooth_window < 1:
+            raise ValueError("detect_every and smooth_window must be >= 1")
+        self.detector = detector
+        self.k = int(detect_every)
+        self.half = int(smooth_window) // 2
+        self.max_missing_fraction = float(max_missing_fraction)
+        self.max_buffer = max(int(max_buffer), self.k * (self.half + 1) + 2)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.n_frames = 0
+        self.n_detections = 0
+        self.n_missing = 0
+        self.max_buffered = 0
+        self.missing_frames: list[int] = []
+
+    @property
+    def missing_fraction(self) -> float:
+        """Share of detections that found no face (0.0 before any detection)."""
+        return self.n_missing / self.n_detections if self.n_detections else 0.0
+
+    def track(self, frames: Iterable[np.ndarray]) -> Iterator[TrackedFrame]:
+        """Yield a :class:`TrackedFrame` per input frame, in order.
+
+        Raises:
+            NoFaceError: no face at all, a face-less start longer than ``max_buffer`` frames,
+                or ``missing_fraction > max_missing_fraction`` (raised at the end).
+        """
+        self._reset()
+        buf: deque[tuple[int, np.ndarray]] = deque()
+        dets: list[_Det] = []  # detections not yet needed by any future smoothing window
+        base = 0  # detection number of dets[0]
+        nxt = 0  # next detection number to turn into an anchor
+        # Last emitted anchor: (time, kps, score); None before the first face.
+        state: dict[str, Any] = {"anchor": None, "prev": None}
+        detected_at: set[int] = set()
+
+        def emit_until(t_end: float, anchor: tuple[float, np.ndarray, float] | None):
+            """Pop buffered frames with index <= t_end, interpolating toward ``anchor``."""
+            last = state["anchor"]
+            while buf and buf[0][0] <= t_end:
+                i, fr = buf.popleft()
+                if anchor is None or last is None:
+                    src = anchor if last is None else last
+                    kps, score = src[1], (src[2] if i == src[0] else 0.0)
+                elif anchor[0] == last[0]:
+                    kps, score = anchor[1], anchor[2]
+                else:
+                    a = (i - last[0]) / (anchor[0] - last[0])
+                    kps = (1 - a) * last[1] + a * anchor[1]
+                    score = (1 - a) * last[2] + a * anchor[2]
+                yield TrackedFrame(
+                    index=i,
+                    frame=fr,
+                    kps=np.asarray(kps, dtype=np.float32),
+                    score=float(score),
+                    detected=i in detected_at,
+                )
+            if anchor is not None:
+                state["anchor"] = anchor
+                detected_at.discard(anchor[0])
+
+        def smoothed(j: int) -> np.ndarray:
+            window = [
+                d
+                for d in dets[max(0, j - self.half - base) : j + self.half + 1 - base]
+                if d.kps is not None
+            ]
+            ts = np.array([d.t for d in window], dtype=np.float64)
+            ks = np.stack([d.kps for d in window]).astype(np.float64).reshape(len(window), -1)
+            t0 = dets[j - base].t
+            if len(window) == 1 or np.ptp(ts) == 0:
+                return ks.mean(axis=0).reshape(5, 2)
+            tc = ts - ts.mean()
+            slope = (tc[:, None] * (ks - ks.mean(axis=0))).sum(axis=0) / (tc**2).sum()
+            return (ks.mean(axis=0) + slope * (t0 - ts.mean())).reshape(5, 2)
+
+        def finalize(ended: bool):
+            nonlocal nxt, base
+            total = base + len(dets)
+            while nxt < total and (ended or nxt + self.half < total):
+                d = dets[nxt - base]
+                if d.kps is not None:
+                    anchor = (float(d.t), smoothed(nxt), d.score)
+                    yield from emit_until(d.t, anchor)
+                nxt += 1
+            # Keep only detections a future smoothing window can still reach.
+            drop = max(0, nxt - self.half - base)
+            del dets[:drop]
+            base += drop
+
+        def detect(i: int, fr: np.ndarray) -> None:
+            faces = self.detector.detect(fr)
+            face = select_face(faces, state["prev"], fr.shape[:2])
+            self.n_detections += 1
+            if face is None:
+                self.n_missing += 1
+                self.missing_frames.append(i)
+                dets.append(_Det(i, None, 0.0))
+            else:
+                state["prev"] = face
+                detected_at.add(i)
+                dets.append(_Det(i, np.asarray(face.kps, dtype=np.float64).reshape(5, 2),
+                                 float(face.score)))
+
+        it = iter(frames)
+        sentinel = object()
+        cur = next(it, sentinel)
+        i = 0
+        while cur is not sentinel:
+            frame = np.asarray(cur)
+            cur = next(it, sentinel)
+            is_last = cur is sentinel
+            buf.append((i, frame))
+            self.n_frames = i + 1
+            self.max_buffered = max(self.max_buffered, len(buf))
+            if i % self.k == 0 or is_last:
+                detect(i, frame)
+                if not is_last:
+                    yield from finalize(ended=False)
+            if len(buf) > self.max_buffer and not is_last:
+                if state["anchor"] is None:
+                    raise NoFaceError(
+                        f"no face in the first {len(buf)} frames "
+                        f"({self.n_missing}/{self.n_detections} detections missed)"
+                    )
+                # Long gap: carry the last keypoints over rather than buffer the whole gap.
+                t_old = buf[0][0]
+                a = state["anchor"]
+                yield from emit_until(t_old, None)
+                state["anchor"] = (float(t_old), a[1], 0.0)
+            i += 1
+
+        if self.n_detections == 0:
+            raise NoFaceError("no frames")
+        if self.n_missing == self.n_detections or self.missing_fraction > (
+            self.max_missing_fraction
+        ):
+            raise NoFaceError(
+                f"no face in {self.n_missing}/{self.n_detections} detections "
+                f"({self.missing_fraction:.0%} > {self.max_missing_fraction:.0%}) over "
+                f"{self.n_frames} frames; missed at frames {self.missing_frames[:20]}"
+            )
+        yield from finalize(ended=True)
+        yield from emit_until(math.inf, None)
+
+
+__all__ = [
+    "Detection",
+    "FaceDetector",
+    "FaceModelError",
+    "FixedMouthDetector",
+    "InsightFaceDetector",
+    "MouthTracker",
+    "NoFaceError",
+    "TrackedFrame",
+    "build_detector",
+    "crop_square",
+    "find_detector_model",
+    "mouth_square",
+    "select_face",
+]

@@ -1,0 +1,355 @@
+"""Face detection, selection, tracking and mouth crops."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from se4lip_dist.config import FaceConfig
+from se4lip_dist.faces import (
+    Detection,
+    FaceModelError,
+    FixedMouthDetector,
+    InsightFaceDetector,
+    MouthTracker,
+    NoFaceError,
+    build_detector,
+    crop_square,
+    mouth_square,
+    select_face,
+)
+
+_SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED_DATA = Path(os.environ.get("SE4LIP_SHARED_DATA", _SHARED / "data"))
+INSIGHTFACE_ROOT = Path(
+    os.environ.get("SE4LIP_INSIGHTFACE_ROOT", SHARED_DATA.parent / "models" / "insightface")
+)
+
+
+# ---------------------------------------------------------------- fixed detector and crops
+
+
+def test_fixed_mouth_crop_centres_on_drawn_mouth() -> None:
+    h, w = 200, 300
+    img = np.full((h, w, 3), 40, np.uint8)
+    mx, my = int(0.5 * w), int(0.75 * h)
+    img[my - 2 : my + 3, mx - 2 : mx + 3] = (255, 0, 0)
+    (det,) = FixedMouthDetector((0.5, 0.75, 0.35), mouth_scale=0.9).detect(img)
+    assert det.kps.shape == (5, 2) and det.kps.dtype == np.float32
+    cx, cy, side = mouth_square(det.kps, 0.9)
+    assert (cx, cy) == pytest.approx((mx, my))
+    assert side == pytest.approx(0.35 * min(h, w))
+    crop = crop_square(img, cx, cy, side, 71)
+    assert crop.shape == (71, 71, 3) and crop.dtype == np.uint8
+    assert tuple(crop[35, 35]) == (255, 0, 0)
+    assert tuple(crop[0, 0]) == (40, 40, 40)
+
+
+@pytest.mark.parametrize("mouth_scale", [0.5, 0.9, 1.7])
+def test_fixed_mouth_side_independent_of_scale(mouth_scale: float) -> None:
+    img = np.zeros((120, 90, 3), np.uint8)
+    (det,) = FixedMouthDetector((0.4, 0.6, 0.5), mouth_scale=mouth_scale).detect(img)
+    cx, cy, side = mouth_square(det.kps, mouth_scale)
+    assert (cx, cy, side) == pytest.approx((36.0, 72.0, 45.0))
+
+
+def test_crop_square_subpixel_and_border_replicate() -> None:
+    ramp = np.tile(np.arange(200, dtype=np.uint8)[None, :, None], (50, 1, 3))
+    crop = crop_square(ramp, 100.0, 25.0, 11, 11)
+    assert crop[5, :, 0].tolist() == list(range(95, 106))
+    half = crop_square(ramp, 100.5, 25.0, 11, 11)
+    assert np.abs(half[5, :, 0].astype(float) - np.arange(95.5, 106.5)).max() <= 0.5
+    # Square entirely left of the frame: every pixel replicates column 0.
+    off = crop_square(ramp, -40.0, 25.0, 20, 16)
+    assert (off == 0).all()
+    # Partly off the bottom-right corner: replicated edge values, right shape.
+    corner = crop_square(ramp, 199.0, 49.0, 40, 32)
+    assert corner.shape == (32, 32, 3)
+    assert (corner[:, -1, 0] == 199).all()
+
+
+def test_crop_square_large_downscale_keeps_centre() -> None:
+    img = np.zeros((700, 700, 3), np.uint8)
+    img[340:361, 290:311] = 255  # 21 px white square centred at (300, 350)
+    crop = crop_square(img, 300.0, 350.0, 300.0, 96)
+    assert crop.shape == (96, 96, 3)
+    w = crop[..., 0].astype(np.float64)
+    ys, xs = np.mgrid[:96, :96]
+    assert (w * xs).sum() / w.sum() == pytest.approx(47.5, abs=0.05)
+    assert (w * ys).sum() / w.sum() == pytest.approx(47.5, abs=0.05)
+
+
+def test_build_detector_none_backend() -> None:
+    det = build_detector(FaceConfig(backend="none", fixed_mouth=(0.5, 0.7, 0.4)))
+    assert isinstance(det, FixedMouthDetector)
+    (d,) = det.detect(np.zeros((512, 512, 3), np.uint8))
+    assert mouth_square(d.kps, FaceConfig().mouth_scale)[2] == pytest.approx(0.4 * 512)
+
+
+# ---------------------------------------------------------------- face selection
+
+
+def _face(cx: float, cy: float, size: float, score: float = 0.9) -> Detection:
+    f = size / 2.5
+    kps = np.array(
+        [[cx - f / 2, cy - f / 2], [cx + f / 2, cy - f / 2], [cx, cy],
+         [cx - 0.4 * f, cy + f / 2], [cx + 0.4 * f, cy + f / 2]],
+        np.float32,
+    )
+    box = (cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2)
+    return Detection(box=box, kps=kps, score=score)
+
+
+def test_select_face_largest_and_central() -> None:
+    hw = (400, 400)
+    assert select_face([], None, hw) is None
+    small, big = _face(200, 200, 40), _face(210, 190, 120)
+    assert select_face([small, big], None, hw) is big
+    corner = _face(40, 40, 80)
+    centre = _face(200, 200, 70)
+    assert select_face([corner, centre], None, hw) is centre
+
+
+def test_select_face_keeps_identity_with_prev() -> None:
+    hw = (400, 600)
+    prev = _face(150, 200, 80)
+    same = _face(153, 202, 82)
+    intruder = _face(450, 200, 200)
+    assert select_face([intruder, same], None, hw) is intruder
+    assert select_face([intruder, same], prev, hw) is same
+    # The tracked face vanished: fall back to the best remaining one.
+    assert select_face([intruder], prev, hw) is intruder
+
+
+# ---------------------------------------------------------------- tracking
+
+
+def _frames(n: int):
+    """Tiny frames that carry their own index (the fake detector reads it back)."""
+    for i in range(n):
+        f = np.zeros((4, 4, 3), np.uint8)
+        f[0, 0, 0], f[0, 0, 1] = divmod(i, 256)
+        yield f
+
+
+def _index(frame: np.ndarray) -> int:
+    return int(frame[0, 0, 0]) * 256 + int(frame[0, 0, 1])
+
+
+BASE = np.array([[30, 40], [60, 40], [45, 55], [35, 70], [55, 70]], np.float64)
+VEL = np.array([0.7, -0.3])
+
+
+class MovingFace:
+    """Face moving linearly; misses on ``miss`` frames; adds ``noise(i)`` to the keypoints."""
+
+    def __init__(self, miss=(), noise=None) -> None:
+        self.calls: list[int] = []
+        self.miss = set(miss)
+        self.noise = noise
+
+    def kps(self, i: float) -> np.ndarray:
+        return BASE + VEL * i
+
+    def detect(self, frame_rgb: np.ndarray) -> list[Detection]:
+        i = _index(frame_rgb)
+        self.calls.append(i)
+        if i in self.miss:
+            return []
+        k = self.kps(i) + (self.noise(i) if self.noise else 0.0)
+        box = (k[:, 0].min() - 10, k[:, 1].min() - 10, k[:, 0].max() + 10, k[:, 1].max() + 10)
+        return [Detection(box=box, kps=k.astype(np.float32), score=0.5 + 0.01 * (i % 7))]
+
+
+@pytest.mark.parametrize(("n", "k"), [(23, 5), (21, 5), (1, 5), (7, 1), (10, 4)])
+def test_detector_runs_on_every_kth_and_last_frame(n: int, k: int) -> None:
+    fake = MovingFace()
+    out = list(MouthTracker(fake, detect_every=k, smooth_window=3).track(_frames(n)))
+    expected = sorted(set(range(0, n, k)) | {n - 1})
+    assert fake.calls == expected
+    assert [t.index for t in out] == list(range(n))
+    assert [t.index for t in out if t.detected] == expected
+
+
+@pytest.mark.parametrize("smooth_window", [1, 3, 5])
+def test_linear_motion_interpolated_exactly(smooth_window: int) -> None:
+    fake = MovingFace()
+    tracker = MouthTracker(fake, detect_every=5, smooth_window=smooth_window)
+    out = list(tracker.track(_frames(48)))
+    for t in out:
+        np.testing.assert_allclose(t.kps, fake.kps(t.index), atol=1e-4)
+        assert t.kps.shape == (5, 2) and t.kps.dtype == np.float32
+    # Scores: exact at detections, linear in between.
+    assert out[10].score == pytest.approx(0.5 + 0.01 * 3)
+    assert out[12].score == pytest.approx(0.6 * (0.5 + 0.03) + 0.4 * (0.5 + 0.01))
+    assert tracker.n_detections == 11 and tracker.n_missing == 0
+
+
+def test_smoothing_averages_neighbouring_detections() -> None:
+    jitter = {i: (1.0 if (i // 5) % 2 else -1.0) for i in range(0, 60, 5)}
+    fake = MovingFace(noise=lambda i: jitter.get(i, 0.0))
+    raw = list(MouthTracker(fake, 5, 1).track(_frames(56)))
+    smooth = list(MouthTracker(MovingFace(noise=fake.noise), 5, 3).track(_frames(56)))
+    # Interior detection at frame 25: centred mean of -1, +1, -1 = -1/3.
+    err_raw = raw[25].kps - fake.kps(25)
+    err_smooth = smooth[25].kps - fake.kps(25)
+    np.testing.assert_allclose(err_raw, 1.0, atol=1e-4)
+    np.testing.assert_allclose(err_smooth, -1.0 / 3.0, atol=1e-4)
+    resid = [np.abs(t.kps - fake.kps(t.index)).mean() for t in smooth[5:50]]
+    resid_raw = [np.abs(t.kps - fake.kps(t.index)).mean() for t in raw[5:50]]
+    assert np.mean(resid) < 0.5 * np.mean(resid_raw)
+
+
+def test_gaps_are_interpolated() -> None:
+    fake = MovingFace(miss={10, 15})
+    tracker = MouthTracker(fake, detect_every=5, smooth_window=3)
+    out = list(tracker.track(_frames(40)))
+    for t in out:
+        np.testing.assert_allclose(t.kps, fake.kps(t.index), atol=1e-4)
+    assert not out[10].detected and not out[15].detected and out[20].detected
+    assert 0.5 <= out[12].score <= 0.6
+    assert tracker.n_missing == 2 and tracker.missing_fraction == pytest.approx(2 / 9)
+
+
+def test_leading_and_trailing_misses_carry_nearest_face() -> None:
+    fake = MovingFace(miss={0, 5, 35, 39})
+    out = list(MouthTracker(fake, detect_every=5, smooth_window=3).track(_frames(40)))
+    for t in out[:10]:
+        np.testing.assert_allclose(t.kps, fake.kps(10), atol=1e-4)
+        assert t.score == 0.0
+    for t in out[31:]:
+        np.testing.assert_allclose(t.kps, fake.kps(30), atol=1e-4)
+        assert t.score == 0.0
+    for t in out[10:31]:
+        np.testing.assert_allclose(t.kps, fake.kps(t.index), atol=1e-4)
+        assert t.score > 0.0
+
+
+def test_no_face_error_when_most_detections_miss() -> None:
+    fake = MovingFace(miss=set(range(0, 100, 5)) - {0, 50})
+    tracker = MouthTracker(fake, detect_every=5, smooth_window=3, max_missing_fraction=0.5)
+    with pytest.raises(NoFaceError, match=r"no face in 18/20 detections \(90%"):
+        list(tracker.track(_frames(96)))
+    with pytest.raises(NoFaceError):
+        list(MouthTracker(MovingFace(miss=set(range(10))), 5, 3).track(_frames(10)))
+    with pytest.raises(NoFaceError):
+        list(MouthTracker(MovingFace(), 5, 3).track(iter([])))
+
+
+def test_buffer_stays_bounded_on_long_clip() -> None:
+    fake = MovingFace()
+    tracker = MouthTracker(fake, detect_every=5, smooth_window=3)
+    n = 0
+    for t in tracker.track(_frames(2000)):
+        assert t.index == n
+        n += 1
+    assert n == 2000 and len(fake.calls) == 401  # 0, 5, ..., 1995 and the last, 1999
+    assert tracker.max_buffered <= 5 * 2 + 1
+
+
+def test_long_gap_carries_keypoints_with_bounded_buffer() -> None:
+    miss = set(range(100, 200, 5))
+    fake = MovingFace(miss=miss)
+    tracker = MouthTracker(fake, detect_every=5, smooth_window=3, max_buffer=30)
+    out = list(tracker.track(_frames(400)))
+    assert len(out) == 400
+    assert tracker.max_buffered <= 31
+    # Early in the gap the last face is carried over with score 0; after it the track is exact.
+    np.testing.assert_allclose(out[130].kps, fake.kps(95), atol=1e-4)
+    assert out[130].score == 0.0
+    np.testing.assert_allclose(out[250].kps, fake.kps(250), atol=1e-4)
+    with pytest.raises(NoFaceError, match="first"):
+        list(MouthTracker(MovingFace(miss=set(range(0, 200))), 5, 3, max_buffer=30)
+             .track(_frames(400)))
+
+
+# ---------------------------------------------------------------- model files
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_missing_model_root_raises_face_model_error(tmp_path: Path, no_network) -> None:
+    root = tmp_path / "nowhere"
+    with pytest.raises(FaceModelError, match=r"nowhere.*--insightface-root"):
+        InsightFaceDetector(str(root))
+    (tmp_path / "models").mkdir()
+    with pytest.raises(FaceModelError, match=r"models/buffalo_sc"):
+        InsightFaceDetector(str(tmp_path), pack="buffalo_sc")
+    (tmp_path / "models" / "buffalo_sc").mkdir()
+    (tmp_path / "models" / "buffalo_sc" / "w600k_mbf.onnx").write_bytes(b"")
+    with pytest.raises(FaceModelError, match=r"det_\*\.onnx"):
+        build_detector(FaceConfig(insightface_root=str(tmp_path)))
+    assert not (root / "models").exists()
+
+
+# ---------------------------------------------------------------- real data
+
+
+def _decode(path: Path, limit: int | None = None) -> list[np.ndarray]:
+    av = pytest.importorskip("av")
+    out = []
+    with av.open(str(path)) as c:
+        for f in c.decode(video=0):
+            out.append(f.to_ndarray(format="rgb24"))
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+@pytest.fixture(scope="module")
+def grid_clip() -> Path:
+    clips = sorted((SHARED_DATA / "grid_s1" / "video").glob("*.mp4"))
+    if not clips:
+        pytest.skip(f"no GRID clips under {SHARED_DATA} (set SE4LIP_SHARED_DATA)")
+    return clips[0]
+
+
+@pytest.fixture(scope="module")
+def scrfd() -> InsightFaceDetector:
+    if not (INSIGHTFACE_ROOT / "models" / "buffalo_sc").is_dir():
+        pytest.skip(f"no InsightFace buffalo_sc under {INSIGHTFACE_ROOT} "
+                    "(set SE4LIP_INSIGHTFACE_ROOT)")
+    return InsightFaceDetector(str(INSIGHTFACE_ROOT), det_size=320, threads=1)
+
+
+@pytest.mark.shared_data
+def test_scrfd_finds_grid_speaker(grid_clip: Path, scrfd: InsightFaceDetector) -> None:
+    for frame in _decode(grid_clip, limit=30)[::10]:
+        dets = scrfd.detect(frame)
+        assert len(dets) == 1
+        d = dets[0]
+        assert d.score > 0.6
+        x1, y1, x2, y2 = d.box
+        mx, my = (d.kps[3] + d.kps[4]) / 2
+        assert x1 < mx < x2 and (y1 + y2) / 2 < my < y2
+        assert d.kps[0, 0] < d.kps[1, 0]  # left eye is on the image's left
+
+
+@pytest.mark.shared_data
+def test_every_fifth_frame_tracks_like_every_frame(
+    grid_clip: Path, scrfd: InsightFaceDetector
+) -> None:
+    cfg = FaceConfig()
+    frames = _decode(grid_clip)
+    sparse = MouthTracker(scrfd, cfg.detect_every, cfg.smooth_window)
+    dense = MouthTracker(scrfd, 1, 1)
+    a = np.array([mouth_square(t.kps, cfg.mouth_scale)[:2] for t in sparse.track(frames)])
+    b = np.array([mouth_square(t.kps, cfg.mouth_scale)[:2] for t in dense.track(frames)])
+    err = np.linalg.norm(a - b, axis=1)
+    print(f"every-{cfg.detect_every} vs every-frame crop-centre error on {grid_clip.name}: "
+          f"mean {err.mean():.2f} px, max {err.max():.2f} px")
+    assert err.mean() < 2.0
+    assert sparse.n_detections == len(range(0, len(frames), cfg.detect_every)) + (
+        (len(frames) - 1) % cfg.detect_every != 0
+    )

@@ -212,6 +212,127 @@ def train(
         out.print(t)
 
 
+# --- remote execution: Ray Jobs API (logic in se4lip_dist.remote) ---------------------------
+
+DashboardOpt = Annotated[
+    str,
+    typer.Option("--address", envvar="RAY_API_SERVER_ADDRESS",
+                 help="Ray dashboard URL of the cluster (env RAY_API_SERVER_ADDRESS)."),
+]
+
+
+def _remote_call(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+    from se4lip_dist.remote import RemoteError
+
+    try:
+        return fn(*args, **kwargs)
+    except (RemoteError, ValueError) as e:
+        _fail(str(e))
+
+
+def _print_logs(chunk: str) -> None:
+    out.print(chunk, end="", markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def submit(
+    command: Annotated[list[str], typer.Argument(help="The se4lip-dist command to run remotely, after `--`.")],
+    address: DashboardOpt = "http://127.0.0.1:8265",
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the logs until the job ends.")] = True,
+    working_dir: Annotated[
+        str | None, typer.Option("--working-dir", help="Folder uploaded as the job's cwd (default: this checkout; '' for none).")
+    ] = None,
+    env: Annotated[
+        list[str] | None, typer.Option("--env", help="K=V env var for the job (repeatable; never printed).")
+    ] = None,
+    job_id: Annotated[str | None, typer.Option("--job-id", help="Submission id (default: Ray's).")] = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", help="Stop waiting after S seconds.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a se4lip-dist command on a Ray cluster as a job: `se4lip-dist submit -- tune --data ...`.
+
+    Exits with the job's status (0 when it SUCCEEDED).
+
+    MLflow and S3 credentials in this environment (MLFLOW_TRACKING_*, AWS_*) are passed to the job.
+    """
+    from se4lip_dist.remote import build_runtime_env, exit_code, submit_job
+
+    extra = dict(kv.split("=", 1) for kv in env or [] if "=" in kv)
+    if env and len(extra) != len(env):
+        _fail("--env takes K=V")
+    runtime_env = build_runtime_env(working_dir, env_vars=extra)
+    try:
+        jid, status = _remote_call(
+            submit_job, address, command, runtime_env, wait=wait, submission_id=job_id,
+            stream_logs=None if as_json else _print_logs, timeout_s=timeout,
+        )
+    except KeyboardInterrupt:
+        console.print("[yellow]stopped following; the job keeps running[/] "
+                      "(`se4lip-dist jobs stop ID` stops it)")
+        raise typer.Exit(130) from None
+    if as_json:
+        out.print_json(json.dumps({"job_id": jid, "status": status, "address": address}))
+    elif wait:
+        colour = "green" if status == "SUCCEEDED" else "red"
+        console.print(f"job [bold]{jid}[/] [{colour}]{status}[/]")
+    else:
+        console.print(f"submitted [bold]{jid}[/] ({status}); follow it with "
+                      f"`se4lip-dist jobs logs --follow {jid} --address {address}`")
+    if wait:
+        raise typer.Exit(exit_code(status))
+
+
+jobs_app = typer.Typer(no_args_is_help=True, help="List, follow and stop Ray jobs on a cluster.")
+app.add_typer(jobs_app, name="jobs")
+
+
+@jobs_app.command("list")
+def jobs_list(address: DashboardOpt = "http://127.0.0.1:8265", as_json: JsonOpt = False) -> None:
+    """List the cluster's jobs, newest first."""
+    import datetime as dt
+
+    from se4lip_dist.remote import list_jobs
+
+    jobs = _remote_call(list_jobs, address)
+    if as_json:
+        out.print_json(json.dumps([j.to_json() for j in jobs]))
+        return
+    t = Table(title=f"jobs on {address}")
+    for col in ("job id", "status", "started", "entrypoint"):
+        t.add_column(col)
+    for j in jobs:
+        started = dt.datetime.fromtimestamp(j.start_time).strftime("%Y-%m-%d %H:%M:%S") if j.start_time else ""
+        t.add_row(j.job_id, j.status, started, j.entrypoint)
+    out.print(t)
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    job_id: Annotated[str, typer.Argument(help="Job (submission) id.")],
+    address: DashboardOpt = "http://127.0.0.1:8265",
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming until the job ends.")] = False,
+) -> None:
+    """Print a job's logs (with --follow: until it ends, exiting with its status)."""
+    from se4lip_dist.remote import exit_code, job_logs
+
+    result = _remote_call(job_logs, address, job_id, follow=follow, stream_logs=_print_logs)
+    if follow:
+        raise typer.Exit(exit_code(result))
+    _print_logs(result)
+
+
+@jobs_app.command("stop")
+def jobs_stop(
+    job_id: Annotated[str, typer.Argument(help="Job (submission) id.")],
+    address: DashboardOpt = "http://127.0.0.1:8265",
+) -> None:
+    """Stop a running job."""
+    from se4lip_dist.remote import stop_job
+
+    stopped = _remote_call(stop_job, address, job_id)
+    console.print(f"stop requested for {job_id}" if stopped else f"{job_id} had already ended")
+
+
 def main() -> None:
     """Entry point for ``python -m se4lip_dist``."""
     app()

@@ -1,0 +1,696 @@
+"""``extract``: per-video-frame speech features from a registered encoder, as a Ray Data job.
+
+One row per input (video or audio file) flows through an actor pool; each actor loads the encoder
+once, decodes 16 kHz mono audio on the video's clock, embeds one ``train.window_frames`` window
+centred on every video frame, and writes the outputs itself, atomically, into
+``out_dir/<name>/``:
+
+- ``aud_se4lip.npy``: float32 ``[N, D]``, N = number of video frames at ``fps`` (audio-only
+  inputs: ``floor(duration * fps)``).
+- ``aud_se4lip_w16.npy``: float32 ``[N, 16, D]``; row ``i`` holds the features of frames
+  ``i - 8 .. i + 7`` (edge frames repeated), so ``[i, 8]`` is frame ``i`` itself. This is the
+  ``[N, W, C]`` layout of the ``aud_*.npy`` files that ER-NeRF / TalkingGaussian / SyncTalk load.
+- ``aud_se4lip.parquet`` (optional): columns ``clip, frame, feature``.
+- ``_SUCCESS.json``, written last: the model (URI as given and as resolved: registered name,
+  version, run), the input's sha256, N, D and each output's sha256. A rerun skips inputs whose
+  marker matches and whose outputs are present, and writes only the missing outputs of the rest.
+
+The same input and model give byte-identical ``.npy`` files (fixed batch layout, one thread).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from se4lip_dist.prepare import VIDEO_EXTS, Failure, collect_inputs
+
+AUDIO_EXTS = {".wav", ".m4a", ".mp3", ".flac", ".ogg", ".opus", ".aac"}
+FRAME_FILE = "aud_se4lip.npy"
+WINDOW_FILE = "aud_se4lip_w16.npy"
+PARQUET_FILE = "aud_se4lip.parquet"
+SUCCESS_FILE = "_SUCCESS.json"
+WINDOW = 16
+"""Frames per window of the windowed output (the renderers' DeepSpeech/wav2vec layout)."""
+FORMATS = ("frame", "window", "both")
+MARKER_VERSION = 1
+ACTOR_CPUS = 0.5
+"""Fractional on purpose: actors reserving whole CPUs starve Ray Data on small machines."""
+
+
+class ExtractError(RuntimeError):
+    """A problem that stops the whole run (bad model URI, bad arguments, Ray failure)."""
+
+
+@dataclass
+class ExtractSummary:
+    """The outcome of an ``extract`` run."""
+
+    out_dir: str
+    model_uri: str
+    model: dict[str, Any] = field(default_factory=dict)
+    inputs: int = 0
+    extracted: int = 0
+    skipped: int = 0
+    failures: list[Failure] = field(default_factory=list)
+    frames: int = 0
+    audio_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    """Summed per-input actor time (decode + embed + write), without Ray/model start-up."""
+    dim: int | None = None
+    outputs: list[str] = field(default_factory=list)
+    run_id: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when no input failed."""
+        return not self.failures
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every input is extracted or skipped, 1 when any failed."""
+        return 0 if self.ok else 1
+
+    @property
+    def real_time_factor(self) -> float:
+        """Seconds of audio processed per wall-clock second (higher is faster)."""
+        return self.audio_seconds / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "out_dir": self.out_dir,
+            "model_uri": self.model_uri,
+            "model": self.model,
+            "inputs": self.inputs,
+            "extracted": self.extracted,
+            "skipped_complete": self.skipped,
+            "failed": len(self.failures),
+            "failures": [f.to_json() for f in self.failures],
+            "frames": self.frames,
+            "dim": self.dim,
+            "audio_seconds": round(self.audio_seconds, 2),
+            "wall_seconds": round(self.wall_seconds, 2),
+            "compute_seconds": round(self.compute_seconds, 2),
+            "real_time_factor": round(self.real_time_factor, 2),
+            "outputs": self.outputs,
+            "mlflow_run_id": self.run_id,
+            "exit_code": self.exit_code,
+        }
+
+
+# ---------------------------------------------------------------- pure helpers
+
+
+def centred_audio_windows(audio: np.ndarray, n_frames: int, window_frames: int,
+                          spf: int) -> np.ndarray:
+    """Audio windows of ``window_frames`` frames centred on each of ``n_frames`` video frames.
+
+    Window ``i`` covers samples ``[c - L/2, c + L/2)`` with ``c = (i + 0.5) * spf`` the centre of
+    frame ``i`` and ``L = window_frames * spf`` (for 5 frames: frames ``i-2 .. i+2``, the span a
+    training pair's lip window centred on ``i`` has). Samples outside the audio are zeros.
+
+    Args:
+        audio: float32 ``[S]`` on the video clock (sample ``s`` at ``s / sample_rate``).
+        n_frames: number of video frames N.
+        window_frames: frames per window (``train.window_frames``).
+        spf: samples per video frame.
+
+    Returns:
+        float32 ``[N, window_frames * spf]`` (a strided view; copy slices before mutating).
+    """
+    length = window_frames * spf
+    left = length // 2 - spf // 2
+    need = (n_frames - 1) * spf + length
+    padded = np.zeros(need, np.float32)
+    body = audio[: max(0, need - left)]
+    padded[left : left + len(body)] = body
+    view = np.lib.stride_tricks.sliding_window_view(padded, length)[::spf]
+    return view[:n_frames]
+
+
+def frame_windows(features: np.ndarray, width: int = WINDOW) -> np.ndarray:
+    """``[N, D]`` -> ``[N, width, D]``: row ``i`` holds frames ``i - width//2 .. i + width//2 - 1``.
+
+    Frames beyond either end repeat the first/last frame, so ``out[i, width // 2] == features[i]``.
+    """
+    n = len(features)
+    idx = np.arange(n)[:, None] + np.arange(width)[None, :] - width // 2
+    return np.ascontiguousarray(features[np.clip(idx, 0, n - 1)])
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _stem(path: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem)[:64] or "input"
+
+
+def output_names(paths: list[str]) -> dict[str, str]:
+    """Output folder name per input: its stem, plus a short hash of the path when stems collide.
+
+    Args:
+        paths: resolved input paths (unique).
+
+    Returns:
+        ``{path: name}``; names are unique and filesystem-safe.
+    """
+    by_stem: dict[str, list[str]] = {}
+    for p in paths:
+        by_stem.setdefault(_stem(p).lower(), []).append(p)
+    names = {}
+    for group in by_stem.values():
+        for p in group:
+            if len(group) == 1:
+                names[p] = _stem(p)
+            else:
+                names[p] = f"{_stem(p)}-{hashlib.sha256(p.encode()).hexdigest()[:8]}"
+    return names
+
+
+def wanted_outputs(fmt: str, parquet: bool) -> list[str]:
+    """Output file names for ``--format`` and ``--parquet``."""
+    if fmt not in FORMATS:
+        raise ExtractError(f"format must be one of {FORMATS}, got {fmt!r}")
+    files = []
+    if fmt in ("frame", "both"):
+        files.append(FRAME_FILE)
+    if fmt in ("window", "both"):
+        files.append(WINDOW_FILE)
+    if parquet:
+        files.append(PARQUET_FILE)
+    return files
+
+
+def expand_inputs(items: Iterable[str]) -> tuple[list[str], list[Failure]]:
+    """Files, folders (recursive: video and audio files) and CSV/JSONL manifests -> paths.
+
+    Returns:
+        ``(paths, failures)``: unique resolved paths in a stable order, and bad entries.
+    """
+    paths: list[str] = []
+    failures: list[Failure] = []
+    exts = VIDEO_EXTS | AUDIO_EXTS
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in exts and f.is_file())
+            if not found:
+                failures.append(Failure(item, f"{item}: no audio or video files in this folder",
+                                        "input"))
+            paths.extend(str(f) for f in found)
+        else:
+            got, bad = collect_inputs([item])
+            paths.extend(i.path for i in got)
+            failures.extend(f if f.input in f.error else Failure(f.input, f"{f.input}: {f.error}",
+                                                                 f.stage) for f in bad)
+    seen: set[str] = set()
+    unique = []
+    for p in paths:
+        r = str(Path(p).resolve())
+        if r not in seen:
+            seen.add(r)
+            unique.append(r)
+    return unique, failures
+
+
+# ---------------------------------------------------------------- the model
+
+
+def resolve_model(model_uri: str, tracking_uri: str) -> dict[str, Any]:
+    """Pin a model URI: an alias or ``latest`` becomes a fixed registered version.
+
+    Actors load the pinned URI, so an alias that moves mid-job cannot mix two models, and the
+    ``_SUCCESS`` markers name the exact version.
+
+    Returns:
+        ``uri`` (as given), ``pinned_uri`` and, when known, ``name``, ``version``, ``run_id``.
+
+    Raises:
+        ExtractError: the registry does not know the model.
+    """
+    info: dict[str, Any] = {"uri": model_uri, "pinned_uri": model_uri}
+    if model_uri.startswith("models:/"):
+        from mlflow import MlflowClient
+
+        rest = model_uri[len("models:/"):]
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        try:
+            if rest.startswith("m-"):
+                lm = client.get_logged_model(rest.split("/")[0])
+                info.update(model_id=lm.model_id, run_id=lm.source_run_id)
+                return info
+            if "@" in rest:
+                name, alias = rest.split("@", 1)
+                mv = client.get_model_version_by_alias(name, alias)
+            else:
+                name, _, version = rest.rpartition("/")
+                if version == "latest":
+                    versions = client.search_model_versions(f"name='{name}'")
+                    if not versions:
+                        raise ExtractError(f"{model_uri}: no versions registered")
+                    mv = max(versions, key=lambda v: int(v.version))
+                else:
+                    mv = client.get_model_version(name, version)
+        except ExtractError:
+            raise
+        except Exception as e:
+            raise ExtractError(f"cannot resolve {model_uri} on {_redact(tracking_uri)}: {e}") from e
+        info.update(name=mv.name, version=int(mv.version), run_id=mv.run_id,
+                    pinned_uri=f"models:/{mv.name}/{mv.version}")
+    elif model_uri.startswith("runs:/"):
+        info["run_id"] = model_uri[len("runs:/"):].split("/")[0]
+    elif "://" not in model_uri:
+        info["pinned_uri"] = str(Path(model_uri).resolve())
+    return info
+
+
+def _redact(uri: str) -> str:
+    from se4lip_dist.tracking import redact_uri
+
+    return redact_uri(uri)
+
+
+def _model_identity(model: dict[str, Any]) -> dict[str, Any]:
+    return {k: model.get(k) for k in ("pinned_uri", "run_id", "model_id")}
+
+
+# ---------------------------------------------------------------- per-input work
+
+
+def _read_marker(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / SUCCESS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def plan_input(path: str, folder: Path, identity: dict[str, Any], settings: dict[str, Any],
+               wanted: list[str]) -> list[str]:
+    """The outputs still to write for one input (empty: complete, skip it).
+
+    A marker counts when it names the same model, settings and input bytes (size and mtime
+    first; the sha256 only when those changed, so a rerun does not re-read every input).
+    """
+    marker = _read_marker(folder)
+    if (marker is None or marker.get("version") != MARKER_VERSION
+            or marker.get("model_identity") != identity or marker.get("settings") != settings):
+        return list(wanted)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return list(wanted)
+    src = marker.get("input", {})
+    touched = (st.st_size, st.st_mtime_ns) != (src.get("bytes"), src.get("mtime_ns"))
+    if touched and (st.st_size != src.get("bytes") or sha256_file(path) != src.get("sha256")):
+        return list(wanted)
+    outputs = marker.get("outputs", {})
+    missing = []
+    for name in wanted:
+        f = folder / name
+        if name not in outputs or not f.is_file() or f.stat().st_size != outputs[name]["bytes"]:
+            missing.append(name)
+    return missing
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_parquet(path: Path, clip: str, feats: np.ndarray) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n, d = feats.shape
+    table = pa.table({
+        "clip": pa.array([clip] * n, pa.string()),
+        "frame": pa.array(np.arange(n, dtype=np.int32)),
+        "feature": pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), d),
+    })
+    _atomic_write(path, lambda f: pq.write_table(table, f))
+
+
+def count_frames(info: Any, fps: int) -> int:
+    """N for an input: video frames at ``fps``, or ``floor(duration * fps)`` for audio only."""
+    from se4lip_dist.media import count_output_frames
+
+    if info.has_video:
+        return count_output_frames(info, fps)
+    return int(np.floor(info.duration_s * fps + 1e-6))
+
+
+def extract_features(encoder: Any, cfg: Any, path: str, fps: int,
+                     batch_size: int) -> tuple[np.ndarray, float]:
+    """One embedding per video frame of ``path``.
+
+    Args:
+        encoder: a speech encoder (``[B, S] -> [B, D]``) in eval mode, on its device.
+        cfg: its :class:`~se4lip_dist.config.Config` (``train.window_frames``, sample rate).
+        path: video or audio file.
+        fps: video frame rate of the output rows.
+        batch_size: windows per forward pass.
+
+    Returns:
+        ``(features float32 [N, D], audio seconds)``.
+
+    Raises:
+        MediaError: undecodable input, no audio stream, or shorter than one frame.
+    """
+    from se4lip_dist import media
+    from se4lip_dist.registry import embed_waveforms
+
+    sr = cfg.data.sample_rate
+    if sr % fps:
+        raise media.MediaError(f"{path}: sample rate {sr} is not a multiple of fps {fps}")
+    spf = sr // fps
+    info = media.probe(path)
+    if not info.has_audio:
+        raise media.MediaError(f"{path}: no audio stream")
+    n = count_frames(info, fps)
+    if n < 1:
+        raise media.MediaError(f"{path}: shorter than one frame at {fps} fps")
+    audio = media.decode_audio(path, sr, n_samples=n * spf, info=info)
+    windows = centred_audio_windows(audio, n, cfg.train.window_frames, spf)
+    chunks = [embed_waveforms(encoder, np.ascontiguousarray(windows[i:i + batch_size]), cfg)
+              for i in range(0, n, batch_size)]
+    return np.ascontiguousarray(np.concatenate(chunks).astype(np.float32)), n / fps
+
+
+def process_input(encoder: Any, cfg: Any, job: dict[str, Any]) -> dict[str, Any]:
+    """Extract one input and write its missing outputs and marker. Never raises for bad input.
+
+    Args:
+        encoder: loaded speech encoder.
+        cfg: its config.
+        job: ``path``, ``name``, ``out_dir``, ``todo`` (file names), ``identity``,
+            ``settings``, ``model`` (resolved info), ``batch_size``.
+
+    Returns:
+        ``name``, ``path``, ``status`` (``done``/``failed``), ``error``, ``frames``, ``dim``,
+        ``audio_seconds``, ``seconds``.
+    """
+    t0 = time.perf_counter()
+    path, name = job["path"], job["name"]
+    folder = Path(job["out_dir"]) / name
+    out: dict[str, Any] = {"name": name, "path": path, "status": "done", "error": "",
+                           "frames": 0, "dim": 0, "audio_seconds": 0.0}
+    try:
+        st = os.stat(path)
+        digest = sha256_file(path)
+        feats, seconds = extract_features(encoder, cfg, path, job["settings"]["fps"],
+                                          job["batch_size"])
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(".*.tmp"):  # left by a killed run
+            stale.unlink(missing_ok=True)
+        marker = _read_marker(folder)
+        keep = marker.get("outputs", {}) if marker and not job.get("fresh") else {}
+        # The old marker goes first: from here until the new one lands the folder is incomplete.
+        (folder / SUCCESS_FILE).unlink(missing_ok=True)
+        written: dict[str, Any] = {k: v for k, v in keep.items() if k not in job["todo"]
+                                   and (folder / k).is_file()}
+        for fname in (FRAME_FILE, WINDOW_FILE, PARQUET_FILE):
+            if fname not in written and fname not in job["todo"]:
+                # From another model or input version: never leave it beside the new marker.
+                (folder / fname).unlink(missing_ok=True)
+        for fname in job["todo"]:
+            target = folder / fname
+            if fname == FRAME_FILE:
+                _atomic_write(target, lambda f: np.save(f, feats, allow_pickle=False))
+                shape = list(feats.shape)
+            elif fname == WINDOW_FILE:
+                win = frame_windows(feats)
+                _atomic_write(target, lambda f, w=win: np.save(f, w, allow_pickle=False))
+                shape = list(win.shape)
+            else:
+                _write_parquet(target, name, feats)
+                shape = list(feats.shape)
+            written[fname] = {"bytes": target.stat().st_size, "sha256": sha256_file(target),
+                              "shape": shape}
+        record = {
+            "version": MARKER_VERSION,
+            "model_uri": job["model"]["uri"],
+            "model": job["model"],
+            "model_identity": job["identity"],
+            "settings": job["settings"],
+            "input": {"path": path, "sha256": digest, "bytes": st.st_size,
+                      "mtime_ns": st.st_mtime_ns},
+            "frames": int(feats.shape[0]),
+            "dim": int(feats.shape[1]),
+            "audio_seconds": seconds,
+            "outputs": written,
+        }
+        _atomic_write(folder / SUCCESS_FILE,
+                      lambda f: f.write(json.dumps(record, indent=1).encode()))
+        out.update(frames=int(feats.shape[0]), dim=int(feats.shape[1]), audio_seconds=seconds)
+    except Exception as e:  # one bad input must not stop the others
+        msg = str(e) or type(e).__name__
+        out.update(status="failed", error=msg if path in msg else f"{path}: {msg}")
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+class EncoderActor:
+    """Ray Data actor: loads the encoder once, then extracts one input per batch row."""
+
+    def __init__(self, model_uri: str, tracking_uri: str, use_gpu: bool) -> None:
+        import torch
+
+        from se4lip_dist.registry import load_encoder
+
+        # One thread: deterministic reductions, and actors, not threads, are the parallelism.
+        torch.set_num_threads(1)
+        self.encoder, self.cfg = load_encoder(model_uri, tracking_uri)
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.encoder.to(self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [process_input(self.encoder, self.cfg, json.loads(str(j)))
+                for j in batch["job"]]
+        return {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
+
+
+# ---------------------------------------------------------------- the run
+
+
+def run_extract(
+    inputs: list[str],
+    model_uri: str,
+    out_dir: str | Path,
+    *,
+    tracking_uri: str | None = None,
+    fps: int = 25,
+    fmt: str = "both",
+    parquet: bool = False,
+    batch_size: int = 256,
+    concurrency: int = 1,
+    use_gpu: bool = False,
+    address: str | None = None,
+    experiment: str = "se4lip-extract",
+    on_start: Callable[[int], None] | None = None,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> ExtractSummary:
+    """Extract per-frame speech features for audio/video inputs with a registered encoder.
+
+    Args:
+        inputs: audio or video files, folders (searched recursively) or CSV/JSONL manifests.
+        model_uri: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/...`` or a folder.
+        out_dir: output root; each input gets ``out_dir/<name>/``.
+        tracking_uri: MLflow tracking URI; None: ``MLFLOW_TRACKING_URI`` or the local store.
+        fps: video frame rate of the output rows.
+        fmt: ``frame`` ([N, D]), ``window`` ([N, 16, D]) or ``both``.
+        parquet: also write ``aud_se4lip.parquet`` (``clip, frame, feature``).
+        batch_size: windows per encoder forward pass.
+        concurrency: encoder actors (each takes 0.5 CPU, and 1 GPU with ``use_gpu``).
+        use_gpu: run the encoder on a GPU per actor.
+        address: Ray cluster address; None starts a local Ray (stopped again at the end).
+        experiment: MLflow experiment of the run that records this job.
+        on_start: called with the number of inputs to extract (after skipping complete ones).
+        on_result: called with each extracted or failed input's result row.
+
+    Returns:
+        The summary; ``exit_code`` is 1 when any input failed.
+
+    Raises:
+        ExtractError: bad arguments, a model that cannot be resolved or loaded, or a Ray failure.
+    """
+    from se4lip_dist.registry import RegistryError, load_encoder
+    from se4lip_dist.tracking import check_reachable, resolve_tracking_uri
+
+    t0 = time.perf_counter()
+    wanted = wanted_outputs(fmt, parquet)
+    if fps <= 0 or batch_size < 1 or concurrency < 1:
+        raise ExtractError("fps, batch_size and concurrency must be positive")
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
+    model = resolve_model(model_uri, uri)
+    try:
+        # Loading once here fails fast on a bad model, before any actor starts.
+        _, cfg = load_encoder(model["pinned_uri"], uri)
+    except RegistryError as e:
+        raise ExtractError(str(e)) from e
+    if cfg.data.sample_rate % fps:
+        raise ExtractError(f"fps {fps} does not divide the model's sample rate "
+                           f"{cfg.data.sample_rate}")
+    identity = _model_identity(model)
+    settings = {"fps": fps, "sample_rate": cfg.data.sample_rate,
+                "window_frames": cfg.train.window_frames, "window": WINDOW}
+
+    paths, failures = expand_inputs(inputs)
+    summary = ExtractSummary(out_dir=str(out), model_uri=model_uri, model=model,
+                             inputs=len(paths) + len(failures), dim=cfg.model.embed_dim,
+                             outputs=wanted)
+    names = output_names(paths)
+    jobs = []
+    for p in paths:
+        folder = out / names[p]
+        todo = plan_input(p, folder, identity, settings, wanted)
+        if not todo:
+            summary.skipped += 1
+            continue
+        jobs.append({"path": p, "name": names[p], "out_dir": str(out), "todo": todo,
+                     "identity": identity, "settings": settings, "model": model,
+                     "batch_size": batch_size,
+                     "fresh": _read_marker(folder) is None or todo == wanted})
+    if on_start:
+        on_start(len(jobs))
+
+    run_id = _start_run(uri, experiment, model, summary, fps, fmt, parquet, batch_size,
+                        concurrency, use_gpu, cfg)
+    summary.run_id = run_id
+    status = "FAILED"
+    try:
+        for row in _run_jobs(jobs, model["pinned_uri"], uri, concurrency, use_gpu, address):
+            if row["status"] == "failed":
+                failures.append(Failure(row["path"], row["error"], "extract"))
+            else:
+                summary.extracted += 1
+                summary.frames += int(row["frames"])
+                summary.audio_seconds += float(row["audio_seconds"])
+            summary.compute_seconds += float(row["seconds"])
+            if on_result:
+                on_result(row)
+        status = "FINISHED"
+    finally:
+        summary.failures = failures
+        summary.wall_seconds = time.perf_counter() - t0
+        _end_run(uri, run_id, summary, status)
+    return summary
+
+
+def _run_jobs(jobs: list[dict[str, Any]], model_uri: str, tracking_uri: str, concurrency: int,
+              use_gpu: bool, address: str | None) -> Iterable[dict[str, Any]]:
+    if not jobs:
+        return
+    import ray
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from se4lip_dist.runtime import init_ray
+
+    started = not ray.is_initialized()
+    init_ray(address)
+    try:
+        ds = ray.data.from_items([{"job": json.dumps(j)} for j in jobs],
+                                 override_num_blocks=len(jobs))
+        ds = ds.map_batches(
+            EncoderActor,
+            fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": tracking_uri,
+                                   "use_gpu": use_gpu},
+            compute=ActorPoolStrategy(size=min(concurrency, len(jobs))),
+            batch_size=1,
+            batch_format="numpy",
+            num_cpus=ACTOR_CPUS,
+            num_gpus=1 if use_gpu else 0,
+        )
+        for row in ds.iter_rows():
+            yield {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+    except ray.exceptions.RayError as e:
+        raise ExtractError(f"extraction job failed: {e}") from e
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _start_run(uri: str, experiment: str, model: dict[str, Any], summary: ExtractSummary,
+               fps: int, fmt: str, parquet: bool, batch_size: int, concurrency: int,
+               use_gpu: bool, cfg: Any) -> str:
+    from se4lip_dist.tracking import git_revision, start_run
+
+    params = {
+        "model_uri": model["uri"], "model.pinned_uri": model["pinned_uri"],
+        "model.name": model.get("name"), "model.version": model.get("version"),
+        "model.run_id": model.get("run_id"), "out_dir": summary.out_dir,
+        "inputs": summary.inputs, "fps": fps, "format": fmt, "parquet": parquet,
+        "batch_size": batch_size, "concurrency": concurrency, "use_gpu": use_gpu,
+        "window_frames": cfg.train.window_frames, "embed_dim": cfg.model.embed_dim,
+    }
+    tags = {"se4lip.model_uri": model["uri"], "se4lip.kind": "extract"}
+    if model.get("version") is not None:
+        tags["se4lip.model_version"] = str(model["version"])
+    rev = git_revision()
+    if rev:
+        tags["mlflow.source.git.commit"] = rev
+    return start_run(uri, experiment, None, params=params, tags=tags, config_yaml=cfg.to_yaml())
+
+
+def _end_run(uri: str, run_id: str, summary: ExtractSummary, status: str) -> None:
+    from se4lip_dist.tracking import RunLogger, end_run
+
+    logger = RunLogger(uri, run_id)
+    logger.metrics({
+        "inputs": summary.inputs, "extracted": summary.extracted,
+        "skipped": summary.skipped, "failed": len(summary.failures),
+        "frames": summary.frames, "audio_seconds": summary.audio_seconds,
+        "wall_seconds": summary.wall_seconds, "compute_seconds": summary.compute_seconds,
+        "real_time_factor": summary.real_time_factor,
+        "frames_per_s": summary.frames / summary.wall_seconds if summary.wall_seconds else 0.0,
+    }, step=0)
+    logger.text(json.dumps(summary.to_json(), indent=1), "extract_summary.json")
+    end_run(uri, run_id, status=status)
+
+
+__all__ = [
+    "AUDIO_EXTS",
+    "FRAME_FILE",
+    "PARQUET_FILE",
+    "SUCCESS_FILE",
+    "WINDOW",
+    "WINDOW_FILE",
+    "EncoderActor",
+    "ExtractError",
+    "ExtractSummary",
+    "centred_audio_windows",
+    "expand_inputs",
+    "extract_features",
+    "frame_windows",
+    "output_names",
+    "plan_input",
+    "process_input",
+    "resolve_model",
+    "run_extract",
+]

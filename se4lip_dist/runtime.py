@@ -6,6 +6,13 @@ import os
 from typing import Any
 
 OBJECT_STORE_BYTES = 512 * 1024 * 1024
+_log_to_driver = True
+
+
+def set_log_to_driver(enabled: bool) -> None:
+    """Whether Ray echoes worker output on this process's stdout (off for ``--json``)."""
+    global _log_to_driver
+    _log_to_driver = enabled
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None,
@@ -17,7 +24,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
     ``RAY_AUTH_MODE`` themselves, and caps the object store so small machines keep their memory.
 
     Args:
-        address: ``ray://`` or ``host:port`` of a running cluster, or None for a local one.
+        address: ``ray://`` or ``host:port`` of a running cluster; None uses ``RAY_ADDRESS``
+            when set (inside a Ray job) and otherwise starts a local one.
         num_cpus: logical CPUs of the local cluster (default: all cores).
         dashboard: start the dashboard (Tune's placement-group cleanup needs its State API).
         **kwargs: passed on to ``ray.init``.
@@ -27,8 +35,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True, **kwargs)
+        ray.init(address=address, log_to_driver=_log_to_driver, **kwargs)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(
@@ -36,6 +45,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
         include_dashboard=dashboard,
         dashboard_host="127.0.0.1",
         object_store_memory=OBJECT_STORE_BYTES,
+        log_to_driver=_log_to_driver,
         **kwargs,
     )
 

@@ -1,0 +1,291 @@
+"""Log the trained speech encoder to MLflow, register it, and load it back.
+
+The model is an MLflow *pyfunc* whose artifacts are the speech encoder's ``state_dict`` (plain
+tensors, read with ``torch.load(weights_only=True)``) and the resolved config YAML. The pytorch
+flavour's default ``pt2`` export is avoided on purpose: ``torch.export`` specialises the GRU's
+sequence length, and the encoder must embed waveforms of any length.
+
+- ``mlflow.pyfunc.load_model("models:/NAME@ALIAS").predict(wav)`` with ``wav`` float32
+  ``[batch, samples]`` at 16 kHz returns ``[batch, embed_dim]`` embeddings.
+- :func:`load_encoder` gives the torch module itself (no pickle executed) for extract/evaluate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import yaml
+
+from se4lip_dist.config import Config
+
+if TYPE_CHECKING:
+    import torch
+
+    from se4lip_dist.models import SpeechEncoder
+
+WEIGHTS_FILE = "speech_encoder.pt"
+CONFIG_FILE = "config.yaml"
+MODEL_NAME = "model"
+DEFAULT_ALIAS = "candidate"
+"""Alias set on a newly registered version (``champion`` is for a promotion step to set)."""
+
+
+class RegistryError(RuntimeError):
+    """A model that cannot be logged, registered or loaded."""
+
+
+@contextlib.contextmanager
+def _using(tracking_uri: str) -> Iterator[None]:
+    """Point MLflow's tracking and registry URIs at ``tracking_uri`` for a block, then restore.
+
+    ``mlflow.set_*_uri`` also exports ``MLFLOW_*_URI`` env vars (inherited by Ray workers) and
+    cannot unset the registry URI, so the previous module state and env are restored by hand.
+    """
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved_tracking = tracking_utils._tracking_uri
+    saved_registry = registry_utils._registry_uri
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        tracking_utils.set_tracking_uri(saved_tracking)
+        registry_utils._registry_uri = saved_registry
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for pkg in ("torch", "torchaudio", "numpy", "pyyaml", "mlflow", "se4lip-dist"):
+        try:
+            reqs.append(f"{pkg}=={version(pkg).split('+')[0]}")
+        except PackageNotFoundError:
+            reqs.append(pkg)
+    return reqs
+
+
+def build_speech_encoder(cfg: Config, state_dict: dict[str, torch.Tensor]) -> SpeechEncoder:
+    """A speech encoder in eval mode with ``state_dict`` loaded (strict)."""
+    from se4lip_dist.models import SpeechEncoder
+
+    enc = SpeechEncoder(cfg.model, cfg.data.sample_rate)
+    enc.load_state_dict(state_dict)
+    return enc.eval()
+
+
+def speech_state_dict(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The speech encoder's part of a whole-model (:class:`SE4Lip`) ``state_dict``."""
+    prefix = "speech."
+    out = {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
+    if not out:
+        raise RegistryError("the state_dict holds no 'speech.*' weights (not an SE4Lip model?)")
+    return out
+
+
+def _load_files(weights: str | Path, config: str | Path) -> tuple[SpeechEncoder, Config]:
+    import torch
+
+    cfg = Config.from_dict(yaml.safe_load(Path(config).read_text()))
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    return build_speech_encoder(cfg, state), cfg
+
+
+_EMBEDDER: type | None = None
+
+
+def _embedder_class() -> type:
+    """The pyfunc class, created on first use so importing this module does not import MLflow.
+
+    It is cached as the module attribute ``SpeechEmbedder`` so cloudpickle stores it by reference.
+    """
+    global _EMBEDDER
+    if _EMBEDDER is None:
+        import mlflow.pyfunc
+
+        class SpeechEmbedder(mlflow.pyfunc.PythonModel):
+            """pyfunc: float32 waveforms ``[batch, samples]`` -> embeddings ``[batch, D]``."""
+
+            def load_context(self, context: Any) -> None:
+                self.encoder, self.cfg = _load_files(context.artifacts["weights"],
+                                                     context.artifacts["config"])
+
+            # No type hints: MLflow 3 would infer a second signature from them.
+            def predict(self, context, model_input, params=None):
+                return embed_waveforms(self.encoder, model_input, self.cfg)
+
+        SpeechEmbedder.__qualname__ = "SpeechEmbedder"
+        SpeechEmbedder.__module__ = __name__
+        _EMBEDDER = SpeechEmbedder
+        globals()["SpeechEmbedder"] = SpeechEmbedder
+    return _EMBEDDER
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SpeechEmbedder":
+        return _embedder_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def embed_waveforms(encoder: Any, wav: Any, cfg: Config) -> np.ndarray:
+    """Embed a batch of waveforms with a speech encoder (torch, no grad, CPU or its device).
+
+    Args:
+        encoder: a :class:`~se4lip_dist.models.SpeechEncoder` (or any ``[B,S] -> [B,D]`` module).
+        wav: array-like ``[batch, samples]`` or ``[samples]`` float waveform at 16 kHz.
+        cfg: its config (waveforms shorter than ``n_fft`` are zero-padded to it).
+
+    Returns:
+        float32 ``[batch, D]``.
+    """
+    import torch
+
+    if isinstance(wav, dict):  # a named-tensor pyfunc input
+        if len(wav) != 1:
+            raise ValueError(f"expected one waveform tensor, got inputs {sorted(wav)}")
+        wav = next(iter(wav.values()))
+    if hasattr(wav, "to_numpy"):  # pandas
+        wav = wav.to_numpy()
+    x = np.asarray(wav, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None]
+    if x.ndim != 2:
+        raise ValueError(f"expected waveforms [batch, samples], got shape {x.shape}")
+    if x.shape[1] < cfg.model.n_fft:
+        x = np.pad(x, ((0, 0), (0, cfg.model.n_fft - x.shape[1])))
+    device = next(encoder.parameters()).device
+    with torch.no_grad():
+        return encoder(torch.from_numpy(x).to(device)).float().cpu().numpy()
+
+
+def log_model(
+    tracking_uri: str,
+    run_id: str,
+    cfg: Config,
+    speech_state: dict[str, torch.Tensor],
+) -> str:
+    """Log the speech encoder as a pyfunc model in ``run_id``.
+
+    Args:
+        tracking_uri: resolved tracking URI.
+        run_id: the training run.
+        cfg: the config the model was trained with.
+        speech_state: the speech encoder's ``state_dict`` (see :func:`speech_state_dict`).
+
+    Returns:
+        The logged model's URI (``models:/m-...``).
+    """
+    import mlflow
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    # Strict load first, so a mismatched state never reaches the registry.
+    encoder = build_speech_encoder(cfg, speech_state)
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, encoder.embed_dim))]),
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / WEIGHTS_FILE
+        config = Path(tmp) / CONFIG_FILE
+        torch.save({k: v.detach().cpu().contiguous() for k, v in speech_state.items()}, weights)
+        config.write_text(cfg.to_yaml())
+        with _using(tracking_uri), mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME,
+                python_model=_embedder_class()(),
+                artifacts={"weights": str(weights), "config": str(config)},
+                signature=signature,
+                pip_requirements=_pip_requirements(),
+                metadata={"embed_dim": encoder.embed_dim, "sample_rate": cfg.data.sample_rate},
+            )
+    return info.model_uri
+
+
+def register_model(
+    tracking_uri: str,
+    model_uri: str,
+    name: str,
+    *,
+    tags: dict[str, Any] | None = None,
+    alias: str | None = DEFAULT_ALIAS,
+) -> int:
+    """Register ``model_uri`` as a new version of ``name`` with tags and an alias.
+
+    Returns:
+        The new version number.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    with _using(tracking_uri):
+        mv = mlflow.register_model(model_uri, name,
+                                   tags={k: str(v) for k, v in (tags or {}).items()})
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    if alias:
+        client.set_registered_model_alias(name, alias, mv.version)
+    return int(mv.version)
+
+
+def load_encoder(
+    model_uri: str, tracking_uri: str | None = None
+) -> tuple[SpeechEncoder, Config]:
+    """Load a logged speech encoder as a torch module (eval mode, CPU) and its config.
+
+    Only the weights file (``weights_only=True``) and the YAML are read: no pickle is executed.
+
+    Args:
+        model_uri: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``models:/m-...``,
+            ``runs:/RUN/model`` or a local model folder.
+        tracking_uri: tracking URI (default: resolved as for training).
+
+    Raises:
+        RegistryError: the URI does not resolve to an se4lip speech encoder.
+    """
+    import mlflow.artifacts
+
+    from se4lip_dist.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            with _using(uri):
+                local = Path(mlflow.artifacts.download_artifacts(
+                    artifact_uri=model_uri, dst_path=tmp))
+        except Exception as e:
+            raise RegistryError(f"cannot download {model_uri} from {uri}: {e}") from e
+        weights = next(local.rglob(WEIGHTS_FILE), None)
+        config = next((p for p in local.rglob(CONFIG_FILE) if p.parent == weights.parent), None) \
+            if weights else None
+        if weights is None or config is None:
+            raise RegistryError(f"{model_uri} is not an se4lip speech encoder "
+                                f"(no {WEIGHTS_FILE} + {CONFIG_FILE} artifacts)")
+        return _load_files(weights, config)
+
+
+__all__ = [
+    "DEFAULT_ALIAS",
+    "RegistryError",
+    "build_speech_encoder",
+    "embed_waveforms",
+    "load_encoder",
+    "log_model",
+    "register_model",
+    "speech_state_dict",
+]

@@ -1,0 +1,419 @@
+"""Ray Data streaming of prepared shards into training pairs.
+
+Shard rows (one segment of a clip each, see :mod:`se4lip_dist.shards`) are read lazily with
+``ray.data.read_parquet`` and turned into audio/lip pairs inside ``map_batches``, so JPEG decoding
+and pair sampling run in Ray Data tasks while the training workers only run the model.
+
+A pair is a ``window_frames`` lip window plus an audio window of the same length:
+
+- positive (label 1): the audio that belongs to exactly those frames;
+- hard negative: audio of the same segment shifted by 2..``hard_offset_max`` frames;
+- far negative: audio of the same segment shifted further than ``hard_offset_max`` frames;
+- cross-clip negative: audio of another clip's row in the same batch.
+
+Half of the pairs of every row are positive. The sampling itself (:func:`sample_pairs`) is pure
+numpy so it is unit-tested without Ray; :func:`make_pair_batch` applies it to a batch of rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from se4lip_dist.config import Config
+from se4lip_dist.shards import decode_audio, decode_lips
+
+if TYPE_CHECKING:
+    import ray.data
+
+POSITIVE, HARD, FAR, CROSS = 0, 1, 2, 3
+"""Pair kinds in the ``kind`` column."""
+KIND_NAMES = ("positive", "hard", "far", "cross")
+
+VAL_SPLIT_NAMES = frozenset({"val", "valid", "validation", "dev"})
+TRAIN_SPLIT_NAMES = frozenset({"train", "training"})
+
+READ_COLUMNS = ["clip_id", "split", "segment", "n_frames", "sample_rate", "fps", "lips", "audio"]
+
+
+def stable_unit(text: str) -> float:
+    """A float in [0, 1) from a stable hash of ``text`` (identical across processes and runs)."""
+    digest = hashlib.sha256(text.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def clip_split(clip_id: str, split: str | None, val_fraction: float) -> str:
+    """Which split a clip belongs to: ``train``, ``val`` or ``test``.
+
+    A split recorded by ``prepare`` wins (``val``/``valid``/``validation``/``dev`` -> val,
+    ``train`` -> train, anything else -> test, never used for training or validation). Without
+    one, a stable hash of the clip id puts about ``val_fraction`` of the clips in val.
+
+    Args:
+        clip_id: the clip id of the row.
+        split: the row's (or manifest's) split, or None.
+        val_fraction: share of clips held out for validation when there is no recorded split.
+    """
+    if split:
+        s = split.lower()
+        if s in VAL_SPLIT_NAMES:
+            return "val"
+        if s in TRAIN_SPLIT_NAMES:
+            return "train"
+        return "test"
+    return "val" if stable_unit(f"se4lip-split:{clip_id}") < val_fraction else "train"
+
+
+def manifest_splits(manifest: Any, val_fraction: float) -> dict[str, list[str]]:
+    """Clip ids per split for a :class:`~se4lip_dist.manifest.Manifest` (same rule as the rows)."""
+    out: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for cid, rec in sorted(manifest.clips.items()):
+        out[clip_split(cid, rec.split, val_fraction)].append(cid)
+    return out
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """Everything :func:`sample_pairs` needs, picklable into Ray Data tasks."""
+
+    window_frames: int = 5
+    samples_per_frame: int = 640
+    pairs_per_segment: int = 8
+    hard_negative_fraction: float = 0.5
+    cross_clip_fraction: float = 0.25
+    hard_offset_max: int = 3
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> PairSpec:
+        """Pair sampling settings of a resolved config."""
+        t = cfg.train
+        return cls(
+            window_frames=t.window_frames,
+            samples_per_frame=cfg.data.samples_per_frame,
+            pairs_per_segment=t.pairs_per_segment,
+            hard_negative_fraction=t.hard_negative_fraction,
+            cross_clip_fraction=t.cross_clip_fraction,
+            hard_offset_max=t.hard_offset_max,
+        )
+
+
+class Pair(NamedTuple):
+    """One sampled pair: lips of ``row`` from ``lip_start``, audio of ``audio_row``."""
+
+    row: int
+    lip_start: int
+    audio_row: int
+    audio_start: int
+    label: int
+    kind: int
+
+
+def sample_pairs(
+    n_frames: Sequence[int],
+    clip_ids: Sequence[str],
+    spec: PairSpec,
+    rng: np.random.Generator,
+) -> list[Pair]:
+    """Sample balanced pairs for a batch of rows.
+
+    Every row with at least ``window_frames`` frames yields ``pairs_per_segment`` pairs, half of
+    them positive (odd counts alternate the extra pair between rows). A negative is cross-clip
+    with probability ``cross_clip_fraction`` when another clip is in the batch; otherwise it is
+    hard (shift 2..``hard_offset_max``) with probability ``hard_negative_fraction`` and far
+    (beyond ``hard_offset_max``) else. When a row is too short for the drawn kind the next
+    feasible kind is used (far -> hard -> cross); a row that can yield no negative at all is
+    skipped entirely so labels stay balanced.
+
+    Args:
+        n_frames: frames per row.
+        clip_ids: clip id per row (cross-clip negatives take audio from a different clip).
+        spec: sampling settings.
+        rng: random generator (seed it for reproducible validation pairs).
+
+    Returns:
+        The pairs, grouped by row.
+    """
+    t = spec.window_frames
+    hmax = spec.hard_offset_max
+    k = spec.pairs_per_segment
+    usable = [i for i, n in enumerate(n_frames) if n >= t]
+    pairs: list[Pair] = []
+    odd_extra = 0
+    for i in usable:
+        span = n_frames[i] - t  # largest shift that keeps both windows in the row
+        others = [j for j in usable if clip_ids[j] != clip_ids[i]]
+        if span < 2 and not others:
+            continue
+        n_pos = k // 2
+        if k % 2:
+            n_pos += odd_extra
+            odd_extra ^= 1
+        for _ in range(n_pos):
+            s = int(rng.integers(0, span + 1))
+            pairs.append(Pair(i, s, i, s, 1, POSITIVE))
+        for _ in range(k - n_pos):
+            pairs.append(_negative(i, span, hmax, others, n_frames, t, spec, rng))
+    return pairs
+
+
+def _negative(
+    i: int,
+    span: int,
+    hmax: int,
+    others: list[int],
+    n_frames: Sequence[int],
+    t: int,
+    spec: PairSpec,
+    rng: np.random.Generator,
+) -> Pair:
+    kind = FAR
+    if others and rng.random() < spec.cross_clip_fraction:
+        kind = CROSS
+    elif rng.random() < spec.hard_negative_fraction:
+        kind = HARD
+    if kind == FAR and span <= hmax:
+        kind = HARD
+    if kind == HARD and span < 2:
+        kind = CROSS  # sample_pairs guarantees `others` is non-empty here
+    if kind == CROSS:
+        j = others[int(rng.integers(len(others)))]
+        s = int(rng.integers(0, span + 1))
+        return Pair(i, s, j, int(rng.integers(0, n_frames[j] - t + 1)), 0, CROSS)
+    lo, hi = (2, min(hmax, span)) if kind == HARD else (hmax + 1, span)
+    shift = int(rng.integers(lo, hi + 1)) * (1 if rng.random() < 0.5 else -1)
+    # Lip start range that keeps the shifted audio window inside the row.
+    s_lo, s_hi = max(0, -shift), span - max(0, shift)
+    s = int(rng.integers(s_lo, s_hi + 1))
+    return Pair(i, s, i, s + shift, 0, kind)
+
+
+def _batch_rng(batch: dict[str, Any], seed: int | None) -> np.random.Generator:
+    if seed is None:
+        return np.random.default_rng()
+    key = "|".join(f"{c}:{s}" for c, s in zip(batch["clip_id"], batch["segment"], strict=True))
+    return np.random.default_rng([seed, int.from_bytes(hashlib.sha256(key.encode()).digest()[:8])])
+
+
+def _select_split(batch: dict[str, Any], split: str, val_fraction: float) -> np.ndarray:
+    return np.array(
+        [clip_split(str(c), s, val_fraction) == split
+         for c, s in zip(batch["clip_id"], batch["split"], strict=True)],
+        dtype=bool,
+    )
+
+
+def make_pair_batch(
+    batch: dict[str, Any],
+    *,
+    spec: PairSpec,
+    split: str,
+    val_fraction: float,
+    seed: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Turn a batch of shard rows into a batch of pairs (the ``map_batches`` UDF).
+
+    Rows of other splits are dropped first. JPEGs are decoded only for the frames the pairs use.
+
+    Args:
+        batch: numpy batch with at least the :data:`READ_COLUMNS` columns.
+        spec: pair sampling settings.
+        split: ``train`` or ``val``.
+        val_fraction: see :func:`clip_split`.
+        seed: fixed seed for reproducible pairs (validation); None draws fresh pairs each epoch.
+
+    Returns:
+        Columns ``wav`` float32 [P, window_frames*samples_per_frame], ``lips`` uint8
+        [P, window_frames, h, w, 3], ``label`` float32 [P], ``kind`` int8 [P] (shuffled order).
+    """
+    keep = _select_split(batch, split, val_fraction)
+    rows = {k: np.asarray(v)[keep] for k, v in batch.items()}
+    clip_ids = [str(c) for c in rows["clip_id"]]
+    n_frames = [int(n) for n in rows["n_frames"]]
+    rng = _batch_rng(rows, seed)
+    pairs = sample_pairs(n_frames, clip_ids, spec, rng)
+    t, spf = spec.window_frames, spec.samples_per_frame
+    if not pairs:
+        return _empty_pairs(t, spf)
+    order = rng.permutation(len(pairs))
+    audio_cache: dict[int, np.ndarray] = {}
+    frame_cache: dict[tuple[int, int], np.ndarray] = {}
+
+    def frames(r: int, start: int) -> np.ndarray:
+        need = [f for f in range(start, start + t) if (r, f) not in frame_cache]
+        if need:
+            jpegs = rows["lips"][r]
+            for f, img in zip(need, decode_lips([jpegs[f] for f in need]), strict=True):
+                frame_cache[(r, f)] = img
+        return np.stack([frame_cache[(r, f)] for f in range(start, start + t)])
+
+    wav, lips, label, kind = [], [], [], []
+    for idx in order:
+        p = pairs[idx]
+        if p.audio_row not in audio_cache:
+            audio_cache[p.audio_row] = decode_audio(rows["audio"][p.audio_row])
+        a = audio_cache[p.audio_row]
+        wav.append(a[p.audio_start * spf:(p.audio_start + t) * spf])
+        lips.append(frames(p.row, p.lip_start))
+        label.append(p.label)
+        kind.append(p.kind)
+    return {
+        "wav": np.stack(wav).astype(np.float32),
+        "lips": np.stack(lips),
+        "label": np.asarray(label, np.float32),
+        "kind": np.asarray(kind, np.int8),
+    }
+
+
+def _empty_pairs(t: int, spf: int) -> dict[str, np.ndarray]:
+    return {
+        "wav": np.zeros((0, t * spf), np.float32),
+        "lips": np.zeros((0, t, 1, 1, 3), np.uint8),
+        "label": np.zeros((0,), np.float32),
+        "kind": np.zeros((0,), np.int8),
+    }
+
+
+def decode_segments(
+    batch: dict[str, Any], *, split: str, val_fraction: float, max_frames: int | None = None
+) -> dict[str, np.ndarray]:
+    """Whole decoded segments (for the AV-offset evaluation), one output row per input row.
+
+    Args:
+        batch: numpy batch with :data:`READ_COLUMNS`.
+        split: keep rows of this split only.
+        val_fraction: see :func:`clip_split`.
+        max_frames: keep at most this many leading frames of a segment (bounds eval cost).
+
+    Returns:
+        Columns ``clip_id``, ``n_frames`` int32, ``wav`` (object array of float32 [n*spf]) and
+        ``lips`` (object array of uint8 [n, h, w, 3]); variable lengths become ragged tensors.
+    """
+    keep = _select_split(batch, split, val_fraction)
+    ids, ns, wavs, lips = [], [], [], []
+    for r in np.flatnonzero(keep):
+        n = int(batch["n_frames"][r]) if max_frames is None else min(
+            int(batch["n_frames"][r]), max_frames)
+        spf = int(batch["sample_rate"][r]) // int(batch["fps"][r])
+        ids.append(str(batch["clip_id"][r]))
+        ns.append(n)
+        wavs.append(decode_audio(batch["audio"][r])[: n * spf])
+        lips.append(decode_lips(list(batch["lips"][r][:n])))
+    return {
+        "clip_id": np.asarray(ids, dtype=object),
+        "n_frames": np.asarray(ns, np.int32),
+        "wav": _object_array(wavs),
+        "lips": _object_array(lips),
+    }
+
+
+def _object_array(items: list[np.ndarray]) -> np.ndarray:
+    out = np.empty(len(items), dtype=object)
+    for i, x in enumerate(items):
+        out[i] = x
+    return out
+
+
+def read_shards(data_dir: str, *, shuffle_files: bool = False) -> ray.data.Dataset:
+    """Lazy Ray dataset over the shards a prepared folder's manifest names (columns we need).
+
+    Raises:
+        ManifestError: no or unreadable manifest, or a manifest with no shards.
+    """
+    import ray.data
+
+    from se4lip_dist.manifest import Manifest, ManifestError
+
+    manifest = Manifest.load(data_dir)
+    paths = manifest.shard_paths(data_dir)
+    if not paths:
+        raise ManifestError(f"{data_dir}: the manifest lists no shards")
+    # Fractional read tasks: on 2 cores a 1-CPU read task waits behind the training workers.
+    return ray.data.read_parquet(
+        paths, columns=READ_COLUMNS, shuffle="files" if shuffle_files else None, num_cpus=0.25
+    )
+
+
+def pair_dataset(
+    data_dir: str,
+    cfg: Config,
+    split: str,
+    *,
+    rows_per_task: int = 16,
+    num_cpus: float = 0.5,
+) -> ray.data.Dataset:
+    """Streamed pairs of one split: ``wav``, ``lips``, ``label``, ``kind`` (see make_pair_batch).
+
+    Training pairs are re-drawn every time the dataset is iterated (every epoch), from files in
+    a shuffled order; validation pairs use a fixed seed so every epoch sees the same pairs.
+
+    Args:
+        data_dir: folder with ``manifest.json`` and the shards.
+        cfg: resolved config (``train`` sampling settings, ``data.fps``/``sample_rate``).
+        split: ``train`` or ``val``.
+        rows_per_task: shard rows per ``map_batches`` call; more rows give more cross-clip choice.
+        num_cpus: CPUs reserved by each sampling task (fractional: leave room for the workers).
+    """
+    train = split == "train"
+    ds = read_shards(data_dir, shuffle_files=train)
+    return ds.map_batches(
+        make_pair_batch,
+        fn_kwargs={
+            "spec": PairSpec.from_config(cfg),
+            "split": split,
+            "val_fraction": cfg.train.val_fraction,
+            "seed": None if train else cfg.train.seed,
+        },
+        batch_size=rows_per_task,
+        batch_format="numpy",
+        num_cpus=num_cpus,
+    )
+
+
+def segment_dataset(
+    data_dir: str, cfg: Config, split: str = "val", *, max_frames: int | None = None,
+    num_cpus: float = 0.5,
+) -> ray.data.Dataset:
+    """Streamed whole decoded segments of one split (for the AV-offset evaluation)."""
+    return read_shards(data_dir).map_batches(
+        decode_segments,
+        fn_kwargs={"split": split, "val_fraction": cfg.train.val_fraction,
+                   "max_frames": max_frames},
+        batch_size=4,
+        batch_format="numpy",
+        num_cpus=num_cpus,
+    )
+
+
+def sliding_windows(x: np.ndarray, window: int, step: int = 1) -> np.ndarray:
+    """Views ``x[i*step : i*step + window]`` stacked on a new first axis (no copy)."""
+    n = (len(x) - window) // step + 1
+    if n <= 0:
+        return np.zeros((0, window, *x.shape[1:]), x.dtype)
+    view = np.lib.stride_tricks.sliding_window_view(x, window, axis=0)[::step]
+    # sliding_window_view puts the window axis last; move it next to the batch axis.
+    return np.moveaxis(view, -1, 1)[:n]
+
+
+__all__ = [
+    "CROSS",
+    "FAR",
+    "HARD",
+    "KIND_NAMES",
+    "POSITIVE",
+    "Pair",
+    "PairSpec",
+    "clip_split",
+    "decode_segments",
+    "make_pair_batch",
+    "manifest_splits",
+    "pair_dataset",
+    "read_shards",
+    "sample_pairs",
+    "segment_dataset",
+    "sliding_windows",
+    "stable_unit",
+]

@@ -1,0 +1,268 @@
+"""MLflow tracking: where runs go, and what a training run records.
+
+The driver resolves the tracking URI, checks that a remote server answers (before Ray starts),
+creates the experiment and the run; rank 0 of the training workers then logs into that run
+through :class:`RunLogger` (an ``MlflowClient`` bound to a run id), so no process depends on
+MLflow's global "active run" state.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+RUNS_DIR = "se4lip-runs"
+"""Folder under the working directory that holds the embedded store, artifacts and checkpoints."""
+
+
+class TrackingError(RuntimeError):
+    """The tracking server cannot be reached or the store cannot be used."""
+
+
+def default_tracking_uri(base: str | Path | None = None) -> str:
+    """The embedded store: ``sqlite:///<base>/se4lip-runs/mlflow.db`` (base defaults to cwd)."""
+    root = Path(base or os.getcwd()).resolve() / RUNS_DIR
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """Argument, else ``MLFLOW_TRACKING_URI``, else the embedded sqlite store under cwd."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def redact_uri(uri: str) -> str:
+    """The URI without ``user:password@`` (safe to print and to log as a param)."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return uri
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when a remote (http/https) tracking server does not answer ``/health``.
+
+    Local stores (sqlite, file) get their folder created instead.
+
+    Raises:
+        TrackingError: the server is unreachable or answers with an error.
+    """
+    scheme = urlsplit(uri).scheme
+    if scheme in ("http", "https"):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+                if resp.status >= 400:
+                    raise TrackingError(f"MLflow server {redact_uri(uri)} answered {resp.status}")
+        except urllib.error.HTTPError as e:
+            # An auth-protected server may refuse /health without credentials: it is up.
+            if e.code in (401, 403):
+                return
+            raise TrackingError(f"MLflow server {redact_uri(uri)} answered HTTP {e.code}") from e
+        except (urllib.error.URLError, OSError) as e:
+            raise TrackingError(
+                f"cannot reach the MLflow tracking server at {redact_uri(uri)}: {e}. Start it, "
+                "or drop --tracking-uri/MLFLOW_TRACKING_URI to use the local store"
+            ) from e
+    elif scheme == "sqlite":
+        path = uri[len("sqlite:///"):]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    elif scheme in ("", "file"):
+        Path(urlsplit(uri).path or uri).mkdir(parents=True, exist_ok=True)
+
+
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """Create the experiment if missing (in the driver: sqlite schema creation races otherwise).
+
+    Returns:
+        The experiment id.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    if urlsplit(tracking_uri).scheme == "sqlite":
+        # Keep artifacts next to the sqlite store instead of MLflow's ./mlruns default.
+        db = Path(tracking_uri[len("sqlite:///"):])
+        artifact_location = (db.parent / "artifacts" / name).resolve().as_uri()
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def git_revision(path: str | Path | None = None) -> str | None:
+    """``git rev-parse HEAD`` of the repository holding ``path`` (None outside git or no commit)."""
+    where = Path(path or Path(__file__).parent)
+    try:
+        out = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    rev = out.stdout.strip()
+    return rev if out.returncode == 0 and rev else None
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> ``{"a.b": v}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def start_run(
+    tracking_uri: str,
+    experiment: str,
+    run_name: str | None,
+    *,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    config_yaml: str,
+) -> str:
+    """Create the experiment (if needed) and a run with params, tags and the config file.
+
+    Returns:
+        The new run id.
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    exp_id = ensure_experiment(tracking_uri, experiment)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run = client.create_run(exp_id, run_name=run_name,
+                            tags={k: v for k, v in tags.items() if v is not None})
+    run_id = run.info.run_id
+    items = [Param(k, _param_value(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow caps a log_batch at 100 params
+        client.log_batch(run_id, params=items[i:i + 100])
+    client.log_text(run_id, config_yaml, "config.yaml")
+    return run_id
+
+
+def reopen_run(tracking_uri: str, run_id: str) -> None:
+    """Mark a resumed run RUNNING again."""
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=tracking_uri).update_run(run_id, status="RUNNING")
+
+
+def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """Close a run (``FINISHED``, ``FAILED`` or ``KILLED``)."""
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=tracking_uri).set_terminated(run_id, status=status)
+
+
+def _param_value(v: Any) -> str:
+    text = redact_uri(v) if isinstance(v, str) else str(v)
+    return text[:6000]
+
+
+class RunLogger:
+    """Logs metrics and artifacts of one run from any process (used by rank 0).
+
+    Args:
+        tracking_uri: the resolved tracking URI.
+        run_id: the run created by the driver.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        from mlflow import MlflowClient
+
+        self.client: MlflowClient = MlflowClient(tracking_uri=tracking_uri)
+        self.run_id = run_id
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        """Log numeric metrics at ``step`` (non-finite values are skipped)."""
+        import math
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in values.items()
+                 if isinstance(v, int | float) and math.isfinite(float(v))]
+        if items:
+            self.client.log_batch(self.run_id, metrics=items)
+
+    def plots(self, history: list[dict[str, float]], offset_curve: dict[str, Any] | None) -> None:
+        """Loss/accuracy curves and a distance-vs-offset curve, as PNG artifacts under plots/."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        with tempfile.TemporaryDirectory() as tmp:
+            if history:
+                fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+                epochs = [h["epoch"] for h in history]
+                for key in ("train_loss", "val_loss"):
+                    if all(key in h for h in history):
+                        ax1.plot(epochs, [h[key] for h in history], marker="o", label=key)
+                ax1.set_xlabel("epoch")
+                ax1.set_ylabel("BCE")
+                ax1.legend()
+                for key in ("val_sync_acc", "val_offset_acc"):
+                    if all(key in h for h in history):
+                        ax2.plot(epochs, [h[key] for h in history], marker="o", label=key)
+                ax2.set_xlabel("epoch")
+                ax2.set_ylim(0, 1)
+                ax2.legend()
+                fig.tight_layout()
+                fig.savefig(Path(tmp) / "curves.png", dpi=80)
+                plt.close(fig)
+                self.client.log_artifact(self.run_id, str(Path(tmp) / "curves.png"), "plots")
+            if offset_curve:
+                dists = offset_curve["distances"]
+                m = (len(dists) - 1) // 2
+                fig, ax = plt.subplots(figsize=(6, 4))
+                ax.plot(range(-m, m + 1), dists, marker=".")
+                ax.axvline(0, color="grey", lw=0.5)
+                ax.set_xlabel("audio shift (frames)")
+                ax.set_ylabel("mean embedding distance")
+                ax.set_title(f"{offset_curve.get('clip_id', 'val clip')}: "
+                             f"offset {offset_curve.get('offset')}")
+                fig.tight_layout()
+                fig.savefig(Path(tmp) / "offset_curve.png", dpi=80)
+                plt.close(fig)
+                self.client.log_artifact(self.run_id, str(Path(tmp) / "offset_curve.png"), "plots")
+
+    def text(self, text: str, artifact_file: str) -> None:
+        """Log a text artifact."""
+        self.client.log_text(self.run_id, text, artifact_file)
+
+
+__all__ = [
+    "RUNS_DIR",
+    "RunLogger",
+    "TrackingError",
+    "check_reachable",
+    "default_tracking_uri",
+    "end_run",
+    "ensure_experiment",
+    "flatten",
+    "git_revision",
+    "redact_uri",
+    "reopen_run",
+    "resolve_tracking_uri",
+    "start_run",
+]

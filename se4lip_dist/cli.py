@@ -46,6 +46,29 @@ def _config(preset: str, config: Path | None, sets: list[str] | None, extra: lis
         raise  # unreachable; keeps type checkers calm
 
 
+def _emit_json(obj: object) -> None:
+    """One JSON object on stdout (NaN/inf become null so any JSON parser reads it)."""
+    print(json.dumps(_finite(obj), default=str))
+
+
+def _finite(obj: object) -> object:
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _quiet_ray(as_json: bool) -> None:
+    """With --json, keep Ray's worker output off stdout so it holds only the JSON object."""
+    if as_json:
+        from se4lip_dist.runtime import set_log_to_driver
+
+        set_log_to_driver(False)
+
+
 def _fail(message: str, code: int = 2) -> None:
     console.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(code)
@@ -102,6 +125,7 @@ def prepare(
     if detect_every is not None:
         extra.append(f"face.detect_every={detect_every}")
     cfg = _config(preset, config, set_, extra)
+    _quiet_ray(as_json)
 
     progress = Progress(
         TextColumn("[bold]prepare"), BarColumn(), MofNCompleteColumn(),
@@ -127,7 +151,7 @@ def prepare(
         except PrepareError as e:
             _fail(str(e))
     if as_json:
-        out.print_json(json.dumps(summary.to_json()))
+        _emit_json(summary.to_json())
     else:
         _render_prepare(summary)
     if summary.failures:
@@ -195,6 +219,7 @@ def train(
     if num_workers is not None:
         extra.append(f"train.num_workers={num_workers}")
     cfg = _config(preset, config, set_, extra)
+    _quiet_ray(as_json)
     try:
         result = run_train(
             cfg, str(data), tracking_uri=tracking_uri, experiment=experiment, run_name=run_name,
@@ -204,12 +229,341 @@ def train(
     except (ValueError, RuntimeError, FileNotFoundError, ConnectionError) as e:
         _fail(str(e))
     if as_json:
-        out.print_json(json.dumps(result, default=str))
+        _emit_json({k: v for k, v in result.items() if k not in ("history", "offset_curve")})
+        return
+    t = Table(title=f"train {result['run_name']}", show_header=False)
+    for k in ("val_offset_acc", "val_sync_acc", "val_loss", "train_loss", "samples_per_s",
+              "data_wait_fraction", "epochs", "steps", "run_id", "model_uri", "registered_name",
+              "registered_version", "checkpoint", "tracking_uri"):
+        v = result.get(k)
+        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    out.print(t)
+    out.print(f"MLflow UI: mlflow ui --backend-store-uri {result['tracking_uri']}")
+
+
+# --- tune and the model registry (logic in se4lip_dist.tuning / se4lip_dist.registry) ------
+
+
+@app.command()
+def tune(
+    data: Annotated[Path, typer.Option("--data", help="Shard folder written by `prepare`.")],
+    space: Annotated[Path, typer.Option("--space", help="Search space YAML (see tune/).")] = Path("tune/default.yaml"),
+    preset: Annotated[str | None, typer.Option("--preset", help="Override the space's preset.")] = None,
+    set_: SetOpt = None,
+    num_samples: Annotated[int | None, typer.Option("--num-samples", help="Trials (default: the space's).")] = None,
+    max_concurrent_trials: Annotated[int | None, typer.Option("--max-concurrent-trials")] = None,
+    cpus_per_trial: Annotated[float | None, typer.Option("--cpus-per-trial", help="CPUs a trial reserves (driver + workers).")] = None,
+    gpus_per_trial: Annotated[float, typer.Option("--gpus-per-trial")] = 0.0,
+    num_workers_per_trial: Annotated[int, typer.Option("--num-workers-per-trial")] = 2,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Epochs per trial (ASHA's max_t).")] = None,
+    metric: Annotated[str | None, typer.Option("--metric", help="val_offset_acc | val_sync_acc | val_loss.")] = None,
+    mode: Annotated[str | None, typer.Option("--mode", help="max | min.")] = None,
+    register: Annotated[str, typer.Option("--register", help="Registered model name.")] = "se4lip",
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri")] = None,
+    experiment: Annotated[str, typer.Option("--experiment")] = "se4lip-tune",
+    name: Annotated[str, typer.Option("--name", help="Stable tune name (--resume finds it).")] = "se4lip-tune",
+    resume: Annotated[bool, typer.Option("--resume", help="Finish the unfinished trials of --name.")] = False,
+    storage_path: Annotated[str | None, typer.Option("--storage-path", help="Tune/Train results (shared FS or s3:// on clusters).")] = None,
+    address: AddressOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Search GRU depth, window and learning rate with Ray Tune; register the best encoder."""
+    from rich.live import Live
+
+    from se4lip_dist.tuning import TuneOptions, run_tune
+
+    overrides = list(set_ or [])
+    opts = TuneOptions(
+        preset=preset,
+        num_samples=num_samples, max_concurrent_trials=max_concurrent_trials,
+        cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
+        num_workers_per_trial=num_workers_per_trial, epochs=epochs, metric=metric, mode=mode,
+        register=register, tracking_uri=tracking_uri, experiment=experiment, name=name,
+        resume=resume, storage_path=storage_path, address=address, overrides=tuple(overrides),
+    )
+    _quiet_ray(as_json)
+    live = Live(_trials_table([], metric or "val_offset_acc", "trials"), console=console,
+                refresh_per_second=2, transient=True)
+    try:
+        if as_json:
+            result = run_tune(str(space), str(data), opts)
+        else:
+            with live:
+                result = run_tune(
+                    str(space), str(data), opts,
+                    on_update=lambda rows: live.update(
+                        _trials_table(rows, metric or "val_offset_acc", "trials (live)")),
+                )
+    except (ValueError, RuntimeError, FileNotFoundError, ConnectionError) as e:
+        _fail(str(e))
+    if as_json:
+        _emit_json(result)
+        return
+    _render_ranked(result)
+
+
+def _trials_table(rows, metric: str, title: str) -> Table:  # type: ignore[no-untyped-def]
+    t = Table(title=title)
+    for col in ("trial", "status", "epoch", "params", metric, "val_sync_acc", "val_loss"):
+        t.add_column(col)
+    for r in rows:
+        m = r.metrics
+        t.add_row(r.name, r.status, str(r.epoch),
+                  " ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in r.params.items()),
+                  _fmt(m.get(metric)), _fmt(m.get("val_sync_acc")), _fmt(m.get("val_loss")))
+    return t
+
+
+def _fmt(v: object) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _render_ranked(result: dict) -> None:
+    metric = result["metric"]
+    t = Table(title=f"tune {result['name']}: trials ranked by {metric} ({result['mode']})")
+    for col in ("#", "trial", "status", "epoch", "params", metric):
+        t.add_column(col)
+    for i, r in enumerate(result["trials"], 1):
+        t.add_row(str(i), r["trial"], r["status"], str(r["epoch"]),
+                  " ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in r["params"].items()),
+                  _fmt(r.get(metric)))
+    out.print(t)
+    reg = result["registered"]
+    out.print(f"best: {result['best']['trial']}  {result['stopped_early']} trial(s) stopped early "
+              f"by the scheduler  wall {result['wall_s']:.0f} s")
+    colour = "green" if reg["alias"] == "champion" else "yellow"
+    out.print(f"registered [bold]{reg['name']}[/] v{reg['version']} as [{colour}]{reg['alias']}[/]: "
+              f"{reg['reason']}")
+    out.print(f"MLflow UI: mlflow ui --backend-store-uri {result['tracking_uri']}")
+
+
+models_app = typer.Typer(no_args_is_help=True, help="List, show and promote registered encoders.")
+app.add_typer(models_app, name="models")
+TrackingOpt = Annotated[str | None, typer.Option("--tracking-uri", help="MLflow URI (default: ./se4lip-runs sqlite).")]
+
+
+@models_app.command("list")
+def models_list(tracking_uri: TrackingOpt = None, as_json: JsonOpt = False) -> None:
+    """Registered models with their latest version and aliases."""
+    from se4lip_dist.registry import list_models
+
+    rows = _guard(list_models, tracking_uri)
+    if as_json:
+        _emit_json(rows)
+        return
+    t = Table(title="registered models")
+    for col in ("name", "latest", "aliases", "updated"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["name"], str(r["latest_version"]),
+                  ", ".join(f"{a}=v{v}" for a, v in r["aliases"].items()), r["updated"])
+    out.print(t)
+
+
+@models_app.command("show")
+def models_show(name: str, tracking_uri: TrackingOpt = None, as_json: JsonOpt = False) -> None:
+    """Every version of NAME with its aliases and tags (metrics, data hash, gate decision)."""
+    from se4lip_dist.registry import show_model
+
+    info = _guard(show_model, name, tracking_uri)
+    if as_json:
+        _emit_json(info)
+        return
+    t = Table(title=f"{name}")
+    for col in ("version", "aliases", "val_offset_acc", "val_sync_acc", "preset", "data", "gate"):
+        t.add_column(col)
+    for v in info["versions"]:
+        tags = v["tags"]
+        t.add_row(str(v["version"]), ", ".join(v["aliases"]), tags.get("val_offset_acc", "-"),
+                  tags.get("val_sync_acc", "-"), tags.get("preset", "-"),
+                  tags.get("data_manifest_hash", "-"), tags.get("gate", ""))
+    out.print(t)
+
+
+@models_app.command("promote")
+def models_promote(
+    name: str, version: int,
+    alias: Annotated[str, typer.Option("--alias")] = "champion",
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Point ALIAS (default champion) at VERSION, by hand (no quality gate)."""
+    from se4lip_dist.registry import promote
+
+    previous = _guard(promote, name, version, alias, tracking_uri)
+    was = f" (was v{previous})" if previous else ""
+    out.print(f"{name}@{alias} -> v{version}{was}")
+
+
+def _guard(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, RuntimeError, FileNotFoundError, ConnectionError) as e:
+        _fail(str(e))
+
+
+# --- features and sync metrics (logic in extract / evaluate / lmd / probe) -----------------
+
+
+@app.command()
+def extract(
+    inputs: Annotated[list[str], typer.Argument(help="Audio or video files, folders, or CSV/JSONL manifests.")],
+    model: Annotated[str, typer.Option("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/...")] = "models:/se4lip@champion",
+    out_dir: Annotated[Path, typer.Option("--out", help="Feature folder (resumes if it exists).")] = Path("features"),
+    fps: Annotated[int, typer.Option("--fps", help="Video frame rate the features follow.")] = 25,
+    fmt: Annotated[str, typer.Option("--format", help="frame ([N,D]) | window ([N,16,D]) | both.")] = "both",
+    parquet: Annotated[bool, typer.Option("--parquet", help="Also write clip,frame,feature Parquet.")] = False,
+    use_gpu: Annotated[bool, typer.Option("--use-gpu")] = False,
+    concurrency: Annotated[int, typer.Option("--concurrency", help="Encoder actors.")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per encoder call.")] = 256,
+    tracking_uri: TrackingOpt = None,
+    experiment: Annotated[str, typer.Option("--experiment")] = "se4lip-extract",
+    address: AddressOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write one speech embedding per video frame for renderer datasets (Ray Data batch job)."""
+    from se4lip_dist.extract import run_extract
+
+    _quiet_ray(as_json)
+    progress = Progress(TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(),
+                        TimeRemainingColumn(), console=console, disable=as_json)
+    task = progress.add_task("extract", total=None)
+    with progress:
+        summary = _guard(
+            run_extract, inputs, model, out_dir, tracking_uri=tracking_uri, fps=fps, fmt=fmt,
+            parquet=parquet, batch_size=batch_size, concurrency=concurrency, use_gpu=use_gpu,
+            address=address, experiment=experiment,
+            on_start=lambda n: progress.update(task, total=n),
+            on_result=lambda _row: progress.update(task, advance=1),
+        )
+    if as_json:
+        _emit_json(summary.to_json())
     else:
-        t = Table(title="train", show_header=False)
-        for k, v in result.items():
-            t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+        d = summary.to_json()
+        t = Table(title=f"extract -> {out_dir}", show_header=False)
+        for k, v in d.items():
+            if not isinstance(v, list | dict):
+                t.add_row(k, _fmt(v))
         out.print(t)
+        for f in summary.failures:
+            out.print(f"[red]failed[/] {f}")
+    raise typer.Exit(summary.exit_code)
+
+
+@app.command()
+def evaluate(
+    videos: Annotated[list[str], typer.Argument(help="Videos, folders or manifests.")],
+    model: Annotated[str, typer.Option("--model", help="A logged/registered SE4Lip model URI.")] = "models:/se4lip@champion",
+    max_offset: Annotated[int, typer.Option("--max-offset", help="Search +-this many frames.")] = 15,
+    shift: Annotated[int, typer.Option("--shift", help="Delay the audio by K frames first.")] = 0,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Distance-vs-offset PNG per clip here.")] = None,
+    tracking_uri: TrackingOpt = None,
+    insightface_root: Annotated[Path | None, typer.Option("--insightface-root")] = None,
+    face_backend: Annotated[str | None, typer.Option("--face-backend", help="insightface | none.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """AV offset, LSE-D/LSE-C-style scores (this encoder's scale) and offset accuracy per clip."""
+    from se4lip_dist.evaluate import run_evaluate
+
+    res = _guard(run_evaluate, videos, model, tracking_uri=tracking_uri, max_offset=max_offset,
+                 shift=shift, plot_dir=plot,
+                 insightface_root=str(insightface_root.resolve()) if insightface_root else None,
+                 face_backend=face_backend)
+    if as_json:
+        _emit_json({**res, "clips": [{k: v for k, v in c.items() if k != "distances"}
+                                     for c in res["clips"]]})
+    else:
+        t = Table(title=f"evaluate {model} (shift {shift})")
+        for col in ("clip", "offset", "lse_d", "lse_c", "frames", "error"):
+            t.add_column(col)
+        for c in res["clips"]:
+            t.add_row(c["name"], _fmt(c.get("offset")), _fmt(c.get("lse_d")),
+                      _fmt(c.get("lse_c")), _fmt(c.get("frames")), c.get("error", ""))
+        out.print(t)
+        out.print(f"offset accuracy (|offset - {shift}| <= 1): {_fmt(res['offset_accuracy'])}")
+        out.print(f"[dim]{res['note']}[/]")
+    if res.get("failed"):
+        raise typer.Exit(1)
+
+
+@app.command()
+def lmd(
+    pred: Annotated[Path, typer.Argument(help="Generated video.")],
+    gt: Annotated[Path, typer.Argument(help="Ground-truth video of the same speech.")],
+    fps: Annotated[int, typer.Option("--fps")] = 25,
+    max_frames: Annotated[int | None, typer.Option("--max-frames")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Lip landmark distance (dlib 68-point mouth landmarks) between two videos."""
+    from se4lip_dist.lmd import run_lmd
+
+    res = _guard(run_lmd, pred, gt, fps=fps, max_frames=max_frames)
+    if as_json:
+        _emit_json(res)
+        return
+    out.print(f"LMD {res['lmd']:.4f} px over {res['frames']} frames "
+              f"(pred {res['pred_frames']}, gt {res['gt_frames']} frames)")
+
+
+@app.command("probe-visemes")
+def probe_visemes(
+    grid_dir: Annotated[Path, typer.Argument(help="GRID speaker folder with align/ and video/.")],
+    model: Annotated[str | None, typer.Option("--model", help="Encoder URI (omit: random-init control).")] = None,
+    tracking_uri: TrackingOpt = None,
+    pairs: Annotated[str, typer.Option("--pairs", help="Letter pairs, e.g. d/t,b/p,g/k.")] = "d/t,b/p,g/k",
+    plot: Annotated[Path | None, typer.Option("--plot", help="Folder for one PCA PNG per pair.")] = None,
+    max_per_letter: Annotated[int | None, typer.Option("--max-per-letter")] = None,
+    preset: Annotated[str, typer.Option("--preset", help="Preset of the random-init control.")] = "cpu-small",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Linear-probe separability of viseme-identical letters: encoder vs acoustic features."""
+    from se4lip_dist.probe import run_probe
+
+    try:
+        pair_list = tuple(tuple(p.split("/")) for p in pairs.split(","))
+        if any(len(p) != 2 for p in pair_list):
+            raise ValueError
+    except ValueError:
+        _fail(f"--pairs must look like d/t,b/p, got {pairs!r}")
+    res = _guard(run_probe, model, grid_dir, tracking_uri=tracking_uri, pairs=pair_list,
+                 plot=plot, max_per_letter=max_per_letter, preset=preset, seed=seed)
+    if as_json:
+        _emit_json(res)
+        return
+    t = Table(title="viseme probe: 5-fold linear-probe accuracy (lower = pair less separated)")
+    rows = res.get("pairs", [])
+    if rows:
+        for col in rows[0]:
+            t.add_column(str(col))
+        for r in rows:
+            t.add_row(*[_fmt(v) for v in r.values()])
+    out.print(t)
+
+
+@app.command()
+def quickstart(
+    video_dir: Annotated[Path | None, typer.Argument(help="Your videos (default: synthetic clips).")] = None,
+    workdir: Annotated[Path, typer.Option("--workdir", help="Where shards, runs and features go.")] = Path("se4lip-quickstart"),
+    insightface_root: Annotated[Path | None, typer.Option("--insightface-root", help="Needed for real videos.")] = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """prepare -> tiny tune (2 trials) -> register -> extract -> evaluate, on local Ray + sqlite."""
+    from se4lip_dist.quickstart import run_quickstart
+
+    def step(title: str) -> None:
+        console.rule(f"[bold]{title}")
+
+    res = _guard(run_quickstart, video_dir, workdir,
+                 insightface_root=str(insightface_root.resolve()) if insightface_root else None,
+                 tracking_uri=tracking_uri, on_step=step)
+    console.rule("[bold green]done")
+    out.print(f"shards:    {res['shards']}")
+    out.print(f"model:     {res['model_uri']} ({res['alias']}: {res['reason']})")
+    out.print(f"features:  {res['features']}")
+    out.print(f"evaluate:  offset accuracy {_fmt(res['offset_accuracy'])} on {res['evaluated']} clips")
+    out.print(f"MLflow UI: mlflow ui --backend-store-uri {res['tracking_uri']}")
 
 
 # --- remote execution: Ray Jobs API (logic in se4lip_dist.remote) ---------------------------

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from se4lip_dist.models import SpeechEncoder
 
 WEIGHTS_FILE = "speech_encoder.pt"
+LIPS_FILE = "lip_encoder.pt"
+"""The lip encoder's weights, logged beside the speech encoder so ``evaluate`` and the tune
+quality gate can score AV sync with a registered model (the pyfunc itself only uses speech)."""
 CONFIG_FILE = "config.yaml"
 MODEL_NAME = "model"
 DEFAULT_ALIAS = "candidate"
@@ -91,11 +94,18 @@ def build_speech_encoder(cfg: Config, state_dict: dict[str, torch.Tensor]) -> Sp
 
 def speech_state_dict(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The speech encoder's part of a whole-model (:class:`SE4Lip`) ``state_dict``."""
-    prefix = "speech."
+    return _part(model_state, "speech.")
+
+
+def _part(model_state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     out = {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
     if not out:
-        raise RegistryError("the state_dict holds no 'speech.*' weights (not an SE4Lip model?)")
+        raise RegistryError(f"the state_dict holds no '{prefix}*' weights (not an SE4Lip model?)")
     return out
+
+
+def _is_whole_model(state: dict[str, Any]) -> bool:
+    return any(k.startswith("speech.") for k in state) and any(k.startswith("lips.") for k in state)
 
 
 def _load_files(weights: str | Path, config: str | Path) -> tuple[SpeechEncoder, Config]:
@@ -177,7 +187,7 @@ def log_model(
     tracking_uri: str,
     run_id: str,
     cfg: Config,
-    speech_state: dict[str, torch.Tensor],
+    state: dict[str, torch.Tensor],
 ) -> str:
     """Log the speech encoder as a pyfunc model in ``run_id``.
 
@@ -185,7 +195,8 @@ def log_model(
         tracking_uri: resolved tracking URI.
         run_id: the training run.
         cfg: the config the model was trained with.
-        speech_state: the speech encoder's ``state_dict`` (see :func:`speech_state_dict`).
+        state: the whole :class:`SE4Lip` ``state_dict`` (speech and lip encoders; the lip
+            weights are logged as an extra artifact), or the speech encoder's alone.
 
     Returns:
         The logged model's URI (``models:/m-...``).
@@ -195,8 +206,15 @@ def log_model(
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
+    lips_state = _part(state, "lips.") if _is_whole_model(state) else None
+    speech_state = speech_state_dict(state) if lips_state is not None else state
     # Strict load first, so a mismatched state never reaches the registry.
     encoder = build_speech_encoder(cfg, speech_state)
+    if lips_state is not None:
+        from se4lip_dist.models import build_model
+
+        build_model(cfg.model, sample_rate=cfg.data.sample_rate,
+                    window_frames=cfg.train.window_frames).lips.load_state_dict(lips_state)
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, encoder.embed_dim))]),
@@ -206,11 +224,16 @@ def log_model(
         config = Path(tmp) / CONFIG_FILE
         torch.save({k: v.detach().cpu().contiguous() for k, v in speech_state.items()}, weights)
         config.write_text(cfg.to_yaml())
+        artifacts = {"weights": str(weights), "config": str(config)}
+        if lips_state is not None:
+            lips = Path(tmp) / LIPS_FILE
+            torch.save({k: v.detach().cpu().contiguous() for k, v in lips_state.items()}, lips)
+            artifacts["lips"] = str(lips)
         with _using(tracking_uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME,
                 python_model=_embedder_class()(),
-                artifacts={"weights": str(weights), "config": str(config)},
+                artifacts=artifacts,
                 signature=signature,
                 pip_requirements=_pip_requirements(),
                 metadata={"embed_dim": encoder.embed_dim, "sample_rate": cfg.data.sample_rate},
@@ -243,6 +266,28 @@ def register_model(
     return int(mv.version)
 
 
+def _download(model_uri: str, tracking_uri: str | None, dst: str) -> tuple[Path, Path, str]:
+    """Download a logged model; returns (speech weights, config) paths and the tracking URI."""
+    import mlflow.artifacts
+
+    from se4lip_dist.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        with _using(uri):
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst))
+    except Exception as e:
+        raise RegistryError(f"cannot download {model_uri} from {uri}: {e}") from e
+    weights = next(local.rglob(WEIGHTS_FILE), None)
+    config = next((p for p in local.rglob(CONFIG_FILE) if p.parent == weights.parent), None) \
+        if weights else None
+    if weights is None or config is None:
+        raise RegistryError(f"{model_uri} is not an se4lip speech encoder "
+                            f"(no {WEIGHTS_FILE} + {CONFIG_FILE} artifacts)")
+    return weights, config, uri
+
+
 def load_encoder(
     model_uri: str, tracking_uri: str | None = None
 ) -> tuple[SpeechEncoder, Config]:
@@ -258,25 +303,125 @@ def load_encoder(
     Raises:
         RegistryError: the URI does not resolve to an se4lip speech encoder.
     """
-    import mlflow.artifacts
+    with tempfile.TemporaryDirectory() as tmp:
+        weights, config, _ = _download(model_uri, tracking_uri, tmp)
+        return _load_files(weights, config)
+
+
+def load_model_state(
+    model_uri: str, tracking_uri: str | None = None
+) -> tuple[dict[str, torch.Tensor], Config]:
+    """The whole SE4Lip ``state_dict`` (speech + lips) of a logged model, and its config.
+
+    Raises:
+        RegistryError: the URI does not resolve, or the model was logged without lip weights.
+    """
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        weights, config, _ = _download(model_uri, tracking_uri, tmp)
+        lips = weights.parent / LIPS_FILE
+        if not lips.is_file():
+            raise RegistryError(f"{model_uri} was logged without its lip encoder ({LIPS_FILE}); "
+                                "sync scoring needs a model logged by se4lip-dist train/tune")
+        cfg = Config.from_dict(yaml.safe_load(config.read_text()))
+        state = {f"speech.{k}": v for k, v in
+                 torch.load(weights, map_location="cpu", weights_only=True).items()}
+        state.update({f"lips.{k}": v for k, v in
+                      torch.load(lips, map_location="cpu", weights_only=True).items()})
+        return state, cfg
+
+
+def load_sync_model(model_uri: str, tracking_uri: str | None = None) -> tuple[Any, Config]:
+    """A logged model as a whole :class:`~se4lip_dist.models.SE4Lip` (eval, CPU) and its config."""
+    from se4lip_dist.models import build_model
+
+    state, cfg = load_model_state(model_uri, tracking_uri)
+    model = build_model(cfg.model, sample_rate=cfg.data.sample_rate,
+                        window_frames=cfg.train.window_frames)
+    model.load_state_dict(state)
+    return model.eval(), cfg
+
+
+def list_models(tracking_uri: str | None = None) -> list[dict[str, Any]]:
+    """Registered models: name, latest version, aliases, last update."""
+    import datetime
+
+    from mlflow import MlflowClient
 
     from se4lip_dist.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            with _using(uri):
-                local = Path(mlflow.artifacts.download_artifacts(
-                    artifact_uri=model_uri, dst_path=tmp))
-        except Exception as e:
-            raise RegistryError(f"cannot download {model_uri} from {uri}: {e}") from e
-        weights = next(local.rglob(WEIGHTS_FILE), None)
-        config = next((p for p in local.rglob(CONFIG_FILE) if p.parent == weights.parent), None) \
-            if weights else None
-        if weights is None or config is None:
-            raise RegistryError(f"{model_uri} is not an se4lip speech encoder "
-                                f"(no {WEIGHTS_FILE} + {CONFIG_FILE} artifacts)")
-        return _load_files(weights, config)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    rows = []
+    for m in client.search_registered_models():
+        versions = [int(v.version) for v in (m.latest_versions or [])]
+        rows.append({
+            "name": m.name,
+            "latest_version": max(versions) if versions else None,
+            "aliases": {a: int(v) for a, v in (m.aliases or {}).items()},
+            "updated": datetime.datetime.fromtimestamp(
+                (m.last_updated_timestamp or 0) / 1000).isoformat(timespec="seconds"),
+        })
+    return rows
+
+
+def show_model(name: str, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Every version of ``name`` with its aliases, tags and source run.
+
+    Raises:
+        RegistryError: no such registered model.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from se4lip_dist.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as e:
+        raise RegistryError(f"no registered model {name!r} at {uri}") from e
+    by_version: dict[int, list[str]] = {}
+    for alias, v in (model.aliases or {}).items():
+        by_version.setdefault(int(v), []).append(alias)
+    versions = sorted(client.search_model_versions(f"name = '{name}'"),
+                      key=lambda v: int(v.version), reverse=True)
+    return {
+        "name": name,
+        "versions": [{"version": int(v.version), "aliases": sorted(by_version.get(int(v.version),
+                                                                                  [])),
+                      "run_id": v.run_id, "source": v.source, "tags": dict(v.tags or {})}
+                     for v in versions],
+    }
+
+
+def promote(name: str, version: int, alias: str = "champion",
+            tracking_uri: str | None = None) -> int | None:
+    """Point ``alias`` at ``version`` by hand; returns the version it pointed at before.
+
+    Raises:
+        RegistryError: no such model or version.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from se4lip_dist.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        client.get_model_version(name, str(version))
+    except MlflowException as e:
+        raise RegistryError(f"{name} has no version {version} at {uri}") from e
+    try:
+        previous: int | None = int(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        previous = None
+    client.set_registered_model_alias(name, alias, str(version))
+    client.set_model_version_tag(name, str(version), "gate", f"promoted to {alias} by hand")
+    return previous
 
 
 __all__ = [
@@ -284,8 +429,13 @@ __all__ = [
     "RegistryError",
     "build_speech_encoder",
     "embed_waveforms",
+    "list_models",
     "load_encoder",
+    "load_model_state",
+    "load_sync_model",
     "log_model",
+    "promote",
     "register_model",
+    "show_model",
     "speech_state_dict",
 ]

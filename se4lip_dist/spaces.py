@@ -64,8 +64,8 @@ class SearchSpace:
         return cfg.override(self.fixed) if self.fixed else cfg
 
 
-def load_space(path: str | Path) -> SearchSpace:
-    """Read and validate a search-space YAML.
+def load_space(path: str | Path, preset: str | None = None) -> SearchSpace:
+    """Read and validate a search-space YAML (against ``preset`` instead of its own if given).
 
     Raises:
         ConfigError: naming the file and the offending key or value.
@@ -81,7 +81,7 @@ def load_space(path: str | Path) -> SearchSpace:
                         "params"}
     if unknown:
         raise ConfigError(f"{p}: unknown top-level key(s) {sorted(unknown)}")
-    preset = d.get("preset", "cpu-small")
+    preset = preset or d.get("preset", "cpu-small")
     if preset not in list_presets():
         raise ConfigError(f"{p}: unknown preset {preset!r}; choose one of {list_presets()}")
     metric = d.get("metric", "val_offset_acc")

@@ -249,6 +249,31 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
             "epochs": history[-1]["epoch"] if history else epoch0, "steps": step}
 
 
+def validate(model_state: dict[str, Any], cfg: Config, data_dir: str) -> dict[str, float]:
+    """Validation metrics of a whole-model ``state_dict`` on a prepared folder, in this process.
+
+    The same protocol as the per-epoch validation (fixed-seed val pairs, AV-offset search on the
+    val segments), so two models scored here are compared on the same validation shards. Starts
+    a local Ray for the data stream when none is running.
+    """
+    import torch
+
+    from se4lip_dist.models import build_model
+    from se4lip_dist.runtime import init_ray
+    from se4lip_dist.stream import pair_dataset, segment_dataset
+
+    init_ray(None)
+    model = build_model(cfg.model, sample_rate=cfg.data.sample_rate,
+                        window_frames=cfg.train.window_frames)
+    model.load_state_dict(model_state)
+    metrics, _ = _evaluate(
+        model, cfg, torch.device("cpu"), pair_dataset(data_dir, cfg, "val"),
+        segment_dataset(data_dir, cfg, "val", max_frames=MAX_OFFSET_EVAL_FRAMES),
+        keep_curve=False,
+    )
+    return metrics
+
+
 # --------------------------------------------------------------------------------------------
 # Driver side
 # --------------------------------------------------------------------------------------------
@@ -473,12 +498,12 @@ def _worker_env() -> dict[str, str]:
 
 def _finish(cfg: Config, out: dict[str, Any], uri: str, run_id: str, register: str | None,
             data_hash: str) -> dict[str, Any]:
-    from se4lip_dist.registry import log_model, register_model, speech_state_dict
+    from se4lip_dist.registry import log_model, register_model
     from se4lip_dist.tracking import end_run
 
     history = out.get("history") or []
     last = history[-1] if history else {}
-    model_uri = log_model(uri, run_id, cfg, speech_state_dict(out.pop("model_state")))
+    model_uri = log_model(uri, run_id, cfg, out.pop("model_state"))
     version = None
     if register:
         tags = {k: last[k] for k in ("val_loss", "val_sync_acc", "val_offset_acc") if k in last}
@@ -504,4 +529,11 @@ def _finish(cfg: Config, out: dict[str, Any], uri: str, run_id: str, register: s
     }
 
 
-__all__ = ["RUN_STATE_FILE", "TrainError", "load_checkpoint_dir", "run_train", "train_loop"]
+__all__ = [
+    "RUN_STATE_FILE",
+    "TrainError",
+    "load_checkpoint_dir",
+    "run_train",
+    "train_loop",
+    "validate",
+]

@@ -94,8 +94,8 @@ def test_two_trials_register_champion_and_gate_a_worse_one(shards: Path, tmp_pat
     reg = second["registered"]
     assert (reg["version"], reg["alias"]) == (2, "challenger"), reg
     assert "not better" in reg["reason"]
-    assert client.get_model_version_by_alias("se4lip-t", "champion").version == "1"
-    assert client.get_model_version_by_alias("se4lip-t", "challenger").version == "2"
+    assert int(client.get_model_version_by_alias("se4lip-t", "champion").version) == 1
+    assert int(client.get_model_version_by_alias("se4lip-t", "challenger").version) == 2
 
     with pytest.raises(TuneError, match="already exists"):
         run_tune(str(good), str(shards), TuneOptions(name="good", **common))

@@ -333,6 +333,13 @@ def run_tune(
                 run_config=run_config,
             )
         grid = tuner.fit()
+        unfinished = len(grid) - grid.num_terminated - grid.num_errors
+        if unfinished > 0:
+            # Ctrl-C / SIGTERM: Tune saved its state and returned early. Registering now would
+            # pick a winner among unfinished trials and make --resume a no-op.
+            raise TuneError(f"tune {opts.name!r} interrupted with {unfinished} of {len(grid)} "
+                            "trials unfinished; nothing registered. Continue it with --resume "
+                            f"--name {opts.name}")
         rows = _rank(grid, metric, mode, space)
         if not any(r.metrics.get(metric) is not None for r in rows):
             errors = [str(r.error) for r in grid if r.error is not None][:3]

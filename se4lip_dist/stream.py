@@ -322,6 +322,7 @@ def read_shards(data_dir: str, *, shuffle_files: bool = False) -> ray.data.Datas
 
     Raises:
         ManifestError: no or unreadable manifest, or a manifest with no shards.
+        ShardSchemaError: a shard is missing, unreadable or of another schema version.
     """
     import ray.data
 
@@ -331,10 +332,20 @@ def read_shards(data_dir: str, *, shuffle_files: bool = False) -> ray.data.Datas
     paths = manifest.shard_paths(data_dir)
     if not paths:
         raise ManifestError(f"{data_dir}: the manifest lists no shards")
-    # Fractional read tasks: on 2 cores a 1-CPU read task waits behind the training workers.
-    return ray.data.read_parquet(
-        paths, columns=READ_COLUMNS, shuffle="files" if shuffle_files else None, num_cpus=0.25
-    )
+    manifest.check_shards(data_dir)  # refuse shards of another schema version up front
+    # Parquet V1 reader: V2 (Ray 2.60's default) starts 32 FooterReader actors to list files on
+    # every execution, i.e. every epoch: 5-10 s before the first batch on 2 cores, 1-2 s with V1
+    # (benchmarks/bench_pipeline.py). The manifest already lists the files, so V2 buys nothing.
+    ctx = ray.data.DataContext.get_current()
+    use_v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        # Fractional read tasks: on 2 cores a 1-CPU read task waits behind the training workers.
+        return ray.data.read_parquet(
+            paths, columns=READ_COLUMNS, shuffle="files" if shuffle_files else None,
+            num_cpus=0.25,
+        )
+    finally:
+        ctx.use_datasource_v2 = use_v2
 
 
 def pair_dataset(

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from se4lip_dist import __version__
-from se4lip_dist.shards import SCHEMA_VERSION, ShardInfo, ShardSchemaError
+from se4lip_dist.shards import SCHEMA_VERSION, ShardInfo, ShardSchemaError, check_schema
 
 MANIFEST = "manifest.json"
 FAILURES = "failures.jsonl"
@@ -125,6 +125,12 @@ class Manifest:
     def shard_paths(self, out_dir: str | Path) -> list[str]:
         """Absolute paths of the shards the manifest names (readers use these, not a glob)."""
         return [str(Path(out_dir).resolve() / s.file) for s in self.shards]
+
+    def check_shards(self, out_dir: str | Path) -> None:
+        """Raise :class:`ShardSchemaError` unless every named shard is readable and of this
+        schema version (reads Parquet footers only)."""
+        for path in self.shard_paths(out_dir):
+            check_schema(path)
 
     def content_hash(self) -> str:
         """Short hash of the shard checksums: identifies the data a model was trained on."""

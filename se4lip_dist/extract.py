@@ -544,7 +544,6 @@ def run_extract(
     if fps <= 0 or batch_size < 1 or concurrency < 1:
         raise ExtractError("fps, batch_size and concurrency must be positive")
     out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
     model = resolve_model(model_uri, uri)
@@ -556,6 +555,7 @@ def run_extract(
     if cfg.data.sample_rate % fps:
         raise ExtractError(f"fps {fps} does not divide the model's sample rate "
                            f"{cfg.data.sample_rate}")
+    out.mkdir(parents=True, exist_ok=True)  # only now: a bad model or server leaves nothing
     identity = _model_identity(model)
     settings = {"fps": fps, "sample_rate": cfg.data.sample_rate,
                 "window_frames": cfg.train.window_frames, "window": WINDOW}

@@ -20,10 +20,11 @@ Time conventions (every function here uses them):
   is cut at the audio stream's declared duration.
 
 Damaged input: container-level failures (empty, not media, truncated index, missing stream,
-unreadable) raise :class:`MediaError` naming the file. Packets that fail to decode, or frames
-FFmpeg flags as corrupt, are skipped and logged; the previous good frame is held for their time
-(as for a variable-frame-rate gap). If more than :data:`MAX_BAD_FRACTION` of the video packets
-are bad, or no frame decodes, :class:`MediaError` is raised instead of returning garbage.
+unreadable, fewer video packets than the index declares) raise :class:`MediaError` naming the
+file. Packets that fail to decode, or frames FFmpeg flags as corrupt, are skipped and logged;
+the previous good frame is held for their time (as for a variable-frame-rate gap), skipped
+audio is silence. If more than :data:`MAX_BAD_FRACTION` of the video or audio packets are bad,
+or nothing decodes, :class:`MediaError` is raised instead of returning garbage.
 """
 
 from __future__ import annotations
@@ -208,6 +209,11 @@ def _scan_video(
         raise MediaError(f"{name}: cannot read video packets ({e})") from e
     if not pts_list:
         raise MediaError(f"{name}: video stream has no frames")
+    declared = stream.frames or 0  # from the container index (0 where it has none: mkv, ts)
+    if len(pts_list) < declared:
+        # A cut-off download: the index promises frames whose data is not in the file.
+        raise MediaError(f"{name}: truncated file: {len(pts_list)} of the {declared} video "
+                         "frames its index declares are present")
     pts_list.sort()
     steps = np.diff(np.asarray(pts_list, dtype=np.int64))
     median = float(np.median(steps)) if len(steps) else None
@@ -364,15 +370,17 @@ def decode_audio(
     start = Fraction(info.start_s).limit_denominator(10**7)
     chunks: list[tuple[int, np.ndarray]] = []  # (source-rate offset from t=0, mono samples)
     expected: int | None = None
+    packets = bad = 0
     try:
         with _open(name) as container:
             stream = container.streams.audio[0]
             stream.codec_context.thread_type = "AUTO"
             for packet in container.demux(stream):
+                packets += packet.size > 0
                 try:
                     frames = packet.decode()
                 except av.error.InvalidDataError:
-                    log.warning("%s: skipped an undecodable audio packet", name)
+                    bad += 1
                     continue
                 for frame in frames:
                     src_sr = frame.sample_rate
@@ -392,6 +400,11 @@ def decode_audio(
         raise MediaError(f"{name}: cannot decode audio ({e})") from e
     if not chunks or not src_sr:
         raise MediaError(f"{name}: no audio could be decoded")
+    if bad > MAX_BAD_FRACTION * packets:
+        # Skipped packets become silence: past a few, the audio no longer matches the lips.
+        raise MediaError(f"{name}: {bad} of {packets} audio packets are corrupt")
+    if bad:
+        log.warning("%s: skipped %d undecodable audio packet(s) (silence there)", name, bad)
 
     end = expected or 0
     if info.audio_end_s is not None:

@@ -108,12 +108,24 @@ def _is_whole_model(state: dict[str, Any]) -> bool:
     return any(k.startswith("speech.") for k in state) and any(k.startswith("lips.") for k in state)
 
 
-def _load_files(weights: str | Path, config: str | Path) -> tuple[SpeechEncoder, Config]:
+def _load_weights(path: str | Path, source: str | None = None) -> dict[str, torch.Tensor]:
+    """A plain tensor ``state_dict``; anything else (pickled code) is refused, never run."""
+    import pickle
+
     import torch
 
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        reason = (str(e) or type(e).__name__).splitlines()[0]
+        raise RegistryError(f"{source or path}: refused to load {Path(path).name}: not a plain "
+                            f"tensor state_dict (weights_only load failed: {reason})") from e
+
+
+def _load_files(weights: str | Path, config: str | Path,
+                source: str | None = None) -> tuple[SpeechEncoder, Config]:
     cfg = Config.from_dict(yaml.safe_load(Path(config).read_text()))
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    return build_speech_encoder(cfg, state), cfg
+    return build_speech_encoder(cfg, _load_weights(weights, source)), cfg
 
 
 _EMBEDDER: type | None = None
@@ -278,7 +290,9 @@ def _download(model_uri: str, tracking_uri: str | None, dst: str) -> tuple[Path,
         with _using(uri):
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst))
     except Exception as e:
-        raise RegistryError(f"cannot download {model_uri} from {uri}: {e}") from e
+        from se4lip_dist.tracking import redact_uri
+
+        raise RegistryError(f"cannot download {model_uri} from {redact_uri(uri)}: {e}") from e
     weights = next(local.rglob(WEIGHTS_FILE), None)
     config = next((p for p in local.rglob(CONFIG_FILE) if p.parent == weights.parent), None) \
         if weights else None
@@ -305,7 +319,7 @@ def load_encoder(
     """
     with tempfile.TemporaryDirectory() as tmp:
         weights, config, _ = _download(model_uri, tracking_uri, tmp)
-        return _load_files(weights, config)
+        return _load_files(weights, config, model_uri)
 
 
 def load_model_state(
@@ -316,8 +330,6 @@ def load_model_state(
     Raises:
         RegistryError: the URI does not resolve, or the model was logged without lip weights.
     """
-    import torch
-
     with tempfile.TemporaryDirectory() as tmp:
         weights, config, _ = _download(model_uri, tracking_uri, tmp)
         lips = weights.parent / LIPS_FILE
@@ -325,10 +337,8 @@ def load_model_state(
             raise RegistryError(f"{model_uri} was logged without its lip encoder ({LIPS_FILE}); "
                                 "sync scoring needs a model logged by se4lip-dist train/tune")
         cfg = Config.from_dict(yaml.safe_load(config.read_text()))
-        state = {f"speech.{k}": v for k, v in
-                 torch.load(weights, map_location="cpu", weights_only=True).items()}
-        state.update({f"lips.{k}": v for k, v in
-                      torch.load(lips, map_location="cpu", weights_only=True).items()})
+        state = {f"speech.{k}": v for k, v in _load_weights(weights, model_uri).items()}
+        state.update({f"lips.{k}": v for k, v in _load_weights(lips, model_uri).items()})
         return state, cfg
 
 

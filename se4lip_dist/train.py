@@ -64,12 +64,22 @@ def load_checkpoint_dir(path: str | Path) -> tuple[dict[str, Any], dict[str, Any
     Returns:
         ``(model_state, optimizer_state, state)`` where ``state`` has ``epoch`` (epochs done),
         ``step``, ``config`` and ``history``.
+
+    Raises:
+        TrainError: a ``.pt`` file is not a plain tensor ``state_dict`` (e.g. pickled code).
     """
+    import pickle
+
     import torch
 
     p = Path(path)
-    model_state = torch.load(p / "model.pt", map_location="cpu", weights_only=True)
-    optim_state = torch.load(p / "optim.pt", map_location="cpu", weights_only=True)
+    try:
+        model_state = torch.load(p / "model.pt", map_location="cpu", weights_only=True)
+        optim_state = torch.load(p / "optim.pt", map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        reason = (str(e) or type(e).__name__).splitlines()[0]
+        raise TrainError(f"checkpoint {p}: refused to load: not a plain tensor state_dict "
+                         f"(weights_only load failed: {reason})") from e
     state = json.loads((p / "state.json").read_text())
     return model_state, optim_state, state
 
@@ -380,6 +390,7 @@ def run_train(
     )
 
     manifest = Manifest.load(data_dir)
+    manifest.check_shards(data_dir)  # another schema version fails here, before any run exists
     splits = manifest_splits(manifest, cfg.train.val_fraction)
     if not splits["train"] or not splits["val"]:
         raise TrainError(f"{data_dir}: need clips in both train and val splits, got "

@@ -552,6 +552,8 @@ def quickstart(
     """prepare -> tiny tune (2 trials) -> register -> extract -> evaluate, on local Ray + sqlite."""
     from se4lip_dist.quickstart import run_quickstart
 
+    _quiet_ray(True)  # the step headings tell the story; worker logs stay in Ray's log files
+
     def step(title: str) -> None:
         console.rule(f"[bold]{title}")
 

@@ -247,11 +247,7 @@ def run_tune(
     Raises:
         TuneError, ConfigError, ManifestError, TrackingError.
     """
-    import ray
-    from ray import tune
-
     from se4lip_dist.manifest import Manifest
-    from se4lip_dist.runtime import cluster_cpus, init_ray
     from se4lip_dist.spaces import load_space
     from se4lip_dist.tracking import check_reachable, redact_uri, resolve_tracking_uri
 
@@ -264,9 +260,15 @@ def run_tune(
         base = base.override({"train.epochs": opts.epochs})
     base = base.override({"train.num_workers": opts.num_workers_per_trial})
     manifest = Manifest.load(data_dir)
+    manifest.check_shards(data_dir)  # old-schema shards fail here, not inside every trial
     data_hash = manifest.content_hash()
     uri = resolve_tracking_uri(opts.tracking_uri)
     check_reachable(uri)
+    # Ray is imported only now: a bad space, data folder or server fails in a second.
+    import ray
+    from ray import tune
+
+    from se4lip_dist.runtime import cluster_cpus, init_ray
     storage = opts.storage_path or default_storage_path()
     exp_dir = _local_dir(storage, opts.name)
     state = _read_state(exp_dir)

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from se4lip_dist.prepare import VIDEO_EXTS, Failure, collect_inputs
+from se4lip_dist.shards import sha256_file
 
 AUDIO_EXTS = {".wav", ".m4a", ".mp3", ".flac", ".ogg", ".opus", ".aac"}
 FRAME_FILE = "aud_se4lip.npy"
@@ -146,15 +147,6 @@ def frame_windows(features: np.ndarray, width: int = WINDOW) -> np.ndarray:
     n = len(features)
     idx = np.arange(n)[:, None] + np.arange(width)[None, :] - width // 2
     return np.ascontiguousarray(features[np.clip(idx, 0, n - 1)])
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _stem(path: str) -> str:

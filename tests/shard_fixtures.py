@@ -19,6 +19,33 @@ FPS = 25
 SR = 16000
 SPF = SR // FPS
 
+TINY_TRAIN = [
+    "model.gru_layers=1", "model.embed_dim=32", "model.lip_channels=[8,16,16,32,32]",
+    "model.lip_height=32", "model.lip_width=32",
+    "train.batch_size=16", "train.lr=0.002", "train.pairs_per_segment=16",
+    "train.max_offset=4", "train.shuffle_buffer=64",
+    "train.num_workers=2", "train.cpus_per_worker=0.4",
+]
+"""A model and sampler small enough for 2-worker Ray Train tests on 2 cores."""
+
+
+def register_random_model(uri: str, cfg, name: str, *, speech_only: bool = False) -> str:  # type: ignore[no-untyped-def]
+    """Log and register a seeded random-weight SE4Lip of ``cfg``; returns its version URI."""
+    import torch
+
+    from se4lip_dist.models import build_model
+    from se4lip_dist.registry import log_model, register_model, speech_state_dict
+    from se4lip_dist.tracking import start_run
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model, window_frames=cfg.train.window_frames)
+    state = model.state_dict()
+    run_id = start_run(uri, "train", "r", params={}, tags={}, config_yaml=cfg.to_yaml())
+    version = register_model(uri, log_model(uri, run_id, cfg,
+                                            speech_state_dict(state) if speech_only else state),
+                             name)
+    return f"models:/{name}/{version}"
+
 
 def envelope(n_frames: int, rng: np.random.Generator) -> np.ndarray:
     """Per-frame loudness in [0, 1]: syllables of 2-6 frames separated by 1-5 silent frames."""

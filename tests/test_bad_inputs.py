@@ -20,6 +20,7 @@ import av
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from shard_fixtures import register_random_model
 from typer.testing import CliRunner
 
 from se4lip_dist.cli import app
@@ -517,19 +518,10 @@ EVAL_CFG = ["face.backend=none", "data.crop_size=64", "model.lip_height=32",
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """A tiny random whole SE4Lip model (speech + lips) registered as se4lip-bad@candidate."""
-    import torch
-
-    from se4lip_dist.models import build_model
-    from se4lip_dist.registry import log_model, register_model
-    from se4lip_dist.tracking import start_run
 
     d = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{d / 'mlflow.db'}"
-    cfg = load_config("cpu-small", overrides=EVAL_CFG)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, window_frames=cfg.train.window_frames)
-    run_id = start_run(uri, "train", "r", params={}, tags={}, config_yaml=cfg.to_yaml())
-    register_model(uri, log_model(uri, run_id, cfg, model.state_dict()), "se4lip-bad")
+    register_random_model(uri, load_config("cpu-small", overrides=EVAL_CFG), "se4lip-bad")
     return uri, "models:/se4lip-bad@candidate"
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from shard_fixtures import register_random_model
 
 from se4lip_dist.config import load_config
 from se4lip_dist.extract import (
@@ -78,18 +78,10 @@ def test_inputs_folders_audio_and_name_collisions(tmp_path) -> None:
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
     """A tiny random speech encoder registered as se4lip-x@candidate in a sqlite store."""
-    from se4lip_dist.models import build_model
-    from se4lip_dist.registry import log_model, register_model, speech_state_dict
-    from se4lip_dist.tracking import start_run
-
     d = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{d / 'mlflow.db'}"
-    cfg = load_config("cpu-small", overrides=TINY)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, window_frames=cfg.train.window_frames)
-    run_id = start_run(uri, "train", "r", params={}, tags={}, config_yaml=cfg.to_yaml())
-    register_model(uri, log_model(uri, run_id, cfg, speech_state_dict(model.state_dict())),
-                   "se4lip-x")
+    register_random_model(uri, load_config("cpu-small", overrides=TINY), "se4lip-x",
+                          speech_only=True)
     return uri, "models:/se4lip-x@candidate"
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from shard_fixtures import write_synthetic_shards
+from shard_fixtures import TINY_TRAIN, register_random_model, write_synthetic_shards
 from typer.testing import CliRunner
 
 from se4lip_dist.cli import app
@@ -34,13 +34,6 @@ from se4lip_dist.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "hunter2-s3cr3t"
-TINY = [
-    "model.gru_layers=1", "model.embed_dim=32", "model.lip_channels=[8,16,16,32,32]",
-    "model.lip_height=32", "model.lip_width=32",
-    "train.batch_size=16", "train.lr=0.002", "train.pairs_per_segment=16",
-    "train.max_offset=4", "train.shuffle_buffer=64",
-    "train.num_workers=2", "train.cpus_per_worker=0.4",
-]
 SPEECH = ["model.gru_layers=1", "model.embed_dim=16"]
 
 
@@ -270,7 +263,7 @@ def test_run_params_never_hold_credentials(tmp_path: Path, monkeypatch: pytest.M
         raise RuntimeError("stop before Ray")
 
     monkeypatch.setattr(train, "_fit", stop)
-    cfg = load_config("cpu-small", overrides=TINY)
+    cfg = load_config("cpu-small", overrides=TINY_TRAIN)
     with pytest.raises(RuntimeError, match="stop before Ray"):
         train.run_train(cfg, str(data), tracking_uri=uri, experiment="sec", run_name="r",
                         storage_path=f"s3://AKIA:{SECRET}@bucket/ray")
@@ -421,7 +414,7 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint(own_ray: Any, tmp_path:
     storage = tmp_path / "ray"
     epochs = 3
     # Long enough epochs that the kill, 3 s after epoch 1's checkpoint, lands in training.
-    cfg = load_config("cpu-small", overrides=[*TINY, f"train.epochs={epochs}",
+    cfg = load_config("cpu-small", overrides=[*TINY_TRAIN, f"train.epochs={epochs}",
                                               "train.pairs_per_segment=160"])
     info: dict[str, Any] = {"address": own_ray.get_runtime_context().gcs_address}
     killer = threading.Thread(target=_killer, args=(storage, "killed", uri, info), daemon=True)
@@ -467,18 +460,11 @@ def _snapshot(out: Path) -> dict[str, bytes]:
 @pytest.mark.timeout(900)
 def test_extract_killed_midway_then_rerun(tmp_path: Path) -> None:
     from se4lip_dist.extract import SUCCESS_FILE
-    from se4lip_dist.models import build_model
-    from se4lip_dist.registry import log_model, register_model
     from se4lip_dist.synthetic import make_synthetic_clip
-    from se4lip_dist.tracking import start_run
 
     _alone_on_this_machine()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = load_config("cpu-small", overrides=SPEECH)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, window_frames=cfg.train.window_frames)
-    run_id = start_run(uri, "x", "r", params={}, tags={}, config_yaml=cfg.to_yaml())
-    register_model(uri, log_model(uri, run_id, cfg, model.state_dict()), "se4lip-int")
+    register_random_model(uri, load_config("cpu-small", overrides=SPEECH), "se4lip-int")
     clips = tmp_path / "clips"
     clips.mkdir()
     inputs = [Path(make_synthetic_clip(clips / f"c{i}.mp4", 6.0, seed=i, size=(32, 32))["path"])

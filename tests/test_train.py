@@ -4,17 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from shard_fixtures import write_synthetic_shards
+from shard_fixtures import TINY_TRAIN, write_synthetic_shards
 
 from se4lip_dist.config import load_config
-
-TINY = [
-    "model.gru_layers=1", "model.embed_dim=32", "model.lip_channels=[8,16,16,32,32]",
-    "model.lip_height=32", "model.lip_width=32",
-    "train.batch_size=16", "train.lr=0.002", "train.pairs_per_segment=16",
-    "train.max_offset=4", "train.shuffle_buffer=64",
-    "train.num_workers=2", "train.cpus_per_worker=0.4",
-]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +34,7 @@ def test_train_resume_track_register(tmp_path, ray_session) -> None:
     common = dict(tracking_uri=uri, experiment="it", use_gpu=False, address=None,
                   storage_path=storage)
 
-    cfg = load_config("cpu-small", overrides=[*TINY, "train.epochs=2"])
+    cfg = load_config("cpu-small", overrides=[*TINY_TRAIN, "train.epochs=2"])
     first = run_train(cfg, str(data), run_name="tiny", register=None, resume=False, **common)
     assert first["epochs"] == 2 and len(first["history"]) == 2
     assert first["run_name"] == "tiny"
@@ -59,7 +51,7 @@ def test_train_resume_track_register(tmp_path, ray_session) -> None:
     assert plots == {"plots/curves.png", "plots/offset_curve.png"}
 
     # Resume the same run for two more epochs and register the result.
-    cfg4 = load_config("cpu-small", overrides=[*TINY, "train.epochs=4"])
+    cfg4 = load_config("cpu-small", overrides=[*TINY_TRAIN, "train.epochs=4"])
     second = run_train(cfg4, str(data), run_name="tiny", register="se4lip-it", resume=True,
                        **common)
     assert second["run_id"] == first["run_id"]

@@ -4,7 +4,9 @@ Encoder path: ``extract.extract_features`` (decode 16 kHz audio on the video clo
 5-frame window per video frame, batched encoder forward), random weights, per preset.
 HuBERT-large: ``torchaudio.models.hubert_large()`` with random weights (same cost as the
 pretrained one that GeneFace / ER-NeRF use), over the same decoded audio, whole clip at once.
-Both run with 1 torch thread, as ``extract``'s actors do, interleaved per round.
+Both run with 1 torch thread, as ``extract``'s actors do, interleaved per round. Each preset
+also runs as ``extract --precision int8`` does (``models.speech.quantize_int8``: dynamic int8 GRU
+and linear weights), with the smallest per-frame cosine between its features and float32's.
 
 FLOPs per second of audio come from ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and
 convolutions; the encoder's STFT is not counted and is negligible next to the GRU).
@@ -36,6 +38,7 @@ def run(quick: bool) -> dict[str, Any]:
     from se4lip_dist.config import load_config
     from se4lip_dist.extract import centred_audio_windows, extract_features
     from se4lip_dist.models import build_model
+    from se4lip_dist.models.speech import quantize_int8
 
     torch.set_num_threads(1)
     clips = harness.grid_videos(1 if quick else 4)
@@ -54,13 +57,18 @@ def run(quick: bool) -> dict[str, Any]:
         enc = build_model(cfg.model, sample_rate=cfg.data.sample_rate,
                           window_frames=cfg.train.window_frames).speech.eval()
         encoders[p] = (enc, cfg)
+        encoders[f"{p} int8"] = (quantize_int8(enc), cfg)
+    variants = list(encoders)
     hubert = torchaudio.models.hubert_large().eval()
+
+    feats: dict[str, list[np.ndarray]] = {}
 
     def run_encoder(p: str) -> tuple[float, harness.Timer]:
         enc, cfg = encoders[p]
         with harness.Timer() as t:
-            audio_s = sum(extract_features(enc, cfg, c, 25, 256)[1] for c in clips)
-        return audio_s, t
+            out = [extract_features(enc, cfg, c, 25, 256) for c in clips]
+        feats[p] = [f for f, _ in out]
+        return sum(a for _, a in out), t
 
     def run_hubert() -> tuple[float, harness.Timer]:
         audio_s = 0.0
@@ -72,14 +80,14 @@ def run(quick: bool) -> dict[str, Any]:
         return audio_s, t
 
     run_hubert()  # warm-up (allocator, first-call paths)
-    for p in presets:
+    for p in variants:
         run_encoder(p)
     # RTF on process CPU time (1 thread: the work itself, whatever else loads the machine).
-    rtf: dict[str, list[float]] = {p: [] for p in [*presets, "hubert_large"]}
+    rtf: dict[str, list[float]] = {p: [] for p in [*variants, "hubert_large"]}
     wall_rtf: dict[str, list[float]] = {p: [] for p in rtf}
     audio_total = 0.0
     for _ in range(rounds):
-        for p in presets:
+        for p in variants:
             a, t = run_encoder(p)
             rtf[p].append(a / t.cpu)
             wall_rtf[p].append(a / t.s)
@@ -101,6 +109,13 @@ def run(quick: bool) -> dict[str, Any]:
     with torch.no_grad():
         flops["hubert_large"] = _flops(lambda: hubert(one_s[None]))
 
+    # int8 fidelity: smallest cosine to float32 over every frame of every clip.
+    fidelity = {}
+    for p in presets:
+        a, b = np.concatenate(feats[p]), np.concatenate(feats[f"{p} int8"])
+        den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        cos = np.where(den > 0, (a * b).sum(1) / np.maximum(den, 1e-12), 1.0)
+        fidelity[p] = float(cos.min())
     med = {k: harness.median(v) for k, v in rtf.items()}
     metrics = {
         "clips": len(clips), "audio_s_per_round": round(audio_total, 2), "rounds": rounds,
@@ -108,6 +123,7 @@ def run(quick: bool) -> dict[str, Any]:
         "real_time_factor_cpu": {k: [round(x, 2) for x in v] for k, v in rtf.items()},
         "real_time_factor_wall": {k: [round(x, 2) for x in v] for k, v in wall_rtf.items()},
         "gflops_per_audio_s": {k: round(v / 1e9, 3) for k, v in flops.items()},
+        "int8_min_cosine_to_fp32": {k: round(v, 6) for k, v in fidelity.items()},
         "params_m": {**{p: round(sum(q.numel() for q in encoders[p][0].parameters()) / 1e6, 2)
                         for p in presets},
                      "hubert_large": round(sum(q.numel() for q in hubert.parameters()) / 1e6, 1)},
@@ -118,6 +134,13 @@ def run(quick: bool) -> dict[str, Any]:
             f"extract: {p} encoder / HuBERT-large real-time factor", med[p] / h, 50.0,
             f"RTF {med[p]:.1f} vs {h:.2f} (CPU time, 1 thread); {flops[p] / 1e9:.2f} vs "
             f"{flops['hubert_large'] / 1e9:.1f} GFLOP per audio second")
+        for p in presets
+    ] + [
+        harness.ratio(
+            f"extract: {p} encoder, --precision int8 / HuBERT-large real-time factor",
+            med[f"{p} int8"] / h, 50.0,
+            f"RTF {med[f'{p} int8']:.1f} ({med[f'{p} int8'] / med[p]:.2f}x float32); min "
+            f"cosine to float32 features {fidelity[p]:.5f} over {len(clips)} clips")
         for p in presets
     ]
     return harness.result("extract", metrics, ratios)

@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                   help="int8: CPU-only dynamic int8 GRU (~3.5x faster for the paper encoder)")
     p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI")
     p.add_argument("--address", default="auto", help="Ray address (default: the job's cluster)")
     p.add_argument("--experiment", default="se4lip-extract")
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = run_extract(
         a.inputs, a.model, a.out, tracking_uri=a.tracking_uri, fps=a.fps, fmt=a.format,
         parquet=a.parquet, batch_size=a.batch_size, concurrency=a.concurrency,
-        use_gpu=a.use_gpu, address=a.address, experiment=a.experiment,
+        use_gpu=a.use_gpu, precision=a.precision, address=a.address, experiment=a.experiment,
     )
     print(json.dumps(summary.to_json(), indent=1))
     return summary.exit_code

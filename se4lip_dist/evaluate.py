@@ -253,27 +253,13 @@ def run_evaluate(
 
 def plot_curve(result: dict[str, Any], path: Path) -> Path:
     """Distance-vs-offset PNG of one clip (matplotlib Agg)."""
-    import matplotlib
+    from se4lip_dist.plots import offset_curve_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    d = result["distances"]
-    m = (len(d) - 1) // 2
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(range(-m, m + 1), d, marker=".")
-    ax.axvline(result["shift"], color="grey", lw=0.8, ls="--", label=f"expected {result['shift']}")
-    ax.axvline(result["offset"], color="red", lw=0.8, label=f"predicted {result['offset']}")
-    ax.set_xlabel("audio shift (frames; + = audio later)")
-    ax.set_ylabel("mean embedding distance")
-    ax.set_title(f"{result['name']}: LSE-D {result['lse_d']:.3f}, LSE-C {result['lse_c']:.3f}")
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    fig = offset_curve_figure(
+        result["distances"],
+        f"{result['name']}: LSE-D {result['lse_d']:.3f}, LSE-C {result['lse_c']:.3f}",
+        predicted=result["offset"], expected=result["shift"])
+    return save_figure(fig, path)
 
 
 __all__ = [

@@ -45,6 +45,9 @@ WINDOW = 16
 FORMATS = ("frame", "window", "both")
 MARKER_VERSION = 1
 ACTOR_CPUS = 0.5
+PRECISIONS = ("fp32", "int8")
+INT8_MIN_COSINE = 0.999
+"""``--precision int8`` is refused for an encoder whose int8 embeddings drift further than this."""
 """Fractional on purpose: actors reserving whole CPUs starve Ray Data on small machines."""
 
 
@@ -467,21 +470,50 @@ def process_input(encoder: Any, cfg: Any, job: dict[str, Any]) -> dict[str, Any]
 class EncoderActor:
     """Ray Data actor: loads the encoder once, then extracts one input per batch row."""
 
-    def __init__(self, model_uri: str, tracking_uri: str, use_gpu: bool) -> None:
+    def __init__(self, model_uri: str, tracking_uri: str, use_gpu: bool,
+                 precision: str = "fp32") -> None:
         import torch
 
+        from se4lip_dist.models.speech import quantize_int8
         from se4lip_dist.registry import load_encoder
 
         # One thread: deterministic reductions, and actors, not threads, are the parallelism.
         torch.set_num_threads(1)
         self.encoder, self.cfg = load_encoder(model_uri, tracking_uri)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        if precision == "int8":
+            self.encoder = quantize_int8(self.encoder)  # CPU only (checked by run_extract)
         self.encoder.to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [process_input(self.encoder, self.cfg, json.loads(str(j)))
                 for j in batch["job"]]
         return {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
+
+
+def check_int8(encoder: Any, cfg: Any, model_uri: str) -> float:
+    """Cosine between float32 and int8 embeddings of a fixed probe signal, or ExtractError.
+
+    The probe is 64 windows of a seeded mix of tones and noise at speech-like levels, cut as
+    ``extract`` cuts them; the encoder passes when every window stays above
+    :data:`INT8_MIN_COSINE`.
+    """
+    import torch
+
+    from se4lip_dist.models.speech import int8_fidelity, quantize_int8
+
+    spf = cfg.data.samples_per_frame
+    n = cfg.train.window_frames * spf
+    rng = np.random.default_rng(0)
+    t = np.arange(64 * n) / cfg.data.sample_rate
+    sig = 0.1 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t))
+    sig = sig + 0.03 * rng.standard_normal(len(t))
+    wav = torch.from_numpy(sig.astype(np.float32).reshape(64, n))
+    cos = int8_fidelity(encoder, quantize_int8(encoder), wav)
+    if cos < INT8_MIN_COSINE:
+        raise ExtractError(f"{model_uri}: int8 embeddings drift from float32 (min cosine "
+                           f"{cos:.4f} < {INT8_MIN_COSINE}); use --precision fp32")
+    return cos
 
 
 # ---------------------------------------------------------------- the run
@@ -499,6 +531,7 @@ def run_extract(
     batch_size: int = 256,
     concurrency: int = 1,
     use_gpu: bool = False,
+    precision: str = "fp32",
     address: str | None = None,
     experiment: str = "se4lip-extract",
     on_start: Callable[[int], None] | None = None,
@@ -517,6 +550,9 @@ def run_extract(
         batch_size: windows per encoder forward pass.
         concurrency: encoder actors (each takes 0.5 CPU, and 1 GPU with ``use_gpu``).
         use_gpu: run the encoder on a GPU per actor.
+        precision: ``fp32``, or ``int8`` (CPU only): GRU and linear weights quantized
+            dynamically, ~3.5x faster for the paper's GRU; refused when the embeddings of a
+            probe signal drift below cosine :data:`INT8_MIN_COSINE` from float32.
         address: Ray cluster address; None starts a local Ray (stopped again at the end).
         experiment: MLflow experiment of the run that records this job.
         on_start: called with the number of inputs to extract (after skipping complete ones).
@@ -535,22 +571,30 @@ def run_extract(
     wanted = wanted_outputs(fmt, parquet)
     if fps <= 0 or batch_size < 1 or concurrency < 1:
         raise ExtractError("fps, batch_size and concurrency must be positive")
+    if precision not in PRECISIONS:
+        raise ExtractError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "int8" and use_gpu:
+        raise ExtractError("--precision int8 runs on CPU (dynamic quantization); drop --use-gpu")
     out = Path(out_dir).resolve()
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
     model = resolve_model(model_uri, uri)
     try:
         # Loading once here fails fast on a bad model, before any actor starts.
-        _, cfg = load_encoder(model["pinned_uri"], uri)
+        encoder, cfg = load_encoder(model["pinned_uri"], uri)
     except RegistryError as e:
         raise ExtractError(str(e)) from e
+    if precision == "int8":
+        check_int8(encoder, cfg, model_uri)
     if cfg.data.sample_rate % fps:
         raise ExtractError(f"fps {fps} does not divide the model's sample rate "
                            f"{cfg.data.sample_rate}")
     out.mkdir(parents=True, exist_ok=True)  # only now: a bad model or server leaves nothing
     identity = _model_identity(model)
-    settings = {"fps": fps, "sample_rate": cfg.data.sample_rate,
-                "window_frames": cfg.train.window_frames, "window": WINDOW}
+    settings: dict[str, Any] = {"fps": fps, "sample_rate": cfg.data.sample_rate,
+                                "window_frames": cfg.train.window_frames, "window": WINDOW}
+    if precision != "fp32":  # fp32 markers from before --precision existed stay valid
+        settings["precision"] = precision
 
     paths, failures = expand_inputs(inputs)
     summary = ExtractSummary(out_dir=str(out), model_uri=model_uri, model=model,
@@ -572,11 +616,12 @@ def run_extract(
         on_start(len(jobs))
 
     run_id = _start_run(uri, experiment, model, summary, fps, fmt, parquet, batch_size,
-                        concurrency, use_gpu, cfg)
+                        concurrency, use_gpu, cfg, precision)
     summary.run_id = run_id
     status = "FAILED"
     try:
-        for row in _run_jobs(jobs, model["pinned_uri"], uri, concurrency, use_gpu, address):
+        for row in _run_jobs(jobs, model["pinned_uri"], uri, concurrency, use_gpu, precision,
+                             address):
             if row["status"] == "failed":
                 failures.append(Failure(row["path"], row["error"], "extract"))
             else:
@@ -595,7 +640,7 @@ def run_extract(
 
 
 def _run_jobs(jobs: list[dict[str, Any]], model_uri: str, tracking_uri: str, concurrency: int,
-              use_gpu: bool, address: str | None) -> Iterable[dict[str, Any]]:
+              use_gpu: bool, precision: str, address: str | None) -> Iterable[dict[str, Any]]:
     if not jobs:
         return
     import ray
@@ -612,7 +657,7 @@ def _run_jobs(jobs: list[dict[str, Any]], model_uri: str, tracking_uri: str, con
         ds = ds.map_batches(
             EncoderActor,
             fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": tracking_uri,
-                                   "use_gpu": use_gpu},
+                                   "use_gpu": use_gpu, "precision": precision},
             compute=ActorPoolStrategy(size=min(concurrency, len(jobs))),
             batch_size=1,
             batch_format="numpy",
@@ -630,7 +675,7 @@ def _run_jobs(jobs: list[dict[str, Any]], model_uri: str, tracking_uri: str, con
 
 def _start_run(uri: str, experiment: str, model: dict[str, Any], summary: ExtractSummary,
                fps: int, fmt: str, parquet: bool, batch_size: int, concurrency: int,
-               use_gpu: bool, cfg: Any) -> str:
+               use_gpu: bool, cfg: Any, precision: str) -> str:
     from se4lip_dist.tracking import git_revision, start_run
 
     params = {
@@ -639,7 +684,8 @@ def _start_run(uri: str, experiment: str, model: dict[str, Any], summary: Extrac
         "model.run_id": model.get("run_id"), "out_dir": summary.out_dir,
         "inputs": summary.inputs, "fps": fps, "format": fmt, "parquet": parquet,
         "batch_size": batch_size, "concurrency": concurrency, "use_gpu": use_gpu,
-        "window_frames": cfg.train.window_frames, "embed_dim": cfg.model.embed_dim,
+        "precision": precision, "window_frames": cfg.train.window_frames,
+        "embed_dim": cfg.model.embed_dim,
     }
     tags = {"se4lip.model_uri": model["uri"], "se4lip.kind": "extract"}
     if model.get("version") is not None:

@@ -31,6 +31,7 @@ class ClipRecord:
     """One prepared clip."""
 
     source: str
+    """Absolute path of the input video when it was prepared."""
     frames: int
     segments: int
     shard: str

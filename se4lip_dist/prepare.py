@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -291,7 +292,7 @@ def process_clip(inp: PrepareInput, clip_id: str, cfg: Config, detector: Any) ->
                 )
             )
         result.record = ClipRecord(
-            source=str(inp.path), frames=n, segments=len(result.segments), shard="",
+            source=os.path.abspath(inp.path), frames=n, segments=len(result.segments), shard="",
             speaker=inp.speaker, split=inp.split, duration_s=round(n / data.fps, 3),
             src_fps=info.src_fps, vfr=info.vfr,
             missing_fraction=round(float(tracker.missing_fraction), 4),

@@ -146,14 +146,12 @@ def probe_accuracy(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) 
 
 def _plot_pair(feats: dict[str, np.ndarray], y: np.ndarray, pair: tuple[str, str],
                accs: dict[str, float | None], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.decomposition import PCA
     from sklearn.preprocessing import StandardScaler
 
-    fig, axes = plt.subplots(1, len(feats), figsize=(4.2 * len(feats), 4))
+    from se4lip_dist.plots import pyplot, save_figure
+
+    fig, axes = pyplot().subplots(1, len(feats), figsize=(4.2 * len(feats), 4))
     for ax, (kind, x) in zip(np.atleast_1d(axes), feats.items(), strict=True):
         z = PCA(n_components=2, random_state=0).fit_transform(StandardScaler().fit_transform(x))
         for label, marker in ((0, "o"), (1, "^")):
@@ -166,11 +164,7 @@ def _plot_pair(feats: dict[str, np.ndarray], y: np.ndarray, pair: tuple[str, str
         ax.legend()
     fig.suptitle(f"/{pair[0]}/ vs /{pair[1]}/ (same viseme)")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def probe_pairs(encoder: Any, cfg: Config, grid_dir: str | Path, *,

@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -39,18 +39,34 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
+_SECRET_QUERY_KEYS = ("token", "password", "passwd", "pwd", "secret", "key", "signature", "sig",
+                      "credential", "auth")
+
+
 def redact_uri(uri: str) -> str:
-    """The URI without ``user:password@`` (safe to print and to log as a param)."""
+    """The URI without ``user:password@`` and with secret-looking query values (``?token=``,
+    ``X-Amz-Signature=``, ``api_key=``...) replaced by ``REDACTED``: safe to print and log."""
     try:
         parts = urlsplit(uri)
     except ValueError:
         return uri
-    if parts.username is None and parts.password is None:
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(_secret_key(k) for k, _ in pairs):
+            query = urlencode([(k, "REDACTED" if _secret_key(k) else v) for k, v in pairs],
+                              safe="/:")
+    if parts.username is None and parts.password is None and query == parts.query:
         return uri
     host = parts.hostname or ""
     if parts.port:
         host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, host, parts.path, query, parts.fragment))
+
+
+def _secret_key(name: str) -> bool:
+    n = name.lower().replace("-", "_")
+    return any(k in n for k in _SECRET_QUERY_KEYS)
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
@@ -206,11 +222,9 @@ class RunLogger:
 
     def plots(self, history: list[dict[str, float]], offset_curve: dict[str, Any] | None) -> None:
         """Loss/accuracy curves and a distance-vs-offset curve, as PNG artifacts under plots/."""
-        import matplotlib
+        from se4lip_dist.plots import offset_curve_figure, pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         with tempfile.TemporaryDirectory() as tmp:
             if history:
                 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -228,22 +242,14 @@ class RunLogger:
                 ax2.set_ylim(0, 1)
                 ax2.legend()
                 fig.tight_layout()
-                fig.savefig(Path(tmp) / "curves.png", dpi=80)
-                plt.close(fig)
+                save_figure(fig, Path(tmp) / "curves.png")
                 self.client.log_artifact(self.run_id, str(Path(tmp) / "curves.png"), "plots")
             if offset_curve:
-                dists = offset_curve["distances"]
-                m = (len(dists) - 1) // 2
-                fig, ax = plt.subplots(figsize=(6, 4))
-                ax.plot(range(-m, m + 1), dists, marker=".")
-                ax.axvline(0, color="grey", lw=0.5)
-                ax.set_xlabel("audio shift (frames)")
-                ax.set_ylabel("mean embedding distance")
-                ax.set_title(f"{offset_curve.get('clip_id', 'val clip')}: "
-                             f"offset {offset_curve.get('offset')}")
-                fig.tight_layout()
-                fig.savefig(Path(tmp) / "offset_curve.png", dpi=80)
-                plt.close(fig)
+                fig = offset_curve_figure(
+                    offset_curve["distances"],
+                    f"{offset_curve.get('clip_id', 'val clip')}: offset "
+                    f"{offset_curve.get('offset')}", predicted=offset_curve.get("offset"))
+                save_figure(fig, Path(tmp) / "offset_curve.png")
                 self.client.log_artifact(self.run_id, str(Path(tmp) / "offset_curve.png"), "plots")
 
     def text(self, text: str, artifact_file: str) -> None:

@@ -50,6 +50,19 @@ def _all_reduce_sum(values: list[float], device: Any) -> list[float]:
     return t.tolist()
 
 
+def _gather_node_ids() -> list[str]:
+    """Ray node id of every worker, in rank order (where the worker group was placed)."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [node]
+    ids: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(ids, node)
+    return [str(i) for i in ids]
+
+
 def _save_checkpoint(path: Path, model: Any, opt: Any, state: dict[str, Any]) -> None:
     import torch
 
@@ -98,11 +111,20 @@ def _evaluate(
     t, spf = cfg.train.window_frames, cfg.data.samples_per_frame
     model.eval()
     loss_sum = correct = n = hard_ok = hard_n = 0.0
+    dim = cfg.model.embed_dim
+    # Collapse watch: mean embedding norms, and per-dimension counts of positive (alive) ReLU
+    # outputs. A collapsed encoder gives flat distances, and the AV-offset search then reads 0.
+    a_norm = v_norm = 0.0
+    a_alive, v_alive = torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64)
     with torch.no_grad():
         for batch in val_pairs.iter_torch_batches(batch_size=cfg.train.batch_size * 2,
                                                   device=device):
             y = batch["label"]
             a, v = model(batch["wav"], lip_input(batch["lips"], cfg.model))
+            a_norm += float(a.float().norm(dim=1).sum())
+            v_norm += float(v.float().norm(dim=1).sum())
+            a_alive += (a > 0).sum(0).double().cpu()
+            v_alive += (v > 0).sum(0).double().cpu()
             loss_sum += float(sync_bce_loss(a, v, y)) * len(y)
             ok = (sync_cosine(a, v) > 0.5) == (y > 0.5)
             hard = batch["kind"] == HARD
@@ -135,14 +157,22 @@ def _evaluate(
                 curve = {"clip_id": str(seg["clip_id"][0]), "offset": offset,
                          "min_dist": min_dist, "confidence": conf,
                          "distances": [float(d) for d in dists.cpu()]}
-    loss_sum, correct, n, hard_ok, hard_n, off_ok, off_n = _all_reduce_sum(
-        [loss_sum, correct, n, hard_ok, hard_n, off_ok, off_n], device)
+    sums = _all_reduce_sum([loss_sum, correct, n, hard_ok, hard_n, off_ok, off_n, a_norm, v_norm,
+                            *a_alive.tolist(), *v_alive.tolist()], device)
+    loss_sum, correct, n, hard_ok, hard_n, off_ok, off_n, a_norm, v_norm = sums[:9]
+    alive = sums[9:]
+    a_dead = sum(c == 0 for c in alive[:dim]) / dim
+    v_dead = sum(c == 0 for c in alive[dim:]) / dim
     metrics = {
         "val_loss": loss_sum / n if n else float("nan"),
         "val_sync_acc": correct / n if n else float("nan"),
         "val_offset_acc": off_ok / off_n if off_n else float("nan"),
         # Accuracy on hard negatives (audio 2..hard_offset_max frames off): the fine-sync signal.
         "val_hard_neg_acc": hard_ok / hard_n if hard_n else float("nan"),
+        "val_speech_norm": a_norm / n if n else float("nan"),
+        "val_lip_norm": v_norm / n if n else float("nan"),
+        "val_speech_dead_frac": a_dead if n else float("nan"),
+        "val_lip_dead_frac": v_dead if n else float("nan"),
         "val_pairs": n,
         "val_segments": off_n,
     }
@@ -191,6 +221,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     logger = (RunLogger(config["tracking_uri"], config["run_id"])
               if rank == 0 and config.get("run_id") else None)
     use_amp = tc.amp and device.type == "cuda"
+    node_ids = _gather_node_ids()
     train_ds = ray.train.get_dataset_shard("train")
     val_ds = ray.train.get_dataset_shard("val")
     seg_ds = ray.train.get_dataset_shard("val_segments")
@@ -256,7 +287,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     if rank != 0:
         return None
     return {"history": history, "offset_curve": curve,
-            "epochs": history[-1]["epoch"] if history else epoch0, "steps": step}
+            "epochs": history[-1]["epoch"] if history else epoch0, "steps": step,
+            "worker_node_ids": node_ids}
 
 
 def validate(model_state: dict[str, Any], cfg: Config, data_dir: str) -> dict[str, float]:
@@ -372,7 +404,8 @@ def run_train(
         ``run_id``, ``run_name``, ``experiment``, ``model_uri``, ``val_loss``, ``val_sync_acc``,
         ``val_offset_acc``, ``train_loss``, ``samples_per_s``, ``data_wait_fraction``,
         ``epochs``, ``steps``, ``checkpoint``, ``registered_name``, ``registered_version``,
-        ``tracking_uri`` (credentials removed), ``history``.
+        ``tracking_uri`` (credentials removed), ``worker_node_ids`` (Ray node of each rank),
+        ``history``.
 
     Raises:
         TrainError, ManifestError, TrackingError: with a message that says what to fix.
@@ -536,6 +569,7 @@ def _finish(cfg: Config, out: dict[str, Any], uri: str, run_id: str, register: s
         "steps": out.get("steps"),
         "checkpoint": out.get("checkpoint"),
         "offset_curve": out.get("offset_curve"),
+        "worker_node_ids": out.get("worker_node_ids", []),
         "history": history,
     }
 

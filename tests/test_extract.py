@@ -203,6 +203,42 @@ def test_extract_resume_idempotent_bad_inputs(tmp_path, registered, media_dir,
     shutil.rmtree(fresh)
 
 
+@pytest.mark.timeout(300)
+def test_extract_int8_close_to_fp32_and_kept_apart(tmp_path, registered, media_dir,
+                                                   ray_session) -> None:
+    uri, model_uri = registered
+    clip = [str(media_dir / "talk.mp4")]
+    run_extract(clip, model_uri, tmp_path / "f", tracking_uri=uri, fmt="frame")
+    ref = np.load(tmp_path / "f" / "talk" / FRAME_FILE)
+    s = run_extract(clip, model_uri, tmp_path / "f", tracking_uri=uri, fmt="frame",
+                    precision="int8")
+    assert (s.extracted, s.skipped) == (1, 0)  # an fp32 marker does not satisfy int8
+    q = np.load(tmp_path / "f" / "talk" / FRAME_FILE)
+    marker = json.loads((tmp_path / "f" / "talk" / SUCCESS_FILE).read_text())
+    assert marker["settings"]["precision"] == "int8"
+    assert q.shape == ref.shape and not np.array_equal(q, ref)
+    num = (q * ref).sum(1)
+    den = np.linalg.norm(q, axis=1) * np.linalg.norm(ref, axis=1)
+    cos = np.where(den > 0, num / np.maximum(den, 1e-12), 1.0)
+    assert cos.min() > 0.999, cos.min()
+
+
+def test_extract_precision_refusals(tmp_path, registered, monkeypatch) -> None:
+    from se4lip_dist import extract
+
+    uri, model_uri = registered
+    clip = [str(tmp_path / "none.mp4")]
+    with pytest.raises(extract.ExtractError, match="precision must be one of"):
+        run_extract(clip, model_uri, tmp_path / "a", tracking_uri=uri, precision="fp16")
+    with pytest.raises(extract.ExtractError, match="drop --use-gpu"):
+        run_extract(clip, model_uri, tmp_path / "b", tracking_uri=uri, precision="int8",
+                    use_gpu=True)
+    monkeypatch.setattr(extract, "INT8_MIN_COSINE", 1.01)  # no encoder can pass this
+    with pytest.raises(extract.ExtractError, match=r"se4lip-x@candidate: int8 embeddings drift"):
+        run_extract(clip, model_uri, tmp_path / "c", tracking_uri=uri, precision="int8")
+    assert not any((tmp_path / d).exists() for d in "abc")  # refused before writing anything
+
+
 @pytest.mark.shared_data
 @pytest.mark.timeout(300)
 def test_grid_rows_per_frame(tmp_path, registered, shared_data, ray_session) -> None:

@@ -193,7 +193,7 @@ def test_registered_model_with_tampered_artifacts(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- binds and secrets
 
 
-def test_local_ray_binds_dashboard_to_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_local_ray_binds_to_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
 
     from se4lip_dist import runtime
@@ -205,6 +205,7 @@ def test_local_ray_binds_dashboard_to_loopback(monkeypatch: pytest.MonkeyPatch) 
     runtime.init_ray(None)
     runtime.init_ray(None, dashboard=True)
     assert [kw["dashboard_host"] for kw in seen] == ["127.0.0.1", "127.0.0.1"]
+    assert [kw["_node_ip_address"] for kw in seen] == ["127.0.0.1", "127.0.0.1"]
     assert seen[0]["include_dashboard"] is False and seen[1]["include_dashboard"] is True
 
 
@@ -239,6 +240,11 @@ def test_local_mlflow_helper_binds_to_loopback(monkeypatch: pytest.MonkeyPatch,
     ("s3://AKIA:secret@bucket/runs", "s3://bucket/runs"),
     ("sqlite:////tmp/a.db", "sqlite:////tmp/a.db"),
     ("/plain/path", "/plain/path"),
+    ("https://mlflow.example.com/?token=abc123&workspace=w1",
+     "https://mlflow.example.com/?token=REDACTED&workspace=w1"),
+    ("https://b.s3.amazonaws.com/m.db?X-Amz-Credential=AK/x&X-Amz-Signature=f00&v=2",
+     "https://b.s3.amazonaws.com/m.db?X-Amz-Credential=REDACTED&X-Amz-Signature=REDACTED&v=2"),
+    ("http://u:p@h:5000/?api_key=k", "http://h:5000/?api_key=REDACTED"),
 ])
 def test_redact_uri(uri: str, clean: str) -> None:
     from se4lip_dist.tracking import redact_uri
@@ -408,6 +414,8 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint(own_ray: Any, tmp_path:
 
     dashboard = own_ray._private.worker.get_dashboard_url()
     assert dashboard.split("//")[-1].startswith("127.0.0.1:"), dashboard
+    gcs = own_ray.get_runtime_context().gcs_address
+    assert gcs.startswith("127.0.0.1:"), gcs  # GCS, raylet, object manager: loopback only
     data = tmp_path / "shards"
     write_synthetic_shards(data, n_clips=24, n_frames=60, val_clips=4, clips_per_shard=6)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -495,7 +503,7 @@ def test_extract_killed_midway_then_rerun(tmp_path: Path) -> None:
     rerun = subprocess.run(_extract_argv(inputs, out, uri), env=env, capture_output=True,
                            text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
+    summary = json.loads(rerun.stdout)  # --json: stdout is the JSON object alone
     assert summary["skipped_complete"] == len(done_at_kill)
     assert summary["extracted"] == len(inputs) - len(done_at_kill)
     after = _snapshot(out)

@@ -122,6 +122,28 @@ def test_speech_encoder_variants(frontend: str, backbone: str) -> None:
             assert out.shape == (1, SMALL.embed_dim) and (out >= 0).all()
 
 
+@pytest.mark.parametrize("cfg", [PAPER, SMALL], ids=["paper", "cpu-small"])
+def test_int8_speech_encoder_stays_close_to_fp32(cfg: ModelConfig) -> None:
+    from se4lip_dist.models.speech import int8_fidelity, quantize_int8
+
+    torch.manual_seed(0)
+    enc = SpeechEncoder(cfg, 16000).eval()
+    q = quantize_int8(enc)
+    assert ".quantized." in type(q.gru).__module__  # the GRU itself runs on int8 weights
+    wav = (torch.rand(8, 3200) * 2 - 1) * 0.3
+    assert int8_fidelity(enc, q, wav) > 0.999
+    with torch.no_grad():
+        for n in (1600, 48000):  # any length, like the float encoder
+            out = q(torch.rand(2, n) * 2 - 1)
+            assert out.shape == (2, cfg.embed_dim) and (out >= 0).all()
+    assert enc.gru is not None and not any(".quantized." in type(m).__module__
+                                           for m in enc.modules())  # the original is untouched
+    # The check can fail: another encoder's embeddings are far from this one's.
+    torch.manual_seed(1)
+    other = quantize_int8(SpeechEncoder(cfg, 16000).eval())
+    assert int8_fidelity(enc, other, wav) < 0.99
+
+
 @pytest.mark.parametrize("preset", ["paper", "cpu-small"])
 def test_build_model_forward(preset: str) -> None:
     cfg = load_config(preset)

@@ -78,6 +78,15 @@ def test_rerun_resumes_and_adds_only_missing(clips, tmp_path: Path) -> None:
     assert len(_rows_by_clip(out)) == 3
 
 
+def test_manifest_records_absolute_sources(clips, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    d, _ = clips
+    monkeypatch.chdir(d)  # the user types a relative path
+    run_prepare(["syn_0.mp4"], tmp_path / "shards", FIXED, workers=0)
+    (rec,) = Manifest.load(tmp_path / "shards").clips.values()
+    assert rec.source == str(d / "syn_0.mp4")
+
+
 def test_other_config_on_same_folder_is_refused(clips, tmp_path: Path) -> None:
     d, _ = clips
     out = tmp_path / "shards"

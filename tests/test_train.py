@@ -39,12 +39,17 @@ def test_train_resume_track_register(tmp_path, ray_session) -> None:
     assert first["epochs"] == 2 and len(first["history"]) == 2
     assert first["run_name"] == "tiny"
     assert first["samples_per_s"] > 0 and 0 <= first["data_wait_fraction"] <= 1
+    assert len(first["worker_node_ids"]) == 2 and len(set(first["worker_node_ids"])) == 1
+    for h in first["history"]:  # collapse watch: norms of ReLU embeddings, dead dimensions
+        assert h["val_speech_norm"] >= 0 and h["val_lip_norm"] >= 0
+        assert 0 <= h["val_speech_dead_frac"] <= 1 and 0 <= h["val_lip_dead_frac"] <= 1
 
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(first["run_id"])
     assert run.data.params["train.batch_size"] == "16"
     assert "data.manifest_hash" in run.data.params
-    assert {"train_loss", "val_loss", "val_sync_acc", "val_offset_acc"} <= set(run.data.metrics)
+    assert {"train_loss", "val_loss", "val_sync_acc", "val_offset_acc",
+            "val_speech_dead_frac"} <= set(run.data.metrics)
     names = {a.path for a in client.list_artifacts(first["run_id"])}
     assert "config.yaml" in names and "plots" in names
     plots = {a.path for a in client.list_artifacts(first["run_id"], "plots")}

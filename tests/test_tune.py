@@ -139,7 +139,7 @@ def test_resume_after_killing_the_driver(shards: Path, tmp_path: Path) -> None:
     done = subprocess.run([*argv, "--resume"], env=env, capture_output=True, text=True,
                           timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout)  # --json: stdout is the JSON object alone
     assert len(result["trials"]) == 2
     assert all(t["status"] in ("DONE", "STOPPED EARLY") for t in result["trials"])
     versions = MlflowClient(tracking_uri=uri, registry_uri=uri).search_model_versions(

@@ -1,0 +1,57 @@
+"""Matplotlib figures shared by the stages (Agg backend, PNG files written atomically)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (no display needed, safe in Ray workers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 80) -> Path:
+    """Write ``fig`` to ``path`` as PNG via a temp file and rename, then close it.
+
+    A reader never sees a half-written PNG, and a crash leaves at most a hidden temp file.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+    finally:
+        pyplot().close(fig)
+    tmp.replace(path)
+    return path
+
+
+def offset_curve_figure(distances: Sequence[float], title: str, *, predicted: int | None = None,
+                        expected: int | None = None) -> Any:
+    """Mean embedding distance vs audio shift (frames; + = audio later), syncnet-style."""
+    plt = pyplot()
+    m = (len(distances) - 1) // 2
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(range(-m, m + 1), distances, marker=".")
+    if expected is not None:
+        ax.axvline(expected, color="grey", lw=0.8, ls="--", label=f"expected {expected}")
+    else:
+        ax.axvline(0, color="grey", lw=0.5)
+    if predicted is not None:
+        ax.axvline(predicted, color="red", lw=0.8, label=f"predicted {predicted}")
+    ax.set_xlabel("audio shift (frames; + = audio later)")
+    ax.set_ylabel("mean embedding distance")
+    ax.set_title(title)
+    if expected is not None or predicted is not None:
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+__all__ = ["offset_curve_figure", "pyplot", "save_figure"]

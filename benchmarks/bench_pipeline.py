@@ -4,7 +4,8 @@ Both sides read the same shards and run the same per-batch work, ``stream.make_p
 (split filter, pair sampling, JPEG decode of the frames the pairs use), 16 shard rows per call:
 
 - Ray: ``stream.pair_dataset(...).iter_torch_batches(...)`` exactly as ``train.py`` iterates it
-  (batch 32, local shuffle buffer 256, prefetch 2).
+  (batch 32, prefetch 2, no local shuffle buffer); and the same with the 256-row local shuffle
+  buffer that was the default before this benchmark measured its cost.
 - DataLoader: ``num_workers=2``; each worker reads its share of the Parquet files with pyarrow
   and yields ``make_pair_batch`` blocks; the loop re-batches them to 32 (shuffling each block).
 
@@ -24,6 +25,8 @@ import numpy as np
 
 BATCH = 32
 ROWS_PER_TASK = 16
+N_ROWS = 320
+"""GRID rows (clips) per epoch: ~4.6k windows, a few seconds per side on 2 cores."""
 
 
 class ShardPairs:
@@ -86,36 +89,24 @@ def dataloader_batches(paths: list[str], cfg: Any) -> Iterator[dict[str, Any]]:
         carry = {k: v[n:] for k, v in block.items()}
 
 
-def ray_batches(data_dir: str, cfg: Any) -> Iterator[dict[str, Any]]:
-    """Batches of ``BATCH`` pairs from the Ray Data stream, iterated as ``train.py`` does."""
+def ray_batches(data_dir: str, cfg: Any, shuffle_buffer: int | None = None
+                ) -> Iterator[dict[str, Any]]:
+    """Batches of ``BATCH`` pairs from the Ray Data stream, iterated as ``train.py`` does.
+
+    ``shuffle_buffer`` overrides ``train.shuffle_buffer`` (256 was the default before the
+    measurements below turned it off).
+    """
     from se4lip_dist.stream import pair_dataset
 
+    buf = cfg.train.shuffle_buffer if shuffle_buffer is None else shuffle_buffer
     ds = pair_dataset(data_dir, cfg, "train", rows_per_task=ROWS_PER_TASK)
     yield from ds.iter_torch_batches(batch_size=BATCH, drop_last=True,
-                                     local_shuffle_buffer_size=cfg.train.shuffle_buffer or None,
-                                     prefetch_batches=2)
-
-
-def ray_batches_v2(data_dir: str, cfg: Any) -> Iterator[dict[str, Any]]:
-    """The stream as it was before ``read_shards`` pinned Ray's Parquet V1 reader (baseline)."""
-    import ray.data
-
-    from se4lip_dist.manifest import Manifest
-    from se4lip_dist.stream import READ_COLUMNS, PairSpec, make_pair_batch
-
-    paths = Manifest.load(data_dir).shard_paths(data_dir)
-    ds = ray.data.read_parquet(paths, columns=READ_COLUMNS, shuffle="files", num_cpus=0.25)
-    ds = ds.map_batches(make_pair_batch, fn_kwargs={
-        "spec": PairSpec.from_config(cfg), "split": "train",
-        "val_fraction": cfg.train.val_fraction}, batch_size=ROWS_PER_TASK,
-        batch_format="numpy", num_cpus=0.5)
-    yield from ds.iter_torch_batches(batch_size=BATCH, drop_last=True,
-                                     local_shuffle_buffer_size=cfg.train.shuffle_buffer or None,
-                                     prefetch_batches=2)
+                                     local_shuffle_buffer_size=buf or None, prefetch_batches=2)
 
 
 def _drain(batches: Iterator[dict[str, Any]]) -> tuple[int, float, float]:
-    """Windows delivered, seconds for the epoch, seconds to the first batch."""
+    """Windows delivered, seconds for the epoch (first batch included), seconds to the first
+    batch. ``n / (s - first)`` is the steady-state rate once the stream is running."""
     t0 = time.perf_counter()
     n = 0
     first = 0.0
@@ -158,7 +149,7 @@ def _train(batches: Iterator[dict[str, Any]], cfg: Any, steps: int) -> dict[str,
 
 
 def run(quick: bool) -> dict[str, Any]:
-    """Windows/s of both pipelines (median of interleaved repeats) and train-step data wait."""
+    """Windows/s of both pipelines (paired, interleaved repeats) and train-step data wait."""
     import torch
 
     from se4lip_dist.config import load_config
@@ -167,57 +158,69 @@ def run(quick: bool) -> dict[str, Any]:
     cfg = load_config("cpu-small")
     tmp = tempfile.mkdtemp(prefix="se4lip-bench-pipe-")
     real = harness.grid_available() and not quick
-    data = (harness.grid_subset(tmp, 160) if real
+    data = (harness.grid_subset(tmp, N_ROWS) if real
             else harness.synthetic_shards(tmp, n_clips=8, n_frames=60))
     paths = Manifest.load(data).shard_paths(data)
-    reps, steps = (1, 3) if quick else (3, 20)
+    reps, steps = (1, 3) if quick else (4, 20)
     torch.set_num_threads(1)
     import ray
 
+    sides = {
+        "ray": lambda: ray_batches(str(data), cfg),
+        "ray_shuffle256": lambda: ray_batches(str(data), cfg, shuffle_buffer=256),
+        "dataloader": lambda: dataloader_batches(paths, cfg),
+    }
     with harness.Timer() as t_init:
         harness.start_ray()
     try:
-        ray_rates, dl_rates, v2_rates, windows = [], [], [], 0
-        firsts: dict[str, list[float]] = {"ray": [], "dataloader": [], "ray_v2": []}
-        # Warm-up: Ray worker processes and imports, DataLoader fork path, page cache.
-        _drain(ray_batches(str(data), cfg))
-        _drain(dataloader_batches(paths, cfg))
-        _drain(ray_batches_v2(str(data), cfg))
+        rates: dict[str, list[float]] = {k: [] for k in sides}
+        steady: dict[str, list[float]] = {k: [] for k in sides}
+        firsts: dict[str, list[float]] = {k: [] for k in sides}
+        windows = 0
+        for make in sides.values():  # warm-up: worker processes, imports, fork, page cache
+            _drain(make())
         for _ in range(reps):
-            n, s, f = _drain(ray_batches(str(data), cfg))
-            ray_rates.append(n / s)
-            firsts["ray"].append(round(f, 2))
-            n2, s2, f2 = _drain(dataloader_batches(paths, cfg))
-            dl_rates.append(n2 / s2)
-            firsts["dataloader"].append(round(f2, 2))
-            n3, s3, f3 = _drain(ray_batches_v2(str(data), cfg))
-            v2_rates.append(n3 / s3)
-            firsts["ray_v2"].append(round(f3, 2))
-            windows = max(windows, n, n2)
+            for k, make in sides.items():
+                n, s, f = _drain(make())
+                rates[k].append(n / s)
+                steady[k].append(n / max(s - f, 1e-9))
+                firsts[k].append(round(f, 2))
+                windows = max(windows, n)
         train_ray = _train(ray_batches(str(data), cfg), cfg, steps)
         train_dl = _train(dataloader_batches(paths, cfg), cfg, steps)
     finally:
         ray.shutdown()
-    r, d, r2 = (harness.median(x) for x in (ray_rates, dl_rates, v2_rates))
+    # Paired ratios: each repeat's sides ran back to back, so they saw the same machine load.
+    paired = {k: [r / d for r, d in zip(rates[k], rates["dataloader"], strict=True)]
+              for k in ("ray", "ray_shuffle256")}
+    paired_steady = [r / d for r, d in zip(steady["ray"], steady["dataloader"], strict=True)]
+    med = {k: harness.median(v) for k, v in rates.items()}
     metrics = {
-        "data": "grid" if real else "synthetic", "shards": len(paths),
+        "data": "grid" if real else "synthetic", "shards": len(paths), "rows": N_ROWS,
         "windows_per_epoch": windows, "ray_init_s": round(t_init.s, 2),
-        "ray_windows_per_s": [round(x, 1) for x in ray_rates],
-        "dataloader_windows_per_s": [round(x, 1) for x in dl_rates],
-        "ray_parquet_v2_windows_per_s": [round(x, 1) for x in v2_rates],
+        "windows_per_s": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+        "steady_windows_per_s": {k: [round(x, 1) for x in v] for k, v in steady.items()},
+        "paired_ratios": {k: [round(x, 3) for x in v] for k, v in paired.items()},
+        "paired_steady_ratio_ray": [round(x, 3) for x in paired_steady],
         "seconds_to_first_batch": firsts,
         "train_ray": {k: round(v, 3) for k, v in train_ray.items()},
         "train_dataloader": {k: round(v, 3) for k, v in train_dl.items()},
         "other_ray_clusters": harness.other_ray_clusters(),
     }
     ratios = [
-        harness.ratio("pipeline: Ray Data / DataLoader(2 workers) windows/s", r / d, 1.5,
-                      f"{r:.0f} vs {d:.0f} windows/s, median of {reps}; first batch after "
+        harness.ratio("pipeline: Ray Data / DataLoader(2 workers) windows/s",
+                      harness.median(paired["ray"]), 1.5,
+                      f"median of {reps} paired repeats {_fmt(paired['ray'])}; "
+                      f"{med['ray']:.0f} vs {med['dataloader']:.0f} windows/s; first batch after "
                       f"{harness.median(firsts['ray']):.1f} vs "
                       f"{harness.median(firsts['dataloader']):.1f} s"),
-        harness.ratio("pipeline, before (Parquet V2 reader): Ray Data / DataLoader windows/s",
-                      r2 / d, 1.5, f"{r2:.0f} vs {d:.0f} windows/s; first batch after "
-                      f"{harness.median(firsts['ray_v2']):.1f} s"),
+        harness.ratio("pipeline, before (local shuffle buffer 256): Ray Data / DataLoader",
+                      harness.median(paired["ray_shuffle256"]), 1.5,
+                      f"paired repeats {_fmt(paired['ray_shuffle256'])}; "
+                      f"{med['ray_shuffle256']:.0f} windows/s"),
+        harness.ratio("pipeline, steady state (after the first batch): Ray Data / DataLoader",
+                      harness.median(paired_steady), 1.5,
+                      f"paired repeats {_fmt(paired_steady)}"),
         harness.ratio("pipeline: data-wait fraction of a cpu-small step (Ray)",
                       train_ray["data_wait_fraction"], None,
                       f"DataLoader {train_dl['data_wait_fraction']:.2f}; samples/s with "
@@ -225,6 +228,10 @@ def run(quick: bool) -> dict[str, Any]:
                       f"{train_dl['samples_per_s']:.0f}", unit=""),
     ]
     return harness.result("pipeline", metrics, ratios)
+
+
+def _fmt(xs: list[float]) -> str:
+    return "/".join(f"{x:.2f}" for x in xs)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
-                   help="int8: CPU-only dynamic int8 GRU (~3.5x faster for the paper encoder)")
+                   help="int8: CPU-only dynamic int8 GRU (~3x faster for the paper encoder)")
     p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI")
     p.add_argument("--address", default="auto", help="Ray address (default: the job's cluster)")
     p.add_argument("--experiment", default="se4lip-extract")

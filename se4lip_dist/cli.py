@@ -424,7 +424,7 @@ def extract(
     fmt: Annotated[str, typer.Option("--format", help="frame ([N,D]) | window ([N,16,D]) | both.")] = "both",
     parquet: Annotated[bool, typer.Option("--parquet", help="Also write clip,frame,feature Parquet.")] = False,
     use_gpu: Annotated[bool, typer.Option("--use-gpu")] = False,
-    precision: Annotated[str, typer.Option("--precision", help="fp32 | int8 (CPU: dynamic int8 GRU, ~3.5x faster, checked against fp32).")] = "fp32",
+    precision: Annotated[str, typer.Option("--precision", help="fp32 | int8 (CPU: dynamic int8 GRU, ~3x faster, checked against fp32).")] = "fp32",
     concurrency: Annotated[int, typer.Option("--concurrency", help="Encoder actors.")] = 1,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per encoder call.")] = 256,
     tracking_uri: TrackingOpt = None,
@@ -702,24 +702,17 @@ def jobs_stop(
 def main() -> None:
     """Entry point for ``se4lip-dist`` and ``python -m se4lip_dist``.
 
-    With ``--json`` the process's fd 1 points at stderr until the command ends, so Ray's raylet
-    warnings, Tune's reporter and every child process (which inherit fd 1) cannot reach stdout;
-    only the JSON object is written to the real stdout.
+    With ``--json`` the process's fd 1 points at stderr for the rest of its life, so Ray's
+    raylet warnings, Tune's reporter, every child process (they inherit fd 1) and MLflow's
+    exit-time "View run" lines cannot reach stdout; only the JSON object is written to the real
+    stdout (through a saved copy of fd 1). Not restored on return: atexit handlers run later.
     """
     global _json_fd
-    if "--json" not in sys.argv[1:]:
-        app()
-        return
-    sys.stdout.flush()
-    _json_fd = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        app()
-    finally:
+    if "--json" in sys.argv[1:]:
         sys.stdout.flush()
-        os.dup2(_json_fd, 1)
-        os.close(_json_fd)
-        _json_fd = None
+        _json_fd = os.dup(1)
+        os.dup2(2, 1)
+    app()
 
 
 if __name__ == "__main__":

@@ -551,7 +551,7 @@ def run_extract(
         concurrency: encoder actors (each takes 0.5 CPU, and 1 GPU with ``use_gpu``).
         use_gpu: run the encoder on a GPU per actor.
         precision: ``fp32``, or ``int8`` (CPU only): GRU and linear weights quantized
-            dynamically, ~3.5x faster for the paper's GRU; refused when the embeddings of a
+            dynamically, ~3x faster for the paper's GRU; refused when the embeddings of a
             probe signal drift below cosine :data:`INT8_MIN_COSINE` from float32.
         address: Ray cluster address; None starts a local Ray (stopped again at the end).
         experiment: MLflow experiment of the run that records this job.

@@ -17,7 +17,11 @@ def set_log_to_driver(enabled: bool) -> None:
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None,
              dashboard: bool = False, **kwargs: Any) -> None:
-    """Join the cluster at ``address`` or start a local Ray bound to 127.0.0.1 only.
+    """Join the cluster at ``address`` or start a local Ray with its dashboard on 127.0.0.1.
+
+    Ray 2.60's core services (GCS, raylet, object manager) still listen on every interface of a
+    local head, and ``_node_ip_address`` does not change that; with token auth off, run on a
+    trusted network or export ``RAY_AUTH_MODE=token`` before starting.
 
     Local mode turns off usage stats and token auth (Ray 2.60 enables token auth for new local
     clusters, which then trips ``ray job``/``ray start --address`` clients) unless the user set
@@ -40,9 +44,6 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
         ray.init(address=address, log_to_driver=_log_to_driver, **kwargs)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # Without token auth the local cluster must not listen beyond this machine: Ray binds its
-    # GCS, raylet and object manager to the node IP unless told otherwise.
-    kwargs.setdefault("_node_ip_address", "127.0.0.1")
     ray.init(
         num_cpus=num_cpus or os.cpu_count() or 1,
         include_dashboard=dashboard,

@@ -20,10 +20,10 @@ BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 EXPECTED = {
-    "bench_pipeline": ["ray_windows_per_s", "dataloader_windows_per_s", "train_ray",
+    "bench_pipeline": ["windows_per_s", "steady_windows_per_s", "paired_ratios", "train_ray",
                        "train_dataloader"],
     "bench_ray_overhead": ["plain_samples_per_s", "ray_samples_per_s", "trainer_startup_s"],
-    "bench_extract": ["real_time_factor_cpu", "gflops_per_audio_s"],
+    "bench_extract": ["real_time_factor_cpu", "gflops_per_audio_s", "int8_min_cosine_to_fp32"],
     "bench_prepare": [],  # skips itself without GRID video / detector
     "bench_memory": ["train_worker", "extract_actor", "shards"],
 }

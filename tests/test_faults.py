@@ -6,7 +6,8 @@
   outputs byte for byte and completes the rest (the tune driver kill lives in test_tune.py);
 - an unreachable MLflow server: ``train``, ``tune``, ``extract`` fail fast, before Ray starts;
 - malicious pickles as checkpoints and registered weights are refused, never executed;
-- local services bind to 127.0.0.1, and credentials never reach output or MLflow params.
+- the local dashboard and MLflow helper bind to 127.0.0.1; credentials never reach output
+  or MLflow params.
 """
 
 from __future__ import annotations

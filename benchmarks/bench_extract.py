@@ -38,7 +38,7 @@ def run(quick: bool) -> dict[str, Any]:
     from se4lip_dist.config import load_config
     from se4lip_dist.extract import centred_audio_windows, extract_features
     from se4lip_dist.models import build_model
-    from se4lip_dist.models.speech import quantize_int8
+    from se4lip_dist.models.speech import min_cosine, quantize_int8
 
     torch.set_num_threads(1)
     clips = harness.grid_videos(1 if quick else 4)
@@ -110,12 +110,9 @@ def run(quick: bool) -> dict[str, Any]:
         flops["hubert_large"] = _flops(lambda: hubert(one_s[None]))
 
     # int8 fidelity: smallest cosine to float32 over every frame of every clip.
-    fidelity = {}
-    for p in presets:
-        a, b = np.concatenate(feats[p]), np.concatenate(feats[f"{p} int8"])
-        den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-        cos = np.where(den > 0, (a * b).sum(1) / np.maximum(den, 1e-12), 1.0)
-        fidelity[p] = float(cos.min())
+    fidelity = {p: min_cosine(torch.from_numpy(np.concatenate(feats[p])),
+                              torch.from_numpy(np.concatenate(feats[f"{p} int8"])))
+                for p in presets}
     med = {k: harness.median(v) for k, v in rtf.items()}
     metrics = {
         "clips": len(clips), "audio_s_per_round": round(audio_total, 2), "rounds": rounds,

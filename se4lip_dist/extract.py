@@ -45,10 +45,10 @@ WINDOW = 16
 FORMATS = ("frame", "window", "both")
 MARKER_VERSION = 1
 ACTOR_CPUS = 0.5
+"""Fractional on purpose: actors reserving whole CPUs starve Ray Data on small machines."""
 PRECISIONS = ("fp32", "int8")
 INT8_MIN_COSINE = 0.999
 """``--precision int8`` is refused for an encoder whose int8 embeddings drift further than this."""
-"""Fractional on purpose: actors reserving whole CPUs starve Ray Data on small machines."""
 
 
 class ExtractError(RuntimeError):

@@ -108,8 +108,9 @@ def _is_whole_model(state: dict[str, Any]) -> bool:
     return any(k.startswith("speech.") for k in state) and any(k.startswith("lips.") for k in state)
 
 
-def _load_weights(path: str | Path, source: str | None = None) -> dict[str, torch.Tensor]:
-    """A plain tensor ``state_dict``; anything else (pickled code) is refused, never run."""
+def load_weights(path: str | Path, source: str | None = None) -> dict[str, Any]:
+    """A ``weights_only`` ``torch.load`` (tensor state_dicts, optimizer states); anything else
+    (pickled code) is refused with a :class:`RegistryError` naming ``source``, never run."""
     import pickle
 
     import torch
@@ -125,7 +126,7 @@ def _load_weights(path: str | Path, source: str | None = None) -> dict[str, torc
 def _load_files(weights: str | Path, config: str | Path,
                 source: str | None = None) -> tuple[SpeechEncoder, Config]:
     cfg = Config.from_dict(yaml.safe_load(Path(config).read_text()))
-    return build_speech_encoder(cfg, _load_weights(weights, source)), cfg
+    return build_speech_encoder(cfg, load_weights(weights, source)), cfg
 
 
 _EMBEDDER: type | None = None
@@ -337,8 +338,8 @@ def load_model_state(
             raise RegistryError(f"{model_uri} was logged without its lip encoder ({LIPS_FILE}); "
                                 "sync scoring needs a model logged by se4lip-dist train/tune")
         cfg = Config.from_dict(yaml.safe_load(config.read_text()))
-        state = {f"speech.{k}": v for k, v in _load_weights(weights, model_uri).items()}
-        state.update({f"lips.{k}": v for k, v in _load_weights(lips, model_uri).items()})
+        state = {f"speech.{k}": v for k, v in load_weights(weights, model_uri).items()}
+        state.update({f"lips.{k}": v for k, v in load_weights(lips, model_uri).items()})
         return state, cfg
 
 
@@ -443,6 +444,7 @@ __all__ = [
     "load_encoder",
     "load_model_state",
     "load_sync_model",
+    "load_weights",
     "log_model",
     "promote",
     "register_model",

@@ -81,18 +81,14 @@ def load_checkpoint_dir(path: str | Path) -> tuple[dict[str, Any], dict[str, Any
     Raises:
         TrainError: a ``.pt`` file is not a plain tensor ``state_dict`` (e.g. pickled code).
     """
-    import pickle
-
-    import torch
+    from se4lip_dist.registry import RegistryError, load_weights
 
     p = Path(path)
     try:
-        model_state = torch.load(p / "model.pt", map_location="cpu", weights_only=True)
-        optim_state = torch.load(p / "optim.pt", map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        reason = (str(e) or type(e).__name__).splitlines()[0]
-        raise TrainError(f"checkpoint {p}: refused to load: not a plain tensor state_dict "
-                         f"(weights_only load failed: {reason})") from e
+        model_state = load_weights(p / "model.pt", f"checkpoint {p}")
+        optim_state = load_weights(p / "optim.pt", f"checkpoint {p}")
+    except RegistryError as e:
+        raise TrainError(str(e)) from e
     state = json.loads((p / "state.json").read_text())
     return model_state, optim_state, state
 

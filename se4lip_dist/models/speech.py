@@ -179,15 +179,21 @@ def quantize_int8(encoder: SpeechEncoder) -> nn.Module:
         return quantize_dynamic(model, {nn.GRU, nn.Linear}, dtype=torch.qint8)
 
 
-def int8_fidelity(encoder: SpeechEncoder, quantized: nn.Module, wav: Tensor) -> float:
-    """Smallest cosine similarity between float32 and int8 embeddings of ``wav`` ``[B, S]``."""
-    with torch.no_grad():
-        a = encoder.cpu().eval()(wav)
-        b = quantized(wav)
-    # Two all-zero ReLU embeddings agree exactly; cosine_similarity would call them 0.
+def min_cosine(a: Tensor, b: Tensor) -> float:
+    """Smallest row-wise cosine similarity of two ``[N, D]`` embedding sets.
+
+    Two all-zero ReLU embeddings count as identical (``cosine_similarity`` would call them 0).
+    """
     both_zero = (a.abs().sum(1) == 0) & (b.abs().sum(1) == 0)
     cos = F.cosine_similarity(a, b, dim=1, eps=1e-12)
     return float(torch.where(both_zero, torch.ones_like(cos), cos).min())
 
 
-__all__ = ["AudioCNN", "SpeechEncoder", "SpeechFrontend", "int8_fidelity", "quantize_int8"]
+def int8_fidelity(encoder: SpeechEncoder, quantized: nn.Module, wav: Tensor) -> float:
+    """Smallest cosine similarity between float32 and int8 embeddings of ``wav`` ``[B, S]``."""
+    with torch.no_grad():
+        return min_cosine(encoder.cpu().eval()(wav), quantized(wav))
+
+
+__all__ = ["AudioCNN", "SpeechEncoder", "SpeechFrontend", "int8_fidelity", "min_cosine",
+           "quantize_int8"]

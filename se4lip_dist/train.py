@@ -222,6 +222,11 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     val_ds = ray.train.get_dataset_shard("val")
     seg_ds = ray.train.get_dataset_shard("val_segments")
 
+    if history and (epoch0 >= tc.epochs or (tc.max_steps is not None and step >= tc.max_steps)):
+        # Restored a run that had already finished (a tune driver killed after the trial's last
+        # epoch but before Tune saw it end): report the final result again, or Tune gets none.
+        ray.train.report(history[-1], checkpoint=ckpt if rank == 0 else None)
+
     for epoch in range(epoch0, tc.epochs):
         if tc.max_steps is not None and step >= tc.max_steps:
             break
@@ -285,6 +290,17 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     return {"history": history, "offset_curve": curve,
             "epochs": history[-1]["epoch"] if history else epoch0, "steps": step,
             "worker_node_ids": node_ids}
+
+
+def training_datasets(data_dir: str, cfg: Config) -> dict[str, Any]:
+    """The Ray Datasets ``train_loop`` reads: train pairs, val pairs, val segments."""
+    from se4lip_dist.stream import pair_dataset, segment_dataset
+
+    return {
+        "train": pair_dataset(data_dir, cfg, "train"),
+        "val": pair_dataset(data_dir, cfg, "val"),
+        "val_segments": segment_dataset(data_dir, cfg, "val", max_frames=MAX_OFFSET_EVAL_FRAMES),
+    }
 
 
 def validate(model_state: dict[str, Any], cfg: Config, data_dir: str) -> dict[str, float]:
@@ -473,7 +489,6 @@ def _fit(cfg: Config, data_dir: str, uri: str, run_id: str, name: str, storage: 
     from ray.train.torch import TorchTrainer
 
     from se4lip_dist.runtime import cluster_cpus, init_ray
-    from se4lip_dist.stream import pair_dataset, segment_dataset
 
     tc = cfg.train
     started = not ray.is_initialized()
@@ -486,12 +501,7 @@ def _fit(cfg: Config, data_dir: str, uri: str, run_id: str, name: str, storage: 
                     f"{tc.num_workers} workers x {tc.cpus_per_worker} CPU leave {free:g} of "
                     f"{cluster_cpus():g} CPUs for Ray Data, which then hangs; lower "
                     "train.cpus_per_worker or train.num_workers")
-        datasets = {
-            "train": pair_dataset(data_dir, cfg, "train"),
-            "val": pair_dataset(data_dir, cfg, "val"),
-            "val_segments": segment_dataset(data_dir, cfg, "val",
-                                            max_frames=MAX_OFFSET_EVAL_FRAMES),
-        }
+        datasets = training_datasets(data_dir, cfg)
         resources = {"CPU": tc.cpus_per_worker}
         if use_gpu:
             resources["GPU"] = 1

@@ -141,8 +141,7 @@ def tune_trial(config: dict[str, Any]) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from se4lip_dist.stream import pair_dataset, segment_dataset
-    from se4lip_dist.train import MAX_OFFSET_EVAL_FRAMES, _worker_env, train_loop
+    from se4lip_dist.train import _worker_env, train_loop, training_datasets
 
     job = config["se4lip"]
     params = {k: v for k, v in config.items() if k != "se4lip"}
@@ -169,12 +168,7 @@ def tune_trial(config: dict[str, Any]) -> None:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": _worker_env()},
         ),
-        datasets={
-            "train": pair_dataset(data_dir, cfg, "train"),
-            "val": pair_dataset(data_dir, cfg, "val"),
-            "val_segments": segment_dataset(data_dir, cfg, "val",
-                                            max_frames=MAX_OFFSET_EVAL_FRAMES),
-        },
+        datasets=training_datasets(data_dir, cfg),
     )
     result = trainer.fit()
     if result.error is not None:

@@ -40,7 +40,7 @@ def test_plan_resources_keeps_a_cpu_for_ray_data() -> None:
     assert (big.max_concurrent, big.worker_gpus) == (2, 0.5)
 
 
-def _space(path: Path, params: dict, metric: str = "val_loss") -> Path:
+def _space(path: Path, params: dict, metric: str = "val_offset_acc") -> Path:
     path.write_text(yaml.safe_dump({
         "preset": "cpu-small", "metric": metric, "num_samples": 1, "scheduler": "fifo",
         "params": params,
@@ -72,7 +72,9 @@ def test_two_trials_register_champion_and_gate_a_worse_one(shards: Path, tmp_pat
     assert len(first["trials"]) == 2 and max(seen) == 2
     assert first["registered"]["version"] == 1
     assert first["registered"]["alias"] == "champion"
-    assert first["best"]["metrics"]["val_loss"] < 0.69
+    # Offset accuracy, not BCE: on 96 validation pairs val_loss after 2 epochs wanders around
+    # ln 2 from run to run, while a model that learned sync finds the offset (chance ~0.1).
+    assert first["best"]["metrics"]["val_offset_acc"] >= 0.8, first["best"]["metrics"]
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     parent = client.get_run(first["parent_run_id"])
@@ -83,7 +85,7 @@ def test_two_trials_register_champion_and_gate_a_worse_one(shards: Path, tmp_pat
     assert len(children) == 2
     for child in children:
         assert "model.gru_layers" in child.data.params
-        history = client.get_metric_history(child.info.run_id, "val_loss")
+        history = client.get_metric_history(child.info.run_id, "val_offset_acc")
         assert [m.step for m in history] == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(first["parent_run_id"])}
     assert {"trials.md", "trials.json"} <= artifacts
@@ -123,7 +125,7 @@ def test_resume_after_killing_the_driver(shards: Path, tmp_path: Path) -> None:
     deadline = time.time() + 600
     try:
         while time.time() < deadline:  # kill once a trial has finished an epoch
-            time.sleep(5)
+            time.sleep(1)
             assert proc.poll() is None, "tune ended before it could be killed"
             exp = client.get_experiment_by_name("se4lip-tune")
             runs = client.search_runs([exp.experiment_id], "tags.`se4lip.trial` != ''") \

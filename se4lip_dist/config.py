@@ -154,6 +154,8 @@ class TrainConfig:
     shuffled within each sampling block of ``16 * pairs_per_segment``; a 256-row buffer mixes
     little beyond that and cost ~40 % of the stream's throughput (benchmarks/bench_pipeline.py)."""
     seed: int = 0
+    """Model initialisation seed. Training pairs are drawn fresh each epoch; validation pairs use
+    a fixed seed of their own (``stream.VAL_PAIR_SEED``)."""
     num_workers: int = 2
     cpus_per_worker: float = 0.5
     """Fractional CPUs leave room for Ray Data: reserving every CPU on 2 cores hangs Ray."""

@@ -34,6 +34,9 @@ POSITIVE, HARD, FAR, CROSS = 0, 1, 2, 3
 """Pair kinds in the ``kind`` column."""
 KIND_NAMES = ("positive", "hard", "far", "cross")
 
+VAL_PAIR_SEED = 0
+"""Seed of the validation pairs, fixed apart from ``train.seed``: models trained with different
+seeds (a tune over ``train.seed``, the registry's champion gate) are scored on the same pairs."""
 VAL_SPLIT_NAMES = frozenset({"val", "valid", "validation", "dev"})
 TRAIN_SPLIT_NAMES = frozenset({"train", "training"})
 
@@ -359,7 +362,8 @@ def pair_dataset(
     """Streamed pairs of one split: ``wav``, ``lips``, ``label``, ``kind`` (see make_pair_batch).
 
     Training pairs are re-drawn every time the dataset is iterated (every epoch), from files in
-    a shuffled order; validation pairs use a fixed seed so every epoch sees the same pairs.
+    a shuffled order; validation pairs use ``VAL_PAIR_SEED`` so every epoch and every model sees
+    the same pairs.
 
     Args:
         data_dir: folder with ``manifest.json`` and the shards.
@@ -376,7 +380,7 @@ def pair_dataset(
             "spec": PairSpec.from_config(cfg),
             "split": split,
             "val_fraction": cfg.train.val_fraction,
-            "seed": None if train else cfg.train.seed,
+            "seed": None if train else VAL_PAIR_SEED,
         },
         batch_size=rows_per_task,
         batch_format="numpy",

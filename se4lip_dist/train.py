@@ -294,10 +294,15 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
 
 def training_datasets(data_dir: str, cfg: Config) -> dict[str, Any]:
     """The Ray Datasets ``train_loop`` reads: train pairs, val pairs, val segments."""
+    from se4lip_dist.stream import pair_dataset
+
+    return {"train": pair_dataset(data_dir, cfg, "train"), **_validation_datasets(data_dir, cfg)}
+
+
+def _validation_datasets(data_dir: str, cfg: Config) -> dict[str, Any]:
     from se4lip_dist.stream import pair_dataset, segment_dataset
 
     return {
-        "train": pair_dataset(data_dir, cfg, "train"),
         "val": pair_dataset(data_dir, cfg, "val"),
         "val_segments": segment_dataset(data_dir, cfg, "val", max_frames=MAX_OFFSET_EVAL_FRAMES),
     }
@@ -314,17 +319,14 @@ def validate(model_state: dict[str, Any], cfg: Config, data_dir: str) -> dict[st
 
     from se4lip_dist.models import build_model
     from se4lip_dist.runtime import init_ray
-    from se4lip_dist.stream import pair_dataset, segment_dataset
 
     init_ray(None)
     model = build_model(cfg.model, sample_rate=cfg.data.sample_rate,
                         window_frames=cfg.train.window_frames)
     model.load_state_dict(model_state)
-    metrics, _ = _evaluate(
-        model, cfg, torch.device("cpu"), pair_dataset(data_dir, cfg, "val"),
-        segment_dataset(data_dir, cfg, "val", max_frames=MAX_OFFSET_EVAL_FRAMES),
-        keep_curve=False,
-    )
+    val = _validation_datasets(data_dir, cfg)
+    metrics, _ = _evaluate(model, cfg, torch.device("cpu"), val["val"], val["val_segments"],
+                           keep_curve=False)
     return metrics
 
 

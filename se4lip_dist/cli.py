@@ -37,6 +37,10 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object at 
 AddressOpt = Annotated[
     str | None, typer.Option("--address", help="Ray cluster address (default: a local Ray).")
 ]
+PlacementOpt = Annotated[
+    float | None,
+    typer.Option("--placement-timeout", help="Seconds to wait for workers to be placed before failing (default 600; a request no node can hold fails at once)."),
+]
 
 
 def _config(preset: str, config: Path | None, sets: list[str] | None, extra: list[str]) -> Config:
@@ -79,7 +83,10 @@ def _quiet_ray(as_json: bool) -> None:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    from se4lip_dist.runtime import redact_secrets
+
+    console.print(f"[bold red]error:[/] {redact_secrets(message)}", markup=True,
+                  highlight=False)
     raise typer.Exit(code)
 
 
@@ -100,7 +107,7 @@ def presets_cmd(
 @app.command()
 def prepare(
     inputs: Annotated[list[str], typer.Argument(help="Videos, folders of videos, or CSV/JSONL manifests.")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Shard folder (resumes if it exists).")],
+    out_dir: Annotated[str, typer.Option("--out", help="Shard folder or s3://bucket/prefix (resumes if it exists).")],
     preset: PresetOpt = "paper",
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -119,11 +126,18 @@ def prepare(
     ] = None,
     address: AddressOpt = None,
     preview: Annotated[
-        Path | None, typer.Option("--preview", help="Write a PNG contact sheet of lip crops per clip here.")
+        str | None, typer.Option("--preview", help="Write a PNG contact sheet of lip crops per clip here (folder or URL).")
     ] = None,
+    placement_timeout: Annotated[
+        float, typer.Option("--placement-timeout", help="Seconds the clip workers may wait for cluster resources.")
+    ] = 600.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Turn talking-head videos into Parquet shards of aligned lip crops and audio."""
+    """Turn talking-head videos into Parquet shards of aligned lip crops and audio.
+
+    Inputs, --out and --preview take local paths or URLs (s3://...; credentials and endpoint
+    from the standard AWS_* environment variables).
+    """
     from se4lip_dist.prepare import PrepareError, run_prepare
 
     extra = []
@@ -155,6 +169,7 @@ def prepare(
         try:
             summary = run_prepare(
                 inputs, out_dir, cfg, workers=workers, address=address, preview_dir=preview,
+                placement_timeout_s=placement_timeout,
                 on_start=lambda n: progress.update(task, total=n), on_result=on_result,
             )
         except PrepareError as e:
@@ -194,7 +209,7 @@ def _render_prepare(summary) -> None:  # type: ignore[no-untyped-def]
 
 @app.command()
 def train(
-    data: Annotated[Path, typer.Option("--data", help="Shard folder written by `prepare`.")],
+    data: Annotated[str, typer.Option("--data", help="Shard folder written by `prepare` (local path or s3://...).")],
     preset: PresetOpt = "cpu-small",
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -215,6 +230,7 @@ def train(
         str | None, typer.Option("--storage-path", help="Checkpoints (shared FS or s3:// on clusters).")
     ] = None,
     address: AddressOpt = None,
+    placement_timeout: PlacementOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the speech and lip encoders with Ray Train, tracked in MLflow."""
@@ -233,21 +249,44 @@ def train(
         result = run_train(
             cfg, str(data), tracking_uri=tracking_uri, experiment=experiment, run_name=run_name,
             register=register, resume=resume, use_gpu=use_gpu, address=address,
-            storage_path=storage_path,
+            storage_path=storage_path, placement_timeout_s=placement_timeout,
         )
     except (ValueError, RuntimeError, FileNotFoundError, ConnectionError) as e:
         _fail(str(e))
     if as_json:
-        _emit_json({k: v for k, v in result.items() if k not in ("history", "offset_curve")})
+        _emit_json({k: v for k, v in result.items() if k != "history"})
         return
-    t = Table(title=f"train {result['run_name']}", show_header=False)
-    for k in ("val_offset_acc", "val_sync_acc", "val_loss", "train_loss", "samples_per_s",
-              "data_wait_fraction", "epochs", "steps", "run_id", "model_uri", "registered_name",
-              "registered_version", "checkpoint", "tracking_uri"):
-        v = result.get(k)
-        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    t = Table(title=f"train {result['run_name']}: best epoch {result['best_epoch']} of "
+                    f"{result['epochs']}", show_header=False)
+    m = result["metrics"]
+    for k in ("val/offset_acc", "val/sync_acc", "val/loss", "val/clips", "val/offset_trials",
+              "train/loss", "perf/samples_per_s", "perf/data_wait_fraction"):
+        t.add_row(k, _fmt(m.get(k)))
+    for k in ("steps", "run_id", "model_uri", "checkpoint", "tracking_uri"):
+        t.add_row(k, str(result.get(k)))
     out.print(t)
-    out.print(f"MLflow UI: mlflow ui --backend-store-uri {result['tracking_uri']}")
+    reg = result.get("registered")
+    if reg:
+        _print_gate(reg["name"], reg["version"], reg["alias"], reg["reason"])
+    _print_ui_hint(result["tracking_uri"])
+
+
+def _print_gate(name: str, version: int, alias: str, reason: str) -> None:
+    colour = "green" if alias == "champion" else "yellow"
+    out.print(f"registered [bold]{name}[/] v{version} as [{colour}]{alias}[/]: {reason}",
+              soft_wrap=True)
+
+
+def _print_ui_hint(tracking_uri: str) -> None:
+    """How to open the runs: the server's URL, or the command for a local store (with the
+    ``mlflow`` of this interpreter's environment, so it runs without activating it)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        out.print(f"MLflow UI: {tracking_uri}", soft_wrap=True)
+        return
+    exe = Path(sys.executable).with_name("mlflow")
+    mlflow_cmd = str(exe) if exe.exists() else "mlflow"
+    out.print(f"MLflow UI: {mlflow_cmd} ui --backend-store-uri {tracking_uri}", soft_wrap=True,
+              markup=False, highlight=False)
 
 
 # --- tune and the model registry (logic in se4lip_dist.tuning / se4lip_dist.registry) ------
@@ -255,17 +294,17 @@ def train(
 
 @app.command()
 def tune(
-    data: Annotated[Path, typer.Option("--data", help="Shard folder written by `prepare`.")],
+    data: Annotated[str, typer.Option("--data", help="Shard folder written by `prepare` (local path or s3://...).")],
     space: Annotated[Path, typer.Option("--space", help="Search space YAML (see tune/).")] = Path("tune/default.yaml"),
     preset: Annotated[str | None, typer.Option("--preset", help="Override the space's preset.")] = None,
     set_: SetOpt = None,
     num_samples: Annotated[int | None, typer.Option("--num-samples", help="Trials (default: the space's).")] = None,
     max_concurrent_trials: Annotated[int | None, typer.Option("--max-concurrent-trials")] = None,
     cpus_per_trial: Annotated[float | None, typer.Option("--cpus-per-trial", help="CPUs a trial reserves (driver + workers).")] = None,
-    gpus_per_trial: Annotated[float, typer.Option("--gpus-per-trial")] = 0.0,
-    num_workers_per_trial: Annotated[int, typer.Option("--num-workers-per-trial")] = 2,
+    gpus_per_trial: Annotated[float, typer.Option("--gpus-per-trial", help="Whole GPUs per trial: that many DDP ranks, one GPU each.")] = 0.0,
+    num_workers_per_trial: Annotated[int | None, typer.Option("--num-workers-per-trial", help="DDP ranks per trial (default: --gpus-per-trial, or 2 on CPUs).")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help="Epochs per trial (ASHA's max_t).")] = None,
-    metric: Annotated[str | None, typer.Option("--metric", help="val_offset_acc | val_sync_acc | val_loss.")] = None,
+    metric: Annotated[str | None, typer.Option("--metric", help="val/offset_acc | val/sync_acc | val/hard_neg_acc | val/loss (default: the space's).")] = None,
     mode: Annotated[str | None, typer.Option("--mode", help="max | min.")] = None,
     register: Annotated[str, typer.Option("--register", help="Registered model name.")] = "se4lip",
     tracking_uri: Annotated[str | None, typer.Option("--tracking-uri")] = None,
@@ -274,6 +313,7 @@ def tune(
     resume: Annotated[bool, typer.Option("--resume", help="Finish the unfinished trials of --name.")] = False,
     storage_path: Annotated[str | None, typer.Option("--storage-path", help="Tune/Train results (shared FS or s3:// on clusters).")] = None,
     address: AddressOpt = None,
+    placement_timeout: PlacementOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Search GRU depth, window and learning rate with Ray Tune; register the best encoder."""
@@ -289,9 +329,10 @@ def tune(
         num_workers_per_trial=num_workers_per_trial, epochs=epochs, metric=metric, mode=mode,
         register=register, tracking_uri=tracking_uri, experiment=experiment, name=name,
         resume=resume, storage_path=storage_path, address=address, overrides=tuple(overrides),
+        **({"placement_timeout_s": placement_timeout} if placement_timeout else {}),
     )
     _quiet_ray(as_json)
-    live = Live(_trials_table([], metric or "val_offset_acc", "trials"), console=console,
+    live = Live(_trials_table([], metric or "val/offset_acc", "trials"), console=console,
                 refresh_per_second=2, transient=True)
     try:
         if as_json:
@@ -301,7 +342,7 @@ def tune(
                 result = run_tune(
                     str(space), str(data), opts,
                     on_update=lambda rows: live.update(
-                        _trials_table(rows, metric or "val_offset_acc", "trials (live)")),
+                        _trials_table(rows, metric or "val/offset_acc", "trials (live)")),
                 )
     except (ValueError, RuntimeError, FileNotFoundError, ConnectionError) as e:
         _fail(str(e))
@@ -313,13 +354,13 @@ def tune(
 
 def _trials_table(rows, metric: str, title: str) -> Table:  # type: ignore[no-untyped-def]
     t = Table(title=title)
-    for col in ("trial", "status", "epoch", "params", metric, "val_sync_acc", "val_loss"):
+    for col in ("trial", "status", "epoch", "params", metric, f"best {metric} (epoch)"):
         t.add_column(col)
     for r in rows:
         m = r.metrics
         t.add_row(r.name, r.status, str(r.epoch),
                   " ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in r.params.items()),
-                  _fmt(m.get(metric)), _fmt(m.get("val_sync_acc")), _fmt(m.get("val_loss")))
+                  _fmt(m.get(metric)), f"{_fmt(m.get(f'best/{metric}'))} ({r.best_epoch})")
     return t
 
 
@@ -331,24 +372,24 @@ def _fmt(v: object) -> str:
 
 def _render_ranked(result: dict) -> None:
     metric = result["metric"]
-    t = Table(title=f"tune {result['name']}: trials ranked by {metric} ({result['mode']})")
-    for col in ("#", "trial", "status", "epoch", "params", metric):
+    t = Table(title=f"tune {result['name']}: trials ranked by their best epoch's {metric} "
+                    f"({result['mode']})")
+    for col in ("#", "trial", "status", "epochs", "best epoch", "params", metric):
         t.add_column(col)
     for i, r in enumerate(result["trials"], 1):
-        t.add_row(str(i), r["trial"], r["status"], str(r["epoch"]),
+        t.add_row(str(i), r["trial"], r["status"], str(r["epoch"]), str(r.get("best_epoch")),
                   " ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in r["params"].items()),
                   _fmt(r.get(metric)))
     out.print(t)
     reg = result["registered"]
     out.print(f"best: {result['best']['trial']}  {result['stopped_early']} trial(s) stopped early "
               f"by the scheduler  wall {result['wall_s']:.0f} s")
-    colour = "green" if reg["alias"] == "champion" else "yellow"
-    out.print(f"registered [bold]{reg['name']}[/] v{reg['version']} as [{colour}]{reg['alias']}[/]: "
-              f"{reg['reason']}")
-    out.print(f"MLflow UI: mlflow ui --backend-store-uri {result['tracking_uri']}")
+    _print_gate(reg["name"], reg["version"], reg["alias"], reg["reason"])
+    _print_ui_hint(result["tracking_uri"])
 
 
-models_app = typer.Typer(no_args_is_help=True, help="List, show and promote registered encoders.")
+models_app = typer.Typer(no_args_is_help=True,
+                         help="List, show, compare and promote registered encoders.")
 app.add_typer(models_app, name="models")
 TrackingOpt = Annotated[str | None, typer.Option("--tracking-uri", help="MLflow URI (default: ./se4lip-runs sqlite).")]
 
@@ -358,37 +399,72 @@ def models_list(tracking_uri: TrackingOpt = None, as_json: JsonOpt = False) -> N
     """Registered models with their latest version and aliases."""
     from se4lip_dist.registry import list_models
 
-    rows = _guard(list_models, tracking_uri)
+    res = _guard(list_models, tracking_uri)
     if as_json:
-        _emit_json(rows)
+        _emit_json(res)
         return
-    t = Table(title="registered models")
+    t = Table(title=f"registered models in {res['tracking_uri']}")
     for col in ("name", "latest", "aliases", "updated"):
         t.add_column(col)
-    for r in rows:
+    for r in res["models"]:
         t.add_row(r["name"], str(r["latest_version"]),
                   ", ".join(f"{a}=v{v}" for a, v in r["aliases"].items()), r["updated"])
     out.print(t)
+    if not res["models"]:
+        out.print("no registered models there yet (`train --register NAME` or `tune` adds one)")
 
 
 @models_app.command("show")
 def models_show(name: str, tracking_uri: TrackingOpt = None, as_json: JsonOpt = False) -> None:
-    """Every version of NAME with its aliases and tags (metrics, data hash, gate decision)."""
+    """Every version of NAME: aliases, gate scores and the reason for its alias."""
     from se4lip_dist.registry import show_model
 
     info = _guard(show_model, name, tracking_uri)
     if as_json:
         _emit_json(info)
         return
-    t = Table(title=f"{name}")
-    for col in ("version", "aliases", "val_offset_acc", "val_sync_acc", "preset", "data", "gate"):
+    t = Table(title=f"{name} in {info['tracking_uri']}")
+    for col in ("version", "aliases", "val/offset_acc [95% CI]", "trials", "val/sync_acc",
+                "epoch", "data"):
         t.add_column(col)
     for v in info["versions"]:
         tags = v["tags"]
-        t.add_row(str(v["version"]), ", ".join(v["aliases"]), tags.get("val_offset_acc", "-"),
-                  tags.get("val_sync_acc", "-"), tags.get("preset", "-"),
-                  tags.get("data_manifest_hash", "-"), tags.get("gate", ""))
+        ci = (f"{tags.get('gate.val/offset_acc', '-')} [{tags.get('gate.val/offset_acc_ci_low', '')}"
+              f", {tags.get('gate.val/offset_acc_ci_high', '')}]")
+        t.add_row(str(v["version"]), ", ".join(v["aliases"]), ci,
+                  tags.get("gate.val/offset_trials", "-"), tags.get("gate.val/sync_acc", "-"),
+                  tags.get("se4lip.epoch", "-"), tags.get("se4lip.data_manifest_hash", "-"))
     out.print(t)
+    for v in info["versions"]:
+        tags = v["tags"]
+        if "gate.decision" in tags:
+            out.print(f"v{v['version']} {tags['gate.decision']}: {tags.get('gate.reason', '')}",
+                      soft_wrap=True)
+
+
+@models_app.command("compare")
+def models_compare(
+    name: str,
+    v1: Annotated[int, typer.Argument(help="A version of NAME.")],
+    v2: Annotated[int, typer.Argument(help="Another version of NAME.")],
+    data: Annotated[str | None, typer.Option("--data", help="Shards to score on (default: the data the newer version's gate used).")] = None,
+    tracking_uri: TrackingOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score two versions on the same validation clips with the gate's protocol, side by side."""
+    from se4lip_dist.lifecycle import compare
+
+    res = _guard(compare, name, (v1, v2), data_dir=data, tracking_uri=tracking_uri)
+    if as_json:
+        _emit_json(res)
+        return
+    t = Table(title=f"{name} v{v1} vs v{v2} on {res['data']} (protocol {res['protocol']})")
+    for col in ("metric", f"v{v1}", f"v{v2}", "better"):
+        t.add_column(col)
+    for r in res["rows"]:
+        t.add_row(r["metric"], _fmt(r[f"v{v1}"]), _fmt(r[f"v{v2}"]), r["better"] or "")
+    out.print(t)
+    out.print(f"[dim]{res['protocol_text']}[/]", soft_wrap=True)
 
 
 @models_app.command("promote")
@@ -398,7 +474,7 @@ def models_promote(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Point ALIAS (default champion) at VERSION, by hand (no quality gate)."""
-    from se4lip_dist.registry import promote
+    from se4lip_dist.lifecycle import promote
 
     previous = _guard(promote, name, version, alias, tracking_uri)
     was = f" (was v{previous})" if previous else ""
@@ -419,7 +495,7 @@ def _guard(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
 def extract(
     inputs: Annotated[list[str], typer.Argument(help="Audio or video files, folders, or CSV/JSONL manifests.")],
     model: Annotated[str, typer.Option("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/...")] = "models:/se4lip@champion",
-    out_dir: Annotated[Path, typer.Option("--out", help="Feature folder (resumes if it exists).")] = Path("features"),
+    out_dir: Annotated[str, typer.Option("--out", help="Feature folder or s3://bucket/prefix (resumes if it exists).")] = "features",
     fps: Annotated[int, typer.Option("--fps", help="Video frame rate the features follow.")] = 25,
     fmt: Annotated[str, typer.Option("--format", help="frame ([N,D]) | window ([N,16,D]) | both.")] = "both",
     parquet: Annotated[bool, typer.Option("--parquet", help="Also write clip,frame,feature Parquet.")] = False,
@@ -430,9 +506,14 @@ def extract(
     tracking_uri: TrackingOpt = None,
     experiment: Annotated[str, typer.Option("--experiment")] = "se4lip-extract",
     address: AddressOpt = None,
+    placement_timeout: Annotated[float, typer.Option("--placement-timeout", help="Seconds the encoder actors may wait for cluster resources.")] = 600.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write one speech embedding per video frame for renderer datasets (Ray Data batch job)."""
+    """Write one speech embedding per video frame for renderer datasets (Ray Data batch job).
+
+    Inputs and --out take local paths or URLs (s3://...; credentials and endpoint from the
+    standard AWS_* environment variables).
+    """
     from se4lip_dist.extract import run_extract
 
     _quiet_ray(as_json)
@@ -444,6 +525,7 @@ def extract(
             run_extract, inputs, model, out_dir, tracking_uri=tracking_uri, fps=fps, fmt=fmt,
             parquet=parquet, batch_size=batch_size, concurrency=concurrency, use_gpu=use_gpu,
             precision=precision, address=address, experiment=experiment,
+            placement_timeout_s=placement_timeout,
             on_start=lambda n: progress.update(task, total=n),
             on_result=lambda _row: progress.update(task, advance=1),
         )
@@ -491,8 +573,13 @@ def evaluate(
             t.add_row(c["name"], _fmt(c.get("offset")), _fmt(c.get("lse_d")),
                       _fmt(c.get("lse_c")), _fmt(c.get("frames")), c.get("error", ""))
         out.print(t)
-        out.print(f"offset accuracy (|offset - {shift}| <= 1): {_fmt(res['offset_accuracy'])}")
+        if res["evaluated"]:
+            out.print(f"offset accuracy (|offset - {shift}| <= 1): {res['hits']}/"
+                      f"{res['evaluated']} ({res['offset_accuracy']:.2f})")
         out.print(f"[dim]{res['note']}[/]")
+    if not res["evaluated"]:
+        console.print("[bold red]error:[/] no clip could be evaluated (see the errors above)")
+        raise typer.Exit(1)
     if res.get("failed"):
         raise typer.Exit(1)
 
@@ -571,11 +658,21 @@ def quickstart(
                  insightface_root=str(insightface_root.resolve()) if insightface_root else None,
                  tracking_uri=tracking_uri, on_step=step)
     console.rule("[bold green]done")
-    out.print(f"shards:    {res['shards']}")
-    out.print(f"model:     {res['model_uri']} ({res['alias']}: {res['reason']})")
-    out.print(f"features:  {res['features']}")
-    out.print(f"evaluate:  offset accuracy {_fmt(res['offset_accuracy'])} on {res['evaluated']} clips")
-    out.print(f"MLflow UI: mlflow ui --backend-store-uri {res['tracking_uri']}")
+    out.print(f"shards:    {res['shards']}", soft_wrap=True)
+    out.print(f"model:     {res['model_uri']} ({res['alias']}: {res['reason']})", soft_wrap=True)
+    out.print(f"features:  {res['features']}", soft_wrap=True)
+    out.print(f"evaluate:  recovered the 3-frame delay on {res['hits']}/{res['evaluated']} "
+              "held-out clips")
+    _print_ui_hint(res["tracking_uri"])
+    exe = Path(sys.executable).with_name("se4lip-dist")
+    cmd = str(exe) if exe.exists() else "se4lip-dist"
+    uri, name = res["tracking_uri"], res["model_name"]
+    out.print("next:", soft_wrap=True)
+    for line in (f"{cmd} models list --tracking-uri {uri}",
+                 f"{cmd} models show {name} --tracking-uri {uri}",
+                 f"{cmd} evaluate {res['heldout']} --model {res['model_uri']} "
+                 f"--tracking-uri {uri} {res['evaluate_flags']} --shift 3".rstrip()):
+        out.print(f"  {line}", soft_wrap=True, markup=False, highlight=False)
 
 
 # --- remote execution: Ray Jobs API (logic in se4lip_dist.remote) ---------------------------

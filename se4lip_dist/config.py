@@ -146,16 +146,25 @@ class TrainConfig:
     """Clips held out for validation (by a hash of the clip id) when the manifest has no split."""
     max_offset: int = 15
     """AV-offset search range in frames (syncnet_python uses +-15)."""
+    val_shifts: tuple[int, ...] = (-3, 0, 3)
+    """Validation also delays/advances the audio by these many frames and expects the offset
+    search to find each shift, so an encoder biased towards offset 0 cannot score well."""
+    val_max_clips: int = 256
+    """Validation clips scored at most (a fixed subset when there are more)."""
+    select_metric: str = "val/offset_acc"
+    """Validation metric that picks a run's best epoch (the weights that get registered)."""
     grad_clip: float = 1.0
     amp: bool = True
-    """Mixed precision (bf16 autocast) on GPU; ignored on CPU."""
+    """Mixed precision (autocast) on GPU; ignored on CPU."""
+    amp_dtype: str = "bf16"
+    """``bf16`` (Ampere and newer) or ``fp16`` (older GPUs; adds a checkpointed GradScaler)."""
     shuffle_buffer: int = 0
     """Rows of Ray Data's local shuffle buffer in the workers (0: off). Pairs already arrive
     shuffled within each sampling block of ``16 * pairs_per_segment``; a 256-row buffer mixes
     little beyond that and cost ~40 % of the stream's throughput (benchmarks/bench_pipeline.py)."""
     seed: int = 0
     """Model initialisation seed. Training pairs are drawn fresh each epoch; validation pairs use
-    a fixed seed of their own (``stream.VAL_PAIR_SEED``)."""
+    a fixed seed of their own (``validation.PAIR_SEED``)."""
     num_workers: int = 2
     cpus_per_worker: float = 0.5
     """Fractional CPUs leave room for Ray Data: reserving every CPU on 2 cores hangs Ray."""
@@ -168,6 +177,13 @@ class TrainConfig:
         _check(0.0 <= self.cross_clip_fraction <= 1.0, "train.cross_clip_fraction in [0, 1]")
         _check(0.0 < self.val_fraction < 1.0, "train.val_fraction in (0, 1)")
         _check(self.hard_offset_max >= 2, "train.hard_offset_max must be >= 2")
+        _check(self.max_offset >= 1, "train.max_offset must be >= 1")
+        _check(self.amp_dtype in ("bf16", "fp16"), "train.amp_dtype must be bf16|fp16")
+        _check(0 in self.val_shifts, "train.val_shifts must include 0 (the clip as recorded)")
+        _check(all(abs(s) < self.max_offset for s in self.val_shifts),
+               "train.val_shifts must stay inside +-(train.max_offset - 1)")
+        _check(len(set(self.val_shifts)) == len(self.val_shifts), "train.val_shifts repeat")
+        _check(self.val_max_clips >= 1, "train.val_max_clips must be >= 1")
         _check(self.num_workers >= 1, "train.num_workers must be >= 1")
         _check(self.cpus_per_worker > 0, "train.cpus_per_worker must be positive")
 
@@ -228,7 +244,7 @@ def load_config(
     d = _read_yaml(path)
     d["preset"] = preset
     if config_file is not None:
-        for dotted, value in _flatten(_read_yaml(Path(config_file))).items():
+        for dotted, value in flatten(_read_yaml(Path(config_file))).items():
             _set_dotted(d, dotted, value)
     for item in overrides or []:
         key, sep, raw = item.partition("=")
@@ -253,12 +269,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> ``{"section.key": value}`` (the form of ``--set`` and MLflow params)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
+            out.update(flatten(v, key + "."))
         else:
             out[key] = v
     return out
@@ -339,6 +356,7 @@ __all__ = [
     "FaceConfig",
     "ModelConfig",
     "TrainConfig",
+    "flatten",
     "list_presets",
     "load_config",
     "replace",

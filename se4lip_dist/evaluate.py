@@ -1,22 +1,11 @@
 """``evaluate``: audio-visual offset, LSE-D and LSE-C of videos with an SE4Lip model.
 
 The protocol follows syncnet_python's ``evaluate`` (±15 frame search, mean distance per shift,
-LSE-D = the minimum, LSE-C = median minus minimum) with our encoders in place of SyncNet:
-
-- lip crops come from ``prepare``'s :func:`~se4lip_dist.prepare.process_clip` (face detection
-  per the config), audio is 16 kHz mono on the video clock;
-- window ``i`` is lip frames ``i .. i + T - 1`` with the audio of the same frames
-  (``T = train.window_frames``), exactly like a training pair;
-- :func:`~se4lip_dist.losses.offset_distances` gives the mean distance between L2-normalised
-  embeddings at each audio shift ``s`` (lip window ``t`` against audio window ``t + s``), and
-  :func:`~se4lip_dist.losses.predict_offset` the argmin.
-
-Sign: a positive offset means the audio lags the video (the sound of a mouth movement comes
-``offset`` frames later). ``shift=K`` delays the audio by K frames before scoring, so an in-sync
-clip should give offset K. syncnet_python prints the opposite sign.
-
-The distances are L2 distances of normalised embeddings (range [0, sqrt(2)]): they are on this
-encoder's scale and cannot be compared with SyncNet's LSE-D/LSE-C numbers.
+LSE-D = the minimum, LSE-C = median minus minimum) with our encoders in place of SyncNet. Lip
+crops come from ``prepare``'s :func:`~se4lip_dist.prepare.process_clip` (face detection per the
+config); windows, shifts, signs and distances are :mod:`se4lip_dist.sync`'s, the same as in
+training validation and the registry gate. ``shift=K`` delays the audio by K frames before
+scoring, so an in-sync clip should give offset K.
 """
 
 from __future__ import annotations
@@ -29,67 +18,10 @@ import numpy as np
 from se4lip_dist.config import Config
 
 SCALE_NOTE = "distances are on this encoder's scale (L2 of normalised embeddings), not SyncNet's"
-EMBED_BATCH = 64
 
 
 class EvaluateError(RuntimeError):
     """A clip that cannot be evaluated, or a model that cannot be loaded."""
-
-
-def shift_audio(audio: np.ndarray, frames: int, spf: int) -> np.ndarray:
-    """Delay the audio by ``frames`` video frames (negative: advance), keeping its length.
-
-    ``out[s] = audio[s - frames * spf]``; samples shifted in from outside are zeros.
-    """
-    k = frames * spf
-    out = np.zeros_like(audio)
-    if k >= 0:
-        out[k:] = audio[: max(0, len(audio) - k)]
-    else:
-        out[: len(audio) + k] = audio[-k:]
-    return out
-
-
-def sync_distances(model: Any, cfg: Config, lips: np.ndarray, audio: np.ndarray,
-                   max_offset: int) -> np.ndarray:
-    """Mean embedding distance per audio shift for aligned lip crops and audio.
-
-    Args:
-        model: an :class:`~se4lip_dist.models.SE4Lip` (``.speech``, ``.lips``) in eval mode.
-        cfg: its config.
-        lips: uint8 ``[N, h, w, 3]`` mouth crops, one per video frame.
-        audio: float32 ``[N * spf]`` audio on the same clock.
-        max_offset: largest shift in frames.
-
-    Returns:
-        float32 ``[2 * max_offset + 1]``; index ``i`` is shift ``i - max_offset``.
-
-    Raises:
-        EvaluateError: fewer windows than the offset search needs.
-    """
-    import torch
-
-    from se4lip_dist.losses import offset_distances
-    from se4lip_dist.models import lip_input
-    from se4lip_dist.stream import sliding_windows
-
-    t, spf = cfg.train.window_frames, cfg.data.samples_per_frame
-    lip_win = sliding_windows(lips, t)
-    wav_win = sliding_windows(audio, t * spf, spf)
-    w = min(len(lip_win), len(wav_win))
-    if w <= max_offset:
-        raise EvaluateError(f"{w} windows of {t} frames: too short for a ±{max_offset} frame "
-                            "search (lower --max-offset)")
-    device = next(model.parameters()).device
-    a_seq, v_seq = [], []
-    with torch.no_grad():
-        for i in range(0, w, EMBED_BATCH):
-            wl = torch.from_numpy(np.ascontiguousarray(lip_win[i:min(w, i + EMBED_BATCH)]))
-            ww = torch.from_numpy(np.ascontiguousarray(wav_win[i:min(w, i + EMBED_BATCH)]))
-            v_seq.append(model.lips(lip_input(wl.to(device), cfg.model)).float().cpu())
-            a_seq.append(model.speech(ww.to(device)).float().cpu())
-        dists = offset_distances(torch.cat(a_seq), torch.cat(v_seq), max_offset)
-    return dists.numpy().astype(np.float32)
 
 
 def evaluate_clip(model: Any, cfg: Config, video: str | Path, *, max_offset: int = 15,
@@ -111,12 +43,10 @@ def evaluate_clip(model: Any, cfg: Config, video: str | Path, *, max_offset: int
     Raises:
         EvaluateError: the video cannot be decoded, has no usable face, or is too short.
     """
-    import torch
-
     from se4lip_dist.faces import build_detector
-    from se4lip_dist.losses import predict_offset
     from se4lip_dist.prepare import PrepareInput, process_clip
     from se4lip_dist.shards import decode_lips
+    from se4lip_dist.sync import clip_sync
 
     path = str(video)
     if detector is None:
@@ -126,18 +56,15 @@ def evaluate_clip(model: Any, cfg: Config, video: str | Path, *, max_offset: int
         raise EvaluateError(res.failure.error)
     lips = np.concatenate([decode_lips(s.lips_jpeg) for s in res.segments])
     audio = np.concatenate([np.asarray(s.audio, np.float32) for s in res.segments])
-    spf = cfg.data.samples_per_frame
-    if shift:
-        audio = shift_audio(audio, shift, spf)
     model.eval()
     try:
-        dists = sync_distances(model, cfg, lips, audio, max_offset)
-    except EvaluateError as e:
-        raise EvaluateError(f"{path}: {e}") from e
-    offset, lse_d, lse_c = predict_offset(torch.from_numpy(dists))
-    return {"name": Path(path).stem, "path": path, "offset": offset, "lse_d": lse_d,
-            "lse_c": lse_c, "frames": len(lips), "shift": shift,
-            "distances": [float(d) for d in dists]}
+        res = clip_sync(model, cfg, lips, audio, shifts=(shift,), max_offset=max_offset,
+                        clip_id=Path(path).stem, keep_distances=True)
+    except ValueError as e:
+        raise EvaluateError(f"{path}: {e} (lower --max-offset)") from e
+    return {"name": Path(path).stem, "path": path, "offset": res.offsets[0],
+            "lse_d": res.lse_d[0], "lse_c": res.lse_c[0], "frames": len(lips), "shift": shift,
+            "distances": res.distances[shift]}
 
 
 def load_sync_model(model_uri: str, tracking_uri: str | None = None) -> tuple[Any, Config]:
@@ -165,6 +92,7 @@ def evaluate_videos(model: Any, cfg: Config, videos: list[str], *, max_offset: i
     from se4lip_dist.extract import output_names
     from se4lip_dist.faces import FaceModelError, build_detector
     from se4lip_dist.prepare import collect_inputs
+    from se4lip_dist.sync import is_hit
 
     try:
         detector = build_detector(cfg.face)
@@ -193,9 +121,11 @@ def evaluate_videos(model: Any, cfg: Config, videos: list[str], *, max_offset: i
                  "frames": 0, "error": msg if p in msg else f"{p}: {msg}"}
         clips.append(r)
     ok = [c for c in clips if "error" not in c]
-    hits = [abs(c["offset"] - shift) <= 1 for c in ok]
+    hits = [is_hit(c["offset"], shift) for c in ok]
     return {
-        "offset_accuracy": float(np.mean(hits)) if hits else 0.0,
+        # None, not 0.0, when nothing could be scored: "no result" is not "all wrong".
+        "offset_accuracy": float(np.mean(hits)) if hits else None,
+        "hits": int(sum(hits)),
         "shift": shift,
         "max_offset": max_offset,
         "evaluated": len(ok),
@@ -270,6 +200,4 @@ __all__ = [
     "load_sync_model",
     "plot_curve",
     "run_evaluate",
-    "shift_audio",
-    "sync_distances",
 ]

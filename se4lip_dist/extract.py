@@ -2,8 +2,9 @@
 
 One row per input (video or audio file) flows through an actor pool; each actor loads the encoder
 once, decodes 16 kHz mono audio on the video's clock, embeds one ``train.window_frames`` window
-centred on every video frame, and writes the outputs itself, atomically, into
-``out_dir/<name>/``:
+centred on every video frame, and writes the outputs itself, atomically
+(:func:`se4lip_dist.storage.write_atomic_with`), into ``out_dir/<name>/``. Inputs and ``out_dir``
+may be local or URLs (``s3://bucket/prefix``); a remote input is downloaded by its actor.
 
 - ``aud_se4lip.npy``: float32 ``[N, D]``, N = number of video frames at ``fps`` (audio-only
   inputs: ``floor(duration * fps)``).
@@ -22,18 +23,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import math
 import re
 import time
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from se4lip_dist import storage
+from se4lip_dist.placement import DEFAULT_TIMEOUT_S, PlacementError, describe
 from se4lip_dist.prepare import VIDEO_EXTS, Failure, collect_inputs
-from se4lip_dist.shards import sha256_file
 
 AUDIO_EXTS = {".wav", ".m4a", ".mp3", ".flac", ".ogg", ".opus", ".aac"}
 FRAME_FILE = "aud_se4lip.npy"
@@ -153,7 +156,8 @@ def frame_windows(features: np.ndarray, width: int = WINDOW) -> np.ndarray:
 
 
 def _stem(path: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem)[:64] or "input"
+    stem = Path(storage.basename(path)).stem
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:64] or "input"
 
 
 def output_names(paths: list[str]) -> dict[str, str]:
@@ -193,22 +197,30 @@ def wanted_outputs(fmt: str, parquet: bool) -> list[str]:
 
 
 def expand_inputs(items: Iterable[str]) -> tuple[list[str], list[Failure]]:
-    """Files, folders (recursive: video and audio files) and CSV/JSONL manifests -> paths.
+    """Files, folders (recursive: video and audio files) and CSV/JSONL manifests -> inputs.
+
+    Items may be local or URLs (``s3://bucket/prefix`` is searched like a folder).
 
     Returns:
-        ``(paths, failures)``: unique resolved paths in a stable order, and bad entries.
+        ``(inputs, failures)``: unique resolved paths (URLs stay URLs) in a stable order, and
+        bad entries.
     """
     paths: list[str] = []
     failures: list[Failure] = []
     exts = VIDEO_EXTS | AUDIO_EXTS
     for item in items:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in exts and f.is_file())
+        try:
+            found = [f for f in storage.list_files(item)
+                     if Path(storage.basename(f)).suffix.lower() in exts] \
+                if storage.is_dir(item) else None
+        except storage.StorageError as e:
+            failures.append(Failure(item, str(e), "input"))
+            continue
+        if found is not None:
             if not found:
                 failures.append(Failure(item, f"{item}: no audio or video files in this folder",
                                         "input"))
-            paths.extend(str(f) for f in found)
+            paths.extend(found)
         else:
             got, bad = collect_inputs([item])
             paths.extend(i.path for i in got)
@@ -217,7 +229,7 @@ def expand_inputs(items: Iterable[str]) -> tuple[list[str], list[Failure]]:
     seen: set[str] = set()
     unique = []
     for p in paths:
-        r = str(Path(p).resolve())
+        r = str(Path(p).resolve()) if storage.is_local(p) else storage.absolute(p)
         if r not in seen:
             seen.add(r)
             unique.append(r)
@@ -288,54 +300,54 @@ def _model_identity(model: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- per-input work
 
 
-def _read_marker(folder: Path) -> dict[str, Any] | None:
+def _read_marker(folder: str) -> dict[str, Any] | None:
     try:
-        return json.loads((folder / SUCCESS_FILE).read_text())
+        return json.loads(storage.read_text(storage.join(folder, SUCCESS_FILE)))
     except (OSError, ValueError):
         return None
 
 
-def plan_input(path: str, folder: Path, identity: dict[str, Any], settings: dict[str, Any],
-               wanted: list[str]) -> list[str]:
+def plan_input(path: str, folder: str | Path, identity: dict[str, Any],
+               settings: dict[str, Any], wanted: list[str]) -> list[str]:
     """The outputs still to write for one input (empty: complete, skip it).
 
     A marker counts when it names the same model, settings and input bytes (size and mtime
     first; the sha256 only when those changed, so a rerun does not re-read every input).
+    ``path`` and ``folder`` may be local or URLs.
     """
+    folder = str(folder)
     marker = _read_marker(folder)
     if (marker is None or marker.get("version") != MARKER_VERSION
             or marker.get("model_identity") != identity or marker.get("settings") != settings):
         return list(wanted)
     try:
-        st = os.stat(path)
+        st = storage.stat(path)
     except OSError:
         return list(wanted)
     src = marker.get("input", {})
-    touched = (st.st_size, st.st_mtime_ns) != (src.get("bytes"), src.get("mtime_ns"))
-    if touched and (st.st_size != src.get("bytes") or sha256_file(path) != src.get("sha256")):
+    touched = (st.size, st.mtime_ns) != (src.get("bytes"), src.get("mtime_ns"))
+    try:
+        if touched and (st.size != src.get("bytes") or storage.sha256(path) != src.get("sha256")):
+            return list(wanted)
+    except OSError:
         return list(wanted)
     outputs = marker.get("outputs", {})
     missing = []
     for name in wanted:
-        f = folder / name
-        if name not in outputs or not f.is_file() or f.stat().st_size != outputs[name]["bytes"]:
+        try:
+            have = storage.stat(storage.join(folder, name)).size
+        except OSError:
+            have = None
+        if name not in outputs or have != outputs[name]["bytes"]:
             missing.append(name)
     return missing
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _npy_writer(array: np.ndarray) -> Callable[[Any], None]:
+    return lambda f: np.save(f, array, allow_pickle=False)
 
 
-def _write_parquet(path: Path, clip: str, feats: np.ndarray) -> None:
+def _parquet_writer(clip: str, feats: np.ndarray) -> Callable[[Any], None]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -345,7 +357,7 @@ def _write_parquet(path: Path, clip: str, feats: np.ndarray) -> None:
         "frame": pa.array(np.arange(n, dtype=np.int32)),
         "feature": pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), d),
     })
-    _atomic_write(path, lambda f: pq.write_table(table, f))
+    return lambda f: pq.write_table(table, f)
 
 
 def count_frames(info: Any, fps: int) -> int:
@@ -409,59 +421,54 @@ def process_input(encoder: Any, cfg: Any, job: dict[str, Any]) -> dict[str, Any]
     """
     t0 = time.perf_counter()
     path, name = job["path"], job["name"]
-    folder = Path(job["out_dir"]) / name
+    folder = storage.join(storage.absolute(job["out_dir"]), name)
     out: dict[str, Any] = {"name": name, "path": path, "status": "done", "error": "",
                            "frames": 0, "dim": 0, "audio_seconds": 0.0}
+    local = path
     try:
-        st = os.stat(path)
-        digest = sha256_file(path)
-        feats, seconds = extract_features(encoder, cfg, path, job["settings"]["fps"],
-                                          job["batch_size"])
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob(".*.tmp"):  # left by a killed run
-            stale.unlink(missing_ok=True)
+        st = storage.stat(path)
+        with storage.local_copy(path) as local:
+            digest = storage.sha256(local)
+            feats, seconds = extract_features(encoder, cfg, local, job["settings"]["fps"],
+                                              job["batch_size"])
+        storage.remove_temp_files(folder)  # left by a killed run (local folders only)
         marker = _read_marker(folder)
         keep = marker.get("outputs", {}) if marker and not job.get("fresh") else {}
         # The old marker goes first: from here until the new one lands the folder is incomplete.
-        (folder / SUCCESS_FILE).unlink(missing_ok=True)
+        storage.delete(storage.join(folder, SUCCESS_FILE))
         written: dict[str, Any] = {k: v for k, v in keep.items() if k not in job["todo"]
-                                   and (folder / k).is_file()}
+                                   and storage.is_file(storage.join(folder, k))}
         for fname in (FRAME_FILE, WINDOW_FILE, PARQUET_FILE):
             if fname not in written and fname not in job["todo"]:
                 # From another model or input version: never leave it beside the new marker.
-                (folder / fname).unlink(missing_ok=True)
+                storage.delete(storage.join(folder, fname))
         for fname in job["todo"]:
-            target = folder / fname
             if fname == FRAME_FILE:
-                _atomic_write(target, lambda f: np.save(f, feats, allow_pickle=False))
-                shape = list(feats.shape)
+                writer, shape = _npy_writer(feats), list(feats.shape)
             elif fname == WINDOW_FILE:
                 win = frame_windows(feats)
-                _atomic_write(target, lambda f, w=win: np.save(f, w, allow_pickle=False))
-                shape = list(win.shape)
+                writer, shape = _npy_writer(win), list(win.shape)
             else:
-                _write_parquet(target, name, feats)
-                shape = list(feats.shape)
-            written[fname] = {"bytes": target.stat().st_size, "sha256": sha256_file(target),
-                              "shape": shape}
+                writer, shape = _parquet_writer(name, feats), list(feats.shape)
+            w = storage.write_atomic_with(storage.join(folder, fname), writer)
+            written[fname] = {"bytes": w.size, "sha256": w.sha256, "shape": shape}
         record = {
             "version": MARKER_VERSION,
             "model_uri": job["model"]["uri"],
             "model": job["model"],
             "model_identity": job["identity"],
             "settings": job["settings"],
-            "input": {"path": path, "sha256": digest, "bytes": st.st_size,
-                      "mtime_ns": st.st_mtime_ns},
+            "input": {"path": path, "sha256": digest, "bytes": st.size,
+                      "mtime_ns": st.mtime_ns},
             "frames": int(feats.shape[0]),
             "dim": int(feats.shape[1]),
             "audio_seconds": seconds,
             "outputs": written,
         }
-        _atomic_write(folder / SUCCESS_FILE,
-                      lambda f: f.write(json.dumps(record, indent=1).encode()))
+        storage.write_atomic(storage.join(folder, SUCCESS_FILE), json.dumps(record, indent=1))
         out.update(frames=int(feats.shape[0]), dim=int(feats.shape[1]), audio_seconds=seconds)
     except Exception as e:  # one bad input must not stop the others
-        msg = str(e) or type(e).__name__
+        msg = (str(e) or type(e).__name__).replace(local, path)
         out.update(status="failed", error=msg if path in msg else f"{path}: {msg}")
     out["seconds"] = time.perf_counter() - t0
     return out
@@ -534,15 +541,17 @@ def run_extract(
     precision: str = "fp32",
     address: str | None = None,
     experiment: str = "se4lip-extract",
+    placement_timeout_s: float = DEFAULT_TIMEOUT_S,
     on_start: Callable[[int], None] | None = None,
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> ExtractSummary:
     """Extract per-frame speech features for audio/video inputs with a registered encoder.
 
     Args:
-        inputs: audio or video files, folders (searched recursively) or CSV/JSONL manifests.
+        inputs: audio or video files, folders (searched recursively) or CSV/JSONL manifests,
+            local or URLs (``s3://bucket/prefix``).
         model_uri: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/...`` or a folder.
-        out_dir: output root; each input gets ``out_dir/<name>/``.
+        out_dir: output root, local or a URL; each input gets ``out_dir/<name>/``.
         tracking_uri: MLflow tracking URI; None: ``MLFLOW_TRACKING_URI`` or the local store.
         fps: video frame rate of the output rows.
         fmt: ``frame`` ([N, D]), ``window`` ([N, 16, D]) or ``both``.
@@ -555,6 +564,9 @@ def run_extract(
             probe signal drift below cosine :data:`INT8_MIN_COSINE` from float32.
         address: Ray cluster address; None starts a local Ray (stopped again at the end).
         experiment: MLflow experiment of the run that records this job.
+        placement_timeout_s: how long the encoder actors may wait for the cluster to hold them;
+            a request no node can ever hold (``use_gpu`` without GPUs or an autoscaler that
+            adds them) fails at once.
         on_start: called with the number of inputs to extract (after skipping complete ones).
         on_result: called with each extracted or failed input's result row.
 
@@ -562,7 +574,8 @@ def run_extract(
         The summary; ``exit_code`` is 1 when any input failed.
 
     Raises:
-        ExtractError: bad arguments, a model that cannot be resolved or loaded, or a Ray failure.
+        ExtractError: bad arguments, a model that cannot be resolved or loaded, an unreachable
+            output location, a cluster that cannot hold the actors, or a Ray failure.
     """
     from se4lip_dist.registry import RegistryError, load_encoder
     from se4lip_dist.tracking import check_reachable, resolve_tracking_uri
@@ -575,7 +588,11 @@ def run_extract(
         raise ExtractError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "int8" and use_gpu:
         raise ExtractError("--precision int8 runs on CPU (dynamic quantization); drop --use-gpu")
-    out = Path(out_dir).resolve()
+    out = storage.absolute(str(out_dir))
+    try:
+        storage.check_bucket(out)
+    except storage.StorageError as e:
+        raise ExtractError(str(e)) from e
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
     model = resolve_model(model_uri, uri)
@@ -589,7 +606,6 @@ def run_extract(
     if cfg.data.sample_rate % fps:
         raise ExtractError(f"fps {fps} does not divide the model's sample rate "
                            f"{cfg.data.sample_rate}")
-    out.mkdir(parents=True, exist_ok=True)  # only now: a bad model or server leaves nothing
     identity = _model_identity(model)
     settings: dict[str, Any] = {"fps": fps, "sample_rate": cfg.data.sample_rate,
                                 "window_frames": cfg.train.window_frames, "window": WINDOW}
@@ -597,80 +613,129 @@ def run_extract(
         settings["precision"] = precision
 
     paths, failures = expand_inputs(inputs)
-    summary = ExtractSummary(out_dir=str(out), model_uri=model_uri, model=model,
+    summary = ExtractSummary(out_dir=out, model_uri=model_uri, model=model,
                              inputs=len(paths) + len(failures), dim=cfg.model.embed_dim,
                              outputs=wanted)
     names = output_names(paths)
     jobs = []
-    for p in paths:
-        folder = out / names[p]
-        todo = plan_input(p, folder, identity, settings, wanted)
-        if not todo:
-            summary.skipped += 1
-            continue
-        jobs.append({"path": p, "name": names[p], "out_dir": str(out), "todo": todo,
-                     "identity": identity, "settings": settings, "model": model,
-                     "batch_size": batch_size,
-                     "fresh": _read_marker(folder) is None or todo == wanted})
-    if on_start:
-        on_start(len(jobs))
-
-    run_id = _start_run(uri, experiment, model, summary, fps, fmt, parquet, batch_size,
-                        concurrency, use_gpu, cfg, precision)
-    summary.run_id = run_id
-    status = "FAILED"
     try:
-        for row in _run_jobs(jobs, model["pinned_uri"], uri, concurrency, use_gpu, precision,
-                             address):
-            if row["status"] == "failed":
-                failures.append(Failure(row["path"], row["error"], "extract"))
-            else:
-                summary.extracted += 1
-                summary.frames += int(row["frames"])
-                summary.audio_seconds += float(row["audio_seconds"])
-            summary.compute_seconds += float(row["seconds"])
-            if on_result:
-                on_result(row)
-        status = "FINISHED"
-    finally:
-        summary.failures = failures
-        summary.wall_seconds = time.perf_counter() - t0
-        _end_run(uri, run_id, summary, status)
+        for p in paths:
+            folder = storage.join(out, names[p])
+            todo = plan_input(p, folder, identity, settings, wanted)
+            if not todo:
+                summary.skipped += 1
+                continue
+            jobs.append({"path": p, "name": names[p], "out_dir": out, "todo": todo,
+                         "identity": identity, "settings": settings, "model": model,
+                         "batch_size": batch_size,
+                         "fresh": _read_marker(folder) is None or todo == wanted})
+        if on_start:
+            on_start(len(jobs))
+        pool = _EncoderPool(model["pinned_uri"], uri, min(concurrency, max(1, len(jobs))),
+                            use_gpu, precision, address, placement_timeout_s)
+        with pool if jobs else nullcontext():
+            # Only now, with the actors placeable: a bad model, server or cluster leaves nothing.
+            storage.makedirs(out)
+            run_id = _start_run(uri, experiment, model, summary, fps, fmt, parquet, batch_size,
+                                concurrency, use_gpu, cfg, precision)
+            summary.run_id = run_id
+            status = "FAILED"
+            try:
+                for row in pool.run(jobs):
+                    if row["status"] == "failed":
+                        failures.append(Failure(row["path"], row["error"], "extract"))
+                    else:
+                        summary.extracted += 1
+                        summary.frames += int(row["frames"])
+                        summary.audio_seconds += float(row["audio_seconds"])
+                    summary.compute_seconds += float(row["seconds"])
+                    if on_result:
+                        on_result(row)
+                status = "FINISHED"
+            finally:
+                summary.failures = failures
+                summary.wall_seconds = time.perf_counter() - t0
+                _end_run(uri, run_id, summary, status)
+    except storage.StorageError as e:  # the output location cannot be read or written
+        raise ExtractError(str(e)) from e
     return summary
 
 
-def _run_jobs(jobs: list[dict[str, Any]], model_uri: str, tracking_uri: str, concurrency: int,
-              use_gpu: bool, precision: str, address: str | None) -> Iterable[dict[str, Any]]:
-    if not jobs:
-        return
-    import ray
-    import ray.data
-    from ray.data import ActorPoolStrategy
+class _EncoderPool:
+    """The Ray Data actor pool that runs :class:`EncoderActor` over the jobs, with bounded waits.
 
-    from se4lip_dist.runtime import init_ray
+    Entering it joins or starts Ray and checks, before anything is written, that the
+    cluster can hold the actors (:func:`se4lip_dist.placement.wait_placeable`); Ray Data's own
+    wait for the pool's actors to start and load the model (``DataContext.wait_for_min_actors_s``,
+    unbounded by default) is then bounded by ``timeout_s`` as well.
+    """
 
-    started = not ray.is_initialized()
-    init_ray(address)
-    try:
-        ds = ray.data.from_items([{"job": json.dumps(j)} for j in jobs],
-                                 override_num_blocks=len(jobs))
-        ds = ds.map_batches(
-            EncoderActor,
-            fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": tracking_uri,
-                                   "use_gpu": use_gpu, "precision": precision},
-            compute=ActorPoolStrategy(size=min(concurrency, len(jobs))),
-            batch_size=1,
-            batch_format="numpy",
-            num_cpus=ACTOR_CPUS,
-            num_gpus=1 if use_gpu else 0,
-        )
-        for row in ds.iter_rows():
-            yield {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
-    except ray.exceptions.RayError as e:
-        raise ExtractError(f"extraction job failed: {e}") from e
-    finally:
-        if started:
+    def __init__(self, model_uri: str, tracking_uri: str, size: int, use_gpu: bool,
+                 precision: str, address: str | None, timeout_s: float) -> None:
+        self.model_uri, self.tracking_uri = model_uri, tracking_uri
+        self.size, self.use_gpu, self.precision = size, use_gpu, precision
+        self.address, self.timeout_s = address, timeout_s
+        self.request = {"CPU": ACTOR_CPUS, **({"GPU": 1.0} if use_gpu else {})}
+        self.what = f"{size} encoder actor{'s' if size > 1 else ''}"
+        self._started = False
+
+    def __enter__(self) -> _EncoderPool:
+        """Join or start Ray, then wait until the cluster can hold the actors (or raise)."""
+        import ray
+
+        from se4lip_dist.placement import wait_placeable
+        from se4lip_dist.runtime import init_ray
+
+        self._started = not ray.is_initialized()
+        init_ray(self.address)
+        try:
+            wait_placeable(self.request, self.size, self.what, self.timeout_s)
+        except PlacementError as e:
+            self.__exit__()
+            raise ExtractError(str(e)) from e
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import ray
+
+        if self._started:  # a local Ray started for this run stops with it
             ray.shutdown()
+            self._started = False
+
+    def run(self, jobs: list[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+        """Result rows of :func:`process_input`, in completion order."""
+        if not jobs:
+            return
+        import ray
+        import ray.data
+        from ray.data import ActorPoolStrategy
+
+        ctx = ray.data.DataContext.get_current()
+        wait_before = ctx.wait_for_min_actors_s
+        ctx.wait_for_min_actors_s = max(1, math.ceil(self.timeout_s))
+        try:
+            ds = ray.data.from_items([{"job": json.dumps(j)} for j in jobs],
+                                     override_num_blocks=len(jobs))
+            ds = ds.map_batches(
+                EncoderActor,
+                fn_constructor_kwargs={"model_uri": self.model_uri,
+                                       "tracking_uri": self.tracking_uri,
+                                       "use_gpu": self.use_gpu, "precision": self.precision},
+                compute=ActorPoolStrategy(size=self.size),
+                batch_size=1,
+                batch_format="numpy",
+                num_cpus=self.request["CPU"],
+                num_gpus=self.request.get("GPU", 0),
+            )
+            for row in ds.iter_rows():
+                yield {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+        except ray.exceptions.GetTimeoutError as e:
+            raise ExtractError(f"{self.what} ({describe(self.request)} each) did not start "
+                               f"within {self.timeout_s:g} s: {e}") from e
+        except ray.exceptions.RayError as e:
+            raise ExtractError(f"extraction job failed: {e}") from e
+        finally:
+            ctx.wait_for_min_actors_s = wait_before
 
 
 def _start_run(uri: str, experiment: str, model: dict[str, Any], summary: ExtractSummary,

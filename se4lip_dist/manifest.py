@@ -1,21 +1,21 @@
 """``manifest.json``: what a prepared-shards folder holds, and the record that makes reruns resume.
 
-The manifest is rewritten atomically (temp + rename) after every shard, so at any moment it names
-only shards that are complete on disk. A clip is done when it appears under ``clips``; a rerun of
-``prepare`` over the same folder skips those and only adds what is missing.
+The manifest is rewritten atomically (:func:`se4lip_dist.storage.write_atomic`) after every shard,
+so at any moment it names only shards that are complete in the folder, and it is written only once
+a shard exists. A clip is done when it appears under ``clips``; a rerun of ``prepare`` over the same
+folder skips those and only adds what is missing. The folder may be local or a URL (``s3://...``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from se4lip_dist import __version__
+from se4lip_dist import __version__, storage
 from se4lip_dist.shards import SCHEMA_VERSION, ShardInfo, ShardSchemaError, check_schema
 
 MANIFEST = "manifest.json"
@@ -31,7 +31,7 @@ class ClipRecord:
     """One prepared clip."""
 
     source: str
-    """Absolute path of the input video when it was prepared."""
+    """Absolute path (or URL) of the input video when it was prepared."""
     frames: int
     segments: int
     shard: str
@@ -87,26 +87,28 @@ class Manifest:
             "clips": {k: asdict(v) for k, v in sorted(self.clips.items())},
         }
 
-    def save(self, out_dir: str | Path) -> Path:
-        """Write atomically to ``out_dir/manifest.json``."""
+    def save(self, out_dir: str | Path) -> str:
+        """Write atomically to ``out_dir/manifest.json``; returns its location."""
         self.updated = time.time()
-        path = Path(out_dir) / MANIFEST
-        tmp = path.with_name(f".{MANIFEST}.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        os.replace(tmp, path)
+        path = storage.join(storage.absolute(str(out_dir)), MANIFEST)
+        storage.write_atomic(path, json.dumps(self.to_json(), indent=1))
         return path
 
     @classmethod
     def load(cls, out_dir: str | Path) -> Manifest:
         """Read ``out_dir/manifest.json``; :class:`ManifestError` when absent or unreadable."""
-        path = Path(out_dir) / MANIFEST
+        path = storage.join(storage.absolute(str(out_dir)), MANIFEST)
         try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError as e:
+            d = json.loads(storage.read_text(path))
+        except storage.BucketNotFoundError as e:
+            raise ManifestError(str(e)) from e
+        except storage.StorageNotFoundError as e:
             raise ManifestError(f"{path}: no manifest (run `se4lip-dist prepare` first)") from e
-        except (OSError, json.JSONDecodeError) as e:
+        except storage.StorageError as e:
+            raise ManifestError(f"unreadable manifest: {e}") from e
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ManifestError(f"{path}: unreadable manifest: {e}") from e
-        if d.get("format") != "se4lip-shards":
+        if not isinstance(d, dict) or d.get("format") != "se4lip-shards":
             raise ManifestError(f"{path}: not a se4lip-dist shard manifest")
         if d.get("schema_version") != SCHEMA_VERSION:
             raise ShardSchemaError(
@@ -124,8 +126,13 @@ class Manifest:
         )
 
     def shard_paths(self, out_dir: str | Path) -> list[str]:
-        """Absolute paths of the shards the manifest names (readers use these, not a glob)."""
-        return [str(Path(out_dir).resolve() / s.file) for s in self.shards]
+        """Locations of the shards the manifest names (readers use these, not a glob).
+
+        Absolute paths for a local folder, URLs for a remote one (``s3://bucket/x/shard-...``);
+        :func:`se4lip_dist.storage.fs_and_paths` turns them into a reader's ``filesystem=``.
+        """
+        root = storage.absolute(str(out_dir))
+        return [storage.join(root, s.file) for s in self.shards]
 
     def check_shards(self, out_dir: str | Path) -> None:
         """Raise :class:`ShardSchemaError` unless every named shard is readable and of this
@@ -141,7 +148,24 @@ class Manifest:
         return h.hexdigest()[:16]
 
 
+def append_failures(out_dir: str | Path, records: list[dict[str, Any]]) -> None:
+    """Add failure records (input, stage, error) to ``failures.jsonl``.
+
+    Object stores cannot append, so the whole file is read, extended and rewritten atomically
+    (locally too, for one behaviour); only the driver of a run writes it.
+    """
+    if not records:
+        return
+    path = storage.join(storage.absolute(str(out_dir)), FAILURES)
+    try:
+        old = storage.read_text(path)
+    except storage.StorageNotFoundError:
+        old = ""
+    if old and not old.endswith("\n"):
+        old += "\n"  # a line cut short by an older, appending writer stays its own line
+    storage.write_atomic(path, old + "".join(json.dumps(r) + "\n" for r in records))
+
+
 def append_failure(out_dir: str | Path, record: dict[str, Any]) -> None:
-    """Append one failure record (input, stage, error) to ``failures.jsonl``."""
-    with open(Path(out_dir) / FAILURES, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Add one failure record to ``failures.jsonl`` (see :func:`append_failures`)."""
+    append_failures(out_dir, [record])

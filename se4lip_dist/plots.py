@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
+
+from se4lip_dist import storage
 
 
 def pyplot() -> Any:
@@ -17,18 +19,26 @@ def pyplot() -> Any:
     return plt
 
 
-def save_figure(fig: Any, path: str | Path, dpi: int = 80) -> Path:
-    """Write ``fig`` to ``path`` as PNG via a temp file and rename, then close it.
+@overload
+def save_figure(fig: Any, path: Path, dpi: int = ...) -> Path: ...
 
-    A reader never sees a half-written PNG, and a crash leaves at most a hidden temp file.
+
+@overload
+def save_figure(fig: Any, path: str, dpi: int = ...) -> str: ...
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 80) -> Path | str:
+    """Write ``fig`` as PNG to ``path`` (local or URL) atomically, then close it.
+
+    A reader never sees a half-written PNG (:func:`se4lip_dist.storage.write_atomic_with`).
+
+    Returns:
+        ``path`` as given (a ``Path`` stays a ``Path``).
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=dpi)
+        storage.write_atomic_with(str(path), lambda f: fig.savefig(f, format="png", dpi=dpi))
     finally:
         pyplot().close(fig)
-    tmp.replace(path)
     return path
 
 

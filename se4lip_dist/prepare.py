@@ -3,12 +3,14 @@
 The per-clip work (:func:`process_clip`) is a pure function of one input file; Ray actors run it
 in parallel (each actor loads the face detector once), and the driver alone writes shards and the
 manifest, so a crash or Ctrl-C never leaves a half-written shard or a manifest naming one.
+
+Inputs, ``--out`` and ``--preview`` may be local paths or URLs (``s3://bucket/prefix``; see
+:mod:`se4lip_dist.storage`): a remote video is downloaded by the worker that decodes it.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import re
@@ -20,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from se4lip_dist import storage
 from se4lip_dist.config import Config
 from se4lip_dist.manifest import (
     FAILURES,
@@ -27,8 +30,9 @@ from se4lip_dist.manifest import (
     ClipRecord,
     Manifest,
     ManifestError,
-    append_failure,
+    append_failures,
 )
+from se4lip_dist.placement import DEFAULT_TIMEOUT_S, PlacementError
 from se4lip_dist.shards import SHARD_GLOB, Segment, ShardWriter, encode_jpeg, segments_to_table
 
 VIDEO_EXTS = {".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".flv", ".mpg", ".mpeg", ".ts"}
@@ -120,47 +124,58 @@ class PrepareSummary:
 # ---------------------------------------------------------------- inputs
 
 
+def _ext(url: str) -> str:
+    return os.path.splitext(storage.basename(url))[1].lower()
+
+
 def collect_inputs(items: Iterable[str]) -> tuple[list[PrepareInput], list[Failure]]:
     """Expand files, folders (recursively) and CSV/JSONL manifests into inputs.
 
-    Bad entries (missing paths, malformed manifest lines) become :class:`Failure` records so the
-    rest of the run goes on.
+    Each item may be local or a URL (``s3://bucket/prefix`` is searched like a folder). Bad
+    entries (missing paths, unreachable buckets, malformed manifest lines) become
+    :class:`Failure` records so the rest of the run goes on.
     """
     inputs: list[PrepareInput] = []
     failures: list[Failure] = []
     for item in items:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(
-                f for f in p.rglob("*") if f.suffix.lower() in VIDEO_EXTS and f.is_file()
-            )
-            if not found:
-                failures.append(Failure(item, "no video files in this folder", "input"))
-            inputs.extend(PrepareInput(str(f)) for f in found)
-        elif p.suffix.lower() in MANIFEST_EXTS:
-            got, bad = _read_input_manifest(p)
+        try:
+            kind = storage.kind(item)
+            if kind == "dir":
+                found = [f for f in storage.list_files(item) if _ext(f) in VIDEO_EXTS]
+                if not found:
+                    failures.append(Failure(item, "no video files in this folder", "input"))
+                inputs.extend(PrepareInput(f) for f in found)
+                continue
+        except storage.StorageError as e:
+            failures.append(Failure(item, str(e), "input"))
+            continue
+        if _ext(item) in MANIFEST_EXTS:
+            got, bad = _read_input_manifest(item)
             inputs.extend(got)
             failures.extend(bad)
-        elif p.is_file():
-            inputs.append(PrepareInput(str(p)))
+        elif kind == "file":
+            inputs.append(PrepareInput(item))
         else:
             failures.append(Failure(item, "no such file or folder", "input"))
     return inputs, failures
 
 
-def _read_input_manifest(path: Path) -> tuple[list[PrepareInput], list[Failure]]:
-    """Rows of ``path,speaker,split`` (CSV with header) or JSON objects per line (JSONL)."""
-    if not path.is_file():
-        return [], [Failure(str(path), "no such manifest file", "input")]
+def _read_input_manifest(path: str) -> tuple[list[PrepareInput], list[Failure]]:
+    """Rows of ``path,speaker,split`` (CSV with header) or JSON objects per line (JSONL).
+
+    Relative video paths resolve against the manifest's folder (or prefix).
+    """
+    try:
+        text = storage.read_text(path)
+    except storage.StorageNotFoundError:
+        return [], [Failure(path, "no such manifest file", "input")]
+    except (OSError, UnicodeDecodeError) as e:
+        return [], [Failure(path, f"cannot read manifest: {e}", "input")]
     inputs: list[PrepareInput] = []
     failures: list[Failure] = []
-    base = path.parent
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        return [], [Failure(str(path), f"cannot read manifest: {e}", "input")]
+    base = storage.parent(path)
     rows: list[tuple[int, dict[str, Any] | None, str]] = []
-    if path.suffix.lower() == ".jsonl":
+    if _ext(path) == ".jsonl":
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
@@ -172,7 +187,7 @@ def _read_input_manifest(path: Path) -> tuple[list[PrepareInput], list[Failure]]
     else:
         reader = csv.DictReader(text.splitlines())
         if reader.fieldnames is None or "path" not in reader.fieldnames:
-            return [], [Failure(str(path), "CSV manifest needs a header with a 'path' column",
+            return [], [Failure(path, "CSV manifest needs a header with a 'path' column",
                                 "input")]
         for n, row in enumerate(reader, 2):
             rows.append((n, row if None not in row else None, "too many fields"))
@@ -185,8 +200,13 @@ def _read_input_manifest(path: Path) -> tuple[list[PrepareInput], list[Failure]]
         if not raw:
             failures.append(Failure(where, "missing 'path'", "input"))
             continue
-        video = Path(raw) if Path(raw).is_absolute() else base / raw
-        if not video.is_file():
+        video = raw if storage.is_absolute(raw) else storage.join(base, raw)
+        try:
+            found = storage.is_file(video)
+        except storage.StorageError as e:
+            failures.append(Failure(f"{where} ({video})", str(e), "input"))
+            continue
+        if not found:
             failures.append(Failure(f"{where} ({video})", "no such file", "input"))
             continue
         split = (row.get("split") or None) and str(row["split"]).strip()
@@ -194,23 +214,24 @@ def _read_input_manifest(path: Path) -> tuple[list[PrepareInput], list[Failure]]
             failures.append(Failure(where, f"split must be train|val|test, got {split!r}",
                                     "input"))
             continue
-        inputs.append(PrepareInput(str(video), (row.get("speaker") or None) and
+        inputs.append(PrepareInput(video, (row.get("speaker") or None) and
                                    str(row["speaker"]).strip(), split or None))
     return inputs, failures
 
 
 def clip_id_for(path: str | Path) -> str:
-    """Stable id: a filesystem-safe stem plus a hash of the file's bytes.
+    """Stable id: a filesystem-safe stem plus a hash of the file's (or object's) bytes.
 
     Content hashing makes reruns resume even when the folder moved, and identical files
     given twice are recognised as one clip.
+
+    Raises:
+        OSError: the file cannot be read (a :class:`~se4lip_dist.storage.StorageError`).
     """
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem)[:48] or "clip"
-    return f"{stem}-{h.hexdigest()[:10]}"
+    digest = storage.sha256(str(path))
+    stem = os.path.splitext(storage.basename(str(path)))[0]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:48] or "clip"
+    return f"{stem}-{digest[:10]}"
 
 
 # ---------------------------------------------------------------- one clip
@@ -225,19 +246,34 @@ def process_clip(inp: PrepareInput, clip_id: str, cfg: Config, detector: Any) ->
         cfg: resolved config (``data`` and ``face`` sections are used).
         detector: a ``se4lip_dist.faces.FaceDetector``.
     """
-    from se4lip_dist import faces, media
-
     start = time.perf_counter()
     result = ClipResult(inp, clip_id)
+    try:
+        with storage.local_copy(inp.path) as local:
+            _process_local(result, local, cfg, detector)
+    except OSError as e:  # the download (a local file needs none)
+        msg = str(e) if inp.path in str(e) else f"{inp.path}: cannot download: {e}"
+        result.failure = Failure(inp.path, msg, "download")
+    if result.failure:
+        result.segments, result.record, result.preview = [], None, None
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _process_local(result: ClipResult, path: str, cfg: Config, detector: Any) -> None:
+    """The body of :func:`process_clip` on a local copy ``path`` of ``result.input``."""
+    from se4lip_dist import faces, media
+
+    inp, clip_id = result.input, result.clip_id
     data, face = cfg.data, cfg.face
     stage = "decode"
     try:
-        info = media.probe(inp.path)
+        info = media.probe(path)
         if not info.has_video:
             raise media.MediaError(f"{inp.path}: no video stream")
         if not info.has_audio:
             raise media.MediaError(f"{inp.path}: no audio stream")
-        audio = media.decode_audio(inp.path, data.sample_rate)
+        audio = media.decode_audio(path, data.sample_rate)
         stage = "faces"
         tracker = faces.MouthTracker(
             detector,
@@ -250,7 +286,7 @@ def process_clip(inp: PrepareInput, clip_id: str, cfg: Config, detector: Any) ->
         scores: list[float] = []
         detected: list[bool] = []
         tiles: list[np.ndarray] = []
-        for tf in tracker.track(media.iter_video_frames(inp.path, data.fps)):
+        for tf in tracker.track(media.iter_video_frames(path, data.fps)):
             cx, cy, side = faces.mouth_square(tf.kps, face.mouth_scale)
             crop = faces.crop_square(tf.frame, cx, cy, side, data.crop_size)
             jpegs.append(encode_jpeg(crop, data.jpeg_quality))
@@ -292,7 +328,7 @@ def process_clip(inp: PrepareInput, clip_id: str, cfg: Config, detector: Any) ->
                 )
             )
         result.record = ClipRecord(
-            source=os.path.abspath(inp.path), frames=n, segments=len(result.segments), shard="",
+            source=storage.absolute(inp.path), frames=n, segments=len(result.segments), shard="",
             speaker=inp.speaker, split=inp.split, duration_s=round(n / data.fps, 3),
             src_fps=info.src_fps, vfr=info.vfr,
             missing_fraction=round(float(tracker.missing_fraction), 4),
@@ -300,13 +336,10 @@ def process_clip(inp: PrepareInput, clip_id: str, cfg: Config, detector: Any) ->
         )
         result.preview = _contact_sheet(tiles)
     except Exception as e:  # every per-clip error becomes a failure record, never a crash
-        msg = str(e) or type(e).__name__
+        msg = (str(e) or type(e).__name__).replace(path, inp.path)
         if inp.path not in msg:
             msg = f"{inp.path}: {msg}"
         result.failure = Failure(inp.path, msg, stage)
-        result.segments = []
-    result.seconds = time.perf_counter() - start
-    return result
 
 
 def _fit_length(x: np.ndarray, n: int) -> np.ndarray:
@@ -364,32 +397,39 @@ def run_prepare(
     workers: int | None = None,
     address: str | None = None,
     preview_dir: str | Path | None = None,
+    placement_timeout_s: float = DEFAULT_TIMEOUT_S,
     on_start: Callable[[int], None] | None = None,
     on_result: Callable[[ClipResult], None] | None = None,
 ) -> PrepareSummary:
     """Prepare videos into shards under ``out_dir``; resumes an existing folder.
 
     Args:
-        items: video files, folders, or CSV/JSONL manifests.
-        out_dir: shard folder (created; an existing one must have the same data/face config).
+        items: video files, folders, or CSV/JSONL manifests (local or URLs).
+        out_dir: shard folder or URL prefix (an existing one must have the same data/face
+            config); nothing is written there before the first clip is done.
         cfg: resolved config.
         workers: parallel clip workers; 0 runs in this process without Ray; None = Ray CPUs.
         address: Ray cluster address (None starts a local Ray).
-        preview_dir: where to write one PNG contact sheet of lip crops per clip.
+        preview_dir: where to write one PNG contact sheet of lip crops per clip (local or URL).
+        placement_timeout_s: how long the clip workers may wait for the cluster to hold them.
         on_start: called with the number of clips to process.
         on_result: called after each clip (for progress bars).
 
     Raises:
-        PrepareError: the output folder is incompatible or the face detector cannot load.
+        PrepareError: the output folder is unreachable or incompatible, the face detector cannot
+            load, or the cluster cannot hold the clip workers.
     """
     t0 = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = PrepareSummary(out_dir=str(out))
-    manifest = _open_manifest(out, cfg)
-    preview = Path(preview_dir) if preview_dir else None
-    if preview:
-        preview.mkdir(parents=True, exist_ok=True)
+    out = storage.absolute(str(out_dir))
+    summary = PrepareSummary(out_dir=out)
+    preview = storage.absolute(str(preview_dir)) if preview_dir else None
+    try:
+        for where in (out, preview):
+            if where:
+                storage.check_bucket(where)
+        manifest = _open_manifest(out, cfg)
+    except storage.StorageError as e:
+        raise PrepareError(str(e)) from e
 
     inputs, failures = collect_inputs(items)
     summary.inputs = len(inputs) + len(failures)
@@ -399,8 +439,8 @@ def run_prepare(
         try:
             cid = clip_id_for(inp.path)
         except OSError as e:
-            failures.append(Failure(inp.path, f"{inp.path}: cannot read: {e.strerror or e}",
-                                    "input"))
+            msg = str(e) if inp.path in str(e) else f"{inp.path}: cannot read: {e}"
+            failures.append(Failure(inp.path, msg, "input"))
             continue
         digest = cid.rsplit("-", 1)[1]
         if digest in seen:
@@ -419,6 +459,10 @@ def run_prepare(
         detector = build_detector(cfg.face)
     except FaceModelError as e:
         raise PrepareError(str(e)) from e
+    # Before anything is written: a cluster that cannot hold the workers fails here.
+    pool = _ClipPool.start(todo, cfg, workers, address, placement_timeout_s) \
+        if todo and workers != 0 else None
+    _remove_orphans(out, manifest)
 
     writer = ShardWriter(out, cfg.data.shard_bytes, prefix=f"shard-{int(time.time()):x}")
     pending: dict[str, ClipRecord] = {}
@@ -429,32 +473,36 @@ def run_prepare(
         for cid in info.clips:
             pending[cid].shard = info.file
         manifest.add_shard(info, {cid: pending.pop(cid) for cid in info.clips})
+        # The manifest only ever names published shards, and exists only once one does.
         manifest.save(out)
         summary.bytes_written += info.bytes
 
     if on_start:
         on_start(len(todo))
+    results = pool.results() if pool else (process_clip(inp, cid, cfg, detector)
+                                           for inp, cid in todo)
     try:
-        for res in _results(todo, cfg, detector, workers, address):
-            if res.failure:
-                failures.append(res.failure)
-            else:
-                assert res.record is not None
-                pending[res.clip_id] = res.record
-                summary.prepared += 1
-                summary.frames += res.record.frames
-                summary.video_seconds += res.record.frames / cfg.data.fps
-                commit(writer.add(res.clip_id, segments_to_table(res.segments)))
-                if preview and res.preview is not None:
-                    _write_png(preview / f"{res.clip_id}.png", res.preview)
-            if on_result:
-                on_result(res)
-    finally:
-        # On Ctrl-C or a crash, keep every clip that finished: flush them as a complete shard.
-        commit(writer.flush())
-        manifest.save(out)
-        for f in failures:
-            append_failure(out, {**f.to_json(), "time": time.time()})
+        try:
+            for res in results:
+                if res.failure:
+                    failures.append(res.failure)
+                else:
+                    assert res.record is not None
+                    pending[res.clip_id] = res.record
+                    summary.prepared += 1
+                    summary.frames += res.record.frames
+                    summary.video_seconds += res.record.frames / cfg.data.fps
+                    commit(writer.add(res.clip_id, segments_to_table(res.segments)))
+                    if preview and res.preview is not None:
+                        _write_png(storage.join(preview, f"{res.clip_id}.png"), res.preview)
+                if on_result:
+                    on_result(res)
+        finally:
+            # On Ctrl-C or a crash, keep every clip that finished: flush them as one shard.
+            commit(writer.flush())
+            append_failures(out, [{**f.to_json(), "time": time.time()} for f in failures])
+    except storage.StorageError as e:  # --out or --preview cannot be written
+        raise PrepareError(str(e)) from e
     summary.failures = failures
     summary.wall_seconds = time.perf_counter() - t0
     summary.total_clips = len(manifest.clips)
@@ -462,14 +510,20 @@ def run_prepare(
     return summary
 
 
-def _open_manifest(out: Path, cfg: Config) -> Manifest:
-    """Load the folder's manifest (checking the config matches) or start a new one."""
+def _open_manifest(out: str, cfg: Config) -> Manifest:
+    """Load the folder's manifest (checking the config matches) or start a new one.
+
+    A manifest that names no shard constrains nothing (older versions wrote one even when every
+    clip failed): it is replaced by one with this run's config.
+    """
     wanted = {"data": cfg.to_dict()["data"], "face": cfg.to_dict()["face"]}
-    if (out / MANIFEST).exists():
+    if storage.exists(storage.join(out, MANIFEST)):
         try:
             manifest = Manifest.load(out)
         except ManifestError as e:
             raise PrepareError(str(e)) from e
+        if not manifest.shards:
+            return Manifest(config=wanted)
         have = {k: manifest.config.get(k) for k in wanted}
         diffs = [
             f"{sec}.{k}: {have[sec].get(k)!r} -> {v!r}"
@@ -484,51 +538,75 @@ def _open_manifest(out: Path, cfg: Config) -> Manifest:
                 f"{out}: already holds shards prepared with another config ({'; '.join(diffs)}); "
                 "use a new --out folder"
             )
-    else:
-        manifest = Manifest(config=wanted)
-    _remove_orphans(out, manifest)
-    return manifest
+        return manifest
+    return Manifest(config=wanted)
 
 
-def _remove_orphans(out: Path, manifest: Manifest) -> None:
+def _remove_orphans(out: str, manifest: Manifest) -> None:
     """Delete temp files and shards no manifest names (left by a killed run; their clips redo)."""
     named = {s.file for s in manifest.shards}
-    for f in list(out.glob(".*.tmp")) + [f for f in out.glob(SHARD_GLOB) if f.name not in named]:
-        f.unlink(missing_ok=True)
+    storage.remove_temp_files(out)
+    for f in storage.glob(storage.join(out, SHARD_GLOB)):
+        if storage.basename(f) not in named:
+            storage.delete(f)
 
 
-def _results(
-    todo: list[tuple[PrepareInput, str]],
-    cfg: Config,
-    detector: Any,
-    workers: int | None,
-    address: str | None,
-) -> Iterator[ClipResult]:
-    if not todo:
-        return
-    if workers == 0:
-        for inp, cid in todo:
-            yield process_clip(inp, cid, cfg, detector)
-        return
-    import ray
-    from ray.util import ActorPool
+class _ClipPool:
+    """Ray actors that prepare clips, started only once the cluster can hold them."""
 
-    from se4lip_dist.runtime import cluster_cpus, init_ray
+    def __init__(self, pool: Any, todo: list[tuple[PrepareInput, str]]) -> None:
+        self.pool = pool
+        self.todo = todo
 
-    init_ray(address)
-    n = workers or max(1, int(cluster_cpus()))
-    actor_cls = ray.remote(num_cpus=1)(_ClipWorker)
-    cfg_dict = cfg.to_dict()
-    pool = ActorPool([actor_cls.remote(cfg_dict) for _ in range(min(n, len(todo)))])
-    yield from pool.map_unordered(lambda a, v: a.process.remote(*v), todo)
+    @classmethod
+    def start(cls, todo: list[tuple[PrepareInput, str]], cfg: Config, workers: int | None,
+              address: str | None, timeout_s: float) -> _ClipPool:
+        """Start the actors; :class:`PrepareError` when the cluster cannot hold them in time."""
+        import ray
+        from ray.util import ActorPool
+
+        from se4lip_dist.placement import wait_placeable
+        from se4lip_dist.runtime import cluster_cpus, init_ray
+
+        init_ray(address)
+        n = min(workers or max(1, int(cluster_cpus())), len(todo))
+        request = {"CPU": 1.0}
+        what = f"{n} clip worker{'s' if n > 1 else ''}"
+        try:
+            wait_placeable(request, n, what, timeout_s)
+        except PlacementError as e:
+            raise PrepareError(str(e)) from e
+        actor_cls = ray.remote(num_cpus=request["CPU"])(_ClipWorker)
+        cfg_dict = cfg.to_dict()
+        actors = [actor_cls.remote(cfg_dict) for _ in range(n)]
+        ready = [a.__ray_ready__.remote() for a in actors]
+        # Placeable now; start-up (loading the detector) gets its own bounded wait.
+        done, _ = ray.wait(ready, num_returns=n, timeout=max(1.0, timeout_s))
+        if len(done) < n:
+            for a in actors:
+                ray.kill(a)
+            raise PrepareError(f"only {len(done)} of {what} started within {timeout_s:g} s "
+                               "(raise the placement timeout or lower --workers)")
+        try:
+            ray.get(done)  # a worker whose constructor failed raises here
+        except ray.exceptions.RayActorError as e:
+            for a in actors:
+                ray.kill(a)
+            raise PrepareError(f"a clip worker could not start: {e}") from e
+        return cls(ActorPool(actors), todo)
+
+    def results(self) -> Iterator[ClipResult]:
+        """Results in completion order."""
+        yield from self.pool.map_unordered(lambda a, v: a.process.remote(*v), self.todo)
 
 
-def _write_png(path: Path, rgb: np.ndarray) -> None:
+def _write_png(url: str, rgb: np.ndarray) -> None:
     import cv2
 
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    cv2.imwrite(str(tmp), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    tmp.replace(path)
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ValueError(f"{url}: PNG encoding failed")
+    storage.write_atomic(url, buf.tobytes())
 
 
 __all__ = [

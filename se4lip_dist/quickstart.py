@@ -28,7 +28,7 @@ TINY = [
 SPACE = {
     "description": "quickstart: 2 trials over the GRU depth",
     "preset": "cpu-small",
-    "metric": "val_offset_acc",
+    "metric": "val/offset_acc",
     "mode": "max",
     "num_samples": 1,
     "scheduler": "fifo",
@@ -130,6 +130,11 @@ def run_quickstart(
         "best": tuned["best"],
         "features": str(features),
         "offset_accuracy": evaluated["offset_accuracy"],
-        "evaluated": evaluated.get("evaluated", len(evaluated["clips"])),
+        "hits": evaluated["hits"],
+        "evaluated": evaluated["evaluated"],
+        "model_name": reg["name"],
+        "heldout": " ".join(clips),
+        "evaluate_flags": "--face-backend none" if synthetic else (
+            f"--insightface-root {insightface_root}" if insightface_root else ""),
         "tracking_uri": redact_uri(uri if "://" in uri else default_tracking_uri(work)),
     }

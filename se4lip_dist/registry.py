@@ -1,21 +1,25 @@
-"""Log the trained speech encoder to MLflow, register it, and load it back.
+"""Log the trained encoders to MLflow as a model, register versions, and load them back.
 
-The model is an MLflow *pyfunc* whose artifacts are the speech encoder's ``state_dict`` (plain
-tensors, read with ``torch.load(weights_only=True)``) and the resolved config YAML. The pytorch
-flavour's default ``pt2`` export is avoided on purpose: ``torch.export`` specialises the GRU's
-sequence length, and the encoder must embed waveforms of any length.
+The model is an MLflow *pyfunc* logged from code (:mod:`se4lip_dist.pyfunc_model`, MLflow's
+"models from code"), whose artifacts are the speech and lip encoders' ``state_dict`` files
+(plain tensors, read with ``torch.load(weights_only=True)``) and the resolved config YAML.
+Loading it never unpickles anything. The pytorch flavour's default ``pt2`` export is avoided on
+purpose: ``torch.export`` specialises the GRU's sequence length, and the encoder must embed
+waveforms of any length.
 
-- ``mlflow.pyfunc.load_model("models:/NAME@ALIAS").predict(wav)`` with ``wav`` float32
-  ``[batch, samples]`` at 16 kHz returns ``[batch, embed_dim]`` embeddings.
-- :func:`load_encoder` gives the torch module itself (no pickle executed) for extract/evaluate.
+- ``mlflow.pyfunc.load_model("models:/NAME@ALIAS").predict({"waveform_16k": wav})`` with ``wav``
+  float32 ``[batch, samples]`` at 16 kHz returns ``[batch, embed_dim]`` embeddings.
+- :func:`load_encoder` / :func:`load_sync_model` give the torch modules themselves.
+
+Everything goes through an ``MlflowClient`` bound to the caller's tracking URI: no module-level
+MLflow state is read or changed. Which version carries which alias is decided in
+:mod:`se4lip_dist.lifecycle`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,40 +39,14 @@ LIPS_FILE = "lip_encoder.pt"
 quality gate can score AV sync with a registered model (the pyfunc itself only uses speech)."""
 CONFIG_FILE = "config.yaml"
 MODEL_NAME = "model"
-DEFAULT_ALIAS = "candidate"
-"""Alias set on a newly registered version (``champion`` is for a promotion step to set)."""
+CODE_FILE = Path(__file__).with_name("pyfunc_model.py")
+"""The pyfunc's code (models from code): MLflow runs it on load instead of unpickling a class."""
+INPUT_NAME = "waveform_16k"
+OUTPUT_NAME = "embedding"
 
 
 class RegistryError(RuntimeError):
     """A model that cannot be logged, registered or loaded."""
-
-
-@contextlib.contextmanager
-def _using(tracking_uri: str) -> Iterator[None]:
-    """Point MLflow's tracking and registry URIs at ``tracking_uri`` for a block, then restore.
-
-    ``mlflow.set_*_uri`` also exports ``MLFLOW_*_URI`` env vars (inherited by Ray workers) and
-    cannot unset the registry URI, so the previous module state and env are restored by hand.
-    """
-    import mlflow
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    saved_tracking = tracking_utils._tracking_uri
-    saved_registry = registry_utils._registry_uri
-    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    try:
-        yield
-    finally:
-        tracking_utils.set_tracking_uri(saved_tracking)
-        registry_utils._registry_uri = saved_registry
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _pip_requirements() -> list[str]:
@@ -123,45 +101,19 @@ def load_weights(path: str | Path, source: str | None = None) -> dict[str, Any]:
                             f"tensor state_dict (weights_only load failed: {reason})") from e
 
 
-def _load_files(weights: str | Path, config: str | Path,
-                source: str | None = None) -> tuple[SpeechEncoder, Config]:
+def load_files(weights: str | Path, config: str | Path,
+               source: str | None = None) -> tuple[SpeechEncoder, Config]:
+    """A speech encoder and its config from a weights file and a config YAML."""
     cfg = Config.from_dict(yaml.safe_load(Path(config).read_text()))
     return build_speech_encoder(cfg, load_weights(weights, source)), cfg
 
 
-_EMBEDDER: type | None = None
-
-
-def _embedder_class() -> type:
-    """The pyfunc class, created on first use so importing this module does not import MLflow.
-
-    It is cached as the module attribute ``SpeechEmbedder`` so cloudpickle stores it by reference.
-    """
-    global _EMBEDDER
-    if _EMBEDDER is None:
-        import mlflow.pyfunc
-
-        class SpeechEmbedder(mlflow.pyfunc.PythonModel):
-            """pyfunc: float32 waveforms ``[batch, samples]`` -> embeddings ``[batch, D]``."""
-
-            def load_context(self, context: Any) -> None:
-                self.encoder, self.cfg = _load_files(context.artifacts["weights"],
-                                                     context.artifacts["config"])
-
-            # No type hints: MLflow 3 would infer a second signature from them.
-            def predict(self, context, model_input, params=None):
-                return embed_waveforms(self.encoder, model_input, self.cfg)
-
-        SpeechEmbedder.__qualname__ = "SpeechEmbedder"
-        SpeechEmbedder.__module__ = __name__
-        _EMBEDDER = SpeechEmbedder
-        globals()["SpeechEmbedder"] = SpeechEmbedder
-    return _EMBEDDER
-
-
 def __getattr__(name: str) -> Any:
+    # Models logged by earlier versions pickled ``se4lip_dist.registry.SpeechEmbedder``.
     if name == "SpeechEmbedder":
-        return _embedder_class()
+        from se4lip_dist.pyfunc_model import SpeechEmbedder
+
+        return SpeechEmbedder
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -201,22 +153,29 @@ def log_model(
     run_id: str,
     cfg: Config,
     state: dict[str, torch.Tensor],
+    *,
+    step: int = 0,
+    tags: dict[str, Any] | None = None,
 ) -> str:
-    """Log the speech encoder as a pyfunc model in ``run_id``.
+    """Log the encoders as a pyfunc model (an MLflow LoggedModel) output by ``run_id``.
 
     Args:
         tracking_uri: resolved tracking URI.
-        run_id: the training run.
+        run_id: the run that produced the model (its output at ``step``).
         cfg: the config the model was trained with.
         state: the whole :class:`SE4Lip` ``state_dict`` (speech and lip encoders; the lip
             weights are logged as an extra artifact), or the speech encoder's alone.
+        step: the epoch the weights come from (shown beside the model in the run).
+        tags: tags of the logged model.
 
     Returns:
         The logged model's URI (``models:/m-...``).
     """
-    import mlflow
+    import mlflow.pyfunc
     import torch
-    from mlflow.models import ModelSignature
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelOutput
+    from mlflow.models import Model, ModelSignature
     from mlflow.types import Schema, TensorSpec
 
     lips_state = _part(state, "lips.") if _is_whole_model(state) else None
@@ -229,29 +188,50 @@ def log_model(
         build_model(cfg.model, sample_rate=cfg.data.sample_rate,
                     window_frames=cfg.train.window_frames).lips.load_state_dict(lips_state)
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, encoder.embed_dim))]),
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1), name=INPUT_NAME)]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, encoder.embed_dim),
+                                   name=OUTPUT_NAME)]),
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = Path(tmp) / WEIGHTS_FILE
-        config = Path(tmp) / CONFIG_FILE
-        torch.save({k: v.detach().cpu().contiguous() for k, v in speech_state.items()}, weights)
-        config.write_text(cfg.to_yaml())
-        artifacts = {"weights": str(weights), "config": str(config)}
-        if lips_state is not None:
-            lips = Path(tmp) / LIPS_FILE
-            torch.save({k: v.detach().cpu().contiguous() for k, v in lips_state.items()}, lips)
-            artifacts["lips"] = str(lips)
-        with _using(tracking_uri), mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name=MODEL_NAME,
-                python_model=_embedder_class()(),
+    # One lip window's worth of audio: what the encoder embeds per video frame.
+    window = cfg.train.window_frames * cfg.data.samples_per_frame
+    example = {INPUT_NAME: np.zeros((1, window), np.float32)}
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run = client.get_run(run_id)
+    logged = client.create_logged_model(
+        run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
+        tags={k: str(v) for k, v in (tags or {}).items()}, model_type="se4lip-speech-encoder")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / "src"
+            src.mkdir()
+            torch.save({k: v.detach().cpu().contiguous() for k, v in speech_state.items()},
+                       src / WEIGHTS_FILE)
+            (src / CONFIG_FILE).write_text(cfg.to_yaml())
+            artifacts = {"weights": str(src / WEIGHTS_FILE), "config": str(src / CONFIG_FILE)}
+            if lips_state is not None:
+                torch.save({k: v.detach().cpu().contiguous() for k, v in lips_state.items()},
+                           src / LIPS_FILE)
+                artifacts["lips"] = str(src / LIPS_FILE)
+            out = Path(tmp) / "model"
+            mlflow.pyfunc.save_model(
+                path=str(out),
+                python_model=str(CODE_FILE),
                 artifacts=artifacts,
                 signature=signature,
+                input_example=example,
                 pip_requirements=_pip_requirements(),
-                metadata={"embed_dim": encoder.embed_dim, "sample_rate": cfg.data.sample_rate},
+                metadata={"embed_dim": encoder.embed_dim, "sample_rate": cfg.data.sample_rate,
+                          "window_frames": cfg.train.window_frames, "preset": cfg.preset},
+                mlflow_model=Model(artifact_path=logged.artifact_location, run_id=run_id,
+                                   model_id=logged.model_id),
             )
-    return info.model_uri
+            client.log_model_artifacts(logged.model_id, str(out))
+        client.finalize_logged_model(logged.model_id, "READY")
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step)])
+    except BaseException:
+        client.finalize_logged_model(logged.model_id, "FAILED")
+        raise
+    return f"models:/{logged.model_id}"
 
 
 def register_model(
@@ -259,40 +239,105 @@ def register_model(
     model_uri: str,
     name: str,
     *,
+    run_id: str | None = None,
     tags: dict[str, Any] | None = None,
-    alias: str | None = DEFAULT_ALIAS,
+    description: str | None = None,
 ) -> int:
-    """Register ``model_uri`` as a new version of ``name`` with tags and an alias.
+    """Register ``model_uri`` as a new version of ``name`` (created if missing), no alias.
 
     Returns:
         The new version number.
     """
-    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        client.create_registered_model(name, description=MODEL_DESCRIPTION)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    model_id = model_uri[len("models:/"):] if model_uri.startswith("models:/m-") else None
+    source = model_uri
+    if model_id is not None:
+        # MLflow's sqlite registry resolves a models:/m-... source through the process-global
+        # tracking URI; the artifact location resolved with our own client avoids that.
+        logged = MlflowClient(tracking_uri=tracking_uri).get_logged_model(model_id)
+        source, run_id = logged.artifact_location, run_id or logged.source_run_id
+    all_tags = {k: str(v) for k, v in (tags or {}).items()}
+    if model_id is not None:
+        all_tags[LOGGED_MODEL_TAG] = model_uri
+    mv = client.create_model_version(
+        name, source=source, run_id=run_id, model_id=model_id, description=description,
+        tags=all_tags)
+    return int(mv.version)
+
+
+MODEL_DESCRIPTION = (
+    "SE4Lip speech encoders (se4lip-dist). Aliases: `champion` is the version the quality gate "
+    "promoted (use `models:/NAME@champion`), `challenger` the latest version it did not promote. "
+    "Each version's description and `gate.*` tags give the scores and the reason."
+)
+
+
+def find_version(tracking_uri: str, name: str, source: str) -> int | None:
+    """The version of ``name`` registered from ``source`` (tag ``se4lip.source``), if any."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    found = [int(v.version) for v in versions if (v.tags or {}).get(SOURCE_TAG) == source]
+    return max(found) if found else None
+
+
+LOGGED_MODEL_TAG = "se4lip.logged_model"
+"""Version tag with the ``models:/m-...`` LoggedModel the version was registered from."""
+SOURCE_TAG = "se4lip.source"
+"""Version tag naming the run (and epoch) a version came from: registration is idempotent."""
+
+
+def resolve_artifacts(model_uri: str, tracking_uri: str) -> str:
+    """The artifact location behind a model URI, resolved with a client bound to
+    ``tracking_uri`` (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``models:/m-...``);
+    other URIs (``runs:/``, folders, ``s3://``) are returned as they are."""
     from mlflow import MlflowClient
 
-    with _using(tracking_uri):
-        mv = mlflow.register_model(model_uri, name,
-                                   tags={k: str(v) for k, v in (tags or {}).items()})
+    if not model_uri.startswith("models:/"):
+        return model_uri
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    if alias:
-        client.set_registered_model_alias(name, alias, mv.version)
-    return int(mv.version)
+    ref = model_uri[len("models:/"):].rstrip("/")
+    if ref.startswith("m-"):
+        return client.get_logged_model(ref).artifact_location
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        mv = client.get_model_version_by_alias(name, alias)
+    else:
+        name, _, version = ref.rpartition("/")
+        mv = client.get_model_version(name, version)
+    if mv.source.startswith("models:/m-"):
+        return client.get_logged_model(mv.source[len("models:/"):]).artifact_location
+    return mv.source
 
 
 def _download(model_uri: str, tracking_uri: str | None, dst: str) -> tuple[Path, Path, str]:
     """Download a logged model; returns (speech weights, config) paths and the tracking URI."""
     import mlflow.artifacts
 
-    from se4lip_dist.tracking import resolve_tracking_uri
+    from se4lip_dist.tracking import redact_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        with _using(uri):
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst))
+        location = resolve_artifacts(model_uri, uri)
+        local = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=location, dst_path=dst, tracking_uri=uri))
     except Exception as e:
-        from se4lip_dist.tracking import redact_uri
-
         raise RegistryError(f"cannot download {model_uri} from {redact_uri(uri)}: {e}") from e
     weights = next(local.rglob(WEIGHTS_FILE), None)
     config = next((p for p in local.rglob(CONFIG_FILE) if p.parent == weights.parent), None) \
@@ -320,7 +365,7 @@ def load_encoder(
     """
     with tempfile.TemporaryDirectory() as tmp:
         weights, config, _ = _download(model_uri, tracking_uri, tmp)
-        return _load_files(weights, config, model_uri)
+        return load_files(weights, config, model_uri)
 
 
 def load_model_state(
@@ -354,16 +399,31 @@ def load_sync_model(model_uri: str, tracking_uri: str | None = None) -> tuple[An
     return model.eval(), cfg
 
 
-def list_models(tracking_uri: str | None = None) -> list[dict[str, Any]]:
-    """Registered models: name, latest version, aliases, last update."""
-    import datetime
-
+def _reader(tracking_uri: str | None) -> tuple[Any, str]:
+    """A registry client for an existing store (reading never creates an empty one)."""
     from mlflow import MlflowClient
 
-    from se4lip_dist.tracking import resolve_tracking_uri
+    from se4lip_dist.tracking import existing_store, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    existing_store(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+
+
+def list_models(tracking_uri: str | None = None) -> dict[str, Any]:
+    """Registered models of a store: name, latest version, aliases, last update.
+
+    Returns:
+        ``{"tracking_uri": ..., "models": [...]}`` (the URI with credentials removed).
+
+    Raises:
+        TrackingError: no store at that URI.
+    """
+    import datetime
+
+    from se4lip_dist.tracking import redact_uri
+
+    client, uri = _reader(tracking_uri)
     rows = []
     for m in client.search_registered_models():
         versions = [int(v.version) for v in (m.latest_versions or [])]
@@ -374,26 +434,27 @@ def list_models(tracking_uri: str | None = None) -> list[dict[str, Any]]:
             "updated": datetime.datetime.fromtimestamp(
                 (m.last_updated_timestamp or 0) / 1000).isoformat(timespec="seconds"),
         })
-    return rows
+    return {"tracking_uri": redact_uri(uri), "models": rows}
 
 
 def show_model(name: str, tracking_uri: str | None = None) -> dict[str, Any]:
-    """Every version of ``name`` with its aliases, tags and source run.
+    """Every version of ``name`` with its aliases, description, tags and source run.
 
     Raises:
         RegistryError: no such registered model.
+        TrackingError: no store at that URI.
     """
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from se4lip_dist.tracking import resolve_tracking_uri
+    from se4lip_dist.tracking import redact_uri
 
-    uri = resolve_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client, uri = _reader(tracking_uri)
     try:
         model = client.get_registered_model(name)
     except MlflowException as e:
-        raise RegistryError(f"no registered model {name!r} at {uri}") from e
+        known = [m.name for m in client.search_registered_models()]
+        raise RegistryError(f"no registered model {name!r} at {redact_uri(uri)}; registered "
+                            f"there: {known or 'none'}") from e
     by_version: dict[int, list[str]] = {}
     for alias, v in (model.aliases or {}).items():
         by_version.setdefault(int(v), []).append(alias)
@@ -401,16 +462,18 @@ def show_model(name: str, tracking_uri: str | None = None) -> dict[str, Any]:
                       key=lambda v: int(v.version), reverse=True)
     return {
         "name": name,
-        "versions": [{"version": int(v.version), "aliases": sorted(by_version.get(int(v.version),
-                                                                                  [])),
-                      "run_id": v.run_id, "source": v.source, "tags": dict(v.tags or {})}
+        "tracking_uri": redact_uri(uri),
+        "description": model.description or "",
+        "versions": [{"version": int(v.version),
+                      "aliases": sorted(by_version.get(int(v.version), [])),
+                      "run_id": v.run_id, "source": v.source,
+                      "description": v.description or "", "tags": dict(v.tags or {})}
                      for v in versions],
     }
 
 
-def promote(name: str, version: int, alias: str = "champion",
-            tracking_uri: str | None = None) -> int | None:
-    """Point ``alias`` at ``version`` by hand; returns the version it pointed at before.
+def version_info(tracking_uri: str, name: str, version: int) -> Any:
+    """The MLflow ``ModelVersion`` (tags, run id, source) of ``name`` ``version``.
 
     Raises:
         RegistryError: no such model or version.
@@ -418,36 +481,34 @@ def promote(name: str, version: int, alias: str = "champion",
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from se4lip_dist.tracking import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
-        client.get_model_version(name, str(version))
+        return client.get_model_version(name, str(version))
     except MlflowException as e:
-        raise RegistryError(f"{name} has no version {version} at {uri}") from e
-    try:
-        previous: int | None = int(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        previous = None
-    client.set_registered_model_alias(name, alias, str(version))
-    client.set_model_version_tag(name, str(version), "gate", f"promoted to {alias} by hand")
-    return previous
+        raise RegistryError(f"{name} has no version {version}") from e
 
 
 __all__ = [
-    "DEFAULT_ALIAS",
+    "CODE_FILE",
+    "INPUT_NAME",
+    "LOGGED_MODEL_TAG",
+    "MODEL_DESCRIPTION",
+    "OUTPUT_NAME",
+    "SOURCE_TAG",
     "RegistryError",
     "build_speech_encoder",
     "embed_waveforms",
+    "find_version",
     "list_models",
     "load_encoder",
+    "load_files",
     "load_model_state",
     "load_sync_model",
     "load_weights",
     "log_model",
-    "promote",
     "register_model",
+    "resolve_artifacts",
     "show_model",
     "speech_state_dict",
+    "version_info",
 ]

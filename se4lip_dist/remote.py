@@ -1,4 +1,4 @@
-"""Running ``se4lip-dist`` commands on a Ray cluster through the Ray Jobs API, and a local MLflow.
+"""Running ``se4lip-dist`` commands on a Ray cluster through the Ray Jobs API.
 
 ``submit_job`` wraps ``ray.job_submission.JobSubmissionClient``: it uploads the project folder
 as the job's ``working_dir`` (without virtualenvs, runs and data), passes MLflow/S3 credentials
@@ -9,29 +9,20 @@ Ray 2.60 turns token authentication on by default; the dashboard then wants
 ``Authorization: Bearer <token>``. Ray's own client only sends it when ``RAY_AUTH_MODE=token``
 is set locally, so a token-protected cluster fails with a bare 401 for anyone who has the token
 file but not the variable. We send the token ourselves whenever we find one.
-
-``start_local_mlflow``/``stop_local_mlflow`` run ``mlflow server`` on 127.0.0.1 (sqlite store,
-served artifacts) in its own process group, for tests and the local multi-node recipe.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shlex
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from se4lip_dist.runtime import CREDENTIAL_ENV
 from se4lip_dist.tracking import redact_uri
 
 if TYPE_CHECKING:
@@ -59,19 +50,7 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
 )
 """Paths left out of the uploaded ``working_dir`` (on top of ``.gitignore``/``.rayignore``)."""
 
-PASSTHROUGH_ENV: tuple[str, ...] = (
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-    "MLFLOW_TRACKING_INSECURE_TLS",
-    "MLFLOW_S3_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-)
+PASSTHROUGH_ENV: tuple[str, ...] = CREDENTIAL_ENV
 """Caller env vars copied into the job's runtime env when set (values are never printed)."""
 
 ADDRESS_COMMANDS: frozenset[str] = frozenset({"prepare", "train", "tune", "extract"})
@@ -404,150 +383,21 @@ def stop_job(address: str, job_id: str, token: str | None = None) -> bool:
                       lambda: client.stop_job(job_id)))
 
 
-# --- a local MLflow server -------------------------------------------------------------------
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class LocalMlflow:
-    """A running ``mlflow server`` started by :func:`start_local_mlflow`.
-
-    Attributes:
-        url: tracking URI, ``http://127.0.0.1:<port>``.
-        pid: the server's pid, also its process-group id.
-        root: folder holding ``mlflow.db``, ``artifacts/`` and ``server.log``.
-    """
-
-    url: str
-    pid: int
-    root: Path
-    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-
-    def __enter__(self) -> LocalMlflow:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        stop_local_mlflow(self)
-
-
-def start_local_mlflow(
-    root: str | Path, *, port: int | None = None, host: str = "127.0.0.1",
-    timeout_s: float = 90.0, extra_args: Sequence[str] = (),
-) -> LocalMlflow:
-    """Start ``mlflow server`` with a sqlite store and served artifacts under ``root``.
-
-    The server runs in its own session/process group (uvicorn workers included) so that
-    :func:`stop_local_mlflow` stops exactly it. Its scheduled-job runner is off and it runs one
-    worker: on small machines that halves startup time.
-
-    Args:
-        root: folder for ``mlflow.db``, ``artifacts/`` and ``server.log`` (created).
-        port: TCP port (default: a free one).
-        host: bind address; keep 127.0.0.1 unless the server must be reachable from elsewhere.
-        timeout_s: how long to wait for ``/health``.
-        extra_args: more ``mlflow server`` arguments.
-
-    Raises:
-        RemoteError: the server exited or did not answer in time (the log tail is included).
-    """
-    root = Path(root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    port = port or free_port(host)
-    log = root / "server.log"
-    cmd = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--serve-artifacts", "--artifacts-destination", str(root / "artifacts"),
-        "--host", host, "--port", str(port), "--workers", "1", *extra_args,
-    ]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with open(log, "ab") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, cwd=root)
-    (root / "mlflow.pid").write_text(str(proc.pid))
-    server = LocalMlflow(url=f"http://{host}:{port}", pid=proc.pid, root=root, process=proc)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
-        try:
-            with urllib.request.urlopen(f"{server.url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return server
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    stop_local_mlflow(server)
-    tail = log.read_text(errors="replace")[-2000:]
-    raise RemoteError(f"mlflow server on {server.url} did not start; log tail:\n{tail}")
-
-
-def stop_local_mlflow(server: LocalMlflow, grace_s: float = 10.0) -> None:
-    """Stop the server's process group: SIGTERM, then SIGKILL after ``grace_s``."""
-    kill_process_group(server.pid, grace_s)
-    if server.process is not None:
-        server.process.poll()
-    (server.root / "mlflow.pid").unlink(missing_ok=True)
-
-
-def kill_process_group(pgid: int, grace_s: float = 10.0) -> None:
-    """SIGTERM a process group we started, wait, then SIGKILL what is left. Never ``ray stop``."""
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        if not _group_alive(pgid):
-            return
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether any non-zombie process is still in the group."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # fields: state ppid pgrp ...
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
-
-
 __all__ = [
     "ADDRESS_COMMANDS",
     "DEFAULT_EXCLUDES",
     "PASSTHROUGH_ENV",
     "JobInfo",
-    "LocalMlflow",
     "RemoteAuthError",
     "RemoteError",
     "build_runtime_env",
     "exit_code",
-    "free_port",
     "job_argv",
     "job_client",
     "job_logs",
-    "kill_process_group",
     "list_jobs",
     "redact_uri",
     "resolve_auth_token",
-    "start_local_mlflow",
-    "stop_local_mlflow",
     "submit_job",
     "wait_for_job",
 ]

@@ -6,6 +6,25 @@ import os
 from typing import Any
 
 OBJECT_STORE_BYTES = 512 * 1024 * 1024
+CREDENTIAL_ENV: tuple[str, ...] = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_INSECURE_TLS",
+    "MLFLOW_TRACKING_SERVER_CERT_PATH",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+)
+"""Tracking and object-storage settings that every process of a job needs (and that are never
+logged): passed to submitted jobs, to the processes of a joined cluster and to Train workers."""
 _log_to_driver = True
 
 
@@ -39,9 +58,16 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Set by Ray's job supervisor for a submitted job's driver, whose runtime env already
+    # carries the job's variables (Ray refuses a second definition of the same keys).
+    inside_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        if not inside_job and "runtime_env" not in kwargs:
+            # Tasks and actors on other nodes do not inherit this shell's environment.
+            kwargs["runtime_env"] = {"env_vars": credential_env()}
         ray.init(address=address, log_to_driver=_log_to_driver, **kwargs)
+        pin_ray_data_actors()
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(
@@ -54,8 +80,56 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
     )
 
 
+def pin_ray_data_actors() -> None:
+    """Start Ray Data's detached helper actors (stats, autoscaling coordinator) on this node.
+
+    Ray Data creates them, detached and pinned, on the node of whichever process first runs a
+    pipeline. When that is a Tune trial or a Train worker on an autoscaled node, they keep that
+    node busy forever and the autoscaler never removes it. A 0-CPU pipeline run here first puts
+    them on the driver's node (the head, on a cluster).
+    """
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False
+    try:
+        ray.data.from_items([0]).map_batches(_identity, num_cpus=0).materialize()
+    finally:
+        ctx.enable_progress_bars = bars
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
 def cluster_cpus() -> float:
     """CPUs Ray can schedule on (call after :func:`init_ray`)."""
     import ray
 
     return float(ray.cluster_resources().get("CPU", 1.0))
+
+
+SECRET_ENV: tuple[str, ...] = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                               "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with the values of this process's secret variables replaced by ``REDACTED``
+    (library errors sometimes quote a runtime env verbatim)."""
+    for k in SECRET_ENV:
+        value = os.environ.get(k)
+        if value and len(value) >= 4:
+            text = text.replace(value, "REDACTED")
+    return text
+
+
+def credential_env() -> dict[str, str]:
+    """The :data:`CREDENTIAL_ENV` variables set in this process."""
+    return {k: os.environ[k] for k in CREDENTIAL_ENV if os.environ.get(k)}
+
+
+def worker_env() -> dict[str, str]:
+    """Env for Ray Train workers: credentials (passed, never logged), quiet defaults."""
+    env = credential_env()
+    env.setdefault("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
+    return env

@@ -12,8 +12,6 @@ column-name constants, never positional guesses.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from se4lip_dist import storage
 
 SCHEMA_VERSION = 1
 """Bump when columns change meaning; readers refuse shards from another version."""
@@ -141,9 +141,11 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
 
 
 def check_schema(path: str | Path) -> None:
-    """Raise :class:`ShardSchemaError` unless ``path`` is a shard of :data:`SCHEMA_VERSION`."""
+    """Raise :class:`ShardSchemaError` unless ``path`` (local or URL) is a shard of
+    :data:`SCHEMA_VERSION`."""
     try:
-        schema = pq.read_schema(path)
+        fs, p = storage.resolve(str(path))
+        schema = pq.read_schema(p, filesystem=fs)
     except (OSError, pa.ArrowInvalid) as e:
         raise ShardSchemaError(f"{path}: not a readable Parquet file: {e}") from e
     version = (schema.metadata or {}).get(META_VERSION)
@@ -160,20 +162,17 @@ def check_schema(path: str | Path) -> None:
 
 
 def iter_rows(path: str | Path, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
-    """Rows of one shard as dicts (small helper for tools and tests; training uses Ray Data)."""
+    """Rows of one shard (local or URL) as dicts (for tools and tests; training uses Ray Data)."""
     check_schema(path)
-    pf = pq.ParquetFile(path)
-    for batch in pf.iter_batches(batch_size=64, columns=columns):
-        yield from batch.to_pylist()
+    with storage.open_input(str(path)) as f:
+        pf = pq.ParquetFile(f)
+        for batch in pf.iter_batches(batch_size=64, columns=columns):
+            yield from batch.to_pylist()
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's or object's bytes (:func:`se4lip_dist.storage.sha256`)."""
+    return storage.sha256(str(path))
 
 
 @dataclass
@@ -189,15 +188,17 @@ class ShardInfo:
 
 
 class ShardWriter:
-    """Buffers clip tables and writes size-bounded shards atomically (temp file + rename).
+    """Buffers clip tables and writes size-bounded shards atomically into a folder or prefix.
 
-    A clip's rows always land in one shard, so a shard that exists is complete for every clip it
-    holds. Call :meth:`add` per clip and :meth:`flush` at the end; each write returns its
-    :class:`ShardInfo` so the caller can update the manifest right after the rename.
+    Each shard is published with :func:`se4lip_dist.storage.write_atomic_with` (local: temp file,
+    fsync, rename; object stores: one upload to the final key), and a clip's rows always land in
+    one shard, so a shard that exists is complete for every clip it holds. Call :meth:`add` per
+    clip and :meth:`flush` at the end; each write returns its :class:`ShardInfo` so the caller
+    can update the manifest right after the shard is published.
     """
 
     def __init__(self, out_dir: str | Path, shard_bytes: int, prefix: str) -> None:
-        self.out_dir = Path(out_dir)
+        self.out_dir = storage.absolute(str(out_dir))
         self.shard_bytes = shard_bytes
         self.prefix = prefix
         self._tables: list[pa.Table] = []
@@ -222,23 +223,20 @@ class ShardWriter:
             return None
         table = pa.concat_tables(self._tables)
         name = f"{self.prefix}-{self._count:05d}.parquet"
-        final = self.out_dir / name
-        while final.exists():  # never overwrite a shard another run wrote
+        while storage.exists(storage.join(self.out_dir, name)):  # never overwrite a shard
             self._count += 1
             name = f"{self.prefix}-{self._count:05d}.parquet"
-            final = self.out_dir / name
-        tmp = self.out_dir / f".{name}.tmp"
         # Small row groups keep Ray Data's read blocks small enough to stream.
-        pq.write_table(table, tmp, row_group_size=64, compression="zstd")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        written = storage.write_atomic_with(
+            storage.join(self.out_dir, name),
+            lambda f: pq.write_table(table, f, row_group_size=64, compression="zstd"),
+        )
         info = ShardInfo(
             file=name,
             rows=table.num_rows,
             frames=int(pa.compute.sum(table["n_frames"]).as_py() or 0),
-            bytes=final.stat().st_size,
-            sha256=sha256_file(final),
+            bytes=written.size,
+            sha256=written.sha256,
             clips=list(self._clips),
         )
         self._tables, self._clips, self._bytes = [], [], 0

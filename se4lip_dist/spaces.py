@@ -15,14 +15,10 @@ from typing import Any
 import yaml
 
 from se4lip_dist.config import Config, ConfigError, list_presets, load_config
+from se4lip_dist.validation import METRICS, ValidationError, metric_name
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "fifo")
-METRICS = {
-    "val_offset_acc": "max",
-    "val_sync_acc": "max",
-    "val_loss": "min",
-}
 
 
 @dataclass(frozen=True)
@@ -84,9 +80,10 @@ def load_space(path: str | Path, preset: str | None = None) -> SearchSpace:
     preset = preset or d.get("preset", "cpu-small")
     if preset not in list_presets():
         raise ConfigError(f"{p}: unknown preset {preset!r}; choose one of {list_presets()}")
-    metric = d.get("metric", "val_offset_acc")
-    if metric not in METRICS:
-        raise ConfigError(f"{p}: metric must be one of {sorted(METRICS)}, got {metric!r}")
+    try:
+        metric = metric_name(d.get("metric", "val/offset_acc"))
+    except ValidationError as e:
+        raise ConfigError(f"{p}: {e}") from e
     mode = d.get("mode", METRICS[metric])
     if mode not in ("max", "min"):
         raise ConfigError(f"{p}: mode must be max|min, got {mode!r}")

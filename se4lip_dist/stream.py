@@ -34,9 +34,6 @@ POSITIVE, HARD, FAR, CROSS = 0, 1, 2, 3
 """Pair kinds in the ``kind`` column."""
 KIND_NAMES = ("positive", "hard", "far", "cross")
 
-VAL_PAIR_SEED = 0
-"""Seed of the validation pairs, fixed apart from ``train.seed``: models trained with different
-seeds (a tune over ``train.seed``, the registry's champion gate) are scored on the same pairs."""
 VAL_SPLIT_NAMES = frozenset({"val", "valid", "validation", "dev"})
 TRAIN_SPLIT_NAMES = frozenset({"train", "training"})
 
@@ -213,7 +210,7 @@ def make_pair_batch(
     batch: dict[str, Any],
     *,
     spec: PairSpec,
-    split: str,
+    split: str | None,
     val_fraction: float,
     seed: int | None = None,
 ) -> dict[str, np.ndarray]:
@@ -224,7 +221,7 @@ def make_pair_batch(
     Args:
         batch: numpy batch with at least the :data:`READ_COLUMNS` columns.
         spec: pair sampling settings.
-        split: ``train`` or ``val``.
+        split: ``train`` or ``val``; None keeps every row (already selected by the caller).
         val_fraction: see :func:`clip_split`.
         seed: fixed seed for reproducible pairs (validation); None draws fresh pairs each epoch.
 
@@ -232,8 +229,11 @@ def make_pair_batch(
         Columns ``wav`` float32 [P, window_frames*samples_per_frame], ``lips`` uint8
         [P, window_frames, h, w, 3], ``label`` float32 [P], ``kind`` int8 [P] (shuffled order).
     """
-    keep = _select_split(batch, split, val_fraction)
-    rows = {k: np.asarray(v)[keep] for k, v in batch.items()}
+    if split is None:
+        rows = {k: np.asarray(v) for k, v in batch.items()}
+    else:
+        keep = _select_split(batch, split, val_fraction)
+        rows = {k: np.asarray(v)[keep] for k, v in batch.items()}
     clip_ids = [str(c) for c in rows["clip_id"]]
     n_frames = [int(n) for n in rows["n_frames"]]
     rng = _batch_rng(rows, seed)
@@ -280,46 +280,6 @@ def _empty_pairs(t: int, spf: int) -> dict[str, np.ndarray]:
     }
 
 
-def decode_segments(
-    batch: dict[str, Any], *, split: str, val_fraction: float, max_frames: int | None = None
-) -> dict[str, np.ndarray]:
-    """Whole decoded segments (for the AV-offset evaluation), one output row per input row.
-
-    Args:
-        batch: numpy batch with :data:`READ_COLUMNS`.
-        split: keep rows of this split only.
-        val_fraction: see :func:`clip_split`.
-        max_frames: keep at most this many leading frames of a segment (bounds eval cost).
-
-    Returns:
-        Columns ``clip_id``, ``n_frames`` int32, ``wav`` (object array of float32 [n*spf]) and
-        ``lips`` (object array of uint8 [n, h, w, 3]); variable lengths become ragged tensors.
-    """
-    keep = _select_split(batch, split, val_fraction)
-    ids, ns, wavs, lips = [], [], [], []
-    for r in np.flatnonzero(keep):
-        n = int(batch["n_frames"][r]) if max_frames is None else min(
-            int(batch["n_frames"][r]), max_frames)
-        spf = int(batch["sample_rate"][r]) // int(batch["fps"][r])
-        ids.append(str(batch["clip_id"][r]))
-        ns.append(n)
-        wavs.append(decode_audio(batch["audio"][r])[: n * spf])
-        lips.append(decode_lips(list(batch["lips"][r][:n])))
-    return {
-        "clip_id": np.asarray(ids, dtype=object),
-        "n_frames": np.asarray(ns, np.int32),
-        "wav": _object_array(wavs),
-        "lips": _object_array(lips),
-    }
-
-
-def _object_array(items: list[np.ndarray]) -> np.ndarray:
-    out = np.empty(len(items), dtype=object)
-    for i, x in enumerate(items):
-        out[i] = x
-    return out
-
-
 def read_shards(data_dir: str, *, shuffle_files: bool = False) -> ray.data.Dataset:
     """Lazy Ray dataset over the shards a prepared folder's manifest names (columns we need).
 
@@ -339,13 +299,16 @@ def read_shards(data_dir: str, *, shuffle_files: bool = False) -> ray.data.Datas
     # Parquet V1 reader: V2 (Ray 2.60's default) starts 32 FooterReader actors to list files on
     # every execution, i.e. every epoch: 5-10 s before the first batch on 2 cores, 1-2 s with V1
     # (benchmarks/bench_pipeline.py). The manifest already lists the files, so V2 buys nothing.
+    from se4lip_dist.storage import fs_and_paths
+
+    filesystem, paths = fs_and_paths(paths)
     ctx = ray.data.DataContext.get_current()
     use_v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
     try:
         # Fractional read tasks: on 2 cores a 1-CPU read task waits behind the training workers.
         return ray.data.read_parquet(
             paths, columns=READ_COLUMNS, shuffle="files" if shuffle_files else None,
-            num_cpus=0.25,
+            num_cpus=0.25, filesystem=filesystem,
         )
     finally:
         ctx.use_datasource_v2 = use_v2
@@ -354,63 +317,34 @@ def read_shards(data_dir: str, *, shuffle_files: bool = False) -> ray.data.Datas
 def pair_dataset(
     data_dir: str,
     cfg: Config,
-    split: str,
     *,
     rows_per_task: int = 16,
     num_cpus: float = 0.5,
 ) -> ray.data.Dataset:
-    """Streamed pairs of one split: ``wav``, ``lips``, ``label``, ``kind`` (see make_pair_batch).
+    """Streamed training pairs: ``wav``, ``lips``, ``label``, ``kind`` (see make_pair_batch).
 
-    Training pairs are re-drawn every time the dataset is iterated (every epoch), from files in
-    a shuffled order; validation pairs use ``VAL_PAIR_SEED`` so every epoch and every model sees
-    the same pairs.
+    Pairs are re-drawn every time the dataset is iterated (every epoch), from files in a shuffled
+    order. Validation does not stream: :mod:`se4lip_dist.validation` scores fixed pairs.
 
     Args:
         data_dir: folder with ``manifest.json`` and the shards.
         cfg: resolved config (``train`` sampling settings, ``data.fps``/``sample_rate``).
-        split: ``train`` or ``val``.
         rows_per_task: shard rows per ``map_batches`` call; more rows give more cross-clip choice.
         num_cpus: CPUs reserved by each sampling task (fractional: leave room for the workers).
     """
-    train = split == "train"
-    ds = read_shards(data_dir, shuffle_files=train)
+    ds = read_shards(data_dir, shuffle_files=True)
     return ds.map_batches(
         make_pair_batch,
         fn_kwargs={
             "spec": PairSpec.from_config(cfg),
-            "split": split,
+            "split": "train",
             "val_fraction": cfg.train.val_fraction,
-            "seed": None if train else VAL_PAIR_SEED,
+            "seed": None,
         },
         batch_size=rows_per_task,
         batch_format="numpy",
         num_cpus=num_cpus,
     )
-
-
-def segment_dataset(
-    data_dir: str, cfg: Config, split: str = "val", *, max_frames: int | None = None,
-    num_cpus: float = 0.5,
-) -> ray.data.Dataset:
-    """Streamed whole decoded segments of one split (for the AV-offset evaluation)."""
-    return read_shards(data_dir).map_batches(
-        decode_segments,
-        fn_kwargs={"split": split, "val_fraction": cfg.train.val_fraction,
-                   "max_frames": max_frames},
-        batch_size=4,
-        batch_format="numpy",
-        num_cpus=num_cpus,
-    )
-
-
-def sliding_windows(x: np.ndarray, window: int, step: int = 1) -> np.ndarray:
-    """Views ``x[i*step : i*step + window]`` stacked on a new first axis (no copy)."""
-    n = (len(x) - window) // step + 1
-    if n <= 0:
-        return np.zeros((0, window, *x.shape[1:]), x.dtype)
-    view = np.lib.stride_tricks.sliding_window_view(x, window, axis=0)[::step]
-    # sliding_window_view puts the window axis last; move it next to the batch axis.
-    return np.moveaxis(view, -1, 1)[:n]
 
 
 __all__ = [
@@ -422,13 +356,10 @@ __all__ = [
     "Pair",
     "PairSpec",
     "clip_split",
-    "decode_segments",
     "make_pair_batch",
     "manifest_splits",
     "pair_dataset",
     "read_shards",
     "sample_pairs",
-    "segment_dataset",
-    "sliding_windows",
     "stable_unit",
 ]

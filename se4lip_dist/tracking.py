@@ -8,6 +8,7 @@ MLflow's global "active run" state.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import tempfile
@@ -102,6 +103,21 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         Path(urlsplit(uri).path or uri).mkdir(parents=True, exist_ok=True)
 
 
+def check_cluster_store(uri: str, command: str) -> None:
+    """A run on a Ray cluster logs from its workers' nodes: refuse a node-local store.
+
+    Raises:
+        TrackingError: ``uri`` is a sqlite file or a folder, which every node would create
+            separately on its own disk.
+    """
+    if urlsplit(uri).scheme in ("sqlite", "file", ""):
+        raise TrackingError(
+            f"{command} on a Ray cluster logs from the workers' nodes, and the MLflow store "
+            f"{redact_uri(uri)} is a file on each node's own disk: pass --tracking-uri "
+            "http://<mlflow server> (or set MLFLOW_TRACKING_URI) to a server every node "
+            "reaches; cluster/README.md shows one")
+
+
 def ensure_experiment(tracking_uri: str, name: str) -> str:
     """Create the experiment if missing (in the driver: sqlite schema creation races otherwise).
 
@@ -113,13 +129,89 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     artifact_location = None
     if urlsplit(tracking_uri).scheme == "sqlite":
         # Keep artifacts next to the sqlite store instead of MLflow's ./mlruns default.
         db = Path(tracking_uri[len("sqlite:///"):])
         artifact_location = (db.parent / "artifacts" / name).resolve().as_uri()
-    return client.create_experiment(name, artifact_location=artifact_location)
+    return client.create_experiment(name, artifact_location=artifact_location,
+                                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""Opens experiments in MLflow 3's model-training view (runs, charts, models), not GenAI's."""
+
+
+def existing_store(uri: str) -> None:
+    """Raise :class:`TrackingError` when a local store does not exist (reading must not create
+    an empty one); remote servers are checked with :func:`check_reachable`."""
+    scheme = urlsplit(uri).scheme
+    if scheme == "sqlite":
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_file():
+            raise TrackingError(
+                f"no MLflow store at {path}: nothing was tracked there yet. Runs go to "
+                f"./{RUNS_DIR}/mlflow.db under the folder a command ran in; pass "
+                "--tracking-uri (or MLFLOW_TRACKING_URI) to read another store")
+    elif scheme in ("http", "https"):
+        check_reachable(uri)
+    elif scheme in ("", "file") and not Path(urlsplit(uri).path or uri).is_dir():
+        raise TrackingError(f"no MLflow store at {uri}")
+
+
+def run_context_tags(command: str) -> dict[str, str]:
+    """What the MLflow UI shows as a run's source, user and git commit."""
+    import getpass
+
+    tags = {
+        "mlflow.source.name": f"se4lip-dist {command}",
+        "mlflow.source.type": "JOB" if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") else "LOCAL",
+    }
+    with contextlib.suppress(KeyError, OSError):
+        tags["mlflow.user"] = getpass.getuser()
+    rev = git_revision()
+    if rev:
+        tags["mlflow.source.git.commit"] = rev
+    return tags
+
+
+def log_datasets(tracking_uri: str, run_id: str, *, data_hash: str, source: str,
+                 splits: dict[str, list[str]]) -> None:
+    """Record the shards a run used in MLflow's Datasets panel, one dataset per split.
+
+    Args:
+        data_hash: the manifest's content hash (the shards' identity).
+        source: where the shards are (credentials removed before logging).
+        splits: ``{"training": clip ids, "validation": clip ids}``; each split's digest hashes
+            the data hash and its clip ids, so a different split shows as a different dataset.
+    """
+    import hashlib
+    import json
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = []
+    for context, clips in splits.items():
+        digest = hashlib.sha256(f"{data_hash}:{context}:{','.join(sorted(clips))}".encode())
+        inputs.append(DatasetInput(
+            Dataset(name=f"shards-{data_hash}-{context}", digest=digest.hexdigest()[:16],
+                    source_type="se4lip-shards",
+                    source=json.dumps({"uri": redact_uri(source), "manifest_hash": data_hash}),
+                    profile=json.dumps({"clips": len(clips)})),
+            tags=[InputTag("mlflow.data.context", context)]))
+    MlflowClient(tracking_uri=tracking_uri).log_inputs(run_id, datasets=inputs)
+
+
+def set_description(tracking_uri: str, run_id: str, text: str) -> None:
+    """The run's description (markdown) in the MLflow UI."""
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=tracking_uri).set_tag(run_id, "mlflow.note.content", text)
 
 
 def git_revision(path: str | Path | None = None) -> str | None:
@@ -134,17 +226,6 @@ def git_revision(path: str | Path | None = None) -> str | None:
     return rev if out.returncode == 0 and rev else None
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> ``{"a.b": v}``."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def start_run(
     tracking_uri: str,
     experiment: str,
@@ -153,8 +234,13 @@ def start_run(
     params: dict[str, Any],
     tags: dict[str, str],
     config_yaml: str,
+    command: str = "train",
+    description: str | None = None,
 ) -> str:
     """Create the experiment (if needed) and a run with params, tags and the config file.
+
+    The run also gets MLflow's source/user/git tags (:func:`run_context_tags` for ``command``)
+    and, when given, a markdown ``description``.
 
     Returns:
         The new run id.
@@ -164,8 +250,11 @@ def start_run(
 
     exp_id = ensure_experiment(tracking_uri, experiment)
     client = MlflowClient(tracking_uri=tracking_uri)
+    all_tags = {**run_context_tags(command), **tags}
+    if description:
+        all_tags["mlflow.note.content"] = description
     run = client.create_run(exp_id, run_name=run_name,
-                            tags={k: v for k, v in tags.items() if v is not None})
+                            tags={k: v for k, v in all_tags.items() if v is not None})
     run_id = run.info.run_id
     items = [Param(k, _param_value(v)) for k, v in params.items()]
     for i in range(0, len(items), 100):  # MLflow caps a log_batch at 100 params
@@ -205,6 +294,7 @@ class RunLogger:
         from mlflow import MlflowClient
 
         self.client: MlflowClient = MlflowClient(tracking_uri=tracking_uri)
+        self.tracking_uri = tracking_uri
         self.run_id = run_id
 
     def metrics(self, values: dict[str, float], step: int) -> None:
@@ -229,13 +319,13 @@ class RunLogger:
             if history:
                 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
                 epochs = [h["epoch"] for h in history]
-                for key in ("train_loss", "val_loss"):
+                for key in ("train/loss", "val/loss"):
                     if all(key in h for h in history):
                         ax1.plot(epochs, [h[key] for h in history], marker="o", label=key)
                 ax1.set_xlabel("epoch")
                 ax1.set_ylabel("BCE")
                 ax1.legend()
-                for key in ("val_sync_acc", "val_offset_acc"):
+                for key in ("val/sync_acc", "val/offset_acc"):
                     if all(key in h for h in history):
                         ax2.plot(epochs, [h[key] for h in history], marker="o", label=key)
                 ax2.set_xlabel("epoch")
@@ -256,19 +346,37 @@ class RunLogger:
         """Log a text artifact."""
         self.client.log_text(self.run_id, text, artifact_file)
 
+    def system_metrics(self, *, resume: bool = False) -> Any:
+        """Start MLflow's system-metrics monitor (CPU, memory, disk, network, GPU when
+        available) for this run; call ``.finish()`` on the returned monitor at the end."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(self.run_id, resume_logging=resume,
+                                       tracking_uri=self.tracking_uri)
+        monitor.start()
+        return monitor
+
+    def table(self, columns: dict[str, list[Any]], artifact_file: str) -> None:
+        """Log a table (MLflow shows it in the run's artifacts and evaluation views)."""
+        self.client.log_table(self.run_id, data=columns, artifact_file=artifact_file)
+
 
 __all__ = [
     "RUNS_DIR",
     "RunLogger",
     "TrackingError",
+    "check_cluster_store",
     "check_reachable",
     "default_tracking_uri",
     "end_run",
     "ensure_experiment",
-    "flatten",
+    "existing_store",
     "git_revision",
+    "log_datasets",
     "redact_uri",
     "reopen_run",
     "resolve_tracking_uri",
+    "run_context_tags",
+    "set_description",
     "start_run",
 ]

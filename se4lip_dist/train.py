@@ -2,14 +2,16 @@
 
 The driver (:func:`run_train`) validates the data, resolves tracking, opens (or reopens) the MLflow
 run, starts or joins Ray, and fits a ``TorchTrainer`` whose workers run :func:`train_loop`. Every
-epoch each worker trains on its streamed share of the pairs, all workers validate on their share
-of the validation pairs and segments (results summed with ``all_reduce``), and rank 0 logs to
-MLflow and reports a checkpoint. After the fit the driver logs the speech encoder as a pyfunc
-model and optionally registers it.
+epoch each worker trains on its streamed share of the pairs, all workers score their share of the
+validation clips (:mod:`se4lip_dist.validation`, sums reduced across ranks), and rank 0 logs to
+MLflow and reports a checkpoint. The best validated epoch (``train.select_metric``) is kept in
+every checkpoint; after the fit the driver hands it to :mod:`se4lip_dist.lifecycle` (log,
+register, gate, alias).
 
-Checkpoint folder layout: ``model.pt`` (whole-model ``state_dict``), ``optim.pt`` (optimizer
-``state_dict``), ``state.json`` (epochs done, global step, config dict, metric history). Both
-``.pt`` files are read with ``torch.load(weights_only=True)``.
+Checkpoint folder layout: ``model.pt`` (the last epoch's whole-model ``state_dict``),
+``best.pt`` (the best epoch's), ``optim.pt`` (optimizer ``state_dict``), ``state.json`` (epochs
+done, global step, config dict, metric history, best epoch, AMP scaler state). The ``.pt`` files
+are read with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -19,15 +21,17 @@ import os
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from se4lip_dist.config import Config
+from se4lip_dist import storage
+from se4lip_dist.config import Config, flatten
 
 RUN_STATE_FILE = "se4lip_run.json"
 """Written into ``storage_path/<run name>/``: the MLflow run a Ray Train run logs into."""
-MAX_OFFSET_EVAL_FRAMES = 250
-"""Frames of a validation segment used by the AV-offset evaluation (bounds its cost)."""
+BEST_PREFIX = "best/"
+"""Reported beside each epoch's metrics: the best epoch so far and its value."""
 
 
 class TrainError(RuntimeError):
@@ -63,20 +67,18 @@ def _gather_node_ids() -> list[str]:
     return [str(i) for i in ids]
 
 
-def _save_checkpoint(path: Path, model: Any, opt: Any, state: dict[str, Any]) -> None:
-    import torch
+@dataclass
+class Restored:
+    """What a checkpoint folder holds (see the module docstring)."""
 
-    torch.save(model.state_dict(), path / "model.pt")
-    torch.save(opt.state_dict(), path / "optim.pt")
-    (path / "state.json").write_text(json.dumps(state))
+    model: dict[str, Any]
+    best: dict[str, Any]
+    optim: dict[str, Any]
+    state: dict[str, Any]
 
 
-def load_checkpoint_dir(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+def load_checkpoint_dir(path: str | Path) -> Restored:
     """Read a training checkpoint folder without executing pickles.
-
-    Returns:
-        ``(model_state, optimizer_state, state)`` where ``state`` has ``epoch`` (epochs done),
-        ``step``, ``config`` and ``history``.
 
     Raises:
         TrainError: a ``.pt`` file is not a plain tensor ``state_dict`` (e.g. pickled code).
@@ -87,103 +89,76 @@ def load_checkpoint_dir(path: str | Path) -> tuple[dict[str, Any], dict[str, Any
     try:
         model_state = load_weights(p / "model.pt", f"checkpoint {p}")
         optim_state = load_weights(p / "optim.pt", f"checkpoint {p}")
+        best_state = (load_weights(p / "best.pt", f"checkpoint {p}")
+                      if (p / "best.pt").is_file() else model_state)
     except RegistryError as e:
         raise TrainError(str(e)) from e
     state = json.loads((p / "state.json").read_text())
-    return model_state, optim_state, state
+    return Restored(model=model_state, best=best_state, optim=optim_state, state=state)
 
 
-def _evaluate(
-    model: Any, cfg: Config, device: Any, val_pairs: Any, val_segments: Any, keep_curve: bool
-) -> tuple[dict[str, float], dict[str, Any] | None]:
-    """Validation loss, sync accuracy and AV-offset accuracy over this worker's val shards."""
-    import numpy as np
+def _save_checkpoint(path: Path, model: Any, best: dict[str, Any], opt: Any,
+                     state: dict[str, Any]) -> None:
     import torch
 
-    from se4lip_dist.losses import offset_distances, predict_offset, sync_bce_loss, sync_cosine
-    from se4lip_dist.models import lip_input
-    from se4lip_dist.stream import HARD, sliding_windows
+    torch.save(model.state_dict(), path / "model.pt")
+    torch.save(best, path / "best.pt")
+    torch.save(opt.state_dict(), path / "optim.pt")
+    (path / "state.json").write_text(json.dumps(state))
 
-    t, spf = cfg.train.window_frames, cfg.data.samples_per_frame
-    model.eval()
-    loss_sum = correct = n = hard_ok = hard_n = 0.0
-    dim = cfg.model.embed_dim
-    # Collapse watch: mean embedding norms, and per-dimension counts of positive (alive) ReLU
-    # outputs. A collapsed encoder gives flat distances, and the AV-offset search then reads 0.
-    a_norm = v_norm = 0.0
-    a_alive, v_alive = torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64)
-    with torch.no_grad():
-        for batch in val_pairs.iter_torch_batches(batch_size=cfg.train.batch_size * 2,
-                                                  device=device):
-            y = batch["label"]
-            a, v = model(batch["wav"], lip_input(batch["lips"], cfg.model))
-            a_norm += float(a.float().norm(dim=1).sum())
-            v_norm += float(v.float().norm(dim=1).sum())
-            a_alive += (a > 0).sum(0).double().cpu()
-            v_alive += (v > 0).sum(0).double().cpu()
-            loss_sum += float(sync_bce_loss(a, v, y)) * len(y)
-            ok = (sync_cosine(a, v) > 0.5) == (y > 0.5)
-            hard = batch["kind"] == HARD
-            correct += float(ok.sum())
-            hard_ok += float((ok & hard).sum())
-            hard_n += float(hard.sum())
-            n += len(y)
-        off_ok = off_n = 0.0
-        curve: dict[str, Any] | None = None
-        chunk = max(cfg.train.batch_size * 2, 32)
-        for seg in val_segments.iter_batches(batch_size=1, batch_format="numpy"):
-            lips = np.asarray(seg["lips"][0])
-            wav = np.asarray(seg["wav"][0], np.float32)
-            lip_win = sliding_windows(lips, t)
-            wav_win = sliding_windows(wav, t * spf, spf)
-            w = min(len(lip_win), len(wav_win))
-            if w <= cfg.train.max_offset:
-                continue  # too short for the +-max_offset search
-            a_seq, v_seq = [], []
-            for i in range(0, w, chunk):
-                wl = torch.from_numpy(np.ascontiguousarray(lip_win[i:i + chunk])).to(device)
-                ww = torch.from_numpy(np.ascontiguousarray(wav_win[i:i + chunk])).to(device)
-                v_seq.append(model.lips(lip_input(wl, cfg.model)).float())
-                a_seq.append(model.speech(ww).float())
-            dists = offset_distances(torch.cat(a_seq), torch.cat(v_seq), cfg.train.max_offset)
-            offset, min_dist, conf = predict_offset(dists.cpu())
-            off_ok += float(abs(offset) <= 1)
-            off_n += 1
-            if keep_curve and curve is None:
-                curve = {"clip_id": str(seg["clip_id"][0]), "offset": offset,
-                         "min_dist": min_dist, "confidence": conf,
-                         "distances": [float(d) for d in dists.cpu()]}
-    sums = _all_reduce_sum([loss_sum, correct, n, hard_ok, hard_n, off_ok, off_n, a_norm, v_norm,
-                            *a_alive.tolist(), *v_alive.tolist()], device)
-    loss_sum, correct, n, hard_ok, hard_n, off_ok, off_n, a_norm, v_norm = sums[:9]
-    alive = sums[9:]
-    a_dead = sum(c == 0 for c in alive[:dim]) / dim
-    v_dead = sum(c == 0 for c in alive[dim:]) / dim
-    metrics = {
-        "val_loss": loss_sum / n if n else float("nan"),
-        "val_sync_acc": correct / n if n else float("nan"),
-        "val_offset_acc": off_ok / off_n if off_n else float("nan"),
-        # Accuracy on hard negatives (audio 2..hard_offset_max frames off): the fine-sync signal.
-        "val_hard_neg_acc": hard_ok / hard_n if hard_n else float("nan"),
-        "val_speech_norm": a_norm / n if n else float("nan"),
-        "val_lip_norm": v_norm / n if n else float("nan"),
-        "val_speech_dead_frac": a_dead if n else float("nan"),
-        "val_lip_dead_frac": v_dead if n else float("nan"),
-        "val_pairs": n,
-        "val_segments": off_n,
-    }
-    return metrics, curve
+
+def place_model(model: Any, cfg: Config, restored: Restored | None,
+                place: Any) -> tuple[Any, Any, Any]:
+    """Load restored weights, move the model to its device, then build the optimizer and scaler.
+
+    The order matters: ``Optimizer.load_state_dict`` casts the saved state to the device and
+    dtype of the parameters it is given, so it must see the placed parameters; state loaded
+    before ``place`` stays on the CPU and the first step after a resume fails on a GPU.
+
+    Args:
+        model: a freshly built SE4Lip.
+        cfg: its config (``train.lr``, ``weight_decay``, ``amp_dtype``).
+        restored: the checkpoint to continue from, or None.
+        place: moves (and wraps) the model, e.g. ``ray.train.torch.prepare_model``.
+
+    Returns:
+        ``(placed model, optimizer, GradScaler)``; the scaler is enabled for fp16 autocast only.
+    """
+    import torch
+
+    if restored is not None:
+        model.load_state_dict(restored.model)
+    model = place(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr,
+                            weight_decay=cfg.train.weight_decay)
+    device = next(model.parameters()).device
+    scaler = torch.amp.GradScaler(device.type, enabled=_amp_dtype(cfg, device) == torch.float16)
+    if restored is not None:
+        opt.load_state_dict(restored.optim)
+        if restored.state.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(restored.state["scaler"])
+    return model, opt, scaler
+
+
+def _amp_dtype(cfg: Config, device: Any) -> Any:
+    """Autocast dtype on CUDA (None: full precision)."""
+    import torch
+
+    if not cfg.train.amp or device.type != "cuda":
+        return None
+    return torch.float16 if cfg.train.amp_dtype == "fp16" else torch.bfloat16
 
 
 def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     """Per-worker training function (runs inside Ray Train workers).
 
     Args:
-        config: ``{"cfg": Config.to_dict(), "tracking_uri": str | None, "run_id": str | None}``.
+        config: ``{"cfg": Config.to_dict(), "data_dir": str, "tracking_uri": str | None,
+            "run_id": str | None}``.
 
     Returns:
-        On rank 0: ``{"history": [...], "offset_curve": {...} | None, "epochs": int,
-        "steps": int}``; None elsewhere.
+        On rank 0: ``{"history", "epochs", "steps", "best_epoch", "worker_node_ids"}``; None
+        elsewhere.
     """
     import ray.train
     import ray.train.torch
@@ -192,147 +167,162 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     from se4lip_dist.losses import sync_bce_loss, sync_cosine
     from se4lip_dist.models import build_model, lip_input
     from se4lip_dist.tracking import RunLogger
+    from se4lip_dist.validation import METRICS, ValidationSet, is_better, metric_name, score
 
     cfg = Config.from_dict(config["cfg"])
     tc = cfg.train
+    metric = metric_name(tc.select_metric)
+    mode = METRICS[metric]
     ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(tc.seed)  # same init everywhere; DDP also broadcasts rank 0's weights
     model = build_model(cfg.model, sample_rate=cfg.data.sample_rate,
                         window_frames=tc.window_frames)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    epoch0, step, history = 0, 0, []
-    curve: dict[str, Any] | None = None
     ckpt = ray.train.get_checkpoint()
+    restored = None
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            model_state, optim_state, state = load_checkpoint_dir(d)
-        model.load_state_dict(model_state)
-        opt.load_state_dict(optim_state)
-        epoch0, step, history = state["epoch"], state["step"], state["history"]
-        curve = state.get("offset_curve")
-    model = ray.train.torch.prepare_model(model)
+            restored = load_checkpoint_dir(d)
+    model, opt, scaler = place_model(model, cfg, restored, ray.train.torch.prepare_model)
     core = getattr(model, "module", model)  # unwrapped: evaluation must not sync DDP buffers
-    logger = (RunLogger(config["tracking_uri"], config["run_id"])
-              if rank == 0 and config.get("run_id") else None)
-    use_amp = tc.amp and device.type == "cuda"
+    epoch0, step, history = 0, 0, []
+    best_epoch, best_metrics, best_state = 0, {}, None
+    if restored is not None:
+        st = restored.state
+        epoch0, step, history = st["epoch"], st["step"], st["history"]
+        best_epoch = st.get("best_epoch", epoch0)
+        best_metrics = st.get("best_metrics", history[-1] if history else {})
+        best_state = restored.best
+    amp = _amp_dtype(cfg, device)
+    vset = ValidationSet.load(config["data_dir"], cfg, rank=rank, world=world)
     node_ids = _gather_node_ids()
     train_ds = ray.train.get_dataset_shard("train")
-    val_ds = ray.train.get_dataset_shard("val")
-    seg_ds = ray.train.get_dataset_shard("val_segments")
+    logger = None
+    monitor = None
+    if rank == 0 and config.get("run_id"):
+        logger = RunLogger(config["tracking_uri"], config["run_id"])
+        monitor = logger.system_metrics(resume=restored is not None)
 
     if history and (epoch0 >= tc.epochs or (tc.max_steps is not None and step >= tc.max_steps)):
         # Restored a run that had already finished (a tune driver killed after the trial's last
         # epoch but before Tune saw it end): report the final result again, or Tune gets none.
         ray.train.report(history[-1], checkpoint=ckpt if rank == 0 else None)
 
-    for epoch in range(epoch0, tc.epochs):
-        if tc.max_steps is not None and step >= tc.max_steps:
-            break
-        model.train()
-        loss_sum = correct = seen = wait = 0.0
-        epoch_start = time.perf_counter()
-        batches = iter(train_ds.iter_torch_batches(
-            batch_size=tc.batch_size, device=device, drop_last=True,
-            local_shuffle_buffer_size=tc.shuffle_buffer or None,
-            local_shuffle_seed=None, prefetch_batches=2,
-        ))
-        while tc.max_steps is None or step < tc.max_steps:
-            t0 = time.perf_counter()
-            batch = next(batches, None)
-            wait += time.perf_counter() - t0
-            if batch is None:
+    try:
+        for epoch in range(epoch0, tc.epochs):
+            if tc.max_steps is not None and step >= tc.max_steps:
                 break
-            y = batch["label"]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                a, v = model(batch["wav"], lip_input(batch["lips"], cfg.model))
-                loss = sync_bce_loss(a, v, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip and tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            step += 1
-            with torch.no_grad():
-                loss_sum += float(loss) * len(y)
-                correct += float(((sync_cosine(a, v) > 0.5) == (y > 0.5)).sum())
-                seen += len(y)
-        elapsed = time.perf_counter() - epoch_start
-        loss_sum, correct, seen, wait_all, elapsed_all = _all_reduce_sum(
-            [loss_sum, correct, seen, wait, elapsed], device)
-        val, new_curve = _evaluate(core, cfg, device, val_ds, seg_ds, keep_curve=rank == 0)
-        curve = new_curve or curve
-        metrics = {
-            "epoch": epoch + 1,
-            "step": step,
-            "train_loss": loss_sum / seen if seen else float("nan"),
-            "train_sync_acc": correct / seen if seen else float("nan"),
-            "samples_per_s": seen / elapsed if elapsed else 0.0,
-            "data_wait_fraction": wait_all / elapsed_all if elapsed_all else 0.0,
-            "epoch_time_s": time.perf_counter() - epoch_start,
-            **val,
-        }
-        history.append(metrics)
-        if logger is not None:
-            logger.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
-            logger.plots(history, curve)
-        state = {"epoch": epoch + 1, "step": step, "config": config["cfg"], "history": history,
-                 "offset_curve": curve}
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                _save_checkpoint(Path(tmp), core, opt, state)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            model.train()
+            loss_sum = correct = seen = wait = 0.0
+            epoch_start = time.perf_counter()
+            batches = iter(train_ds.iter_torch_batches(
+                batch_size=tc.batch_size, device=device, drop_last=True,
+                local_shuffle_buffer_size=tc.shuffle_buffer or None,
+                local_shuffle_seed=None, prefetch_batches=2,
+            ))
+            while tc.max_steps is None or step < tc.max_steps:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                wait += time.perf_counter() - t0
+                if batch is None:
+                    break
+                y = batch["label"]
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    a, v = model(batch["wav"], lip_input(batch["lips"], cfg.model))
+                    loss = sync_bce_loss(a, v, y)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if tc.grad_clip and tc.grad_clip > 0:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                step += 1
+                with torch.no_grad():
+                    loss_sum += float(loss) * len(y)
+                    correct += float(((sync_cosine(a, v) > 0.5) == (y > 0.5)).sum())
+                    seen += len(y)
+            elapsed = time.perf_counter() - epoch_start
+            loss_sum, correct, seen, wait_all, elapsed_all = _all_reduce_sum(
+                [loss_sum, correct, seen, wait, elapsed], device)
+            _sync_buffers(core)
+            val = score(core, cfg, vset, device, keep_curve=rank == 0)
+            metrics = {
+                "train/loss": loss_sum / seen if seen else float("nan"),
+                "train/sync_acc": correct / seen if seen else float("nan"),
+                "train/steps": step,
+                "perf/samples_per_s": seen / elapsed if elapsed else 0.0,
+                "perf/data_wait_fraction": wait_all / elapsed_all if elapsed_all else 0.0,
+                "perf/epoch_time_s": time.perf_counter() - epoch_start,
+                **val.metrics,
+            }
+            if best_state is None or is_better(val.metrics, best_metrics, metric, mode):
+                best_epoch, best_metrics = epoch + 1, dict(val.metrics)
+                best_state = {k: t.detach().cpu().clone() for k, t in core.state_dict().items()}
+            metrics[f"{BEST_PREFIX}epoch"] = best_epoch
+            metrics[f"{BEST_PREFIX}{metric}"] = best_metrics[metric]
+            history.append({"epoch": epoch + 1, **metrics})
+            if logger is not None:
+                logger.metrics(metrics, step=epoch + 1)
+                logger.table(val.table(), f"validation/clips_epoch{epoch + 1:03d}.json")
+                logger.plots(history, _curve(val.clips))
+            state = {"epoch": epoch + 1, "step": step, "config": config["cfg"],
+                     "history": history, "best_epoch": best_epoch,
+                     "best_metrics": best_metrics,
+                     "scaler": scaler.state_dict() if scaler.is_enabled() else None}
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint = None
+                if rank == 0:
+                    _save_checkpoint(Path(tmp), core, best_state, opt, state)
+                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report({"epoch": epoch + 1, **metrics}, checkpoint=checkpoint)
+    finally:
+        if monitor is not None:
+            monitor.finish()
     if rank != 0:
         return None
-    return {"history": history, "offset_curve": curve,
-            "epochs": history[-1]["epoch"] if history else epoch0, "steps": step,
-            "worker_node_ids": node_ids}
+    return {"history": history, "epochs": history[-1]["epoch"] if history else epoch0,
+            "steps": step, "best_epoch": best_epoch, "worker_node_ids": node_ids}
+
+
+def _sync_buffers(model: Any) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics drift apart between DDP's
+    per-forward broadcasts): validation then scores exactly the weights the checkpoint holds."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        for buf in model.buffers():
+            dist.broadcast(buf, src=0)
+
+
+def _curve(clips: list[Any]) -> dict[str, Any] | None:
+    """The distance-vs-offset curve kept for the plot (first clip of rank 0, as recorded)."""
+    kept = next((c for c in clips if 0 in c.distances), None)
+    if kept is None:
+        return None
+    return {"clip_id": kept.clip_id, "offset": kept.offsets[kept.shifts.index(0)],
+            "distances": kept.distances[0]}
 
 
 def training_datasets(data_dir: str, cfg: Config) -> dict[str, Any]:
-    """The Ray Datasets ``train_loop`` reads: train pairs, val pairs, val segments."""
+    """The Ray Datasets ``train_loop`` reads (validation is read by each worker itself)."""
     from se4lip_dist.stream import pair_dataset
 
-    return {"train": pair_dataset(data_dir, cfg, "train"), **_validation_datasets(data_dir, cfg)}
-
-
-def _validation_datasets(data_dir: str, cfg: Config) -> dict[str, Any]:
-    from se4lip_dist.stream import pair_dataset, segment_dataset
-
-    return {
-        "val": pair_dataset(data_dir, cfg, "val"),
-        "val_segments": segment_dataset(data_dir, cfg, "val", max_frames=MAX_OFFSET_EVAL_FRAMES),
-    }
-
-
-def validate(model_state: dict[str, Any], cfg: Config, data_dir: str) -> dict[str, float]:
-    """Validation metrics of a whole-model ``state_dict`` on a prepared folder, in this process.
-
-    The same protocol as the per-epoch validation (fixed-seed val pairs, AV-offset search on the
-    val segments), so two models scored here are compared on the same validation shards. Starts
-    a local Ray for the data stream when none is running.
-    """
-    import torch
-
-    from se4lip_dist.models import build_model
-    from se4lip_dist.runtime import init_ray
-
-    init_ray(None)
-    model = build_model(cfg.model, sample_rate=cfg.data.sample_rate,
-                        window_frames=cfg.train.window_frames)
-    model.load_state_dict(model_state)
-    val = _validation_datasets(data_dir, cfg)
-    metrics, _ = _evaluate(model, cfg, torch.device("cpu"), val["val"], val["val_segments"],
-                           keep_curve=False)
-    return metrics
+    return {"train": pair_dataset(data_dir, cfg)}
 
 
 # --------------------------------------------------------------------------------------------
 # Driver side
 # --------------------------------------------------------------------------------------------
+
+
+def run_label(cfg: Config) -> str:
+    """What a run is, for its name: preset, speech backbone, window and learning rate."""
+    m, t = cfg.model, cfg.train
+    backbone = f"gru{m.gru_layers}" if m.backbone == "gru" else "cnn"
+    front = "" if m.frontend == "stft" else f"{m.frontend}-"
+    return f"{cfg.preset}-{front}{backbone}-w{t.window_frames}-lr{t.lr:.0e}".replace("e-0", "e-")
 
 
 def default_storage_path() -> str:
@@ -342,44 +332,37 @@ def default_storage_path() -> str:
     return str(Path.cwd().resolve() / RUNS_DIR / "ray")
 
 
-def _is_local(path: str) -> bool:
-    return "://" not in path or path.startswith("file://")
+def _resolve_name(storage_path: str, run_name: str | None, resume: bool,
+                  label: str) -> tuple[str, dict | None]:
+    """Ray Train run name and, when resuming, the saved :data:`RUN_STATE_FILE` contents.
 
-
-def _local_path(path: str) -> Path:
-    return Path(path[len("file://"):] if path.startswith("file://") else path).resolve()
-
-
-def _resolve_name(storage: str, run_name: str | None, resume: bool) -> tuple[str, dict | None]:
-    """Ray Train run name and, when resuming, the saved :data:`RUN_STATE_FILE` contents."""
-    if not _is_local(storage):
-        if resume and not run_name:
-            raise TrainError("--resume with a remote storage path needs the run name")
-        return run_name or f"se4lip-{uuid.uuid4().hex[:8]}", None
-    root = _local_path(storage)
+    Works the same on a local folder and on object storage (``s3://...``).
+    """
+    root = storage.absolute(storage_path)
     if resume:
         if run_name:
-            state_file = root / run_name / RUN_STATE_FILE
+            state_file = storage.join(root, run_name, RUN_STATE_FILE)
         else:
-            runs = sorted(root.glob(f"*/{RUN_STATE_FILE}"), key=lambda p: p.stat().st_mtime)
+            runs = [storage.join(root, d, RUN_STATE_FILE) for d in storage.listdir(root)]
+            runs = [r for r in runs if storage.is_file(r)]
             if not runs:
                 raise TrainError(f"--resume: no se4lip training run under {root}")
-            state_file = runs[-1]
-        if not state_file.is_file():
-            known = sorted(p.parent.name for p in root.glob(f"*/{RUN_STATE_FILE}"))
+            state_file = max(runs, key=lambda r: storage.stat(r).mtime_ns)
+        if not storage.is_file(state_file):
+            known = sorted(d for d in storage.listdir(root)
+                           if storage.is_file(storage.join(root, d, RUN_STATE_FILE)))
             raise TrainError(f"--resume: no run {run_name!r} under {root}; runs there: {known}")
-        return state_file.parent.name, json.loads(state_file.read_text())
-    base = run_name or "se4lip"
+        name = storage.basename(storage.parent(state_file))
+        return name, json.loads(storage.read_text(state_file))
+    base = run_name or label
     # A fresh run never reuses a folder: Ray Train would silently resume it.
-    name = base if run_name and not (root / base).exists() else f"{base}-{uuid.uuid4().hex[:6]}"
-    return name, None
+    taken = run_name is None or base in storage.listdir(root)
+    return (f"{base}-{uuid.uuid4().hex[:6]}" if taken else base), None
 
 
-def _write_run_state(storage: str, name: str, state: dict[str, Any]) -> None:
-    if _is_local(storage):
-        d = _local_path(storage) / name
-        d.mkdir(parents=True, exist_ok=True)
-        (d / RUN_STATE_FILE).write_text(json.dumps(state, indent=1))
+def _write_run_state(storage_path: str, name: str, state: dict[str, Any]) -> None:
+    storage.write_atomic(storage.join(storage.absolute(storage_path), name, RUN_STATE_FILE),
+                         json.dumps(state, indent=1))
 
 
 def run_train(
@@ -395,47 +378,56 @@ def run_train(
     address: str | None = None,
     storage_path: str | None = None,
     max_failures: int = 2,
+    placement_timeout_s: float | None = None,
 ) -> dict[str, Any]:
     """Train SE4Lip encoders on prepared shards with Ray Train, tracked in MLflow.
 
     Args:
-        cfg: resolved config (``train.num_workers``/``cpus_per_worker`` size the worker group).
+        cfg: resolved config (``train.num_workers``/``cpus_per_worker`` size the worker group,
+            ``train.select_metric`` picks the epoch that is logged and registered).
         data_dir: prepared-shards folder (``manifest.json`` + shards), readable by every node.
         tracking_uri: MLflow tracking URI; None: ``MLFLOW_TRACKING_URI`` or the local store.
         experiment: MLflow experiment name (created if missing).
-        run_name: Ray Train run name and MLflow run name. A fresh run gets a unique suffix when
-            the name is taken or missing; with ``resume`` it names the run to continue.
-        register: register the final model under this name (alias ``candidate``).
+        run_name: Ray Train run name and MLflow run name (default: preset, backbone, window
+            and lr). A fresh run gets a unique suffix when the name is taken or missing; with
+            ``resume`` it names the run to continue.
+        register: register the best epoch's model under this name and gate it
+            (:mod:`se4lip_dist.lifecycle`).
         resume: continue the named (else the most recent) run from its last checkpoint, in the
             same MLflow run. ``train.epochs`` may be raised to train longer.
-        use_gpu: one GPU per worker (nccl, bf16 autocast when ``train.amp``).
+        use_gpu: one GPU per worker (nccl, autocast when ``train.amp``).
         address: Ray cluster address; None starts a local Ray (stopped again at the end).
         storage_path: where Ray Train keeps run folders and checkpoints (default
             ``<cwd>/se4lip-runs/ray``); use shared storage (NFS, S3) on a multi-node cluster.
         max_failures: worker-group restarts (from the last checkpoint) before the run fails.
+        placement_timeout_s: longest wait for the workers to be placed (default
+            ``placement.DEFAULT_TIMEOUT_S``); a request no node can hold fails at once.
 
     Returns:
-        ``run_id``, ``run_name``, ``experiment``, ``model_uri``, ``val_loss``, ``val_sync_acc``,
-        ``val_offset_acc``, ``train_loss``, ``samples_per_s``, ``data_wait_fraction``,
-        ``epochs``, ``steps``, ``checkpoint``, ``registered_name``, ``registered_version``,
-        ``tracking_uri`` (credentials removed), ``worker_node_ids`` (Ray node of each rank),
-        ``history``.
+        ``run_id``, ``run_name``, ``experiment``, ``model_uri``, ``best_epoch``, ``metrics``
+        (the best epoch's), ``last`` (the last epoch's), ``epochs``, ``steps``, ``checkpoint``,
+        ``registered`` (name, version, alias, reason, scores; None without ``register``),
+        ``tracking_uri`` (credentials removed), ``worker_node_ids``, ``history``.
 
     Raises:
-        TrainError, ManifestError, TrackingError: with a message that says what to fix.
+        TrainError, ManifestError, TrackingError, ValidationError: with a message that says
+        what to fix. GateError: trained and logged, but registering or gating failed.
     """
     from se4lip_dist.manifest import Manifest
     from se4lip_dist.stream import manifest_splits
     from se4lip_dist.tracking import (
+        check_cluster_store,
         check_reachable,
-        flatten,
-        git_revision,
+        log_datasets,
         redact_uri,
         reopen_run,
         resolve_tracking_uri,
         start_run,
     )
+    from se4lip_dist.validation import metric_name
 
+    metric_name(cfg.train.select_metric)  # an unknown metric fails before anything starts
+    data_dir = storage.absolute(data_dir)  # workers run elsewhere: an absolute path or URL
     manifest = Manifest.load(data_dir)
     manifest.check_shards(data_dir)  # another schema version fails here, before any run exists
     splits = manifest_splits(manifest, cfg.train.val_fraction)
@@ -444,8 +436,10 @@ def run_train(
                          f"{len(splits['train'])} train / {len(splits['val'])} val")
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)  # before Ray starts: a wrong URI fails in seconds, not after training
-    storage = storage_path or default_storage_path()
-    name, saved = _resolve_name(storage, run_name, resume)
+    if address or os.environ.get("RAY_ADDRESS"):
+        check_cluster_store(uri, "train")
+    store = storage.absolute(storage_path or default_storage_path())
+    name, saved = _resolve_name(store, run_name, resume, run_label(cfg))
     data_hash = manifest.content_hash()
 
     if saved is not None:
@@ -457,40 +451,47 @@ def run_train(
         reopen_run(uri, run_id)
     else:
         params = flatten(cfg.to_dict())
-        params.update({"data.dir": str(Path(data_dir).resolve()), "data.manifest_hash": data_hash,
+        params.update({"data.dir": redact_uri(str(data_dir)), "data.manifest_hash": data_hash,
                        "data.train_clips": len(splits["train"]),
                        "data.val_clips": len(splits["val"]), "ray.run_name": name,
-                       "ray.storage_path": redact_uri(storage)})
+                       "ray.storage_path": redact_uri(store)})
         tags = {"se4lip.preset": cfg.preset, "se4lip.data_manifest_hash": data_hash,
-                "se4lip.ray_run_name": name}
-        rev = git_revision()
-        if rev:
-            tags["mlflow.source.git.commit"] = rev
-        run_id = start_run(uri, experiment, name, params=params, tags=tags,
-                           config_yaml=cfg.to_yaml())
-        _write_run_state(storage, name, {"run_id": run_id, "experiment": experiment,
-                                         "config": cfg.to_dict(), "data_dir": str(data_dir)})
+                "se4lip.ray_run_name": name, "se4lip.kind": "train"}
+        run_id = start_run(
+            uri, experiment, name, params=params, tags=tags, config_yaml=cfg.to_yaml(),
+            command="train",
+            description=(f"Training run: preset `{cfg.preset}`, {run_label(cfg)}, on "
+                         f"{len(splits['train'])} train / {len(splits['val'])} validation clips "
+                         f"of data `{data_hash}`. The best epoch by `{cfg.train.select_metric}` "
+                         "is the logged model."))
+        log_datasets(uri, run_id, data_hash=data_hash, source=str(data_dir),
+                     splits={"training": splits["train"], "validation": splits["val"]})
+        _write_run_state(store, name, {"run_id": run_id, "experiment": experiment,
+                                       "config": cfg.to_dict(), "data_dir": data_dir})
 
     try:
-        out = _fit(cfg, data_dir, uri, run_id, name, storage, use_gpu, address, max_failures)
-        result = _finish(cfg, out, uri, run_id, register, data_hash)
+        out = _fit(cfg, data_dir, uri, run_id, name, store, use_gpu, address, max_failures,
+                   placement_timeout_s)
     except BaseException:
         from se4lip_dist.tracking import end_run
 
         end_run(uri, run_id, status="FAILED")
         raise
+    result = _finish(cfg, out, uri, run_id, register, data_dir, data_hash)
     result.update({"run_name": name, "experiment": experiment,
-                   "tracking_uri": redact_uri(uri), "storage_path": redact_uri(storage)})
+                   "tracking_uri": redact_uri(uri), "storage_path": redact_uri(store)})
     return result
 
 
-def _fit(cfg: Config, data_dir: str, uri: str, run_id: str, name: str, storage: str,
-         use_gpu: bool, address: str | None, max_failures: int) -> dict[str, Any]:
+def _fit(cfg: Config, data_dir: str, uri: str, run_id: str, name: str, store: str,
+         use_gpu: bool, address: str | None, max_failures: int,
+         placement_timeout_s: float | None) -> dict[str, Any]:
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from se4lip_dist.runtime import cluster_cpus, init_ray
+    from se4lip_dist.placement import DEFAULT_TIMEOUT_S, PlacementError, wait_placeable
+    from se4lip_dist.runtime import cluster_cpus, init_ray, worker_env
 
     tc = cfg.train
     started = not ray.is_initialized()
@@ -503,22 +504,27 @@ def _fit(cfg: Config, data_dir: str, uri: str, run_id: str, name: str, storage: 
                     f"{tc.num_workers} workers x {tc.cpus_per_worker} CPU leave {free:g} of "
                     f"{cluster_cpus():g} CPUs for Ray Data, which then hangs; lower "
                     "train.cpus_per_worker or train.num_workers")
-        datasets = training_datasets(data_dir, cfg)
         resources = {"CPU": tc.cpus_per_worker}
         if use_gpu:
             resources["GPU"] = 1
+        try:
+            wait_placeable(resources, tc.num_workers, f"{tc.num_workers} training workers",
+                           timeout_s=placement_timeout_s or DEFAULT_TIMEOUT_S)
+        except PlacementError as e:
+            raise TrainError(str(e)) from e
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"cfg": cfg.to_dict(), "tracking_uri": uri, "run_id": run_id},
+            train_loop_config={"cfg": cfg.to_dict(), "data_dir": str(data_dir),
+                               "tracking_uri": uri, "run_id": run_id},
             scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
                                                    resources_per_worker=resources),
             run_config=ray.train.RunConfig(
-                name=name, storage_path=storage,
+                name=name, storage_path=store,
                 failure_config=ray.train.FailureConfig(max_failures=max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                worker_runtime_env={"env_vars": _worker_env()},
+                worker_runtime_env={"env_vars": worker_env()},
             ),
-            datasets=datasets,
+            datasets=training_datasets(data_dir, cfg),
         )
         result = trainer.fit()
         if result.error is not None:
@@ -527,66 +533,78 @@ def _fit(cfg: Config, data_dir: str, uri: str, run_id: str, name: str, storage: 
         if result.checkpoint is None:
             raise TrainError("training finished without a checkpoint (epochs=0 or max_steps=0?)")
         with result.checkpoint.as_directory() as d:
-            model_state, _, state = load_checkpoint_dir(d)
-        out["model_state"] = model_state
-        out["checkpoint"] = result.checkpoint.path
-        out.setdefault("history", state["history"])
-        out.setdefault("epochs", state["epoch"])
-        out.setdefault("steps", state["step"])
+            restored = load_checkpoint_dir(d)
+        out["best_state"] = restored.best
+        out["checkpoint"] = (result.checkpoint.path if storage.is_local(store)
+                             else f"{storage.scheme(store)}://{result.checkpoint.path}")
+        out.setdefault("history", restored.state["history"])
+        out.setdefault("epochs", restored.state["epoch"])
+        out.setdefault("steps", restored.state["step"])
+        out.setdefault("best_epoch", restored.state.get("best_epoch", restored.state["epoch"]))
         return out
     finally:
         if started:
             ray.shutdown()
 
 
-def _worker_env() -> dict[str, str]:
-    """Env for workers: MLflow credentials (never logged) and quiet defaults."""
-    keys = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
-            "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH")
-    env = {k: os.environ[k] for k in keys if k in os.environ}
-    env.setdefault("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
-    return env
-
-
 def _finish(cfg: Config, out: dict[str, Any], uri: str, run_id: str, register: str | None,
-            data_hash: str) -> dict[str, Any]:
-    from se4lip_dist.registry import log_model, register_model
-    from se4lip_dist.tracking import end_run
+            data_dir: str, data_hash: str) -> dict[str, Any]:
+    from se4lip_dist.lifecycle import Candidate, GateError, publish
+    from se4lip_dist.tracking import end_run, set_description
+    from se4lip_dist.validation import METRICS, metric_name
 
     history = out.get("history") or []
-    last = history[-1] if history else {}
-    model_uri = log_model(uri, run_id, cfg, out.pop("model_state"))
-    version = None
+    best_epoch = int(out["best_epoch"])
+    best = next((h for h in history if h["epoch"] == best_epoch), history[-1] if history else {})
+    metric = metric_name(cfg.train.select_metric)
+    mode = METRICS[metric]
+    cand = Candidate(
+        model_state=out.pop("best_state"), cfg=cfg, run_id=run_id,
+        source=f"run:{run_id}:epoch{best_epoch}", epoch=best_epoch, epochs=int(out["epochs"]),
+        selected_by=f"{metric} ({mode})", tags={"se4lip.data_manifest_hash": data_hash})
+    try:
+        published = publish(uri, cand, register=register, data_dir=data_dir, metric=metric,
+                            mode=mode)
+    except GateError:
+        end_run(uri, run_id, status="FINISHED")  # training itself completed
+        raise
+    summary = (f"Best epoch {best_epoch} of {out['epochs']} by `{metric}` = "
+               f"{best.get(metric, float('nan')):.4f}.")
     if register:
-        tags = {k: last[k] for k in ("val_loss", "val_sync_acc", "val_offset_acc") if k in last}
-        tags.update({"data_manifest_hash": data_hash, "preset": cfg.preset, "run_id": run_id})
-        version = register_model(uri, model_uri, register, tags=tags)
+        summary += (f" Registered `{register}` v{published['version']} as "
+                    f"**{published['alias']}**: {published['reason']}.")
+    set_description(uri, run_id, summary)
     end_run(uri, run_id, status="FINISHED")
+    registered = None
+    if register:
+        registered = {k: published[k] for k in ("name", "version", "alias", "reason",
+                                                 "registered_uri")}
+        registered["scores"] = published.get("scores", {})
+        registered["champion"] = published.get("champion")
     return {
         "run_id": run_id,
-        "model_uri": model_uri,
-        "registered_name": register,
-        "registered_version": version,
-        "val_loss": last.get("val_loss"),
-        "val_sync_acc": last.get("val_sync_acc"),
-        "val_offset_acc": last.get("val_offset_acc"),
-        "train_loss": last.get("train_loss"),
-        "samples_per_s": last.get("samples_per_s"),
-        "data_wait_fraction": last.get("data_wait_fraction"),
+        "model_uri": published["model_uri"],
+        "best_epoch": best_epoch,
+        "metrics": {k: v for k, v in best.items() if k != "epoch"},
+        "last": {k: v for k, v in (history[-1] if history else {}).items() if k != "epoch"},
+        "registered": registered,
         "epochs": out.get("epochs"),
         "steps": out.get("steps"),
         "checkpoint": out.get("checkpoint"),
-        "offset_curve": out.get("offset_curve"),
         "worker_node_ids": out.get("worker_node_ids", []),
         "history": history,
     }
 
 
 __all__ = [
+    "BEST_PREFIX",
     "RUN_STATE_FILE",
+    "Restored",
     "TrainError",
     "load_checkpoint_dir",
+    "place_model",
+    "run_label",
     "run_train",
     "train_loop",
-    "validate",
+    "training_datasets",
 ]

@@ -6,9 +6,9 @@ per-epoch metrics to Tune through ``TuneReportCallback``. ASHA (or FIFO) schedul
 ``time_attr="epoch"``.
 
 MLflow: one parent run for the tune job, one child run per trial (found again by its trial name
-on ``--resume``), the ranked trial table as an artifact, and the best trial's encoder logged and
-registered. The quality gate moves alias ``champion`` to the new version only if it beats the
-current champion evaluated on the *same* validation data; otherwise it gets ``challenger``.
+on ``--resume``), the ranked trial table as an artifact. Each trial keeps its best validated
+epoch; the trial whose best epoch is best goes through :mod:`se4lip_dist.lifecycle` (log,
+register, gate, alias), the same path ``train --register`` takes.
 
 Resources: a trial's driver holds a small CPU slice and its workers share the rest of
 ``cpus_per_trial``; concurrent trials are capped so at least one CPU stays free for Ray Data
@@ -26,15 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from se4lip_dist import storage
 from se4lip_dist.config import Config
+from se4lip_dist.placement import DEFAULT_TIMEOUT_S, PlacementError, check_feasible, wait_placeable
+from se4lip_dist.train import BEST_PREFIX
+from se4lip_dist.validation import METRICS, TIE_BREAK, metric_name
 
 TUNE_STATE_FILE = "se4lip_tune.json"
 DRIVER_CPUS = 0.25
 """CPU slice of a trial's driver function (it only waits on its TorchTrainer)."""
 DATA_CPUS = 1.0
 """CPUs kept free for Ray Data on a local machine."""
-CHAMPION = "champion"
-CHALLENGER = "challenger"
 
 
 class TuneError(RuntimeError):
@@ -51,7 +53,8 @@ class TuneOptions:
     max_concurrent_trials: int | None = None
     cpus_per_trial: float | None = None
     gpus_per_trial: float = 0.0
-    num_workers_per_trial: int = 2
+    num_workers_per_trial: int | None = None
+    """DDP ranks per trial (default: ``gpus_per_trial``, or 2 on CPUs)."""
     epochs: int | None = None
     metric: str | None = None
     mode: str | None = None
@@ -62,6 +65,8 @@ class TuneOptions:
     resume: bool = False
     storage_path: str | None = None
     address: str | None = None
+    placement_timeout_s: float = DEFAULT_TIMEOUT_S
+    """Longest wait for a trial's workers to be placed (autoscalers may need minutes)."""
     overrides: tuple[str, ...] = ()
     """``--set`` overrides applied to the space's preset before the search values."""
 
@@ -75,58 +80,110 @@ class TrialRow:
     status: str = "PENDING"
     epoch: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    best_epoch: int = 0
+    run_id: str | None = None
 
 
 @dataclass(frozen=True)
 class Resources:
-    """Per-trial resources resolved against the cluster."""
+    """What one trial reserves: a driver slice plus ``num_workers`` DDP ranks."""
 
     driver_cpus: float
     worker_cpus: float
-    worker_gpus: float
+    worker_gpus: int
+    """0, or 1: a DDP rank never shares a GPU (NCCL refuses two ranks on one device)."""
     num_workers: int
-    max_concurrent: int
+    max_concurrent: int | None
+    """None: no cap; Tune starts trials as the cluster (and its autoscaler) makes room."""
+
+    def worker_bundle(self) -> dict[str, float]:
+        """One rank's Ray resources."""
+        bundle = {"CPU": self.worker_cpus}
+        if self.worker_gpus:
+            bundle["GPU"] = float(self.worker_gpus)
+        return bundle
+
+
+CLUSTER_WORKER_CPUS = 1.0
+"""CPUs of a rank on a cluster when not given: the rest of a node's CPUs feed Ray Data."""
 
 
 def plan_resources(
-    cluster_cpus: float,
     *,
-    num_workers: int,
+    num_workers: int | None,
     cpus_per_trial: float | None,
     gpus_per_trial: float,
     max_concurrent: int | None,
-    local: bool,
-    cluster_gpus: float = 0.0,
+    local_cpus: float | None = None,
+    local_gpus: float = 0.0,
 ) -> Resources:
-    """Split CPUs between trial drivers, train workers and Ray Data.
+    """Per-trial resources from the flags (and, on a local machine only, its size).
+
+    On a cluster nothing depends on how big the cluster is at start: an autoscaling cluster may
+    have no worker yet, and Tune's pending trials are the demand its autoscaler scales for.
+
+    Args:
+        num_workers: DDP ranks per trial (default: ``gpus_per_trial``, or 2 on CPUs).
+        cpus_per_trial: CPUs a trial reserves, driver included (default: a local share, or
+            ``CLUSTER_WORKER_CPUS`` per rank on a cluster).
+        gpus_per_trial: whole GPUs per trial: that many ranks with one GPU each.
+        max_concurrent: trials at once (default: what fits locally; unbounded on a cluster).
+        local_cpus: CPUs of the local Ray (None: a cluster); one is kept free for Ray Data.
+        local_gpus: GPUs of the local Ray.
 
     Raises:
-        TuneError: the request cannot fit, or would leave Ray Data without a CPU.
+        TuneError: a request that cannot work, with the reason.
     """
-    if num_workers < 1:
+    gpus = 0
+    if gpus_per_trial:
+        if gpus_per_trial < 0 or gpus_per_trial != int(gpus_per_trial):
+            raise TuneError(f"--gpus-per-trial {gpus_per_trial:g}: use a whole number; each DDP "
+                            "rank needs a GPU of its own (NCCL refuses two ranks on one GPU)")
+        gpus = int(gpus_per_trial)
+        if num_workers not in (None, gpus):
+            raise TuneError(f"--num-workers-per-trial {num_workers} with --gpus-per-trial "
+                            f"{gpus}: every rank gets one whole GPU, so a trial runs {gpus} "
+                            f"rank(s); pass --num-workers-per-trial {gpus} or --gpus-per-trial "
+                            f"{num_workers}")
+        num_workers = gpus
+    n = num_workers or 2
+    if n < 1:
         raise TuneError("--num-workers-per-trial must be >= 1")
-    spare = DATA_CPUS if local else 0.0
-    usable = cluster_cpus - spare
-    if usable < DRIVER_CPUS + 0.1 * num_workers:
-        raise TuneError(f"{cluster_cpus:g} CPUs cannot run a trial and keep {spare:g} for Ray Data")
+    if local_cpus is None:
+        per = cpus_per_trial if cpus_per_trial is not None else \
+            DRIVER_CPUS + CLUSTER_WORKER_CPUS * n
+        worker_cpus = round((per - DRIVER_CPUS) / n, 3)
+        if worker_cpus <= 0:
+            raise TuneError(f"--cpus-per-trial {per:g} leaves no CPU for the {n} workers after "
+                            f"the trial driver's {DRIVER_CPUS:g}")
+        if max_concurrent is not None and max_concurrent < 1:
+            raise TuneError("--max-concurrent-trials must be >= 1")
+        return Resources(DRIVER_CPUS, worker_cpus, 1 if gpus else 0, n, max_concurrent)
+
+    usable = local_cpus - DATA_CPUS
+    if usable < DRIVER_CPUS + 0.1 * n:
+        raise TuneError(f"{local_cpus:g} CPUs cannot run a trial and keep {DATA_CPUS:g} for "
+                        "Ray Data")
     if cpus_per_trial is None:
-        per = usable / (max_concurrent or 1)
-        cpus_per_trial = max(DRIVER_CPUS + 0.1 * num_workers, min(per, 1.0 + 0.5 * num_workers))
-    worker_cpus = round((cpus_per_trial - DRIVER_CPUS) / num_workers, 3)
+        share = usable / (max_concurrent or 1)
+        cpus_per_trial = max(DRIVER_CPUS + 0.1 * n, min(share, 1.0 + 0.5 * n))
+    worker_cpus = round((cpus_per_trial - DRIVER_CPUS) / n, 3)
     if worker_cpus <= 0:
-        raise TuneError(f"--cpus-per-trial {cpus_per_trial:g} leaves no CPU for the "
-                        f"{num_workers} workers after the trial driver's {DRIVER_CPUS:g}")
+        raise TuneError(f"--cpus-per-trial {cpus_per_trial:g} leaves no CPU for the {n} workers "
+                        f"after the trial driver's {DRIVER_CPUS:g}")
     fit = max(1, math.floor(usable / cpus_per_trial + 1e-9))
-    if gpus_per_trial > 0:
-        fit = min(fit, max(1, math.floor(cluster_gpus / gpus_per_trial + 1e-9)))
+    if gpus:
+        if local_gpus < gpus:
+            raise TuneError(f"--gpus-per-trial {gpus}: this machine's Ray has {local_gpus:g} "
+                            "GPU(s)")
+        fit = min(fit, math.floor(local_gpus / gpus + 1e-9))
     concurrent = max_concurrent or fit
     if concurrent * cpus_per_trial > usable + 1e-9:
         raise TuneError(
             f"{concurrent} concurrent trials x {cpus_per_trial:g} CPUs exceed the "
-            f"{usable:g} CPUs left after keeping {spare:g} for Ray Data; lower "
+            f"{usable:g} CPUs left after keeping {DATA_CPUS:g} for Ray Data; lower "
             "--max-concurrent-trials or --cpus-per-trial")
-    return Resources(DRIVER_CPUS, worker_cpus, gpus_per_trial / num_workers, num_workers,
-                     concurrent)
+    return Resources(DRIVER_CPUS, worker_cpus, 1 if gpus else 0, n, concurrent)
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,7 +198,8 @@ def tune_trial(config: dict[str, Any]) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from se4lip_dist.train import _worker_env, train_loop, training_datasets
+    from se4lip_dist.runtime import worker_env
+    from se4lip_dist.train import train_loop, training_datasets
 
     job = config["se4lip"]
     params = {k: v for k, v in config.items() if k != "se4lip"}
@@ -152,10 +210,14 @@ def tune_trial(config: dict[str, Any]) -> None:
     resources = {"CPU": job["worker_cpus"]}
     if job["worker_gpus"]:
         resources["GPU"] = job["worker_gpus"]
+    # Bounded: a cluster that never makes room fails this trial with the reason instead of
+    # leaving it pending; the autoscaler sees the reservation as demand meanwhile.
+    wait_placeable(resources, job["num_workers"], f"trial {trial}'s {job['num_workers']} ranks",
+                   timeout_s=job["placement_timeout_s"])
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "tracking_uri": job["tracking_uri"],
-                           "run_id": run_id},
+        train_loop_config={"cfg": cfg.to_dict(), "data_dir": data_dir,
+                           "tracking_uri": job["tracking_uri"], "run_id": run_id},
         scaling_config=ray.train.ScalingConfig(
             num_workers=job["num_workers"], use_gpu=bool(job["worker_gpus"]),
             resources_per_worker=resources),
@@ -166,7 +228,7 @@ def tune_trial(config: dict[str, Any]) -> None:
             callbacks=[TuneReportCallback()],
             failure_config=ray.train.FailureConfig(max_failures=1),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": _worker_env()},
+            worker_runtime_env={"env_vars": worker_env()},
         ),
         datasets=training_datasets(data_dir, cfg),
     )
@@ -182,7 +244,8 @@ def _child_run(job: dict[str, Any], trial: str, cfg: Config, params: dict[str, A
     """The trial's MLflow child run: reused when the trial restarts after a resume."""
     from mlflow import MlflowClient
 
-    from se4lip_dist.tracking import ensure_experiment, flatten, reopen_run, start_run
+    from se4lip_dist.config import flatten
+    from se4lip_dist.tracking import ensure_experiment, reopen_run, start_run
 
     uri = job["tracking_uri"]
     client = MlflowClient(tracking_uri=uri)
@@ -199,12 +262,28 @@ def _child_run(job: dict[str, Any], trial: str, cfg: Config, params: dict[str, A
     logged = flatten(cfg.to_dict())
     logged.update({f"search.{k}": v for k, v in params.items()})
     logged["data.manifest_hash"] = job["data_hash"]
+    searched = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in sorted(params.items()))
     return start_run(
-        uri, job["experiment"], trial, params=logged,
+        uri, job["experiment"], f"{job['name']} #{_trial_index(trial)}: {searched}",
+        params=logged,
         tags={"mlflow.parentRunId": job["parent_run_id"], "se4lip.trial": trial,
-              "se4lip.tune": job["name"], "se4lip.preset": cfg.preset},
-        config_yaml=cfg.to_yaml(),
+              "se4lip.tune": job["name"], "se4lip.preset": cfg.preset,
+              "se4lip.kind": "tune-trial", "se4lip.data_manifest_hash": job["data_hash"]},
+        config_yaml=cfg.to_yaml(), command="tune",
+        description=(f"Trial {trial} of tune `{job['name']}`: {searched}. Trains "
+                     f"{cfg.train.epochs} epochs unless the scheduler stops it; its best epoch "
+                     f"by `{cfg.train.select_metric}` is what the search compares."),
     )
+
+
+def _trial_index(trial: str) -> int:
+    """``trial-fe0e0_00003`` -> 3 (Tune numbers trials from 0 in creation order)."""
+    tail = trial.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+def _short(v: Any) -> str:
+    return f"{v:.2g}" if isinstance(v, float) else str(v)
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,33 +322,40 @@ def run_tune(
     """
     from se4lip_dist.manifest import Manifest
     from se4lip_dist.spaces import load_space
-    from se4lip_dist.tracking import check_reachable, redact_uri, resolve_tracking_uri
+    from se4lip_dist.tracking import (
+        check_cluster_store,
+        check_reachable,
+        redact_uri,
+        resolve_tracking_uri,
+    )
 
     t0 = time.perf_counter()
     space = load_space(space_path, preset=opts.preset)
-    metric = opts.metric or space.metric
-    mode = opts.mode or (space.mode if metric == space.metric else _default_mode(metric))
-    base = space.base_config(list(opts.overrides))
+    metric = metric_name(opts.metric) if opts.metric else space.metric
+    mode = opts.mode or (space.mode if metric == space.metric else METRICS[metric])
+    base = space.base_config(list(opts.overrides)).override({"train.select_metric": metric})
     if opts.epochs is not None:
         base = base.override({"train.epochs": opts.epochs})
-    base = base.override({"train.num_workers": opts.num_workers_per_trial})
+    data_dir = storage.absolute(data_dir)  # trials run on other nodes: absolute path or URL
     manifest = Manifest.load(data_dir)
     manifest.check_shards(data_dir)  # old-schema shards fail here, not inside every trial
     data_hash = manifest.content_hash()
     uri = resolve_tracking_uri(opts.tracking_uri)
     check_reachable(uri)
+    if opts.address or os.environ.get("RAY_ADDRESS"):
+        check_cluster_store(uri, "tune")
     # Ray is imported only now: a bad space, data folder or server fails in a second.
     import ray
     from ray import tune
 
     from se4lip_dist.runtime import cluster_cpus, init_ray
-    storage = opts.storage_path or default_storage_path()
-    exp_dir = _local_dir(storage, opts.name)
+    store = storage.absolute(opts.storage_path or default_storage_path())
+    exp_dir = storage.join(store, opts.name)
     state = _read_state(exp_dir)
     if opts.resume and state is None:
-        raise TuneError(f"--resume: no tune named {opts.name!r} under {storage}")
+        raise TuneError(f"--resume: no tune named {opts.name!r} under {store}")
     if not opts.resume and state is not None:
-        raise TuneError(f"a tune named {opts.name!r} already exists under {storage}: pass "
+        raise TuneError(f"a tune named {opts.name!r} already exists under {store}: pass "
                         "--resume to continue it or --name to start another")
     if state and state.get("registered"):
         return state["result"]  # finished earlier: nothing left to do, never register twice
@@ -277,13 +363,18 @@ def run_tune(
     started = not ray.is_initialized()
     init_ray(opts.address, dashboard=True)  # Train V2's placement-group cleaner needs it
     try:
+        local = not (opts.address or os.environ.get("RAY_ADDRESS"))
         res = plan_resources(
-            cluster_cpus(), num_workers=opts.num_workers_per_trial,
-            cpus_per_trial=opts.cpus_per_trial, gpus_per_trial=opts.gpus_per_trial,
-            max_concurrent=opts.max_concurrent_trials,
-            local=not (opts.address or os.environ.get("RAY_ADDRESS")),
-            cluster_gpus=float(ray.cluster_resources().get("GPU", 0.0)),
+            num_workers=opts.num_workers_per_trial, cpus_per_trial=opts.cpus_per_trial,
+            gpus_per_trial=opts.gpus_per_trial, max_concurrent=opts.max_concurrent_trials,
+            local_cpus=cluster_cpus() if local else None,
+            local_gpus=float(ray.cluster_resources().get("GPU", 0.0)),
         )
+        base = base.override({"train.num_workers": res.num_workers})
+        try:  # a rank no node (or node type the autoscaler can launch) can hold: fail now
+            check_feasible(res.worker_bundle(), f"tune trials' {res.num_workers} DDP ranks")
+        except PlacementError as e:
+            raise TuneError(str(e)) from e
         if state is None:
             parent = _start_parent(uri, opts, space, base, data_hash, data_dir, res)
             state = {"parent_run_id": parent, "space": space.path, "data_dir": str(data_dir),
@@ -295,24 +386,22 @@ def run_tune(
 
             reopen_run(uri, state["parent_run_id"])
         job = {
-            "base": state["base"], "data_dir": str(Path(data_dir).resolve()),
+            "base": state["base"], "data_dir": data_dir,
             "data_hash": data_hash, "tracking_uri": uri, "experiment": opts.experiment,
-            "parent_run_id": state["parent_run_id"], "name": opts.name, "storage": storage,
+            "parent_run_id": state["parent_run_id"], "name": opts.name, "storage": store,
             "num_workers": res.num_workers, "worker_cpus": res.worker_cpus,
-            "worker_gpus": res.worker_gpus,
+            "worker_gpus": res.worker_gpus, "placement_timeout_s": opts.placement_timeout_s,
         }
         # The new Tune console output ignores verbose=0; we draw our own live table instead.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         trainable = tune.with_resources(tune_trial, {"cpu": res.driver_cpus})
         live = _LiveTable(metric, on_update)
         run_config = tune.RunConfig(
-            name=opts.name, storage_path=storage, callbacks=[live], verbose=0,
+            name=opts.name, storage_path=store, callbacks=[live], verbose=0,
             failure_config=tune.FailureConfig(max_failures=1),
         )
-        tuner_path = str(Path(storage) / opts.name) if "://" not in storage else \
-            f"{storage.rstrip('/')}/{opts.name}"
-        if opts.resume and tune.Tuner.can_restore(tuner_path):
-            tuner = tune.Tuner.restore(tuner_path, trainable=trainable, resume_unfinished=True,
+        if opts.resume and tune.Tuner.can_restore(exp_dir):
+            tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
         else:
             tuner = tune.Tuner(
@@ -341,16 +430,18 @@ def run_tune(
             errors = [str(r.error) for r in grid if r.error is not None][:3]
             raise TuneError(f"no trial reported {metric}; errors: {errors}")
         best_row = rows[0]
-        best = grid.get_best_result(metric=metric, mode=mode, scope="last")
+        best = next(r for r in grid if _trial_name(r) == best_row.name)
         stopped = sum(1 for r in rows if r.status == "STOPPED EARLY")
-        _finish_children(uri, grid)
-        registered = _register_best(uri, opts, state, best, metric, mode, data_dir, space)
+        _finish_children(uri, grid, rows)
+        registered = _register_best(uri, opts, state, best, best_row, metric, mode, data_dir,
+                                    space)
         result = {
             "name": opts.name,
             "parent_run_id": state["parent_run_id"],
             "metric": metric,
             "mode": mode,
-            "best": {"trial": best_row.name, "params": best_row.params,
+            "best": {"trial": best_row.name, "run_id": best_row.run_id,
+                     "params": best_row.params, "epoch": best_row.best_epoch,
                      "metrics": best_row.metrics, "config": registered.pop("config")},
             "trials": [_row_json(r) for r in rows],
             "stopped_early": stopped,
@@ -367,12 +458,6 @@ def run_tune(
             ray.shutdown()
 
 
-def _default_mode(metric: str) -> str:
-    from se4lip_dist.spaces import METRICS
-
-    return METRICS.get(metric, "max")
-
-
 def _scheduler(kind: str, epochs: int) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -381,52 +466,49 @@ def _scheduler(kind: str, epochs: int) -> Any:
     return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=1, reduction_factor=2)
 
 
-def _local_dir(storage: str, name: str) -> Path | None:
-    if "://" in storage and not storage.startswith("file://"):
-        return None
-    root = Path(storage[len("file://"):] if storage.startswith("file://") else storage)
-    return root.resolve() / name
+def _read_state(exp_dir: str) -> dict[str, Any] | None:
+    path = storage.join(exp_dir, TUNE_STATE_FILE)
+    return json.loads(storage.read_text(path)) if storage.is_file(path) else None
 
 
-def _read_state(exp_dir: Path | None) -> dict[str, Any] | None:
-    if exp_dir is None or not (exp_dir / TUNE_STATE_FILE).is_file():
-        return None
-    return json.loads((exp_dir / TUNE_STATE_FILE).read_text())
-
-
-def _write_state(exp_dir: Path | None, state: dict[str, Any]) -> None:
-    if exp_dir is None:
-        return
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    tmp = exp_dir / f".{TUNE_STATE_FILE}.tmp"
-    tmp.write_text(json.dumps(state, indent=1, default=str))
-    tmp.replace(exp_dir / TUNE_STATE_FILE)
+def _write_state(exp_dir: str, state: dict[str, Any]) -> None:
+    storage.write_atomic(storage.join(exp_dir, TUNE_STATE_FILE),
+                         json.dumps(state, indent=1, default=str))
 
 
 def _start_parent(uri: str, opts: TuneOptions, space: Any, base: Config, data_hash: str,
                   data_dir: str, res: Resources) -> str:
-    from se4lip_dist.tracking import git_revision, redact_uri, start_run
+    from se4lip_dist.tracking import redact_uri, start_run
 
     params = {
-        "tune.space": space.path, "tune.preset": space.preset, "tune.metric": opts.metric
-        or space.metric, "tune.num_samples": opts.num_samples or space.num_samples,
+        "tune.space": space.path, "tune.preset": space.preset, "tune.metric": base.train
+        .select_metric, "tune.num_samples": opts.num_samples or space.num_samples,
         "tune.scheduler": space.scheduler, "tune.max_concurrent_trials": res.max_concurrent,
         "tune.num_workers_per_trial": res.num_workers, "tune.worker_cpus": res.worker_cpus,
-        "tune.epochs": base.train.epochs, "data.dir": str(Path(data_dir).resolve()),
+        "tune.epochs": base.train.epochs, "data.dir": redact_uri(data_dir),
         "data.manifest_hash": data_hash, "ray.storage_path": redact_uri(
             opts.storage_path or default_storage_path()),
     }
     params.update({f"search.{k}": json.dumps(v) for k, v in space.params.items()})
     tags = {"se4lip.kind": "tune", "se4lip.tune": opts.name, "se4lip.preset": space.preset,
             "se4lip.data_manifest_hash": data_hash}
-    rev = git_revision()
-    if rev:
-        tags["mlflow.source.git.commit"] = rev
-    return start_run(uri, opts.experiment, opts.name, params=params, tags=tags,
-                     config_yaml=Path(space.path).read_text())
+    run_id = start_run(
+        uri, opts.experiment, opts.name, params=params, tags=tags,
+        config_yaml=Path(space.path).read_text(), command="tune",
+        description=(f"Tune `{opts.name}` over `{space.path}` ({space.description or 'search'})"
+                     f": running. Trials are the child runs below."))
+    from se4lip_dist.manifest import Manifest
+    from se4lip_dist.stream import manifest_splits
+    from se4lip_dist.tracking import log_datasets
+
+    splits = manifest_splits(Manifest.load(data_dir), base.train.val_fraction)
+    log_datasets(uri, run_id, data_hash=data_hash, source=str(data_dir),
+                 splits={"training": splits["train"], "validation": splits["val"]})
+    return run_id
 
 
 def _rank(grid: Any, metric: str, mode: str, space: Any) -> list[TrialRow]:
+    """Trials ranked by their best epoch's ``metric`` (what each trial would register)."""
     rows = []
     for r in grid:
         m = dict(r.metrics or {})
@@ -441,39 +523,58 @@ def _rank(grid: Any, metric: str, mode: str, space: Any) -> list[TrialRow]:
             status = "STOPPED EARLY"
         else:
             status = "DONE"
-        keep = {k: float(v) for k, v in m.items()
-                if k.startswith(("val_", "train_")) and isinstance(v, int | float)}
-        row = TrialRow(name=_trial_name(r), params=params, status=status, epoch=epochs,
-                       metrics=keep)
-        rows.append(row)
+        best_epoch = int(m.get(f"{BEST_PREFIX}epoch", epochs) or 0)
+        # The metrics of the best epoch (every report carries the best so far).
+        best_metrics = next((h for h in _history(r) if h.get("epoch") == best_epoch), m)
+        keep = {k: float(v) for k, v in best_metrics.items()
+                if k.startswith(("val/", "train/")) and isinstance(v, int | float)}
+        rows.append(TrialRow(name=_trial_name(r), params=params, status=status, epoch=epochs,
+                             metrics=keep, best_epoch=best_epoch))
 
-    def key(row: TrialRow) -> float:
+    def key(row: TrialRow) -> tuple[float, float]:
         v = row.metrics.get(metric)
         if v is None or not math.isfinite(v):
-            return math.inf
-        return -v if mode == "max" else v
+            return math.inf, math.inf
+        loss = row.metrics.get(TIE_BREAK, math.inf)
+        return (-v if mode == "max" else v), loss
 
     return sorted(rows, key=key)
 
 
+def _history(result: Any) -> list[dict[str, Any]]:
+    """Every epoch a trial reported (Tune keeps them in ``metrics_dataframe``)."""
+    df = getattr(result, "metrics_dataframe", None)
+    if df is None or df.empty:
+        return []
+    return df.to_dict("records")
+
+
 def _trial_name(result: Any) -> str:
-    return Path(result.path).name if getattr(result, "path", None) else "?"
+    return storage.basename(result.path) if getattr(result, "path", None) else "?"
 
 
 def _row_json(r: TrialRow) -> dict[str, Any]:
-    return {"trial": r.name, "status": r.status, "epoch": r.epoch, "params": r.params,
+    return {"trial": r.name, "status": r.status, "epoch": r.epoch, "best_epoch": r.best_epoch,
+            "run_id": r.run_id, "params": r.params,
             **{k: round(v, 4) for k, v in r.metrics.items()}}
 
 
-def _finish_children(uri: str, grid: Any) -> None:
-    """Trials ASHA stopped never reach their own end_run: close their MLflow runs here."""
+def _finish_children(uri: str, grid: Any, rows: list[TrialRow]) -> None:
+    """Close every trial's MLflow run with the status Tune gave it (a trial the scheduler stopped
+    early finished normally), and note each run id on its row."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    for r in grid:
-        run_id = _run_id_of(client, r)
-        if run_id and client.get_run(run_id).info.status == "RUNNING":
-            client.set_terminated(run_id, "FAILED" if r.error is not None else "KILLED")
+    by_name = {r.name: r for r in rows}
+    for result in grid:
+        run_id = _run_id_of(client, result)
+        row = by_name.get(_trial_name(result))
+        if run_id is None or row is None:
+            continue
+        row.run_id = run_id
+        client.set_tag(run_id, "se4lip.trial_status", row.status)
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "FAILED" if result.error is not None else "FINISHED")
 
 
 def _run_id_of(client: Any, result: Any) -> str | None:
@@ -483,85 +584,75 @@ def _run_id_of(client: Any, result: Any) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def _register_best(uri: str, opts: TuneOptions, state: dict[str, Any], best: Any, metric: str,
-                   mode: str, data_dir: str, space: Any) -> dict[str, Any]:
-    """Log the best trial's encoder, register it, and apply the champion quality gate."""
+def _register_best(uri: str, opts: TuneOptions, state: dict[str, Any], best: Any,
+                   row: TrialRow, metric: str, mode: str, data_dir: str,
+                   space: Any) -> dict[str, Any]:
+    """Hand the best trial's best epoch to the lifecycle (log, register, gate, alias)."""
     import ray.train
-    from mlflow import MlflowClient
 
-    from se4lip_dist.registry import log_model, register_model
-    from se4lip_dist.train import load_checkpoint_dir, validate
+    from se4lip_dist.lifecycle import Candidate, GateError, publish
+    from se4lip_dist.train import load_checkpoint_dir
 
     path = (best.metrics or {}).get("checkpoint_path")
     if not path:
         raise TuneError("the best trial reported no checkpoint")
-    with ray.train.Checkpoint(path).as_directory() as d:
-        model_state, _, ck_state = load_checkpoint_dir(d)
-    cfg = Config.from_dict(ck_state["config"])
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    run_id = _run_id_of(client, best) or state["parent_run_id"]
-    model_uri = log_model(uri, run_id, cfg, model_state)
-
-    new_score = validate(model_state, cfg, data_dir)[metric]
-    tags = {metric: round(new_score, 4), "tune": opts.name, "search_space": space.path,
-            "data_manifest_hash": state["data_hash"], "preset": cfg.preset, "run_id": run_id,
-            **{k: round(v, 4) for k, v in (best.metrics or {}).items()
-               if k.startswith("val_") and isinstance(v, int | float)}}
-    version = register_model(uri, model_uri, opts.register, tags=tags, alias=None)
-    alias, reason = _gate(uri, opts.register, version, new_score, metric, mode, data_dir)
-    client.set_registered_model_alias(opts.register, alias, str(version))
-    client.set_model_version_tag(opts.register, str(version), "gate", reason)
-    return {"name": opts.register, "version": version, "alias": alias,
-            "reason": reason, "model_uri": f"models:/{opts.register}/{version}",
-            "score": round(new_score, 4), "config": cfg.to_dict()}
-
-
-def _gate(uri: str, name: str, version: int, new_score: float, metric: str, mode: str,
-          data_dir: str) -> tuple[str, str]:
-    """``champion`` only when the new version beats the current champion on this data."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from se4lip_dist.registry import load_model_state
-    from se4lip_dist.train import validate
-
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    # Tune reports the path inside the storage's filesystem (``bucket/key`` on S3).
+    store = storage.absolute(opts.storage_path or default_storage_path())
+    fs = None if storage.is_local(store) else storage.resolve(store)[0]
+    with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
+        restored = load_checkpoint_dir(d)
+    cfg = Config.from_dict(restored.state["config"])
+    run_id = row.run_id or state["parent_run_id"]
+    best_epoch = int(restored.state.get("best_epoch", restored.state["epoch"]))
+    cand = Candidate(
+        model_state=restored.best, cfg=cfg, run_id=run_id,
+        source=f"run:{run_id}:epoch{best_epoch}", epoch=best_epoch,
+        epochs=int(restored.state["epoch"]), selected_by=f"{metric} ({mode})",
+        tags={"se4lip.data_manifest_hash": state["data_hash"], "se4lip.tune": opts.name,
+              "se4lip.trial": row.name, "se4lip.search_space": space.path})
     try:
-        champ = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return CHAMPION, f"no {CHAMPION} yet: version {version} becomes {CHAMPION}"
-    state, cfg = load_model_state(f"models:/{name}/{champ.version}", uri)
-    old_score = validate(state, cfg, data_dir)[metric]
-    better = new_score > old_score if mode == "max" else new_score < old_score
-    verdict = (f"version {version} {metric}={new_score:.4f} vs {CHAMPION} v{champ.version} "
-               f"{metric}={old_score:.4f} on the same validation shards")
-    if better:
-        return CHAMPION, f"{verdict}: promoted"
-    return CHALLENGER, f"{verdict}: not better, {CHAMPION} stays at v{champ.version}"
+        published = publish(uri, cand, register=opts.register, data_dir=data_dir,
+                            metric=metric, mode=mode)
+    except GateError as e:
+        raise TuneError(str(e)) from e
+    return {"name": opts.register, "version": published["version"],
+            "alias": published["alias"], "reason": published["reason"],
+            "model_uri": published["registered_uri"], "scores": published.get("scores", {}),
+            "champion": published.get("champion"), "config": cfg.to_dict()}
 
 
 def _log_parent(uri: str, parent: str, rows: list[TrialRow], result: dict[str, Any],
                 metric: str) -> None:
     from mlflow import MlflowClient
 
-    from se4lip_dist.tracking import RunLogger, end_run
+    from se4lip_dist.tracking import RunLogger, end_run, set_description
 
-    header = ["rank", "trial", "status", "epoch", *sorted({k for r in rows for k in r.params}),
-              metric]
+    header = ["rank", "trial", "status", "epochs", "best epoch",
+              *sorted({k for r in rows for k in r.params}), metric]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, r in enumerate(rows, 1):
-        vals = [str(i), r.name, r.status, str(r.epoch),
-                *[str(r.params.get(k, "")) for k in header[4:-1]],
+        vals = [str(i), r.name, r.status, str(r.epoch), str(r.best_epoch),
+                *[_short(r.params.get(k, "")) for k in header[5:-1]],
                 f"{r.metrics.get(metric, float('nan')):.4f}"]
         lines.append("| " + " | ".join(vals) + " |")
+    table = "\n".join(lines) + "\n"
     logger = RunLogger(uri, parent)
-    logger.text("\n".join(lines) + "\n", "trials.md")
+    logger.text(table, "trials.md")
     logger.text(json.dumps(result["trials"], indent=1), "trials.json")
-    best = result["best"]["metrics"]
-    logger.metrics({f"best_{k}": v for k, v in best.items()}, step=0)
+    best = result["best"]
+    logger.metrics({f"best/{k}": v for k, v in best["metrics"].items()}, step=0)
     client = MlflowClient(tracking_uri=uri)
     reg = result["registered"]
     client.set_tag(parent, "se4lip.registered", f"{reg['name']} v{reg['version']} ({reg['alias']})")
+    client.set_tag(parent, "se4lip.best_trial", best["trial"])
+    if best.get("run_id"):
+        client.set_tag(parent, "se4lip.best_run_id", best["run_id"])
+    set_description(uri, parent, (
+        f"Tune `{result['name']}`: {len(rows)} trials ranked by their best epoch's `{metric}` "
+        f"({result['mode']}). Best: trial {best['trial']} (run `{best.get('run_id')}`, epoch "
+        f"{best['epoch']}), `{metric}` = {best['metrics'].get(metric, float('nan')):.4f}. "
+        f"Registered `{reg['name']}` v{reg['version']} as **{reg['alias']}**: {reg['reason']}."
+        f"\n\n{table}"))
     end_run(uri, parent, "FINISHED")
 
 
@@ -595,7 +686,9 @@ class _LiveTable:
                 row.status = "RUNNING"
                 row.epoch = int(result.get("epoch", row.epoch) or 0)
                 row.metrics = {k: float(v) for k, v in result.items()
-                               if k.startswith("val_") and isinstance(v, int | float)}
+                               if k.startswith(("val/", BEST_PREFIX))
+                               and isinstance(v, int | float)}
+                row.best_epoch = int(result.get(f"{BEST_PREFIX}epoch", row.best_epoch) or 0)
                 self._emit()
 
             def on_trial_complete(self, iteration, trials, trial, **info):  # type: ignore[no-untyped-def]

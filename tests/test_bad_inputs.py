@@ -519,9 +519,14 @@ EVAL_CFG = ["face.backend=none", "data.crop_size=64", "model.lip_height=32",
 def registered(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """A tiny random whole SE4Lip model (speech + lips) registered as se4lip-bad@candidate."""
 
+    from mlflow import MlflowClient
+
     d = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{d / 'mlflow.db'}"
-    register_random_model(uri, load_config("cpu-small", overrides=EVAL_CFG), "se4lip-bad")
+    version = register_random_model(uri, load_config("cpu-small", overrides=EVAL_CFG),
+                                    "se4lip-bad").rsplit("/", 1)[1]
+    MlflowClient(tracking_uri=uri, registry_uri=uri).set_registered_model_alias(
+        "se4lip-bad", "candidate", version)
     return uri, "models:/se4lip-bad@candidate"
 
 

@@ -75,14 +75,22 @@ def test_inputs_folders_audio_and_name_collisions(tmp_path) -> None:
 # ---------------------------------------------------------------- the Ray job
 
 
+def register_with_alias(uri: str, cfg, name: str, alias: str = "candidate") -> str:  # type: ignore[no-untyped-def]
+    """Register a random speech encoder, point ``alias`` at it; returns models:/NAME@ALIAS."""
+    from mlflow import MlflowClient
+
+    version = register_random_model(uri, cfg, name, speech_only=True).rsplit("/", 1)[1]
+    MlflowClient(tracking_uri=uri, registry_uri=uri).set_registered_model_alias(name, alias,
+                                                                                version)
+    return f"models:/{name}@{alias}"
+
+
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
     """A tiny random speech encoder registered as se4lip-x@candidate in a sqlite store."""
     d = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{d / 'mlflow.db'}"
-    register_random_model(uri, load_config("cpu-small", overrides=TINY), "se4lip-x",
-                          speech_only=True)
-    return uri, "models:/se4lip-x@candidate"
+    return uri, register_with_alias(uri, load_config("cpu-small", overrides=TINY), "se4lip-x")
 
 
 @pytest.fixture(scope="module")
@@ -209,8 +217,7 @@ def test_extract_int8_close_to_fp32_and_kept_apart(tmp_path, registered, media_d
     uri, _ = registered
     # cpu-small's real width (128-d, 2 layers): the 16-d test encoder drifts too far for int8
     # (cosine ~0.995 on the probe), which run_extract rightly refuses.
-    register_random_model(uri, load_config("cpu-small"), "se4lip-q", speech_only=True)
-    model_uri = "models:/se4lip-q@candidate"
+    model_uri = register_with_alias(uri, load_config("cpu-small"), "se4lip-q")
     clip = [str(media_dir / "talk.mp4")]
     run_extract(clip, model_uri, tmp_path / "f", tracking_uri=uri, fmt="frame")
     ref = np.load(tmp_path / "f" / "talk" / FRAME_FILE)
@@ -242,6 +249,49 @@ def test_extract_precision_refusals(tmp_path, registered, monkeypatch) -> None:
     with pytest.raises(extract.ExtractError, match=r"se4lip-x@candidate: int8 embeddings drift"):
         run_extract(clip, model_uri, tmp_path / "c", tracking_uri=uri, precision="int8")
     assert not any((tmp_path / d).exists() for d in "abc")  # refused before writing anything
+
+
+@pytest.mark.timeout(120)
+def test_gpu_actors_on_a_cluster_without_gpus_fail_fast(tmp_path, registered, media_dir,
+                                                         ray_session) -> None:
+    """No node has a GPU and no autoscaler can add one: refused at once, nothing written."""
+    import time
+
+    from se4lip_dist.extract import ExtractError
+
+    uri, model_uri = registered
+    t0 = time.monotonic()
+    with pytest.raises(ExtractError, match=r"2 encoder actors: each needs CPU 0.5, GPU 1, but no "
+                                           r"node of this Ray cluster has enough GPU"):
+        run_extract([str(media_dir / "talk.mp4"), str(media_dir / "voice.wav")], model_uri,
+                    tmp_path / "feats", tracking_uri=uri, use_gpu=True, concurrency=2)
+    assert time.monotonic() - t0 < 30
+    assert not (tmp_path / "feats").exists()
+
+
+@pytest.mark.timeout(120)
+def test_actors_that_never_fit_fail_after_the_placement_timeout(tmp_path, registered, media_dir,
+                                                                ray_session) -> None:
+    import time
+
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from se4lip_dist.extract import ExtractError
+
+    uri, model_uri = registered
+    busy = placement_group([{"CPU": 1.8}])  # another job holding most of the cluster
+    ray.get(busy.ready(), timeout=60)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ExtractError, match=r"1 encoder actor \(CPU 0.5 each\) could not be "
+                                               r"placed within 2 s: CPU 0.2 of 2 free"):
+            run_extract([str(media_dir / "talk.mp4")], model_uri, tmp_path / "feats",
+                        tracking_uri=uri, placement_timeout_s=2)
+        assert time.monotonic() - t0 < 30
+        assert not (tmp_path / "feats").exists()
+    finally:
+        remove_placement_group(busy)
 
 
 @pytest.mark.shared_data

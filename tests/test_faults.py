@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -39,9 +38,9 @@ SPEECH = ["model.gru_layers=1", "model.embed_dim=16"]
 
 
 def _closed_port() -> int:
-    from se4lip_dist.remote import free_port
+    import standin  # cluster/local/standin.py, loaded by conftest.py
 
-    return free_port()
+    return standin.free_port()
 
 
 def _raylets(pattern: str = "ray/raylet") -> set[int]:
@@ -146,8 +145,8 @@ def test_registry_loaders_refuse_pickled_code_in_weights(tmp_path: Path) -> None
 
 @pytest.mark.timeout(300)
 def test_registered_model_with_tampered_artifacts(tmp_path: Path) -> None:
-    """A registered version whose artifacts were swapped in the store: the pyfunc's own pickle
-    is never read by se4lip's loaders, and pickled weights are refused (CLI: exit 2)."""
+    """A registered version whose artifacts were swapped in the store: the pyfunc's code file
+    is never run by se4lip's loaders, and pickled weights are refused (CLI: exit 2)."""
     from se4lip_dist.models import build_model
     from se4lip_dist.registry import (
         WEIGHTS_FILE,
@@ -163,13 +162,16 @@ def test_registered_model_with_tampered_artifacts(tmp_path: Path) -> None:
     cfg = load_config("cpu-small", overrides=SPEECH)
     model = build_model(cfg.model, window_frames=cfg.train.window_frames)
     run_id = start_run(uri, "sec", "r", params={}, tags={}, config_yaml=cfg.to_yaml())
-    register_model(uri, log_model(uri, run_id, cfg, model.state_dict()), "se4lip-sec")
+    version = register_model(uri, log_model(uri, run_id, cfg, model.state_dict()), "se4lip-sec")
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=uri, registry_uri=uri).set_registered_model_alias(
+        "se4lip-sec", "candidate", str(version))
     marker = tmp_path / "pwned"
-    pkls = list((tmp_path / "store").rglob("python_model.pkl"))
-    assert pkls
-    for p in pkls:  # the pyfunc wrapper: only mlflow.pyfunc.load_model unpickles it
-        with open(p, "wb") as f:
-            pickle.dump(_Payload(marker), f)
+    code_files = list((tmp_path / "store").rglob("pyfunc_model.py"))
+    assert code_files
+    for p in code_files:  # the pyfunc wrapper: only mlflow.pyfunc.load_model runs it
+        p.write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     load_encoder("models:/se4lip-sec@candidate", uri)
     load_sync_model("models:/se4lip-sec/1", uri)
     assert not marker.exists()
@@ -211,9 +213,10 @@ def test_local_ray_binds_dashboard_to_loopback(monkeypatch: pytest.MonkeyPatch) 
 
 def test_local_mlflow_helper_binds_to_loopback(monkeypatch: pytest.MonkeyPatch,
                                                tmp_path: Path) -> None:
-    from se4lip_dist import remote
+    import standin  # cluster/local/standin.py, loaded by conftest.py
 
     calls: list[list[str]] = []
+    signalled: list[int] = []
 
     class _Exited:
         pid = 4242
@@ -222,14 +225,20 @@ def test_local_mlflow_helper_binds_to_loopback(monkeypatch: pytest.MonkeyPatch,
             calls.append(cmd)
 
         def poll(self) -> int:
-            return 1  # "exited at once": start_local_mlflow reports and stops waiting
+            return 1  # "exited at once": the stand-in reports and stops waiting
 
-    monkeypatch.setattr(remote.subprocess, "Popen", _Exited)
-    with pytest.raises(remote.RemoteError):
-        remote.start_local_mlflow(tmp_path)
+        def wait(self, timeout: float | None = None) -> int:
+            return 1
+
+    monkeypatch.setattr(standin.subprocess, "Popen", _Exited)
+    # Pid 4242 is made up: cleaning up after the failed start must not signal a real group.
+    monkeypatch.setattr(standin, "kill_process_group", lambda pgid, *a, **k: signalled.append(pgid))
+    with pytest.raises(standin.StandinError, match="mlflow exited"):
+        standin.MlflowServer.with_sqlite(tmp_path).start()
     (cmd,) = calls
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
     assert "0.0.0.0" not in cmd
+    assert signalled == [4242]
 
 
 @pytest.mark.parametrize(("uri", "clean"), [
@@ -252,12 +261,17 @@ def test_redact_uri(uri: str, clean: str) -> None:
     assert redact_uri(uri) == clean
 
 
-def test_run_params_never_hold_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                           ) -> None:
+def test_run_params_never_hold_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           s3_env: Any) -> None:
     """The real train driver's params and tags, up to the point where Ray would start."""
     from mlflow import MlflowClient
 
-    from se4lip_dist import train
+    from se4lip_dist import storage, train
+
+    s3_env.create_bucket("bucket")
+    with pytest.raises(storage.StorageError, match="credentials in a URL") as err:
+        storage.read_text(f"s3://AKIA:{SECRET}@bucket/x")
+    assert SECRET not in str(err.value)
 
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRET)
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", SECRET)
@@ -270,9 +284,13 @@ def test_run_params_never_hold_credentials(tmp_path: Path, monkeypatch: pytest.M
 
     monkeypatch.setattr(train, "_fit", stop)
     cfg = load_config("cpu-small", overrides=TINY_TRAIN)
-    with pytest.raises(RuntimeError, match="stop before Ray"):
+    with pytest.raises(storage.StorageError, match="credentials in a URL") as err:
         train.run_train(cfg, str(data), tracking_uri=uri, experiment="sec", run_name="r",
                         storage_path=f"s3://AKIA:{SECRET}@bucket/ray")
+    assert SECRET not in str(err.value)
+    with pytest.raises(RuntimeError, match="stop before Ray"):
+        train.run_train(cfg, str(data), tracking_uri=uri, experiment="sec", run_name="r",
+                        storage_path="s3://bucket/ray")
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("sec").experiment_id])
     assert run.info.status == "FAILED"
@@ -301,7 +319,7 @@ def small_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _unreachable_cases(shards: Path, tmp: Path) -> dict[str, list[str]]:
     space = tmp / "space.yaml"
-    space.write_text("preset: cpu-small\nmetric: val_loss\nnum_samples: 1\nscheduler: fifo\n"
+    space.write_text("preset: cpu-small\nmetric: val/loss\nnum_samples: 1\nscheduler: fifo\n"
                      "params:\n  train.lr: 0.001\n")
     wav = tmp / "a.wav"
     from se4lip_dist.synthetic import write_clip
@@ -401,7 +419,7 @@ def _kill_a_worker(storage: Path, name: str, uri: str, info: dict[str, Any]) -> 
     run_id = json.loads((storage / name / "se4lip_run.json").read_text())["run_id"]
     info["steps_at_kill"] = [m.step for m in
                              MlflowClient(tracking_uri=uri).get_metric_history(run_id,
-                                                                               "train_loss")]
+                                                                               "train/loss")]
 
 
 @pytest.mark.slow
@@ -440,12 +458,12 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint(own_ray: Any, tmp_path:
     # Every epoch exactly once: in the result, the checkpoint and MLflow's metric history.
     assert result["epochs"] == epochs
     assert [h["epoch"] for h in result["history"]] == list(range(1, epochs + 1))
-    steps = [h["step"] for h in result["history"]]
+    steps = [h["train/steps"] for h in result["history"]]
     assert steps == sorted(set(steps)) and steps[-1] == result["steps"]
-    _, _, state = load_checkpoint_dir(result["checkpoint"])
+    state = load_checkpoint_dir(result["checkpoint"]).state
     assert state["epoch"] == epochs and [h["epoch"] for h in state["history"]] == [1, 2, 3]
     client = MlflowClient(tracking_uri=uri)
-    for metric in ("train_loss", "val_loss", "val_sync_acc"):
+    for metric in ("train/loss", "val/loss", "val/sync_acc"):
         history = client.get_metric_history(result["run_id"], metric)
         assert sorted(m.step for m in history) == list(range(1, epochs + 1)), metric
     assert client.get_run(result["run_id"]).info.status == "FINISHED"
@@ -470,7 +488,11 @@ def test_extract_killed_midway_then_rerun(tmp_path: Path) -> None:
 
     _alone_on_this_machine()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    register_random_model(uri, load_config("cpu-small", overrides=SPEECH), "se4lip-int")
+    pinned = register_random_model(uri, load_config("cpu-small", overrides=SPEECH), "se4lip-int")
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=uri, registry_uri=uri).set_registered_model_alias(
+        "se4lip-int", "candidate", pinned.rsplit("/", 1)[1])
     clips = tmp_path / "clips"
     clips.mkdir()
     inputs = [Path(make_synthetic_clip(clips / f"c{i}.mp4", 6.0, seed=i, size=(32, 32))["path"])
@@ -517,3 +539,17 @@ def test_extract_killed_midway_then_rerun(tmp_path: Path) -> None:
                         text=True, timeout=600)
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert _snapshot(clean) == after
+
+
+def test_cli_errors_never_print_secret_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some library errors quote a whole runtime env; the CLI blanks secret values first."""
+    import typer
+
+    from se4lip_dist import cli
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setattr(cli.console, "print", lambda text, **_: printed.append(text))
+    printed: list[str] = []
+    with pytest.raises(typer.Exit):
+        cli._fail(f"failed to merge {{'AWS_SECRET_ACCESS_KEY': '{SECRET}'}}")
+    assert printed and SECRET not in printed[0] and "REDACTED" in printed[0]

@@ -7,14 +7,7 @@ import math
 import pytest
 import torch
 
-from se4lip_dist.losses import (
-    embedding_distance,
-    offset_distances,
-    predict_offset,
-    sync_accuracy,
-    sync_bce_loss,
-    sync_cosine,
-)
+from se4lip_dist.losses import sync_accuracy, sync_bce_loss, sync_cosine
 
 
 def test_cosine_identical_orthogonal_and_known_value() -> None:
@@ -55,7 +48,6 @@ def test_zero_embeddings_are_nan_free_with_finite_grads() -> None:
     assert torch.isfinite(loss)
     assert torch.isfinite(a.grad).all() and torch.isfinite(v.grad).all()
     assert torch.isfinite(sync_cosine(a, torch.zeros(4, 8))).all()
-    assert torch.isfinite(embedding_distance(a, torch.zeros(4, 8))).all()
 
 
 def test_gradients_finite_and_pull_positive_pairs_together() -> None:
@@ -85,42 +77,3 @@ def test_accuracy() -> None:
     assert sync_accuracy(a, v, torch.tensor([1.0, 0.0, 0.0, 1.0])).item() == pytest.approx(0.5)
     assert sync_accuracy(a, v, torch.tensor([1.0, 0.0, 1.0, 0.0])).item() == pytest.approx(1.0)
     assert sync_accuracy(a, v, torch.ones(4), threshold=-1.0).item() == pytest.approx(1.0)
-
-
-def test_embedding_distance() -> None:
-    a = torch.tensor([[1.0, 0.0], [1.0, 0.0], [2.0, 2.0]])
-    v = torch.tensor([[5.0, 0.0], [0.0, 3.0], [1.0, 1.0]])
-    torch.testing.assert_close(
-        embedding_distance(a, v), torch.tensor([0.0, math.sqrt(2.0), 0.0]), atol=1e-6, rtol=0
-    )
-
-
-@pytest.mark.parametrize("shift", [-7, -1, 0, 3, 5])
-def test_offset_search_recovers_planted_shift(shift: int) -> None:
-    g = torch.Generator().manual_seed(shift + 100)
-    n, k, d = 60, 10, 32
-    base = torch.rand(n + 2 * k, d, generator=g)
-    a_seq = base[k : k + n]
-    v_seq = base[k + shift : k + shift + n]  # v[t] == a[t + shift]
-    v_seq = v_seq + 0.01 * torch.rand(n, d, generator=g)
-    dists = offset_distances(a_seq, v_seq, max_offset=k)
-    assert dists.shape == (2 * k + 1,)
-    offset, min_dist, conf = predict_offset(dists)
-    assert offset == shift
-    assert min_dist == pytest.approx(dists.min().item())
-    assert min_dist < 0.05
-    assert conf == pytest.approx((dists.median() - dists.min()).item())
-    assert conf > 0.1
-
-
-def test_offset_distances_hand_case_and_errors() -> None:
-    a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
-    v = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
-    dists = offset_distances(a, v, max_offset=1)
-    # shift -1: v[1:3] vs a[0:2] -> 0; shift 0: orthogonal; shift +1: v[0:2] vs a[1:3] -> 0.
-    torch.testing.assert_close(dists, torch.tensor([0.0, math.sqrt(2.0), 0.0]), atol=1e-6, rtol=0)
-    assert predict_offset(torch.tensor([3.0, 1.0, 2.0, 4.0, 5.0])) == (-1, 1.0, 2.0)
-    with pytest.raises(ValueError):
-        offset_distances(a, v, max_offset=3)
-    with pytest.raises(ValueError):
-        predict_offset(torch.ones(4))

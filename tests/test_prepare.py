@@ -96,6 +96,33 @@ def test_other_config_on_same_folder_is_refused(clips, tmp_path: Path) -> None:
         run_prepare([str(d)], out, other, workers=0)
 
 
+def test_failed_run_writes_no_manifest_and_a_rerun_may_change_config(
+        clips, tmp_path: Path) -> None:
+    """A run that prepared nothing leaves no manifest, so the folder does not pin a config."""
+    d, _ = clips
+    bad = tmp_path / "bad.mp4"
+    bad.write_text("not a video")
+    out = tmp_path / "shards"
+    s = run_prepare([str(bad)], out, FIXED, workers=0)
+    assert (s.prepared, len(s.failures)) == (0, 1)
+    assert not (out / "manifest.json").exists()
+    assert len((out / "failures.jsonl").read_text().splitlines()) == 1
+    other = FIXED.override({"data.crop_size": 64})
+    again = run_prepare([str(d / "syn_0.mp4")], out, other, workers=0)
+    assert again.prepared == 1
+    assert Manifest.load(out).config["data"]["crop_size"] == 64
+
+
+def test_manifest_without_shards_does_not_pin_the_config(clips, tmp_path: Path) -> None:
+    """A shard-less manifest written by an older version is replaced, not obeyed."""
+    d, _ = clips
+    out = tmp_path / "shards"
+    Manifest(config={"data": {"crop_size": 96}, "face": {}}).save(out)
+    s = run_prepare([str(d / "syn_0.mp4")], out, FIXED.override({"data.crop_size": 64}),
+                    workers=0)
+    assert s.prepared == 1 and Manifest.load(out).config["data"]["crop_size"] == 64
+
+
 def test_interrupt_keeps_finished_clips(clips, tmp_path: Path) -> None:
     d, _ = clips
     out = tmp_path / "shards"
@@ -210,6 +237,32 @@ def test_parallel_on_ray_matches_in_process(clips, tmp_path: Path) -> None:
     for cid in a:
         assert a[cid][0]["audio"] == b[cid][0]["audio"]
         assert a[cid][0]["lips"] == b[cid][0]["lips"]
+
+
+@pytest.mark.timeout(180)
+def test_workers_the_cluster_cannot_hold_fail_in_bounded_time(clips, tmp_path: Path) -> None:
+    """No unbounded wait: workers that never fit fail with the resource named, writing nothing."""
+    import time
+
+    import ray
+    from ray.util.placement_group import placement_group
+
+    from se4lip_dist.runtime import init_ray
+
+    d, _ = clips
+    out = tmp_path / "shards"
+    init_ray(num_cpus=2)
+    try:
+        busy = placement_group([{"CPU": 1.5}])  # another job holding most of the cluster
+        ray.get(busy.ready(), timeout=60)
+        t0 = time.monotonic()
+        with pytest.raises(PrepareError, match=r"1 clip worker \(CPU 1 each\) could not be placed "
+                                               r"within 2 s: CPU 0.5 of 2 free"):
+            run_prepare([str(d)], out, FIXED, workers=1, placement_timeout_s=2)
+        assert time.monotonic() - t0 < 30
+        assert not out.exists()
+    finally:
+        ray.shutdown()
 
 
 def test_grid_clips_with_scrfd(shared_data: Path, insightface_root: Path, tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ def test_shipped_spaces_cover_the_issue() -> None:
         ("params:\n  model.frontend: {choice: [stft, wav]}\n", "'wav' is invalid"),
         ("params:\n  train.lr: {loguniform: [0, 1]}\n", "low > 0"),
         ("params:\n  train.lr: {normal: [0, 1]}\n", "exactly one of"),
-        ("metric: accuracy\nparams:\n  train.lr: 0.1\n", "metric must be"),
+        ("metric: accuracy\nparams:\n  train.lr: 0.1\n", "unknown metric"),
         ("preset: huge\nparams:\n  train.lr: 0.1\n", "unknown preset"),
         ("params: {}\n", "'params'"),
         ("params:\n  model.gru_layers: {randint: [4, 2]}\n", "low < high"),

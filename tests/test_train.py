@@ -40,7 +40,8 @@ def _reports_of_restored_run(cfg, data, storage, uri, run_id, tmp_path) -> list[
 
     TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "tracking_uri": uri, "run_id": run_id},
+        train_loop_config={"cfg": cfg.to_dict(), "data_dir": str(data), "tracking_uri": uri,
+                           "run_id": run_id},
         scaling_config=ray.train.ScalingConfig(num_workers=2,
                                                resources_per_worker={"CPU": 0.4}),
         run_config=ray.train.RunConfig(name="tiny", storage_path=storage, callbacks=[Record()]),
@@ -49,8 +50,10 @@ def _reports_of_restored_run(cfg, data, storage, uri, run_id, tmp_path) -> list[
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
-@pytest.mark.timeout(420)
-def test_train_resume_track_register(tmp_path, ray_session) -> None:
+@pytest.mark.timeout(600)
+def test_train_resume_track_register_best_epoch(tmp_path, ray_session) -> None:
+    """Train, resume with a learning rate that wrecks the model, and register: the registered
+    weights are the best validated epoch's (scored again by the gate: the same numbers)."""
     from mlflow import MlflowClient
 
     from se4lip_dist.registry import embed_waveforms, load_encoder
@@ -63,71 +66,133 @@ def test_train_resume_track_register(tmp_path, ray_session) -> None:
     common = dict(tracking_uri=uri, experiment="it", use_gpu=False, address=None,
                   storage_path=storage)
 
-    cfg = load_config("cpu-small", overrides=[*TINY_TRAIN, "train.epochs=2"])
+    cfg = load_config("cpu-small", overrides=[*TINY_TRAIN, "train.epochs=3"])
     first = run_train(cfg, str(data), run_name="tiny", register=None, resume=False, **common)
-    assert first["epochs"] == 2 and len(first["history"]) == 2
-    assert first["run_name"] == "tiny"
-    assert first["samples_per_s"] > 0 and 0 <= first["data_wait_fraction"] <= 1
+    assert first["epochs"] == 3 and len(first["history"]) == 3
+    assert first["run_name"] == "tiny" and first["registered"] is None
+    last = first["last"]
+    assert last["perf/samples_per_s"] > 0 and 0 <= last["perf/data_wait_fraction"] <= 1
     assert len(first["worker_node_ids"]) == 2 and len(set(first["worker_node_ids"])) == 1
-    for h in first["history"]:  # collapse watch: norms of ReLU embeddings, dead dimensions
-        assert h["val_speech_norm"] >= 0 and h["val_lip_norm"] >= 0
-        assert 0 <= h["val_speech_dead_frac"] <= 1 and 0 <= h["val_lip_dead_frac"] <= 1
+    for h in first["history"]:  # counts behind every score, and the collapse watch
+        assert h["val/clips"] == 4 and h["val/offset_trials"] == 12 and h["val/pairs"] == 64
+        assert h["val/offset_acc_ci_low"] <= h["val/offset_acc"] <= h["val/offset_acc_ci_high"]
+        assert h["val/speech_norm"] >= 0 and 0 <= h["val/lip_dead_frac"] <= 1
+    # Learning: the synthetic sync is found at every shift within 3 epochs.
+    assert max(h["val/offset_acc"] for h in first["history"]) >= 0.9, first["history"]
 
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(first["run_id"])
     assert run.data.params["train.batch_size"] == "16"
-    assert "data.manifest_hash" in run.data.params
-    assert {"train_loss", "val_loss", "val_sync_acc", "val_offset_acc",
-            "val_speech_dead_frac"} <= set(run.data.metrics)
+    assert run.data.tags["mlflow.source.name"] == "se4lip-dist train"
+    assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.note.content"]
+    assert {"train/loss", "val/loss", "val/sync_acc", "val/offset_acc", "val/offset_acc_shift3",
+            "perf/samples_per_s", "best/epoch"} <= set(run.data.metrics)
+    assert not {"step", "epoch", "train_loss"} & set(run.data.metrics)
+    data_hash = run.data.params["data.manifest_hash"]
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} == {
+        f"shards-{data_hash}-training", f"shards-{data_hash}-validation"}
+    contexts = {t.value for d in run.inputs.dataset_inputs for t in d.tags}
+    assert contexts == {"training", "validation"}
     names = {a.path for a in client.list_artifacts(first["run_id"])}
-    assert "config.yaml" in names and "plots" in names
-    plots = {a.path for a in client.list_artifacts(first["run_id"], "plots")}
-    assert plots == {"plots/curves.png", "plots/offset_curve.png"}
+    assert {"config.yaml", "plots", "validation"} <= names
+    tables = {a.path for a in client.list_artifacts(first["run_id"], "validation")}
+    assert "validation/clips_epoch003.json" in tables
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
 
-    # Resume the same run for two more epochs and register the result.
-    cfg4 = load_config("cpu-small", overrides=[*TINY_TRAIN, "train.epochs=4"])
-    second = run_train(cfg4, str(data), run_name="tiny", register="se4lip-it", resume=True,
+    # Resume for 2 more epochs on clips whose training audio is 6 frames late (the validation
+    # clips are the same, in sync): the model unlearns sync. Then register.
+    shifted = tmp_path / "shifted"
+    write_synthetic_shards(shifted, n_clips=24, n_frames=40, val_clips=4, clips_per_shard=6,
+                           train_audio_shift=6)
+    wreck = load_config("cpu-small", overrides=[*TINY_TRAIN, "train.epochs=5"])
+    second = run_train(wreck, str(shifted), run_name="tiny", register="se4lip-it", resume=True,
                        **common)
     assert second["run_id"] == first["run_id"]
-    assert second["epochs"] == 4
-    assert [h["epoch"] for h in second["history"]] == [1, 2, 3, 4]
-    assert second["history"][:2] == first["history"]
-    # Learning, judged so that one noisy epoch on 24 tiny clips cannot fail it: the loss went
-    # down at some point, and the first epoch after the resume still finds the AV offset.
-    losses = [h["train_loss"] for h in second["history"]]
-    assert min(losses[1:]) < losses[0] - 0.05, losses
-    assert second["history"][2]["val_offset_acc"] >= 0.75, second["history"]
-    assert all(np.isfinite(h["val_loss"]) for h in second["history"])
-    assert second["registered_version"] == 1
-    history = client.get_metric_history(first["run_id"], "train_loss")
-    assert [m.step for m in history] == [1, 2, 3, 4]
+    assert [h["epoch"] for h in second["history"]] == [1, 2, 3, 4, 5]
+    assert second["history"][:3] == first["history"]
+    hist = second["history"]
+    best = max(hist, key=lambda h: (h["val/offset_acc"], -h["val/loss"]))
+    assert second["best_epoch"] == best["epoch"] <= 3, [
+        (h["epoch"], h["val/offset_acc"], h["val/loss"]) for h in hist]
+    assert hist[-1]["val/offset_acc"] < best["val/offset_acc"]
+    assert [m.step for m in client.get_metric_history(first["run_id"], "train/loss")] == [
+        1, 2, 3, 4, 5]
+    reg = second["registered"]
+    assert (reg["name"], reg["version"], reg["alias"]) == ("se4lip-it", 1, "champion"), reg
+    # The gate scored the registered weights in-process: exactly the best epoch's validation.
+    for k in ("val/offset_acc", "val/offset_trials", "val/clips"):
+        assert reg["scores"][k] == best[k], (k, reg["scores"], best)
+    assert reg["scores"]["val/loss"] == pytest.approx(best["val/loss"], abs=1e-4)
+    mv = client.get_model_version("se4lip-it", "1")
+    assert mv.tags["se4lip.epoch"] == str(best["epoch"]) and "champion" in mv.description
 
     # Restoring a finished run trains nothing but reports its final result and checkpoint once
     # more: a tune driver killed after a trial's last epoch gets the trial's result this way.
-    assert _reports_of_restored_run(cfg4, data, storage, uri, first["run_id"], tmp_path) == [
-        {"epoch": 4, "checkpoint": True}]
-    assert [m.step for m in client.get_metric_history(first["run_id"], "train_loss")] == [
-        1, 2, 3, 4]
+    assert _reports_of_restored_run(wreck, data, storage, uri, first["run_id"], tmp_path) == [
+        {"epoch": 5, "checkpoint": True}]
+    assert [m.step for m in client.get_metric_history(first["run_id"], "train/loss")] == [
+        1, 2, 3, 4, 5]
 
-    enc, cfg_back = load_encoder("models:/se4lip-it@candidate", tracking_uri=uri)
-    assert cfg_back.model == cfg4.model
+    enc, cfg_back = load_encoder("models:/se4lip-it@champion", tracking_uri=uri)
+    assert cfg_back.model == wreck.model
     emb = embed_waveforms(enc, np.zeros((3, 16000 * 2 + 5), np.float32), cfg_back)
     assert emb.shape == (3, 32) and np.isfinite(emb).all()
+
+
+def test_optimizer_state_follows_the_placed_parameters(tmp_path) -> None:
+    """A restored AdamW state must live where the parameters were placed (on a GPU: the device;
+    here a dtype change stands in for the move), or the first step after a resume fails."""
+    import torch
+
+    from se4lip_dist.models import build_model
+    from se4lip_dist.train import Restored, place_model
+
+    cfg = load_config("cpu-small", overrides=TINY_TRAIN)
+    model = build_model(cfg.model, window_frames=cfg.train.window_frames)
+    model, opt, _ = place_model(model, cfg, None, lambda m: m)
+    wav = torch.randn(4, 5 * 640)
+    lips = torch.rand(4, 15, 32, 32)
+    a, v = model(wav, lips)
+    (a.sum() + v.sum()).backward()
+    opt.step()
+    saved = Restored(model=model.state_dict(), best=model.state_dict(), optim=opt.state_dict(),
+                     state={"scaler": None})
+
+    fresh = build_model(cfg.model, window_frames=cfg.train.window_frames)
+    placed, opt2, scaler = place_model(fresh, cfg, saved, lambda m: m.to(torch.float64))
+    assert not scaler.is_enabled()  # no fp16 autocast on CPU
+    states = [s for s in opt2.state.values() if "exp_avg" in s]
+    assert states and all(s["exp_avg"].dtype == torch.float64 for s in states)
+    a, v = placed(wav.double(), lips.double())
+    (a.sum() + v.sum()).backward()
+    opt2.step()  # mixed float32 state and float64 parameters would raise here
 
 
 def test_run_names_fresh_unique_and_resume(tmp_path) -> None:
     from se4lip_dist.train import RUN_STATE_FILE, TrainError, _resolve_name
 
     storage = str(tmp_path)
-    assert _resolve_name(storage, "a", resume=False) == ("a", None)
+    assert _resolve_name(storage, "a", False, "lbl") == ("a", None)
     (tmp_path / "a").mkdir()
-    name, _ = _resolve_name(storage, "a", resume=False)
+    name, _ = _resolve_name(storage, "a", False, "lbl")
     assert name.startswith("a-") and name != "a"
+    fresh, _ = _resolve_name(storage, None, False, "cpu-small-gru2-w5-lr3e-4")
+    assert fresh.startswith("cpu-small-gru2-w5-lr3e-4-")
     with pytest.raises(TrainError, match="no run 'a'"):
-        _resolve_name(storage, "a", resume=True)
+        _resolve_name(storage, "a", True, "lbl")
     (tmp_path / "a" / RUN_STATE_FILE).write_text('{"run_id": "r1"}')
-    assert _resolve_name(storage, "a", resume=True) == ("a", {"run_id": "r1"})
-    assert _resolve_name(storage, None, resume=True) == ("a", {"run_id": "r1"})
+    assert _resolve_name(storage, "a", True, "lbl") == ("a", {"run_id": "r1"})
+    assert _resolve_name(storage, None, True, "lbl") == ("a", {"run_id": "r1"})
+
+
+def test_run_label_says_what_the_run_is() -> None:
+    from se4lip_dist.train import run_label
+
+    assert run_label(load_config("cpu-small")) == "cpu-small-gru2-w5-lr3e-4"
+    assert run_label(load_config("paper", overrides=["model.frontend=mel",
+                                                     "model.backbone=cnn"])) == \
+        "paper-mel-cnn-w5-lr5e-5"
 
 
 def test_unreachable_tracking_server_fails_fast() -> None:
@@ -140,3 +205,35 @@ def test_unreachable_tracking_server_fails_fast() -> None:
         check_reachable("http://user:pw@127.0.0.1:9", timeout_s=2)
     assert "pw" not in str(err.value)
     assert time.perf_counter() - t0 < 5
+
+
+def test_cluster_run_refuses_a_node_local_store(tmp_path) -> None:
+    """On a cluster the workers log from their own nodes: a sqlite file there would be a
+    separate store per node, so it is refused before anything starts."""
+    from se4lip_dist.tracking import TrackingError
+    from se4lip_dist.train import run_train
+
+    data = tmp_path / "shards"
+    write_synthetic_shards(data, n_clips=6, n_frames=20, val_clips=2, clips_per_shard=3)
+    cfg = load_config("cpu-small", overrides=TINY_TRAIN)
+    with pytest.raises(TrackingError, match="--tracking-uri http://"):
+        run_train(cfg, str(data), tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                  address="127.0.0.1:1", storage_path=str(tmp_path / "ray"))
+    assert not (tmp_path / "m.db").exists() and not (tmp_path / "ray").exists()
+
+
+@pytest.mark.timeout(120)
+def test_gpu_workers_on_a_cpu_only_ray_fail_fast(tmp_path, ray_session) -> None:
+    import time
+
+    from se4lip_dist.train import TrainError, run_train
+
+    data = tmp_path / "shards"
+    write_synthetic_shards(data, n_clips=6, n_frames=20, val_clips=2, clips_per_shard=3)
+    cfg = load_config("cpu-small", overrides=TINY_TRAIN)
+    t0 = time.perf_counter()
+    with pytest.raises(TrainError, match="GPU") as err:
+        run_train(cfg, str(data), tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", use_gpu=True,
+                  storage_path=str(tmp_path / "ray"), placement_timeout_s=600)
+    assert "no autoscaler" in str(err.value)
+    assert time.perf_counter() - t0 < 60

@@ -1,0 +1,198 @@
+"""Bounded waits for Ray actors: a clear error naming the missing resource instead of a hang.
+
+Ray queues an actor that no node can hold until a node that can appears, and Ray Data's actor
+pools wait for their actors without limit by default (``DataContext.wait_for_min_actors_s`` is
+-1). On a cluster without a GPU and no autoscaler that could add one, ``extract --use-gpu`` would
+wait forever. :func:`wait_placeable` runs before a pool starts:
+
+1. When no alive node has enough of some resource and no autoscaler can add nodes (a local Ray,
+   a hand-assembled or KubeRay cluster without autoscaling), it fails at once.
+2. Otherwise it reserves the pool's resources with a placement group (which the autoscaler sees
+   as demand and scales for), fails as soon as autoscaler v2 reports the demand infeasible, and
+   fails after ``timeout_s`` when the resources never became free; then it releases them for
+   the pool's actors.
+
+Autoscaler detection reads what Ray's monitor publishes in the GCS (v2: the autoscaling state;
+v1: the ``__autoscaling_status`` record, where a monitor without a cluster config, the
+read-only provider, names every node type ``node_<id>``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+DEFAULT_TIMEOUT_S = 600.0
+"""Default bound on waiting for a pool's resources (autoscalers may need minutes for a node)."""
+_STATUS_WAIT_S = 10.0
+_POLL_S = 1.0
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot hold the requested actors (now, or within the allowed time)."""
+
+
+def describe(request: dict[str, float]) -> str:
+    """``{'CPU': 0.5, 'GPU': 1.0}`` -> ``CPU 0.5, GPU 1``."""
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(request.items()))
+
+
+def _nodes() -> list[dict[str, float]]:
+    import ray
+
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def missing_everywhere(request: dict[str, float],
+                       nodes: list[dict[str, float]]) -> list[str]:
+    """Resources of ``request`` that no single node in ``nodes`` has enough of."""
+    if any(all(n.get(k, 0.0) + 1e-9 >= v for k, v in request.items()) for n in nodes):
+        return []
+    return [k for k, v in sorted(request.items())
+            if not any(n.get(k, 0.0) + 1e-9 >= v for n in nodes)] or sorted(request)
+
+
+def _status_reply() -> Any | None:
+    """The GCS ``GetClusterStatusReply`` (autoscaler v2 state), or None when unavailable."""
+    import ray
+
+    try:
+        from ray._raylet import GcsClient
+        from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
+
+        reply = GetClusterStatusReply()
+        reply.ParseFromString(GcsClient(ray.get_runtime_context().gcs_address)
+                              .get_cluster_status(timeout_s=5))
+        return reply
+    except Exception:  # private API: fall back to the bounded wait alone
+        return None
+
+
+def _v1_status() -> dict[str, Any] | None:
+    try:
+        from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        raw = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
+        return json.loads(raw) if raw else None
+    except Exception:
+        return None
+
+
+def autoscaler_mode(wait_s: float = _STATUS_WAIT_S) -> str:
+    """``"v2"``, ``"v1"`` (an autoscaler with node types to launch), or ``"none"``.
+
+    ``"none"`` also covers Ray's read-only monitor (no cluster config: it cannot add nodes).
+    Waits up to ``wait_s`` for a monitor that has not reported yet (it reports every few s).
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        reply = _status_reply()
+        if reply is not None and reply.autoscaling_state.autoscaler_state_version > 0:
+            return "v2"
+        report = (_v1_status() or {}).get("autoscaler_report") or {}
+        types = set((report.get("active_nodes") or {}).keys())
+        types |= set((report.get("pending_launches") or {}).keys())
+        types |= set((report.get("node_type_mapping") or {}).values())
+        if types:  # an empty first report says nothing yet: wait for the next one
+            return "v1" if any(not t.startswith("node_") for t in types) else "none"
+        if time.monotonic() >= deadline:
+            return "none"
+        time.sleep(0.5)
+
+
+def _reported_infeasible(request: dict[str, float]) -> bool:
+    """True when autoscaler v2 reports a bundle of this shape as infeasible."""
+    reply = _status_reply()
+    if reply is None:
+        return False
+    state = reply.autoscaling_state
+    bundles = [dict(r.resources_bundle) for r in state.infeasible_resource_requests]
+    for gang in state.infeasible_gang_resource_requests:
+        bundles += [dict(r.resources_bundle) for r in gang.requests]
+    want = {k: float(v) for k, v in request.items() if v}
+    return any(set(b) == set(want) and all(math.isclose(b[k], want[k]) for k in want)
+               for b in bundles)
+
+
+def _free_summary(request: dict[str, float]) -> str:
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    return ", ".join(f"{k} {free.get(k, 0.0):g} of {total.get(k, 0.0):g} free"
+                     for k in sorted(request))
+
+
+def check_feasible(request: dict[str, float], what: str) -> None:
+    """Raise :class:`PlacementError` at once when no node can ever hold ``request``.
+
+    That is: no alive node has enough of some resource, and no autoscaler can add a node.
+    """
+    missing = missing_everywhere(request, _nodes())
+    if not missing:
+        return
+    mode = autoscaler_mode()
+    if mode != "none":
+        return
+    shapes = "; ".join(sorted({describe({k: v for k, v in n.items() if k in ("CPU", "GPU")
+                                         or k in request}) or "nothing"
+                               for n in _nodes()}))
+    raise PlacementError(
+        f"{what}: each needs {describe(request)}, but no node of this Ray cluster has enough "
+        f"{', '.join(missing)} (nodes offer: {shapes}) and no autoscaler can add one"
+    )
+
+
+def wait_placeable(request: dict[str, float], count: int, what: str,
+                   timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Wait until ``count`` actors of ``request`` fit the cluster together, or raise.
+
+    Args:
+        request: resources of one actor (``{"CPU": 0.5, "GPU": 1}``).
+        count: actors the pool starts.
+        what: names the actors in messages (``"2 encoder actors"``).
+        timeout_s: how long to wait for the resources to become free.
+
+    Raises:
+        PlacementError: impossible on this cluster, reported infeasible, or not free in time.
+    """
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    start = time.monotonic()
+    request = {k: float(v) for k, v in request.items() if v}
+    check_feasible(request, what)
+    pg = placement_group([dict(request) for _ in range(count)], strategy="PACK")
+    try:
+        ready = pg.ready()
+        while True:
+            left = timeout_s - (time.monotonic() - start)
+            done, _ = ray.wait([ready], timeout=max(0.0, min(_POLL_S, left)))
+            if done:
+                return
+            if _reported_infeasible(request):
+                raise PlacementError(
+                    f"{what}: each needs {describe(request)}, and the autoscaler reports that "
+                    "no node type it can launch holds that"
+                )
+            if left <= 0:
+                raise PlacementError(
+                    f"{what} ({describe(request)} each) could not be placed within "
+                    f"{timeout_s:g} s: {_free_summary(request)} (raise the placement timeout, "
+                    "lower the concurrency, or add nodes)"
+                )
+    finally:
+        remove_placement_group(pg)
+
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "PlacementError",
+    "autoscaler_mode",
+    "check_feasible",
+    "describe",
+    "missing_everywhere",
+    "wait_placeable",
+]

@@ -1,0 +1,262 @@
+"""The production path on its loopback stand-in (cluster/local/standin.py), end to end.
+
+Shards and Ray results on a real S3 API, an ``mlflow server`` with a PostgreSQL store and S3
+artifacts, and a Ray cluster that starts with zero workers and autoscales:
+
+prepare to S3 -> ``se4lip-dist submit -- tune`` (2 trials, ASHA) on the autoscaling cluster ->
+best encoder registered on the MLflow server -> ``extract`` from ``models:/...@champion`` on the
+worker nodes, features written to S3 -> every frame accounted for; the cluster scales up and back
+down, and nothing is left running. A second test kills the node running a trial mid-epoch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from shard_fixtures import TINY_MODEL
+
+pytestmark = pytest.mark.slow
+
+DATA, RESULTS = "se4lip-data", "se4lip-ray"
+CLIPS, SECONDS = 16, 3.0
+TRAIN_SET = [*TINY_MODEL, "train.lr=0.002", "train.pairs_per_segment=64",
+             "train.val_fraction=0.25"]
+# One rank of 0.5 CPU and a 0.25-CPU trial driver: a 1-CPU worker node holds one trial and a
+# Ray Data task; the 0-CPU head holds only the job's driver.
+TRIAL_FLAGS = ["--cpus-per-trial", "0.75", "--num-workers-per-trial", "1",
+               "--max-concurrent-trials", "1"]
+
+
+def _cli(args: list[str], env: dict[str, str], timeout: float,
+         cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "se4lip_dist", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _last_json(stdout: str) -> Any:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+class _NodeWatch:
+    """Polls the cluster's live worker nodes in the background: the most seen at once."""
+
+    def __init__(self, cluster: Any) -> None:
+        self.cluster, self.most, self.seen = cluster, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(2.0):
+            try:
+                n = len(self.cluster.alive_worker_nodes())
+            except Exception:  # the state API may be briefly unavailable under load
+                continue
+            self.most, self.seen = max(self.most, n), self.seen + 1
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        return self.most
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
+    from se4lip_dist.synthetic import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("videos")
+    return {"train": make_synthetic_dataset(root / "train", CLIPS, SECONDS),
+            "heldout": make_synthetic_dataset(root / "heldout", 2, SECONDS, seed=10_000)}
+
+
+def _client_env(s3_server: Any, cluster: Any, mlflow_url: str) -> dict[str, str]:
+    env = {**os.environ, **s3_server.env(), **cluster.env(), "MLFLOW_TRACKING_URI": mlflow_url,
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
+    env.pop("RAY_ADDRESS", None)  # the client submits through the Jobs API, never joins
+    return env
+
+
+def _space(path: Path) -> Path:
+    path.write_text(yaml.safe_dump({
+        "preset": "cpu-small", "metric": "val/offset_acc", "num_samples": 1,
+        "scheduler": "asha", "params": {"model.gru_layers": {"grid": [1, 2]}},
+    }))
+    return path
+
+
+def _prepare_to_s3(videos: dict[str, list[Path]], s3_server: Any, env: dict[str, str],
+                   work: Path) -> None:
+    import boto3
+
+    for b in (DATA, RESULTS):
+        s3_server.create_bucket(b)
+    done = _cli(["prepare", str(videos["train"][0].parent), "--out", f"s3://{DATA}/shards",
+                 "--preset", "cpu-small", "--face-backend", "none", "--workers", "0",
+                 "--json"], env, timeout=600, cwd=work)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _last_json(done.stdout)["total_clips"] == CLIPS
+    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint,
+                      aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                      region_name=env["AWS_DEFAULT_REGION"])
+    for v in videos["heldout"]:
+        s3.upload_file(str(v), DATA, f"heldout/{v.name}")
+
+
+def _submit(cluster: Any, env: dict[str, str], command: list[str], timeout: float,
+            work: Path) -> subprocess.CompletedProcess:
+    return _cli(["submit", "--address", cluster.dashboard_url, "--working-dir", "",
+                 "--timeout", str(timeout), "--", *command], env, timeout=timeout + 60,
+                cwd=work)
+
+
+@pytest.mark.timeout(2400)
+def test_tune_on_autoscaling_cluster_with_s3_and_mlflow_server(
+        videos, s3_server, mlflow_server, autoscaling_ray_factory, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    cluster = autoscaling_ray_factory(idle_timeout_minutes=0.2)
+    env = _client_env(s3_server, cluster, mlflow_server.url)
+    assert cluster.alive_worker_nodes() == []  # the cluster starts with no worker at all
+    _prepare_to_s3(videos, s3_server, env, tmp_path)
+
+    watch = _NodeWatch(cluster)
+    t0 = time.perf_counter()
+    space = _space(tmp_path / "s.yaml")
+    tune_cmd = ["tune", "--data", f"s3://{DATA}/shards", "--space", str(space),
+                "--storage-path", f"s3://{RESULTS}/results", "--tracking-uri", mlflow_server.url,
+                "--epochs", "3", "--register", "se4lip-e2e", "--name", "e2e",
+                "--experiment", "e2e", *TRIAL_FLAGS, "--json"]
+    for o in TRAIN_SET:
+        tune_cmd += ["--set", o]
+    done = _submit(cluster, env, tune_cmd, timeout=1200, work=tmp_path)
+    tune_wall = time.perf_counter() - t0
+    most = watch.stop()
+    assert done.returncode == 0, (done.stdout[-6000:], done.stderr[-6000:])
+    assert most >= 1, "the autoscaler never added a worker node"
+
+    client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    champion = client.get_model_version_by_alias("se4lip-e2e", "champion")
+    assert champion.version == "1", champion
+    assert float(champion.tags["gate.val/offset_acc"]) >= 0.5, champion.tags
+    exp = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs), [
+        (r.info.run_name, r.info.status) for r in runs]
+    assert any(r.data.tags.get("se4lip.kind") == "tune" for r in runs)
+
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint,
+                      aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                      region_name=env["AWS_DEFAULT_REGION"])
+
+    def keys(bucket: str, prefix: str) -> list[str]:
+        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+    assert any("checkpoint" in k for k in keys(RESULTS, "results/e2e"))
+    assert any(k.endswith("speech_encoder.pt") for k in keys("mlflow", "mlflow"))
+
+    # Features for the held-out clips from @champion, by actors on the worker nodes (the head
+    # has no CPU), read from and written to S3.
+    watch = _NodeWatch(cluster)
+    done = _submit(cluster, env, [
+        "extract", f"s3://{DATA}/heldout", "--model", "models:/se4lip-e2e@champion",
+        "--tracking-uri", mlflow_server.url, "--out", f"s3://{DATA}/features", "--json"],
+        timeout=900, work=tmp_path)
+    watch.stop()
+    assert done.returncode == 0, (done.stdout[-6000:], done.stderr[-6000:])
+    frames = int(SECONDS * 25)
+    for v in videos["heldout"]:
+        body = s3.get_object(Bucket=DATA, Key=f"features/{v.stem}/aud_se4lip.npy")["Body"]
+        feats = np.load(io.BytesIO(body.read()))
+        assert feats.shape == (frames, 32), (v.name, feats.shape)  # one row per video frame
+        assert np.isfinite(feats).all()
+        marker = s3.get_object(Bucket=DATA, Key=f"features/{v.stem}/_SUCCESS.json")["Body"]
+        assert json.loads(marker.read())["model"]["version"] == 1
+
+    # Idle workers go away again.
+    cluster.wait_for_workers(0, timeout_s=240, at_least=False)
+    print(f"\nproduction path: tune job {tune_wall:.0f} s, at most {most} worker nodes")
+
+
+def _train_worker_nodes(cluster: Any) -> dict[str, str]:
+    """Node id -> state of every Ray Train worker actor the cluster has seen."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=cluster.dashboard_url, limit=1000, raise_on_missing_output=False,
+                         filters=[("class_name", "=", "RayTrainWorker")])
+    return {a.node_id: a.state for a in actors}
+
+
+@pytest.mark.timeout(2400)
+def test_node_loss_mid_trial_resumes_from_its_s3_checkpoint(
+        videos, s3_server, mlflow_server, autoscaling_ray_factory, tmp_path: Path) -> None:
+    """Kill the raylet of the node training a trial after its first checkpoint: the trial
+    resumes on another node from S3, the search finishes, one version is registered and no
+    MLflow run is left RUNNING."""
+    from mlflow import MlflowClient
+
+    from se4lip_dist.remote import job_client, wait_for_job
+
+    cluster = autoscaling_ray_factory(idle_timeout_minutes=0.5)
+    env = _client_env(s3_server, cluster, mlflow_server.url)
+    _prepare_to_s3(videos, s3_server, env, tmp_path)
+    space = tmp_path / "one.yaml"
+    space.write_text(yaml.safe_dump({"preset": "cpu-small", "metric": "val/offset_acc",
+                                     "num_samples": 1, "scheduler": "fifo",
+                                     "params": {"model.gru_layers": 1}}))
+    cmd = ["tune", "--data", f"s3://{DATA}/shards", "--space", str(space), "--storage-path",
+           f"s3://{RESULTS}/loss", "--tracking-uri", mlflow_server.url, "--epochs", "3",
+           "--register", "se4lip-loss", "--name", "loss", "--experiment", "loss",
+           *TRIAL_FLAGS, "--json"]
+    for o in [*TRAIN_SET, "train.pairs_per_segment=160"]:  # epochs long enough to land in
+        cmd += ["--set", o]
+    started = _cli(["submit", "--address", cluster.dashboard_url, "--working-dir", "",
+                    "--no-wait", "--json", "--", *cmd], env, timeout=120, cwd=tmp_path)
+    assert started.returncode == 0, started.stderr[-3000:]
+    job_id = _last_json(started.stdout)["job_id"]
+
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    deadline = time.time() + 900
+    victim = None
+    while time.time() < deadline and victim is None:
+        time.sleep(2)
+        exp = client.get_experiment_by_name("loss")
+        runs = client.search_runs([exp.experiment_id], "tags.`se4lip.trial` != ''") if exp \
+            else []
+        if any(r.data.metrics.get("val/offset_acc") is not None for r in runs):
+            alive = [n for n, state in _train_worker_nodes(cluster).items() if state == "ALIVE"]
+            if alive:
+                victim = alive[0]
+    assert victim, "no trial finished its first epoch within 900 s"
+    killed = cluster.kill_node(victim)
+    assert killed
+
+    status = wait_for_job(job_client(cluster.dashboard_url), job_id, timeout_s=1500,
+                          address=cluster.dashboard_url)
+    assert status == "SUCCEEDED", job_client(cluster.dashboard_url).get_job_logs(job_id)[-6000:]
+    nodes = _train_worker_nodes(cluster)
+    assert nodes.get(victim) == "DEAD" and any(n != victim for n in nodes), nodes
+
+    registry = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    assert len(registry.search_model_versions("name = 'se4lip-loss'")) == 1
+    exp = client.get_experiment_by_name("loss")
+    runs = client.search_runs([exp.experiment_id])
+    assert runs and not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    (trial,) = [r for r in runs if r.data.tags.get("se4lip.trial")]
+    steps = [m.step for m in client.get_metric_history(trial.info.run_id, "val/offset_acc")]
+    assert sorted(set(steps)) == [1, 2, 3], steps  # resumed after epoch 1, not restarted

@@ -89,8 +89,8 @@ def run(quick: bool) -> dict[str, Any]:
     metrics = {
         "train_worker": mem["train_worker"], "extract_actor": mem["extract_actor"],
         "driver_peak_rss_mib": round(harness.peak_rss_self() / 2**20, 1),
-        "train": {"steps": tr["steps"], "samples_per_s": tr["samples_per_s"],
-                  "data_wait_fraction": tr["data_wait_fraction"],
+        "train": {"steps": tr["steps"], "samples_per_s": tr["last"]["perf/samples_per_s"],
+                  "data_wait_fraction": tr["last"]["perf/data_wait_fraction"],
                   "wall_s": round(t_train.s, 1)},
         "extract": {"inputs": ex.extracted, "failed": len(ex.failures),
                     "real_time_factor": round(ex.real_time_factor, 2),
@@ -110,8 +110,8 @@ def run(quick: bool) -> dict[str, Any]:
                       None, f"{density['clips']} clips, {density['frames']} frames",
                       unit=" MiB"),
         harness.ratio("train: data-wait fraction in run_train (2 workers)",
-                      float(tr["data_wait_fraction"] or 0.0), None,
-                      f"{tr['samples_per_s']:.0f} samples/s over {tr['steps']} steps",
+                      float(tr["last"]["perf/data_wait_fraction"] or 0.0), None,
+                      f"{tr['last']['perf/samples_per_s']:.0f} samples/s over {tr['steps']} steps",
                       unit=""),
     ]
     return harness.result("memory", metrics, ratios)

@@ -32,10 +32,10 @@ N_ROWS = 320
 class ShardPairs:
     """``torch.utils.data.IterableDataset`` body: pair blocks from this worker's Parquet files."""
 
-    def __init__(self, paths: list[str], spec: Any, val_fraction: float) -> None:
+    def __init__(self, paths: list[str], spec: Any, rule: Any) -> None:
         self.paths = paths
         self.spec = spec
-        self.val_fraction = val_fraction
+        self.rule = rule
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         import pyarrow.parquet as pq
@@ -52,19 +52,18 @@ class ShardPairs:
             for rb in pq.ParquetFile(path).iter_batches(batch_size=ROWS_PER_TASK,
                                                         columns=READ_COLUMNS):
                 batch = {c: rb.column(c).to_numpy(zero_copy_only=False) for c in READ_COLUMNS}
-                out = make_pair_batch(batch, spec=self.spec, split="train",
-                                      val_fraction=self.val_fraction)
+                out = make_pair_batch(batch, spec=self.spec, rule=self.rule, role="train")
                 if len(out["label"]):
                     yield out
 
 
-def _torch_dataset(paths: list[str], spec: Any, val_fraction: float) -> Any:
+def _torch_dataset(paths: list[str], spec: Any, rule: Any) -> Any:
     import torch.utils.data
 
     class _DS(ShardPairs, torch.utils.data.IterableDataset):
         pass
 
-    return _DS(paths, spec, val_fraction)
+    return _DS(paths, spec, rule)
 
 
 def dataloader_batches(paths: list[str], cfg: Any) -> Iterator[dict[str, Any]]:
@@ -72,10 +71,12 @@ def dataloader_batches(paths: list[str], cfg: Any) -> Iterator[dict[str, Any]]:
     import torch
     import torch.utils.data
 
+    from se4lip_dist.splits import SplitRule
     from se4lip_dist.stream import PairSpec
 
+    rule = SplitRule(cfg.train.split, cfg.train.val_fraction)  # the benchmark data: clip split
     loader = torch.utils.data.DataLoader(
-        _torch_dataset(paths, PairSpec.from_config(cfg), cfg.train.val_fraction),
+        _torch_dataset(paths, PairSpec.from_config(cfg), rule),
         batch_size=None, num_workers=2, prefetch_factor=2)
     carry: dict[str, torch.Tensor] | None = None
     for block in loader:
@@ -99,7 +100,7 @@ def ray_batches(data_dir: str, cfg: Any, shuffle_buffer: int | None = None
     from se4lip_dist.stream import pair_dataset
 
     buf = cfg.train.shuffle_buffer if shuffle_buffer is None else shuffle_buffer
-    ds = pair_dataset(data_dir, cfg, "train", rows_per_task=ROWS_PER_TASK)
+    ds = pair_dataset(data_dir, cfg, rows_per_task=ROWS_PER_TASK)
     yield from ds.iter_torch_batches(batch_size=BATCH, drop_last=True,
                                      local_shuffle_buffer_size=buf or None, prefetch_batches=2)
 

@@ -8,16 +8,32 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
+import traceback
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, TextIO
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.console import Console, RenderableType
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from se4lip_dist.config import Config, ConfigError, list_presets, load_config
+
+if TYPE_CHECKING:
+    from se4lip_dist.runtime import LogRoute
+    from se4lip_dist.tuning import TrialRow
 
 app = typer.Typer(
     add_completion=False,
@@ -26,6 +42,22 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 out = Console()
+
+
+def _hide_flag_types() -> None:
+    """typer's rich help prints a type after every option, flags too (``--json <bool>``), as if
+    they took a value; a flag shows none."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self: TyperOption, ctx: typer.Context) -> str | None:
+        return None if self.is_flag and not self.count else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_hide_flag_types()
 
 PresetOpt = Annotated[str, typer.Option("--preset", help=f"Config preset: {', '.join(list_presets())}.")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file overriding the preset.")]
@@ -74,19 +106,95 @@ def _finite(obj: object) -> object:
     return obj
 
 
-def _quiet_ray(as_json: bool) -> None:
-    """With --json, keep Ray's worker output off stdout so it holds only the JSON object."""
-    if as_json:
-        from se4lip_dist.runtime import set_log_to_driver
+VERBOSE_ENV = "SE4LIP_VERBOSE"
+_verbose_flag = False  # --verbose of the current invocation
+_own_process = False  # set by main(): fds 1 and 2 are this command's, not a test runner's
+_log_route: LogRoute | None = None
+_command: str | None = None  # the subcommand of the current invocation (names its log file)
 
-        set_log_to_driver(False)
+
+def _verbose() -> bool:
+    """--verbose (or SE4LIP_VERBOSE=1): library logs on the terminal, not in a log file."""
+    env = os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    return _verbose_flag or env
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _quiet_ray(as_json: bool, log_dir: Path | None = None) -> None:
+    """Quiet by default: what Ray, Ray Data, Tune and MLflow print goes to a log file (its path
+    printed once) and this command's own output to the terminal. --verbose leaves the library
+    output on the terminal (with --json, Ray's worker output then stays off stdout)."""
+    global _log_route
+    from se4lip_dist.runtime import log_file_path, quiet_output, set_log_to_driver
+
+    if _verbose() or not _own_process:
+        if as_json:
+            set_log_to_driver(False)
+        return
+    if _log_route is not None:
+        return
+    path = log_file_path(_command or "se4lip-dist", log_dir)
+    _log_route = quiet_output(path)
+    console.file = _terminal(_log_route.terminal_err)
+    out.file = _terminal(_log_route.terminal_out)
+    console.print(f"logs: {path} (--verbose shows them here)", style="dim", soft_wrap=True,
+                  markup=False, highlight=False)
+
+
+def _live_io() -> dict[str, bool]:
+    """Options of rich's live displays: by default they catch ``sys.stdout``/``sys.stderr``
+    while running and print it on the terminal, which would undo :func:`_quiet_ray`."""
+    return {"redirect_stdout": _log_route is None, "redirect_stderr": _log_route is None}
+
+
+def _terminal(fd: int) -> TextIO:
+    return os.fdopen(fd, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+
+
+DEBUG_ENV = "SE4LIP_DEBUG"
+_debug_flag = False  # --debug of the current invocation
+
+
+def _debug() -> bool:
+    """--debug (or SE4LIP_DEBUG=1): show tracebacks, not only messages."""
+    env = os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    return _debug_flag or env
+
+
+@app.callback()
+def _global_options(
+    ctx: typer.Context,
+    debug: Annotated[bool, typer.Option("--debug", help=f"Show the traceback of every error (also {DEBUG_ENV}=1).")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help=f"Print Ray, Ray Data and MLflow logs here instead of into a log file (also {VERBOSE_ENV}=1).")] = False,
+) -> None:
+    """Prepare, train, tune, extract and evaluate SE4Lip lip-sync speech encoders on Ray."""
+    global _command, _debug_flag, _verbose_flag
+    _debug_flag = debug
+    _verbose_flag = verbose
+    _command = ctx.invoked_subcommand
+
+
+def _print_traceback(text: str) -> None:
     from se4lip_dist.runtime import redact_secrets
 
+    console.print(redact_secrets(text.rstrip()), markup=False, highlight=False)
+
+
+def _fail(message: str, code: int = 2, exc: BaseException | None = None) -> None:
+    """Print ``message`` as the error and exit with ``code``.
+
+    With ``exc``: under --debug its traceback comes first; otherwise an error that is not one of
+    ours (torch, Ray, a bug) names its type and how to see where it came from.
+    """
+    from se4lip_dist.runtime import redact_secrets
+
+    if exc is not None and _debug():
+        _print_traceback("".join(traceback.format_exception(exc)))
+    elif exc is not None and not type(exc).__module__.startswith("se4lip_dist"):
+        message = (f"{message or type(exc).__name__} ({type(exc).__name__}; --debug or "
+                   f"{DEBUG_ENV}=1 shows the traceback)")
+    # soft_wrap: the terminal wraps, so paths, URLs and commands copy-paste whole.
     console.print(f"[bold red]error:[/] {redact_secrets(message)}", markup=True,
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -153,7 +261,8 @@ def prepare(
     progress = Progress(
         TextColumn("[bold]prepare"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=console,
-        disable=as_json,
+        # Transient, and off in logs and pipes: no bar left behind an error or the table below.
+        disable=as_json or not console.is_interactive, transient=True, **_live_io(),
     )
     task = progress.add_task("prepare", total=None, status="")
     n_failed = 0
@@ -162,7 +271,9 @@ def prepare(
         nonlocal n_failed
         if res.failure:
             n_failed += 1
-            progress.console.print(f"[red]failed[/] {res.failure.error}")
+            progress.console.print(f"[red]failed[/] {res.failure.error}", highlight=False)
+            if _debug() and res.failure.traceback:
+                _print_traceback(res.failure.traceback)
         progress.update(task, advance=1, status=f"{n_failed} failed" if n_failed else "")
 
     with progress:
@@ -173,7 +284,7 @@ def prepare(
                 on_start=lambda n: progress.update(task, total=n), on_result=on_result,
             )
         except PrepareError as e:
-            _fail(str(e))
+            _fail(str(e), exc=e)
     if as_json:
         _emit_json(summary.to_json())
     else:
@@ -198,13 +309,31 @@ def _render_prepare(summary) -> None:  # type: ignore[no-untyped-def]
     for d in summary.duplicates:
         out.print(f"[yellow]duplicate skipped:[/] {d}")
     if summary.failures:
+        # The file name first, whole: a long path is folded in its own column, never cut.
+        rows = [(*_name_first(f.input), f.stage, f.error.removeprefix(f"{f.input}: "))
+                for f in summary.failures]
         ft = Table(title="failures (also in failures.jsonl)")
-        ft.add_column("input")
+        ft.add_column("file", overflow="fold", min_width=min(40, max(len(r[0]) for r in rows)))
+        ft.add_column("folder", overflow="fold", style="dim")
         ft.add_column("stage")
-        ft.add_column("error")
-        for f in summary.failures:
-            ft.add_row(f.input, f.stage, f.error)
+        ft.add_column("error", overflow="fold")
+        for r in rows:
+            ft.add_row(*r)
         out.print(ft)
+
+
+def _name_first(item: str) -> tuple[str, str]:
+    """``(file name, folder)`` of a failed input.
+
+    A manifest line naming a file (``/m/list.csv:3 (/m/x/clip.mp4)``) gives
+    ``("clip.mp4 (list.csv:3)", "/m/x/")``.
+    """
+    line = re.fullmatch(r"(.*:\d+) \((.*)\)", item)
+    if line:
+        folder, sep, name = line[2].rpartition("/")
+        return f"{name} ({line[1].rpartition('/')[2]})", folder + sep
+    folder, sep, name = item.rpartition("/")
+    return name, folder + sep
 
 
 @app.command()
@@ -215,6 +344,9 @@ def train(
     set_: SetOpt = None,
     epochs: Annotated[int | None, typer.Option("--epochs")] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps")] = None,
+    steps_per_epoch: Annotated[int | None, typer.Option("--steps-per-epoch", help="Optimizer steps per epoch, fresh pairs as needed (small data).")] = None,
+    split: Annotated[str | None, typer.Option("--split", help="What validates: clip | speaker | time (the tail of every clip).")] = None,
+    init: Annotated[str | None, typer.Option("--init", help="Warm start from a model URI (models:/se4lip@champion) or a checkpoint folder.")] = None,
     num_workers: Annotated[int | None, typer.Option("--num-workers", help="Ray Train workers.")] = None,
     use_gpu: Annotated[bool, typer.Option("--use-gpu", help="One GPU per worker (nccl).")] = False,
     tracking_uri: Annotated[
@@ -241,6 +373,12 @@ def train(
         extra.append(f"train.epochs={epochs}")
     if max_steps is not None:
         extra.append(f"train.max_steps={max_steps}")
+    if steps_per_epoch is not None:
+        extra.append(f"train.steps_per_epoch={steps_per_epoch}")
+    if split is not None:
+        extra.append(f"train.split={split}")
+    if init is not None:
+        extra.append(f"train.init={init}")
     if num_workers is not None:
         extra.append(f"train.num_workers={num_workers}")
     cfg = _config(preset, config, set_, extra)
@@ -333,17 +471,18 @@ def tune(
     )
     _quiet_ray(as_json)
     live = Live(_trials_table([], metric or "val/offset_acc", "trials"), console=console,
-                refresh_per_second=2, transient=True)
+                refresh_per_second=2, transient=True, **_live_io())
+
+    def show(rows: list[TrialRow]) -> None:
+        live.update(_trials_table(rows, metric or "val/offset_acc", "trials (live)",
+                                  epochs=epochs, mode=mode or "max"))
+
     try:
         if as_json:
             result = run_tune(str(space), str(data), opts)
         else:
             with live:
-                result = run_tune(
-                    str(space), str(data), opts,
-                    on_update=lambda rows: live.update(
-                        _trials_table(rows, metric or "val/offset_acc", "trials (live)")),
-                )
+                result = run_tune(str(space), str(data), opts, on_update=show)
     except (ValueError, RuntimeError, FileNotFoundError, ConnectionError) as e:
         _fail(str(e))
     if as_json:
@@ -352,15 +491,25 @@ def tune(
     _render_ranked(result)
 
 
-def _trials_table(rows, metric: str, title: str) -> Table:  # type: ignore[no-untyped-def]
+def _trials_table(rows: list[TrialRow], metric: str, title: str, *, epochs: int | None = None,
+                  mode: str = "max") -> Table:
+    """Trials with their epoch (of ``epochs``), last and best score; the best so far below."""
     t = Table(title=title)
     for col in ("trial", "status", "epoch", "params", metric, f"best {metric} (epoch)"):
         t.add_column(col)
+    best: TrialRow | None = None
     for r in rows:
         m = r.metrics
-        t.add_row(r.name, r.status, str(r.epoch),
+        t.add_row(r.name, r.status, f"{r.epoch}/{epochs}" if epochs else str(r.epoch),
                   " ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in r.params.items()),
                   _fmt(m.get(metric)), f"{_fmt(m.get(f'best/{metric}'))} ({r.best_epoch})")
+        score = m.get(f"best/{metric}")
+        if score is not None and (best is None or (score > best.metrics[f"best/{metric}"])
+                                  == (mode == "max")):
+            best = r
+    if best is not None:
+        t.caption = (f"best so far: {best.name}, {metric} "
+                     f"{_fmt(best.metrics[f'best/{metric}'])} at epoch {best.best_epoch}")
     return t
 
 
@@ -485,7 +634,7 @@ def _guard(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
     try:
         return fn(*args, **kwargs)
     except (ValueError, RuntimeError, FileNotFoundError, ConnectionError) as e:
-        _fail(str(e))
+        _fail(str(e), exc=e)
 
 
 # --- features and sync metrics (logic in extract / evaluate / lmd / probe) -----------------
@@ -518,7 +667,8 @@ def extract(
 
     _quiet_ray(as_json)
     progress = Progress(TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(),
-                        TimeRemainingColumn(), console=console, disable=as_json)
+                        TimeRemainingColumn(), console=console, transient=True, **_live_io(),
+                        disable=as_json or not console.is_interactive)  # none after an error
     task = progress.add_task("extract", total=None)
     with progress:
         summary = _guard(
@@ -539,7 +689,9 @@ def extract(
                 t.add_row(k, _fmt(v))
         out.print(t)
         for f in summary.failures:
-            out.print(f"[red]failed[/] {f}")
+            out.print(f"[red]failed[/] {f.error}", highlight=False)
+            if _debug() and f.traceback:
+                _print_traceback(f.traceback)
     raise typer.Exit(summary.exit_code)
 
 
@@ -558,6 +710,7 @@ def evaluate(
     """AV offset, LSE-D/LSE-C-style scores (this encoder's scale) and offset accuracy per clip."""
     from se4lip_dist.evaluate import run_evaluate
 
+    _quiet_ray(as_json)
     res = _guard(run_evaluate, videos, model, tracking_uri=tracking_uri, max_offset=max_offset,
                  shift=shift, plot_dir=plot,
                  insightface_root=str(insightface_root.resolve()) if insightface_root else None,
@@ -573,6 +726,9 @@ def evaluate(
             t.add_row(c["name"], _fmt(c.get("offset")), _fmt(c.get("lse_d")),
                       _fmt(c.get("lse_c")), _fmt(c.get("frames")), c.get("error", ""))
         out.print(t)
+        for c in res["clips"]:
+            if _debug() and c.get("traceback"):
+                _print_traceback(c["traceback"])
         if res["evaluated"]:
             out.print(f"offset accuracy (|offset - {shift}| <= 1): {res['hits']}/"
                       f"{res['evaluated']} ({res['offset_accuracy']:.2f})")
@@ -647,32 +803,139 @@ def quickstart(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """prepare -> tiny tune (2 trials) -> register -> extract -> evaluate, on local Ray + sqlite."""
-    from se4lip_dist.quickstart import run_quickstart
+    from se4lip_dist.quickstart import EPOCHS, run_quickstart
 
-    _quiet_ray(True)  # the step headings tell the story; worker logs stay in Ray's log files
+    _quiet_ray(False, log_dir=workdir.resolve() / "logs")
+    view = _QuickstartView(EPOCHS)
+    try:
+        res = _guard(run_quickstart, video_dir, workdir,
+                     insightface_root=str(insightface_root.resolve()) if insightface_root else None,
+                     tracking_uri=tracking_uri, reporter=view)
+    finally:
+        view.close()
+    _print_quickstart_summary(res)
 
-    def step(title: str) -> None:
+
+class _StepProgress(Progress):
+    """A step's spinner, bar and elapsed time, with the live trial table under it."""
+
+    table: Table | None = None
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        yield from super().get_renderables()
+        if self.table is not None:
+            yield self.table
+
+
+class _QuickstartView:
+    """Draws the quickstart as it runs (a :class:`se4lip_dist.quickstart.Reporter`): a rule per
+    step, a bar over the step's clips, the live trial table during the tune, one line of outcome
+    per step. The moving parts are transient: a log or a pipe gets only the lines that stay."""
+
+    def __init__(self, epochs: int, metric: str = "val/offset_acc") -> None:
+        self.epochs = epochs
+        self.metric = metric
+        self.progress: _StepProgress | None = None
+        self.task: TaskID | None = None
+
+    def step(self, title: str) -> None:
+        """A rule with the step's title, and a spinner until it ends."""
+        self.close()
         console.rule(f"[bold]{title}")
+        self.progress = _StepProgress(
+            SpinnerColumn(), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+            console=console, transient=True, disable=not console.is_interactive, **_live_io())
+        self.task = self.progress.add_task("", total=None)
+        self.progress.start()
 
-    res = _guard(run_quickstart, video_dir, workdir,
-                 insightface_root=str(insightface_root.resolve()) if insightface_root else None,
-                 tracking_uri=tracking_uri, on_step=step)
+    def items(self, total: int) -> None:
+        """The step's bar counts ``total`` items."""
+        if self.progress is not None and self.task is not None:
+            self.progress.update(self.task, total=total, completed=0, description=f"0/{total}")
+
+    def advance(self) -> None:
+        """One more item done."""
+        if self.progress is not None and self.task is not None:
+            self.progress.advance(self.task)
+            task = self.progress.tasks[0]
+            self.progress.update(self.task, description=f"{task.completed:g}/{task.total:g}")
+
+    def trials(self, rows: list[TrialRow]) -> None:
+        """The live trial table (status, epoch, scores, best so far)."""
+        if self.progress is not None:
+            self.progress.table = _trials_table(rows, self.metric, "trials", epochs=self.epochs)
+            self.progress.refresh()
+
+    def note(self, text: str) -> None:
+        """A line that stays, under the step's rule."""
+        target = self.progress.console if self.progress is not None else console
+        target.print(f"  {text}", soft_wrap=True, markup=False, highlight=False)
+
+    def close(self) -> None:
+        """Remove the moving parts."""
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+            self.task = None
+
+
+def _print_quickstart_summary(res: dict) -> None:
+    """Where everything went, and the follow-up commands as this environment runs them (its
+    own ``se4lip-dist``, so they work without activating it), one line each, never wrapped."""
+    from se4lip_dist.quickstart import follow_up_commands
+
     console.rule("[bold green]done")
-    out.print(f"shards:    {res['shards']}", soft_wrap=True)
-    out.print(f"model:     {res['model_uri']} ({res['alias']}: {res['reason']})", soft_wrap=True)
-    out.print(f"features:  {res['features']}", soft_wrap=True)
-    out.print(f"evaluate:  recovered the 3-frame delay on {res['hits']}/{res['evaluated']} "
-              "held-out clips")
+    for label, value in (("shards", res["shards"]), ("model", f"{res['model_uri']} "
+                         f"({res['alias']}; `models show` below says why)"),
+                         ("features", res["features"])):
+        out.print(f"{label + ':':<10} {value}", soft_wrap=True, markup=False, highlight=False)
     _print_ui_hint(res["tracking_uri"])
     exe = Path(sys.executable).with_name("se4lip-dist")
-    cmd = str(exe) if exe.exists() else "se4lip-dist"
-    uri, name = res["tracking_uri"], res["model_name"]
-    out.print("next:", soft_wrap=True)
-    for line in (f"{cmd} models list --tracking-uri {uri}",
-                 f"{cmd} models show {name} --tracking-uri {uri}",
-                 f"{cmd} evaluate {res['heldout']} --model {res['model_uri']} "
-                 f"--tracking-uri {uri} {res['evaluate_flags']} --shift 3".rstrip()):
+    out.print("next:")
+    for line in follow_up_commands(res, str(exe) if exe.exists() else "se4lip-dist"):
         out.print(f"  {line}", soft_wrap=True, markup=False, highlight=False)
+
+
+@app.command()
+def subject(
+    video: Annotated[str, typer.Argument(help="The subject's video (local path or s3://...).")],
+    out_dir: Annotated[str, typer.Option("--out", help="Folder for shards, features and the report.")],
+    name: Annotated[str | None, typer.Option("--name", help="Subject name (default: from the file name); the model is se4lip-NAME.")] = None,
+    init: Annotated[str, typer.Option("--init", help="General encoder to fine-tune ('' trains from scratch).")] = "models:/se4lip@champion",
+    preset: PresetOpt = "cpu-small",
+    set_: SetOpt = None,
+    insightface_root: Annotated[str | None, typer.Option("--insightface-root", help="InsightFace model root holding models/<pack>/.")] = None,
+    face_backend: Annotated[str | None, typer.Option("--face-backend", help="insightface | none (fixed box).")] = None,
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="MLflow URI (default: ./se4lip-runs sqlite).")] = None,
+    use_gpu: Annotated[bool, typer.Option("--use-gpu", help="Train and extract on GPUs.")] = False,
+    address: AddressOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """One person's video -> that person's encoder (fine-tuned, end of the video held out) ->
+    renderer features and a held-out report."""
+    from se4lip_dist.subject import run_subject
+
+    sets = list(set_ or [])
+    if insightface_root:
+        sets.append(f"face.insightface_root={Path(insightface_root).resolve()}")
+    if face_backend:
+        sets.append(f"face.backend={face_backend}")
+    _quiet_ray(as_json)
+    res = _guard(run_subject, video, out_dir, name=name, init=init or None, preset=preset,
+                 overrides=sets, tracking_uri=tracking_uri, address=address, use_gpu=use_gpu,
+                 on_step=None if as_json else lambda title: console.rule(f"[bold]{title}"))
+    if as_json:
+        _emit_json(res)
+        return
+    reg = res["registered"]
+    _print_gate(reg["name"], reg["version"], reg["alias"], reg["reason"])
+    h = res["heldout"]
+    out.print(f"held-out tail: offset accuracy {h['val/offset_acc']:.2f} "
+              f"[{h['val/offset_acc_ci_low']:.2f}, {h['val/offset_acc_ci_high']:.2f}] over "
+              f"{int(h['val/offset_trials'])} searches, LSE-D {h['val/lse_d']:.3f}, "
+              f"LSE-C {h['val/lse_c']:.3f} ({res['init']})", soft_wrap=True)
+    out.print(f"features: {res['features']}", soft_wrap=True)
+    out.print(f"report:   {res['report']['markdown']}", soft_wrap=True)
 
 
 # --- remote execution: Ray Jobs API (logic in se4lip_dist.remote) ---------------------------
@@ -803,13 +1066,22 @@ def main() -> None:
     raylet warnings, Tune's reporter, every child process (they inherit fd 1) and MLflow's
     exit-time "View run" lines cannot reach stdout; only the JSON object is written to the real
     stdout (through a saved copy of fd 1). Not restored on return: atexit handlers run later.
+
+    Commands that start Ray or MLflow point fds 1 and 2 at a log file unless --verbose
+    (:func:`_quiet_ray`); an unexpected exception gives the terminal back for its traceback.
     """
-    global _json_fd
+    global _json_fd, _own_process
+    _own_process = True
     if "--json" in sys.argv[1:]:
         sys.stdout.flush()
         _json_fd = os.dup(1)
         os.dup2(2, 1)
-    app()
+    try:
+        app()
+    except Exception:
+        if _log_route is not None:
+            _log_route.restore()  # an unexpected error's traceback belongs on the terminal
+        raise
 
 
 if __name__ == "__main__":

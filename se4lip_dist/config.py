@@ -71,7 +71,7 @@ class FaceConfig:
     """Run the detector on every k-th frame and interpolate keypoints in between."""
     smooth_window: int = 1
     """Centred line fit over this many detections (odd; 1 = none). Detections 5 frames apart
-    already vary little; wider windows lag a moving head (HDTF: 2.7 px -> 7.3 px mean error)."""
+    already vary little, and wider windows lag a moving head."""
     mouth_scale: float = 0.9
     """Crop side = mouth_scale x (eye-to-mouth + inter-ocular distance)."""
     fixed_mouth: tuple[float, float, float] = (0.5, 0.75, 0.35)
@@ -134,6 +134,16 @@ class TrainConfig:
     epochs: int = 10
     max_steps: int | None = None
     """Stop after this many optimizer steps in total (None: run all epochs)."""
+    steps_per_epoch: int | None = None
+    """Optimizer steps per epoch, drawing fresh pairs as often as needed (None: one pass of
+    ``pairs_per_segment`` pairs per shard row). Makes minutes of video train properly."""
+    init: str | None = None
+    """Warm start: a model URI (``models:/NAME@ALIAS``, ``runs:/...``) or a training checkpoint
+    folder whose encoders a fresh run starts from (same architecture)."""
+    freeze_lips: bool = False
+    """Keep the lip encoder's weights fixed (e.g. fine-tuning a warm start on one subject)."""
+    lips_lr_scale: float = 1.0
+    """The lip encoder's learning rate relative to ``lr``."""
     pairs_per_segment: int = 8
     """Training pairs sampled from each shard row per epoch."""
     hard_negative_fraction: float = 0.5
@@ -142,8 +152,15 @@ class TrainConfig:
     """Of all negatives, the share whose audio comes from another clip."""
     hard_offset_max: int = 3
     """Hard negatives are shifted by 2..hard_offset_max frames."""
+    split: str = "clip"
+    """What validates (``se4lip_dist.splits``): ``clip`` (whole clips), ``speaker`` (whole
+    speakers) or ``time`` (the tail of every clip: one subject's video)."""
     val_fraction: float = 0.1
-    """Clips held out for validation (by a hash of the clip id) when the manifest has no split."""
+    """Share held out for validation: of the clips (``clip``, when the manifest has no split),
+    of the speakers (``speaker``) or of every clip's frames (``time``)."""
+    split_guard: int | None = None
+    """``time`` split: frames left out between a clip's training head and validation tail
+    (default: window_frames + max_offset, so no validation search reaches training frames)."""
     max_offset: int = 15
     """AV-offset search range in frames (syncnet_python uses +-15)."""
     val_shifts: tuple[int, ...] = (-3, 0, 3)
@@ -151,6 +168,9 @@ class TrainConfig:
     search to find each shift, so an encoder biased towards offset 0 cannot score well."""
     val_max_clips: int = 256
     """Validation clips scored at most (a fixed subset when there are more)."""
+    val_chunk_frames: int | None = None
+    """Search the offset in consecutive pieces of this many frames instead of whole clips
+    (long held-out tails: more, shorter searches; None: whole clips)."""
     select_metric: str = "val/offset_acc"
     """Validation metric that picks a run's best epoch (the weights that get registered)."""
     grad_clip: float = 1.0
@@ -160,8 +180,8 @@ class TrainConfig:
     """``bf16`` (Ampere and newer) or ``fp16`` (older GPUs; adds a checkpointed GradScaler)."""
     shuffle_buffer: int = 0
     """Rows of Ray Data's local shuffle buffer in the workers (0: off). Pairs already arrive
-    shuffled within each sampling block of ``16 * pairs_per_segment``; a 256-row buffer mixes
-    little beyond that and cost ~40 % of the stream's throughput (benchmarks/bench_pipeline.py)."""
+    shuffled within each sampling block of ``16 * pairs_per_segment``; a buffer mixes little
+    beyond that and costs stream throughput (measured in benchmarks/bench_pipeline.py)."""
     seed: int = 0
     """Model initialisation seed. Training pairs are drawn fresh each epoch; validation pairs use
     a fixed seed of their own (``validation.PAIR_SEED``)."""
@@ -176,6 +196,11 @@ class TrainConfig:
         _check(0.0 <= self.hard_negative_fraction <= 1.0, "train.hard_negative_fraction in [0, 1]")
         _check(0.0 <= self.cross_clip_fraction <= 1.0, "train.cross_clip_fraction in [0, 1]")
         _check(0.0 < self.val_fraction < 1.0, "train.val_fraction in (0, 1)")
+        _check(self.split in ("clip", "speaker", "time"), "train.split must be clip|speaker|time")
+        _check(self.split_guard is None or self.split_guard >= 0, "train.split_guard >= 0")
+        _check(self.steps_per_epoch is None or self.steps_per_epoch >= 1,
+               "train.steps_per_epoch must be >= 1")
+        _check(self.lips_lr_scale >= 0.0, "train.lips_lr_scale must be >= 0")
         _check(self.hard_offset_max >= 2, "train.hard_offset_max must be >= 2")
         _check(self.max_offset >= 1, "train.max_offset must be >= 1")
         _check(self.amp_dtype in ("bf16", "fp16"), "train.amp_dtype must be bf16|fp16")
@@ -184,8 +209,54 @@ class TrainConfig:
                "train.val_shifts must stay inside +-(train.max_offset - 1)")
         _check(len(set(self.val_shifts)) == len(self.val_shifts), "train.val_shifts repeat")
         _check(self.val_max_clips >= 1, "train.val_max_clips must be >= 1")
+        _check(self.val_chunk_frames is None
+               or self.val_chunk_frames > self.window_frames + self.max_offset,
+               "train.val_chunk_frames must exceed window_frames + max_offset")
         _check(self.num_workers >= 1, "train.num_workers must be >= 1")
         _check(self.cpus_per_worker > 0, "train.cpus_per_worker must be positive")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-time augmentations for voices and faces never seen (``se4lip_dist.augment``).
+
+    Each is applied to a training pair with its probability (0: off); validation never is.
+    """
+
+    noise_p: float = 0.0
+    """Additive noise (white or brown) at ``noise_snr_db``."""
+    noise_snr_db: tuple[float, float] = (5.0, 30.0)
+    reverb_p: float = 0.0
+    """Convolution with a synthetic room response (exponentially decaying noise)."""
+    reverb_rt60_s: tuple[float, float] = (0.1, 0.6)
+    speed_p: float = 0.0
+    """Resampling by a factor in ``speed_range`` (shifts pitch and vocal-tract length together),
+    cut or padded back to the window's length around its centre."""
+    speed_range: tuple[float, float] = (0.9, 1.1)
+    color_p: float = 0.0
+    """Brightness, contrast and saturation jitter of the lip crops (one draw per window)."""
+    color_strength: float = 0.3
+    affine_p: float = 0.0
+    """A small shift and scale of the lip crops (one draw per window)."""
+    affine_shift: float = 0.06
+    """Largest shift as a fraction of the crop side."""
+    affine_scale: float = 0.08
+    """Largest relative zoom in or out."""
+    blur_p: float = 0.0
+    """Gaussian blur of the lip crops (sigma 0.5-1.5 px)."""
+
+    def __post_init__(self) -> None:
+        for name in ("noise_p", "reverb_p", "speed_p", "color_p", "affine_p", "blur_p"):
+            _check(0.0 <= getattr(self, name) <= 1.0, f"augment.{name} must be in [0, 1]")
+        for name in ("noise_snr_db", "reverb_rt60_s", "speed_range"):
+            lo, hi = getattr(self, name)
+            _check(lo <= hi, f"augment.{name} must be [low, high]")
+        _check(self.speed_range[0] > 0.5, "augment.speed_range must stay above 0.5")
+
+    @property
+    def enabled(self) -> bool:
+        return any(getattr(self, n) > 0 for n in ("noise_p", "reverb_p", "speed_p", "color_p",
+                                                   "affine_p", "blur_p"))
 
 
 @dataclass(frozen=True)
@@ -197,6 +268,7 @@ class Config:
     face: FaceConfig = field(default_factory=FaceConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples become lists), safe for YAML, JSON and Ray."""
@@ -246,12 +318,24 @@ def load_config(
     if config_file is not None:
         for dotted, value in flatten(_read_yaml(Path(config_file))).items():
             _set_dotted(d, dotted, value)
-    for item in overrides or []:
+    for key, value in parse_overrides(overrides or []).items():
+        _set_dotted(d, key, value)
+    return Config.from_dict(d)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["model.gru_layers=4"]`` -> ``{"model.gru_layers": 4}`` (values read as YAML scalars).
+
+    Raises:
+        ConfigError: an item that is not ``key=value``.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        _set_dotted(d, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
-    return Config.from_dict(d)
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return out
 
 
 def _check(ok: bool, message: str) -> None:
@@ -350,6 +434,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 
 __all__ = [
+    "AugmentConfig",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -359,5 +444,6 @@ __all__ = [
     "flatten",
     "list_presets",
     "load_config",
+    "parse_overrides",
     "replace",
 ]

@@ -10,6 +10,8 @@ scoring, so an in-sync clip should give offset K.
 
 from __future__ import annotations
 
+import os
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,12 @@ SCALE_NOTE = "distances are on this encoder's scale (L2 of normalised embeddings
 
 class EvaluateError(RuntimeError):
     """A clip that cannot be evaluated, or a model that cannot be loaded."""
+
+    def __init__(self, message: str, cause_traceback: str | None = None) -> None:
+        super().__init__(message)
+        self.cause_traceback = cause_traceback
+        """Traceback of the error behind this one when it was raised elsewhere (a clip's
+        processing), so ``--debug`` shows where it came from."""
 
 
 def evaluate_clip(model: Any, cfg: Config, video: str | Path, *, max_offset: int = 15,
@@ -53,7 +61,7 @@ def evaluate_clip(model: Any, cfg: Config, video: str | Path, *, max_offset: int
         detector = build_detector(cfg.face)
     res = process_clip(PrepareInput(path), Path(path).stem, cfg, detector)
     if res.failure is not None:
-        raise EvaluateError(res.failure.error)
+        raise EvaluateError(res.failure.error, res.failure.traceback)
     lips = np.concatenate([decode_lips(s.lips_jpeg) for s in res.segments])
     audio = np.concatenate([np.asarray(s.audio, np.float32) for s in res.segments])
     model.eval()
@@ -91,14 +99,20 @@ def evaluate_videos(model: Any, cfg: Config, videos: list[str], *, max_offset: i
     """Evaluate several videos with an already-loaded model (see :func:`run_evaluate`)."""
     from se4lip_dist.extract import output_names
     from se4lip_dist.faces import FaceModelError, build_detector
-    from se4lip_dist.prepare import collect_inputs
+    from se4lip_dist.prepare import collect_inputs, input_problem
     from se4lip_dist.sync import is_hit
 
-    try:
-        detector = build_detector(cfg.face)
-    except FaceModelError as e:
-        raise EvaluateError(str(e)) from e
     inputs, bad = collect_inputs(videos)
+    detector = None
+    if inputs:
+        try:
+            detector = build_detector(cfg.face)
+        except FaceModelError as e:
+            # Only the detector stands in the way unless no input is a usable video anyway.
+            unusable = [f for i in inputs if (f := input_problem(i)) is not None]
+            if len(unusable) < len(inputs):
+                raise EvaluateError(str(e)) from e
+            bad, inputs = bad + unusable, []
     paths = [i.path for i in inputs]
     names = output_names(paths)
     clips: list[dict[str, Any]] = [
@@ -118,7 +132,8 @@ def evaluate_videos(model: Any, cfg: Config, videos: list[str], *, max_offset: i
         except Exception as e:  # a bad clip is reported; the others are still evaluated
             msg = str(e) or type(e).__name__
             r = {"name": names[p], "path": p, "offset": None, "lse_d": None, "lse_c": None,
-                 "frames": 0, "error": msg if p in msg else f"{p}: {msg}"}
+                 "frames": 0, "error": msg if p in msg else f"{p}: {msg}",
+                 "traceback": getattr(e, "cause_traceback", None) or traceback.format_exc()}
         clips.append(r)
     ok = [c for c in clips if "error" not in c]
     hits = [is_hit(c["offset"], shift) for c in ok]
@@ -157,7 +172,8 @@ def run_evaluate(
         max_offset: search ±this many frames (syncnet_python: 15).
         shift: delay the audio by K frames first; offset accuracy counts ``|offset - K| <= 1``.
         plot_dir: write a distance-vs-offset PNG per clip here.
-        insightface_root: InsightFace model root (overrides the model's config).
+        insightface_root: InsightFace model root; None: ``SE4LIP_INSIGHTFACE_ROOT`` when set,
+            else the model's config.
         face_backend: ``insightface`` or ``none`` (fixed mouth box for face-centred video).
 
     Returns:
@@ -165,14 +181,19 @@ def run_evaluate(
         "error"?, ...}], "note", "evaluated", "failed", "mean_lse_d", "mean_lse_c", "model_uri"}``.
 
     Raises:
-        EvaluateError: the model or the face detector cannot be loaded.
+        EvaluateError: the model cannot be loaded, or the face detector cannot while some input
+            is a usable video (when none is, the clips report why instead).
     """
+    from se4lip_dist.faces import INSIGHTFACE_ROOT_ENV
+
     model, cfg = load_sync_model(model_uri, tracking_uri)
     overrides: dict[str, Any] = {}
     if face_backend is not None:
         overrides["face.backend"] = face_backend
-    if insightface_root is not None:
-        overrides["face.insightface_root"] = str(Path(insightface_root).resolve())
+    # The model's config names the detector root of the machine it was trained on.
+    root = insightface_root or os.environ.get(INSIGHTFACE_ROOT_ENV) or None
+    if root is not None:
+        overrides["face.insightface_root"] = str(Path(root).expanduser().resolve())
     if overrides:
         cfg = cfg.override(overrides)
     result = evaluate_videos(model, cfg, list(videos), max_offset=max_offset, shift=shift,

@@ -2,7 +2,8 @@
 
 One row per input (video or audio file) flows through an actor pool; each actor loads the encoder
 once, decodes 16 kHz mono audio on the video's clock, embeds one ``train.window_frames`` window
-centred on every video frame, and writes the outputs itself, atomically
+centred on every video frame (:func:`se4lip_dist.sync.centred_audio_windows`: frame ``c`` gets
+training window ``c - (T - 1) // 2``), and writes the outputs itself, atomically
 (:func:`se4lip_dist.storage.write_atomic_with`), into ``out_dir/<name>/``. Inputs and ``out_dir``
 may be local or URLs (``s3://bucket/prefix``); a remote input is downloaded by its actor.
 
@@ -26,6 +27,7 @@ import json
 import math
 import re
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -37,6 +39,7 @@ import numpy as np
 from se4lip_dist import storage
 from se4lip_dist.placement import DEFAULT_TIMEOUT_S, PlacementError, describe
 from se4lip_dist.prepare import VIDEO_EXTS, Failure, collect_inputs
+from se4lip_dist.sync import centred_audio_windows
 
 AUDIO_EXTS = {".wav", ".m4a", ".mp3", ".flac", ".ogg", ".opus", ".aac"}
 FRAME_FILE = "aud_se4lip.npy"
@@ -116,33 +119,6 @@ class ExtractSummary:
 
 
 # ---------------------------------------------------------------- pure helpers
-
-
-def centred_audio_windows(audio: np.ndarray, n_frames: int, window_frames: int,
-                          spf: int) -> np.ndarray:
-    """Audio windows of ``window_frames`` frames centred on each of ``n_frames`` video frames.
-
-    Window ``i`` covers samples ``[c - L/2, c + L/2)`` with ``c = (i + 0.5) * spf`` the centre of
-    frame ``i`` and ``L = window_frames * spf`` (for 5 frames: frames ``i-2 .. i+2``, the span a
-    training pair's lip window centred on ``i`` has). Samples outside the audio are zeros.
-
-    Args:
-        audio: float32 ``[S]`` on the video clock (sample ``s`` at ``s / sample_rate``).
-        n_frames: number of video frames N.
-        window_frames: frames per window (``train.window_frames``).
-        spf: samples per video frame.
-
-    Returns:
-        float32 ``[N, window_frames * spf]`` (a strided view; copy slices before mutating).
-    """
-    length = window_frames * spf
-    left = length // 2 - spf // 2
-    need = (n_frames - 1) * spf + length
-    padded = np.zeros(need, np.float32)
-    body = audio[: max(0, need - left)]
-    padded[left : left + len(body)] = body
-    view = np.lib.stride_tricks.sliding_window_view(padded, length)[::spf]
-    return view[:n_frames]
 
 
 def frame_windows(features: np.ndarray, width: int = WINDOW) -> np.ndarray:
@@ -416,14 +392,14 @@ def process_input(encoder: Any, cfg: Any, job: dict[str, Any]) -> dict[str, Any]
             ``settings``, ``model`` (resolved info), ``batch_size``.
 
     Returns:
-        ``name``, ``path``, ``status`` (``done``/``failed``), ``error``, ``frames``, ``dim``,
-        ``audio_seconds``, ``seconds``.
+        ``name``, ``path``, ``status`` (``done``/``failed``), ``error``, ``traceback`` (of a
+        failure), ``frames``, ``dim``, ``audio_seconds``, ``seconds``.
     """
     t0 = time.perf_counter()
     path, name = job["path"], job["name"]
     folder = storage.join(storage.absolute(job["out_dir"]), name)
     out: dict[str, Any] = {"name": name, "path": path, "status": "done", "error": "",
-                           "frames": 0, "dim": 0, "audio_seconds": 0.0}
+                           "traceback": "", "frames": 0, "dim": 0, "audio_seconds": 0.0}
     local = path
     try:
         st = storage.stat(path)
@@ -469,7 +445,8 @@ def process_input(encoder: Any, cfg: Any, job: dict[str, Any]) -> dict[str, Any]
         out.update(frames=int(feats.shape[0]), dim=int(feats.shape[1]), audio_seconds=seconds)
     except Exception as e:  # one bad input must not stop the others
         msg = (str(e) or type(e).__name__).replace(local, path)
-        out.update(status="failed", error=msg if path in msg else f"{path}: {msg}")
+        out.update(status="failed", error=msg if path in msg else f"{path}: {msg}",
+                   traceback=traceback.format_exc().replace(local, path))
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -560,8 +537,9 @@ def run_extract(
         concurrency: encoder actors (each takes 0.5 CPU, and 1 GPU with ``use_gpu``).
         use_gpu: run the encoder on a GPU per actor.
         precision: ``fp32``, or ``int8`` (CPU only): GRU and linear weights quantized
-            dynamically, ~3x faster for the paper's GRU; refused when the embeddings of a
-            probe signal drift below cosine :data:`INT8_MIN_COSINE` from float32.
+            dynamically, faster for the paper's GRU (see ``benchmarks/``); refused when the
+            embeddings of a probe signal drift below cosine :data:`INT8_MIN_COSINE` from
+            float32.
         address: Ray cluster address; None starts a local Ray (stopped again at the end).
         experiment: MLflow experiment of the run that records this job.
         placement_timeout_s: how long the encoder actors may wait for the cluster to hold them;
@@ -611,6 +589,9 @@ def run_extract(
                                 "window_frames": cfg.train.window_frames, "window": WINDOW}
     if precision != "fp32":  # fp32 markers from before --precision existed stay valid
         settings["precision"] = precision
+    if cfg.train.window_frames % 2 == 0:
+        # Even windows used to sit half a frame early; outputs written that way are redone.
+        settings["centring"] = "window c - (T - 1) // 2"
 
     paths, failures = expand_inputs(inputs)
     summary = ExtractSummary(out_dir=out, model_uri=model_uri, model=model,
@@ -643,7 +624,8 @@ def run_extract(
             try:
                 for row in pool.run(jobs):
                     if row["status"] == "failed":
-                        failures.append(Failure(row["path"], row["error"], "extract"))
+                        failures.append(Failure(row["path"], row["error"], "extract",
+                                                row.get("traceback") or None))
                     else:
                         summary.extracted += 1
                         summary.frames += int(row["frames"])
@@ -758,7 +740,15 @@ def _start_run(uri: str, experiment: str, model: dict[str, Any], summary: Extrac
     rev = git_revision()
     if rev:
         tags["mlflow.source.git.commit"] = rev
-    return start_run(uri, experiment, None, params=params, tags=tags, config_yaml=cfg.to_yaml())
+    return start_run(uri, experiment, run_name(model, summary.out_dir), params=params, tags=tags,
+                     config_yaml=cfg.to_yaml())
+
+
+def run_name(model: dict[str, Any], out_dir: str) -> str:
+    """What an extract run is, as its MLflow run name: ``extract se4lip v3 -> features``."""
+    label = (f"{model['name']} v{model['version']}"
+             if model.get("name") and model.get("version") is not None else model["uri"])
+    return f"extract {label} -> {str(out_dir).rstrip('/').rsplit('/', 1)[-1]}"
 
 
 def _end_run(uri: str, run_id: str, summary: ExtractSummary, status: str) -> None:
@@ -787,7 +777,6 @@ __all__ = [
     "EncoderActor",
     "ExtractError",
     "ExtractSummary",
-    "centred_audio_windows",
     "expand_inputs",
     "extract_features",
     "frame_windows",

@@ -13,16 +13,22 @@ Keypoint order everywhere: left eye, right eye, nose, left mouth corner, right m
 from __future__ import annotations
 
 import math
+import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import cv2
 import numpy as np
 
 from se4lip_dist.config import FaceConfig
+
+INSIGHTFACE_ROOT_ENV = "SE4LIP_INSIGHTFACE_ROOT"
+"""Environment variable naming the InsightFace model root when the config does not."""
+MODEL_ZOO_URL = "https://github.com/deepinsight/insightface/releases/download/model-zoo/"
+"""Where InsightFace's own downloader fetches model packs (``<pack>.zip``)."""
 
 # Fixed detections are built on a frontal template where eye-to-mouth distance equals
 # inter-ocular distance; these are the template's other proportions (relative to that distance).
@@ -61,21 +67,31 @@ class FaceDetector(Protocol):
         ...
 
 
+def default_insightface_root() -> Path:
+    """``$SE4LIP_INSIGHTFACE_ROOT`` when set, else ``~/.insightface`` (InsightFace's own)."""
+    return Path(os.environ.get(INSIGHTFACE_ROOT_ENV) or "~/.insightface").expanduser()
+
+
 def find_detector_model(root: str | None, pack: str = "buffalo_sc") -> Path:
     """Locate ``<root>/models/<pack>/det_*.onnx`` without touching the network.
 
     Args:
-        root: InsightFace model root; None means ``~/.insightface``.
+        root: InsightFace model root; None means :func:`default_insightface_root`.
         pack: model pack name.
 
     Raises:
-        FaceModelError: the root, pack folder or detector file does not exist.
+        FaceModelError: the root, pack folder or detector file does not exist; the message
+            names the three ways out and where a model pack comes from.
     """
-    base = Path(root).expanduser() if root is not None else Path("~/.insightface").expanduser()
+    base = Path(root).expanduser() if root is not None else default_insightface_root()
     pack_dir = base / "models" / pack
     hint = (
-        f"--insightface-root must point at a root holding models/{pack}/det_*.onnx "
-        "(InsightFace's layout, as under ~/.insightface); models are never downloaded"
+        f"face detection needs an InsightFace model root holding models/{pack}/det_*.onnx "
+        f"(models are never downloaded). Either pass --insightface-root DIR, or set "
+        f"{INSIGHTFACE_ROOT_ENV}=DIR, or use --face-backend none for already-cropped, "
+        f"face-centred video (a fixed mouth box). To get the pack: unzip InsightFace's "
+        f"{MODEL_ZOO_URL}{pack}.zip into DIR/models/{pack}/ (InsightFace's models are for "
+        "non-commercial research only)"
     )
     if not base.is_dir():
         raise FaceModelError(f"InsightFace root {base} does not exist; {hint}")
@@ -101,7 +117,8 @@ class InsightFaceDetector:
         """Load ``<root>/models/<pack>/det_*.onnx`` (checked first: never downloads).
 
         Args:
-            root: InsightFace model root; None means ``~/.insightface``.
+            root: InsightFace model root; None: ``$SE4LIP_INSIGHTFACE_ROOT`` or
+                ``~/.insightface``.
             pack: model pack whose detector is used.
             det_size: square detector input side in pixels.
             threshold: minimum detection score.
@@ -335,8 +352,19 @@ class TrackedFrame:
 
 @dataclass
 class _Det:
+    """One detector run: its frame, the selected face's keypoints (None: no face), its score."""
+
     t: int
     kps: np.ndarray | None
+    score: float
+
+
+@dataclass
+class _Anchor:
+    """A frame whose keypoints are settled; frames before it are interpolated towards it."""
+
+    t: float
+    kps: np.ndarray
     score: float
 
 
@@ -348,10 +376,16 @@ class MouthTracker:
     with no gaps this is exactly the centred moving average, and unlike a plain average it
     stays unbiased at clip edges, across gaps and at the irregular last detection.
 
-    Memory: about ``detect_every * (smooth_window // 2 + 1)`` frames are buffered. A gap of
-    missed detections longer than ``max_buffer`` frames carries the last keypoints forward
-    (score 0.0) instead of waiting; a clip whose first ``max_buffer`` frames hold no face at
-    all raises :class:`NoFaceError`.
+    A detection becomes an *anchor* once the detections its smoothing window needs have run;
+    the buffered frames up to it are then emitted, interpolated from the previous anchor. So
+    about ``detect_every * (smooth_window // 2 + 1)`` frames are buffered. A gap of missed
+    detections longer than ``max_buffer`` frames carries the last keypoints forward (score 0.0)
+    instead of waiting; a clip whose first ``max_buffer`` frames hold no face at all raises
+    :class:`NoFaceError`.
+
+    State of a :meth:`track` pass (reset at its start): the frames not yet emitted, the
+    detections a future smoothing window can still reach, the next detection to anchor, the last
+    anchor and the last selected face.
     """
 
     def __init__(
@@ -384,6 +418,13 @@ class MouthTracker:
         self.n_missing = 0
         self.max_buffered = 0
         self.missing_frames: list[int] = []
+        self._pending: deque[tuple[int, np.ndarray]] = deque()  # frames not yet emitted
+        self._dets: list[_Det] = []  # detections a future smoothing window can still reach
+        self._first = 0  # detection number of _dets[0]
+        self._next = 0  # next detection number to turn into an anchor
+        self._anchor: _Anchor | None = None  # the last anchor emitted
+        self._face: Detection | None = None  # the face selected at the last detection
+        self._detected: set[int] = set()  # pending frames where a face was detected
 
     @property
     def missing_fraction(self) -> float:
@@ -398,110 +439,94 @@ class MouthTracker:
                 or ``missing_fraction > max_missing_fraction`` (raised at the end).
         """
         self._reset()
-        buf: deque[tuple[int, np.ndarray]] = deque()
-        dets: list[_Det] = []  # detections not yet needed by any future smoothing window
-        base = 0  # detection number of dets[0]
-        nxt = 0  # next detection number to turn into an anchor
-        # Last emitted anchor: (time, kps, score); None before the first face.
-        state: dict[str, Any] = {"anchor": None, "prev": None}
-        detected_at: set[int] = set()
-
-        def emit_until(t_end: float, anchor: tuple[float, np.ndarray, float] | None):
-            """Pop buffered frames with index <= t_end, interpolating toward ``anchor``."""
-            last = state["anchor"]
-            while buf and buf[0][0] <= t_end:
-                i, fr = buf.popleft()
-                if anchor is None or last is None:
-                    src = anchor if last is None else last
-                    kps, score = src[1], (src[2] if i == src[0] else 0.0)
-                elif anchor[0] == last[0]:
-                    kps, score = anchor[1], anchor[2]
-                else:
-                    a = (i - last[0]) / (anchor[0] - last[0])
-                    kps = (1 - a) * last[1] + a * anchor[1]
-                    score = (1 - a) * last[2] + a * anchor[2]
-                yield TrackedFrame(
-                    index=i,
-                    frame=fr,
-                    kps=np.asarray(kps, dtype=np.float32),
-                    score=float(score),
-                    detected=i in detected_at,
-                )
-            if anchor is not None:
-                state["anchor"] = anchor
-                detected_at.discard(anchor[0])
-
-        def smoothed(j: int) -> np.ndarray:
-            window = [
-                d
-                for d in dets[max(0, j - self.half - base) : j + self.half + 1 - base]
-                if d.kps is not None
-            ]
-            ts = np.array([d.t for d in window], dtype=np.float64)
-            ks = np.stack([d.kps for d in window]).astype(np.float64).reshape(len(window), -1)
-            t0 = dets[j - base].t
-            if len(window) == 1 or np.ptp(ts) == 0:
-                return ks.mean(axis=0).reshape(5, 2)
-            tc = ts - ts.mean()
-            slope = (tc[:, None] * (ks - ks.mean(axis=0))).sum(axis=0) / (tc**2).sum()
-            return (ks.mean(axis=0) + slope * (t0 - ts.mean())).reshape(5, 2)
-
-        def finalize(ended: bool):
-            nonlocal nxt, base
-            total = base + len(dets)
-            while nxt < total and (ended or nxt + self.half < total):
-                d = dets[nxt - base]
-                if d.kps is not None:
-                    anchor = (float(d.t), smoothed(nxt), d.score)
-                    yield from emit_until(d.t, anchor)
-                nxt += 1
-            # Keep only detections a future smoothing window can still reach.
-            drop = max(0, nxt - self.half - base)
-            del dets[:drop]
-            base += drop
-
-        def detect(i: int, fr: np.ndarray) -> None:
-            faces = self.detector.detect(fr)
-            face = select_face(faces, state["prev"], fr.shape[:2])
-            self.n_detections += 1
-            if face is None:
-                self.n_missing += 1
-                self.missing_frames.append(i)
-                dets.append(_Det(i, None, 0.0))
-            else:
-                state["prev"] = face
-                detected_at.add(i)
-                dets.append(_Det(i, np.asarray(face.kps, dtype=np.float64).reshape(5, 2),
-                                 float(face.score)))
-
-        it = iter(frames)
-        sentinel = object()
-        cur = next(it, sentinel)
-        i = 0
-        while cur is not sentinel:
-            frame = np.asarray(cur)
-            cur = next(it, sentinel)
-            is_last = cur is sentinel
-            buf.append((i, frame))
+        for i, frame, is_last in _with_last(frames):
+            self._pending.append((i, frame))
             self.n_frames = i + 1
-            self.max_buffered = max(self.max_buffered, len(buf))
+            self.max_buffered = max(self.max_buffered, len(self._pending))
             if i % self.k == 0 or is_last:
-                detect(i, frame)
+                self._detect(i, frame)
                 if not is_last:
-                    yield from finalize(ended=False)
-            if len(buf) > self.max_buffer and not is_last:
-                if state["anchor"] is None:
-                    raise NoFaceError(
-                        f"no face in the first {len(buf)} frames "
-                        f"({self.n_missing}/{self.n_detections} detections missed)"
-                    )
-                # Long gap: carry the last keypoints over rather than buffer the whole gap.
-                t_old = buf[0][0]
-                a = state["anchor"]
-                yield from emit_until(t_old, None)
-                state["anchor"] = (float(t_old), a[1], 0.0)
-            i += 1
+                    yield from self._anchor_ready(ended=False)
+            if len(self._pending) > self.max_buffer and not is_last:
+                yield from self._carry_oldest()
+        self._check_faces()
+        yield from self._anchor_ready(ended=True)
+        yield from self._emit_until(math.inf, None)
 
+    def _detect(self, i: int, frame: np.ndarray) -> None:
+        face = select_face(self.detector.detect(frame), self._face, frame.shape[:2])
+        self.n_detections += 1
+        if face is None:
+            self.n_missing += 1
+            self.missing_frames.append(i)
+            self._dets.append(_Det(i, None, 0.0))
+        else:
+            self._face = face
+            self._detected.add(i)
+            self._dets.append(_Det(i, np.asarray(face.kps, dtype=np.float64).reshape(5, 2),
+                                   float(face.score)))
+
+    def _anchor_ready(self, ended: bool) -> list[TrackedFrame]:
+        """Anchor every detection whose smoothing window is complete (all of them at the end)."""
+        out: list[TrackedFrame] = []
+        total = self._first + len(self._dets)
+        while self._next < total and (ended or self._next + self.half < total):
+            d = self._dets[self._next - self._first]
+            if d.kps is not None:
+                out += self._emit_until(d.t, _Anchor(float(d.t), self._smoothed(self._next),
+                                                     d.score))
+            self._next += 1
+        drop = max(0, self._next - self.half - self._first)
+        del self._dets[:drop]
+        self._first += drop
+        return out
+
+    def _smoothed(self, j: int) -> np.ndarray:
+        """Line fit over the valid detections within ``half`` of detection ``j``, at its frame."""
+        lo = max(0, j - self.half - self._first)
+        window = [d for d in self._dets[lo : j + self.half + 1 - self._first]
+                  if d.kps is not None]
+        ts = np.array([d.t for d in window], dtype=np.float64)
+        ks = np.stack([d.kps for d in window]).astype(np.float64).reshape(len(window), -1)
+        t0 = self._dets[j - self._first].t
+        if len(window) == 1 or np.ptp(ts) == 0:
+            return ks.mean(axis=0).reshape(5, 2)
+        tc = ts - ts.mean()
+        slope = (tc[:, None] * (ks - ks.mean(axis=0))).sum(axis=0) / (tc**2).sum()
+        return (ks.mean(axis=0) + slope * (t0 - ts.mean())).reshape(5, 2)
+
+    def _emit_until(self, t_end: float, anchor: _Anchor | None) -> list[TrackedFrame]:
+        """Emit pending frames up to ``t_end``, interpolated from the last anchor to ``anchor``.
+
+        Without a last anchor the frames take ``anchor``'s keypoints, without ``anchor`` the last
+        one's (carried over, score 0.0).
+        """
+        last = self._anchor
+        out = []
+        while self._pending and self._pending[0][0] <= t_end:
+            i, frame = self._pending.popleft()
+            kps, score = _interpolate(last, anchor, i)
+            out.append(TrackedFrame(index=i, frame=frame, kps=np.asarray(kps, dtype=np.float32),
+                                    score=float(score), detected=i in self._detected))
+            self._detected.discard(i)
+        if anchor is not None:
+            self._anchor = anchor
+        return out
+
+    def _carry_oldest(self) -> list[TrackedFrame]:
+        """Emit the oldest pending frame with the last keypoints (a long gap: stop waiting)."""
+        if self._anchor is None:
+            raise NoFaceError(
+                f"no face in the first {len(self._pending)} frames "
+                f"({self.n_missing}/{self.n_detections} detections missed)"
+            )
+        t_old = self._pending[0][0]
+        kps = self._anchor.kps
+        out = self._emit_until(t_old, None)
+        self._anchor = _Anchor(float(t_old), kps, 0.0)
+        return out
+
+    def _check_faces(self) -> None:
         if self.n_detections == 0:
             raise NoFaceError("no frames")
         if self.n_missing == self.n_detections or self.missing_fraction > (
@@ -512,11 +537,36 @@ class MouthTracker:
                 f"({self.missing_fraction:.0%} > {self.max_missing_fraction:.0%}) over "
                 f"{self.n_frames} frames; missed at frames {self.missing_frames[:20]}"
             )
-        yield from finalize(ended=True)
-        yield from emit_until(math.inf, None)
+
+
+def _interpolate(last: _Anchor | None, anchor: _Anchor | None,
+                 i: int) -> tuple[np.ndarray, float]:
+    """Keypoints and score of frame ``i`` between two anchors (either may be missing)."""
+    if anchor is None or last is None:
+        src = anchor if last is None else last
+        assert src is not None
+        return src.kps, (src.score if i == src.t else 0.0)
+    if anchor.t == last.t:
+        return anchor.kps, anchor.score
+    a = (i - last.t) / (anchor.t - last.t)
+    return (1 - a) * last.kps + a * anchor.kps, (1 - a) * last.score + a * anchor.score
+
+
+def _with_last(frames: Iterable[np.ndarray]) -> Iterator[tuple[int, np.ndarray, bool]]:
+    """``(index, frame, is_last)`` for each frame (one frame of look-ahead)."""
+    it = iter(frames)
+    sentinel = object()
+    cur = next(it, sentinel)
+    i = 0
+    while cur is not sentinel:
+        frame = np.asarray(cur)
+        cur = next(it, sentinel)
+        yield i, frame, cur is sentinel
+        i += 1
 
 
 __all__ = [
+    "INSIGHTFACE_ROOT_ENV",
     "Detection",
     "FaceDetector",
     "FaceModelError",
@@ -527,6 +577,7 @@ __all__ = [
     "TrackedFrame",
     "build_detector",
     "crop_square",
+    "default_insightface_root",
     "find_detector_model",
     "mouth_square",
     "select_face",

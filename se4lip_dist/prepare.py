@@ -15,10 +15,11 @@ import json
 import os
 import re
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,6 +35,9 @@ from se4lip_dist.manifest import (
 )
 from se4lip_dist.placement import DEFAULT_TIMEOUT_S, PlacementError
 from se4lip_dist.shards import SHARD_GLOB, Segment, ShardWriter, encode_jpeg, segments_to_table
+
+if TYPE_CHECKING:
+    from se4lip_dist.media import MediaInfo
 
 VIDEO_EXTS = {".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".flv", ".mpg", ".mpeg", ".ts"}
 MANIFEST_EXTS = {".csv", ".jsonl"}
@@ -60,9 +64,14 @@ class Failure:
     input: str
     error: str
     stage: str
+    traceback: str | None = None
+    """Where the error was raised (kept so a coding bug does not read as bad input)."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"input": self.input, "stage": self.stage, "error": self.error}
+        out = {"input": self.input, "stage": self.stage, "error": self.error}
+        if self.traceback:
+            out["traceback"] = self.traceback
+        return out
 
 
 @dataclass
@@ -260,6 +269,53 @@ def process_clip(inp: PrepareInput, clip_id: str, cfg: Config, detector: Any) ->
     return result
 
 
+def segment_bounds(n_frames: int, segment_frames: int, window_frames: int) -> list[tuple[int, int]]:
+    """Frame ranges ``[start, end)`` of a clip's shard rows.
+
+    Consecutive runs of ``segment_frames``; a last run shorter than one window is useless alone
+    and joins the previous one (so a row may hold up to ``segment_frames + window_frames - 1``).
+    """
+    bounds: list[tuple[int, int]] = []
+    for s0 in range(0, n_frames, segment_frames):
+        s1 = min(n_frames, s0 + segment_frames)
+        if bounds and s1 - s0 < window_frames:
+            bounds[-1] = (bounds[-1][0], s1)
+        else:
+            bounds.append((s0, s1))
+    return bounds
+
+
+def _probe_streams(path: str, name: str) -> MediaInfo:
+    """``media.probe`` of a local file that must hold both video and audio (``MediaError``)."""
+    from se4lip_dist import media
+
+    info = media.probe(path)
+    if not info.has_video:
+        raise media.MediaError(f"{name}: no video stream")
+    if not info.has_audio:
+        raise media.MediaError(f"{name}: no audio stream")
+    return info
+
+
+def input_problem(inp: PrepareInput) -> Failure | None:
+    """Why a local input can never be prepared (not media, no video or audio), or None.
+
+    The same check and message as the decode stage of :func:`process_clip`, without decoding; a
+    URL is not downloaded for it (None). Used to name unusable inputs before blaming anything
+    else, e.g. a face detector that cannot load.
+    """
+    from se4lip_dist.media import MediaError
+
+    if not storage.is_local(inp.path):
+        return None
+    try:
+        _probe_streams(inp.path, inp.path)
+    except MediaError as e:
+        msg = str(e) if inp.path in str(e) else f"{inp.path}: {e}"
+        return Failure(inp.path, msg, "decode")
+    return None
+
+
 def _process_local(result: ClipResult, path: str, cfg: Config, detector: Any) -> None:
     """The body of :func:`process_clip` on a local copy ``path`` of ``result.input``."""
     from se4lip_dist import faces, media
@@ -268,11 +324,7 @@ def _process_local(result: ClipResult, path: str, cfg: Config, detector: Any) ->
     data, face = cfg.data, cfg.face
     stage = "decode"
     try:
-        info = media.probe(path)
-        if not info.has_video:
-            raise media.MediaError(f"{inp.path}: no video stream")
-        if not info.has_audio:
-            raise media.MediaError(f"{inp.path}: no audio stream")
+        info = _probe_streams(path, inp.path)
         audio = media.decode_audio(path, data.sample_rate)
         stage = "faces"
         tracker = faces.MouthTracker(
@@ -307,17 +359,8 @@ def _process_local(result: ClipResult, path: str, cfg: Config, detector: Any) ->
         kp = np.stack(kps)
         sc = np.asarray(scores, np.float32)
         de = np.asarray(detected, bool)
-        for seg, s0 in enumerate(range(0, n, data.segment_frames)):
-            s1 = min(n, s0 + data.segment_frames)
-            if seg > 0 and s1 - s0 < cfg.train.window_frames:
-                # A tail shorter than one window is useless alone: extend the previous segment.
-                prev = result.segments[-1]
-                prev.lips_jpeg.extend(jpegs[s0:s1])
-                prev.audio = audio[prev.start_frame * spf : s1 * spf]
-                prev.keypoints = kp[prev.start_frame : s1]
-                prev.det_score = sc[prev.start_frame : s1]
-                prev.detected = de[prev.start_frame : s1]
-                break
+        for seg, (s0, s1) in enumerate(segment_bounds(n, data.segment_frames,
+                                                      cfg.train.window_frames)):
             result.segments.append(
                 Segment(
                     clip_id=clip_id, segment=seg, start_frame=s0, clip_frames=n,
@@ -339,7 +382,8 @@ def _process_local(result: ClipResult, path: str, cfg: Config, detector: Any) ->
         msg = (str(e) or type(e).__name__).replace(path, inp.path)
         if inp.path not in msg:
             msg = f"{inp.path}: {msg}"
-        result.failure = Failure(inp.path, msg, stage)
+        result.failure = Failure(inp.path, msg, stage,
+                                 traceback.format_exc().replace(path, inp.path))
 
 
 def _fit_length(x: np.ndarray, n: int) -> np.ndarray:
@@ -417,7 +461,8 @@ def run_prepare(
 
     Raises:
         PrepareError: the output folder is unreachable or incompatible, the face detector cannot
-            load, or the cluster cannot hold the clip workers.
+            load while some input is a usable video (when none is, the inputs' failures are
+            reported instead), or the cluster cannot hold the clip workers.
     """
     t0 = time.perf_counter()
     out = storage.absolute(str(out_dir))
@@ -452,13 +497,20 @@ def run_prepare(
             continue
         todo.append((inp, cid))
 
-    # Fail the whole run early, with one message, when the detector itself cannot load.
+    # Fail the whole run early, with one message, when the detector itself cannot load, unless
+    # no input could be prepared anyway: then the inputs are the problem to report.
     from se4lip_dist.faces import FaceModelError, build_detector
 
-    try:
-        detector = build_detector(cfg.face)
-    except FaceModelError as e:
-        raise PrepareError(str(e)) from e
+    detector: Any = None
+    if todo:
+        try:
+            detector = build_detector(cfg.face)
+        except FaceModelError as e:
+            unusable = [f for inp, _ in todo if (f := input_problem(inp)) is not None]
+            if len(unusable) < len(todo):
+                raise PrepareError(str(e)) from e
+            failures.extend(unusable)
+            todo = []
     # Before anything is written: a cluster that cannot hold the workers fails here.
     pool = _ClipPool.start(todo, cfg, workers, address, placement_timeout_s) \
         if todo and workers != 0 else None
@@ -618,6 +670,8 @@ __all__ = [
     "PrepareSummary",
     "clip_id_for",
     "collect_inputs",
+    "input_problem",
     "process_clip",
     "run_prepare",
+    "segment_bounds",
 ]

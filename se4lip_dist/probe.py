@@ -8,7 +8,8 @@ span (``start end word`` in 1/25000 s, so ``value / 1000`` is a frame index at 2
 pair we gather the letter's audio span, describe it
 
 - with the encoder: the mean over the span's frames of the embedding of the ``window_frames``
-  window centred on each frame (as ``extract`` computes them);
+  window centred on each frame (:func:`span_embedding`: ``extract``'s per-frame features, from
+  :func:`se4lip_dist.sync.centred_audio_windows`, averaged);
 - with plain acoustic baselines: the mean log-Mel spectrum (80 bands) and the mean of 13 MFCCs
   over the span,
 
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from se4lip_dist.config import Config
+from se4lip_dist.sync import centred_audio_windows
 
 DEFAULT_PAIRS: tuple[tuple[str, str], ...] = (("d", "t"), ("b", "p"), ("g", "k"))
 UNITS_PER_FRAME = 1000
@@ -96,6 +98,31 @@ def find_examples(grid_dir: str | Path, letters: set[str],
     return out
 
 
+def span_frames(start: float, end: float, n_frames: int) -> tuple[int, int]:
+    """Video frames ``[f0, f1)`` that a word from ``start`` to ``end`` (in frames) covers.
+
+    At least one frame, and never past the clip's ``n_frames``.
+    """
+    f0 = min(n_frames - 1, int(np.floor(start)))
+    f1 = min(n_frames, max(f0 + 1, int(np.ceil(end))))
+    return f0, f1
+
+
+def span_embedding(encoder: Any, cfg: Config, audio: np.ndarray, f0: int, f1: int,
+                   spf: int) -> np.ndarray:
+    """Mean speech embedding over frames ``f0 .. f1 - 1``, one centred window per frame.
+
+    Equal to the mean of rows ``f0:f1`` of ``extract``'s per-frame features of the same audio.
+
+    Returns:
+        float32 ``[D]``.
+    """
+    from se4lip_dist.registry import embed_waveforms
+
+    windows = centred_audio_windows(audio, f1, cfg.train.window_frames, spf)[f0:f1]
+    return embed_waveforms(encoder, np.ascontiguousarray(windows), cfg).mean(0)
+
+
 def _features(examples: list[dict[str, Any]], encoder: Any, cfg: Config,
               fps: int = 25) -> dict[str, np.ndarray]:
     """Encoder, log-Mel and MFCC span features, one row per example."""
@@ -103,8 +130,6 @@ def _features(examples: list[dict[str, Any]], encoder: Any, cfg: Config,
     import torchaudio
 
     from se4lip_dist import media
-    from se4lip_dist.extract import centred_audio_windows
-    from se4lip_dist.registry import embed_waveforms
 
     sr = cfg.data.sample_rate
     spf = sr // fps
@@ -116,11 +141,8 @@ def _features(examples: list[dict[str, Any]], encoder: Any, cfg: Config,
     enc_rows, mel_rows, mfcc_rows = [], [], []
     for ex in examples:
         audio = media.decode_audio(ex["video"], sr)
-        n = max(1, len(audio) // spf)
-        f0 = min(n - 1, int(np.floor(ex["start"])))
-        f1 = min(n, max(f0 + 1, int(np.ceil(ex["end"]))))
-        windows = centred_audio_windows(audio, n, cfg.train.window_frames, spf)[f0:f1]
-        enc_rows.append(embed_waveforms(encoder, np.ascontiguousarray(windows), cfg).mean(0))
+        f0, f1 = span_frames(ex["start"], ex["end"], max(1, len(audio) // spf))
+        enc_rows.append(span_embedding(encoder, cfg, audio, f0, f1, spf))
         span = torch.from_numpy(audio[f0 * spf:f1 * spf].copy())
         with torch.no_grad():
             mel_rows.append(torch.log(mel(span) + 1e-6).mean(-1).numpy())
@@ -268,5 +290,7 @@ __all__ = [
     "probe_accuracy",
     "probe_pairs",
     "run_probe",
+    "span_embedding",
+    "span_frames",
     "spoken_letter",
 ]

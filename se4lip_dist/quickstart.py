@@ -2,25 +2,35 @@
 
 prepare -> a 2-trial tune -> registered champion -> extract -> evaluate, on a local Ray and the
 embedded sqlite MLflow store. With no video folder it writes synthetic talking-mouth clips
-(known sync) so nothing has to be downloaded.
+(known sync) so nothing has to be downloaded. It ends with the exact commands that find what it
+made (the store and the model are its own, under its work folder).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import shlex
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import yaml
 
+if TYPE_CHECKING:
+    from se4lip_dist.tuning import TrialRow
+
 N_SYNTHETIC = 24
+N_HELDOUT = 4
 SYNTHETIC_SECONDS = 4.0
+SHIFT = 3
+"""Audio delay (frames) that the last step asks the registered encoder to recover."""
+EPOCHS = 4
+MODEL_NAME = "se4lip-quickstart"
 # Small enough for 2 CPU cores: two trials of a few hundred steps each.
 TINY = [
     "model.embed_dim=64",
     "model.lip_channels=[16,24,32,48,64]",
     "model.cnn_channels=[16,24,32,64]",
-    "train.epochs=4",
+    f"train.epochs={EPOCHS}",
     "train.pairs_per_segment=64",
     "train.batch_size=16",
     "train.val_fraction=0.25",
@@ -40,13 +50,51 @@ class QuickstartError(RuntimeError):
     """A quickstart step failed; the message names the step."""
 
 
+class Reporter(Protocol):
+    """What the quickstart tells its caller while it runs (the CLI draws it with rich)."""
+
+    def step(self, title: str) -> None:
+        """A step starts."""
+
+    def items(self, total: int) -> None:
+        """The current step works through ``total`` items (clips or inputs)."""
+
+    def advance(self) -> None:
+        """One item of the current step is done."""
+
+    def trials(self, rows: list[TrialRow]) -> None:
+        """The tune's trials changed (status, epoch, metrics)."""
+
+    def note(self, text: str) -> None:
+        """One line of outcome of the step that just ended."""
+
+
+class _Silent:
+    """A :class:`Reporter` that says nothing."""
+
+    def step(self, title: str) -> None:
+        """Ignored."""
+
+    def items(self, total: int) -> None:
+        """Ignored."""
+
+    def advance(self) -> None:
+        """Ignored."""
+
+    def trials(self, rows: list[TrialRow]) -> None:
+        """Ignored."""
+
+    def note(self, text: str) -> None:
+        """Ignored."""
+
+
 def run_quickstart(
     video_dir: str | Path | None,
     workdir: str | Path,
     *,
     insightface_root: str | None = None,
     tracking_uri: str | None = None,
-    on_step: Callable[[str], None] | None = None,
+    reporter: Reporter | None = None,
 ) -> dict[str, Any]:
     """Run the whole flow; returns where everything went and the headline numbers.
 
@@ -55,73 +103,83 @@ def run_quickstart(
         workdir: output folder (shards, Ray results, features, plots); reruns resume.
         insightface_root: model root for real videos (synthetic clips use a fixed mouth box).
         tracking_uri: MLflow URI; default: ``<workdir>/se4lip-runs/mlflow.db``.
-        on_step: called with a title before each step.
+        reporter: told about steps, progress and trials as they happen.
     """
     from se4lip_dist.config import load_config
     from se4lip_dist.evaluate import run_evaluate
     from se4lip_dist.extract import run_extract
     from se4lip_dist.prepare import run_prepare
-    from se4lip_dist.synthetic import make_synthetic_dataset
     from se4lip_dist.tracking import default_tracking_uri, redact_uri
     from se4lip_dist.tuning import TuneOptions, run_tune
 
-    step = on_step or (lambda _title: None)
+    report: Reporter = reporter or _Silent()
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or default_tracking_uri(work)
     synthetic = video_dir is None
     if synthetic:
-        step(f"1/5 writing {N_SYNTHETIC} synthetic talking-mouth clips")
+        report.step(f"1/5 writing {N_SYNTHETIC} synthetic talking-mouth clips")
         videos_dir = work / "videos"
-        videos = sorted(videos_dir.glob("syn_*.mp4"))
-        if len(videos) < N_SYNTHETIC:
-            videos = make_synthetic_dataset(videos_dir, N_SYNTHETIC, SYNTHETIC_SECONDS)
+        _synthetic_clips(videos_dir, N_SYNTHETIC, 0, report)
+        report.note(f"{N_SYNTHETIC} clips of {SYNTHETIC_SECONDS:g} s in {videos_dir}")
     else:
         videos_dir = Path(video_dir)
         if not videos_dir.is_dir():
             raise QuickstartError(f"{videos_dir}: not a folder of videos")
-        videos = []
     face = ["face.backend=none"] if synthetic else (
         [f"face.insightface_root={insightface_root}"] if insightface_root else [])
     cfg = load_config("cpu-small", overrides=[*face, *TINY])
 
-    step("2/5 prepare: videos -> lip crops + audio -> Parquet shards")
+    report.step("2/5 prepare: videos -> lip crops + audio -> Parquet shards")
     shards = work / "shards"
-    summary = run_prepare([str(videos_dir)], shards, cfg, workers=0 if synthetic else None)
+    summary = run_prepare([str(videos_dir)], shards, cfg, workers=0 if synthetic else None,
+                          on_start=report.items, on_result=lambda _res: report.advance())
     if summary.total_clips < 4:
         raise QuickstartError(f"prepare: only {summary.total_clips} usable clips in {videos_dir} "
                               f"({len(summary.failures)} failed; see {shards}/failures.jsonl)")
+    failed = f", {len(summary.failures)} failed" if summary.failures else ""
+    report.note(f"{summary.total_clips} clips, {summary.total_frames:,} frames{failed} "
+                f"-> {shards}")
 
-    step("3/5 tune: 2 trials on Ray Train workers, best encoder registered in MLflow")
+    report.step("3/5 tune: 2 trials on Ray Train workers, best encoder registered in MLflow")
     space = work / "quickstart-space.yaml"
     space.write_text(yaml.safe_dump(SPACE, sort_keys=False))
     overrides = [o for o in [*face, *TINY] if not o.startswith("face.")]
     tuned = run_tune(str(space), str(shards), TuneOptions(
-        register="se4lip-quickstart", tracking_uri=uri, experiment="se4lip-quickstart",
+        register=MODEL_NAME, tracking_uri=uri, experiment=MODEL_NAME,
         name="quickstart", storage_path=str(work / "ray"), overrides=tuple(overrides),
         resume=(work / "ray" / "quickstart").exists(),
-    ))
+    ), on_update=report.trials)
     reg = tuned["registered"]
     model_uri = reg["model_uri"]
+    metric = tuned["metric"]
+    for row in tuned["trials"]:
+        params = " ".join(f"{k.split('.')[-1]}={v}" for k, v in row["params"].items())
+        report.note(f"{row['trial']} {params}: {metric} {_num(row.get(metric))} at its best "
+                    f"epoch ({row.get('best_epoch')} of {row.get('epoch')})")
+    report.note(f"registered {reg['name']} v{reg['version']} as {reg['alias']}")
 
-    step("4/5 extract: per-frame speech features for renderers (Ray Data batch job)")
+    report.step("4/5 extract: per-frame speech features for renderers (Ray Data batch job)")
     if synthetic:
         # Clips the encoder never saw, with seeds after the training clips'.
-        held = sorted((work / "heldout").glob("syn_*.mp4")) or make_synthetic_dataset(
-            work / "heldout", 4, SYNTHETIC_SECONDS, seed=10_000)
-        clips = [str(v) for v in held]
+        _synthetic_clips(work / "heldout", N_HELDOUT, 10_000, report)
+        clips = [str(work / "heldout")]
     else:
         clips = [str(videos_dir)]
     features = work / "features"
-    ext = run_extract(clips, model_uri, features, tracking_uri=uri, concurrency=1)
+    ext = run_extract(clips, model_uri, features, tracking_uri=uri, concurrency=1,
+                      on_start=report.items, on_result=lambda _row: report.advance())
     if ext.exit_code:
         raise QuickstartError(f"extract failed for {len(ext.failures)} input(s): {ext.failures}")
+    report.note(f"{ext.extracted + ext.skipped} inputs, {ext.frames:,} frames -> {features}")
 
-    step("5/5 evaluate: recover a known 3-frame audio delay with the registered encoder")
+    report.step(f"5/5 evaluate: the registered encoder finds a {SHIFT}-frame audio delay")
     evaluated = run_evaluate(
-        clips, model_uri, tracking_uri=uri, shift=3, plot_dir=work / "plots",
+        clips, model_uri, tracking_uri=uri, shift=SHIFT, plot_dir=work / "plots",
         face_backend="none" if synthetic else None, insightface_root=insightface_root,
     )
+    report.note(f"recovered the {SHIFT}-frame delay on {evaluated['hits']}/"
+                f"{evaluated['evaluated']} held-out clips")
     return {
         "shards": str(shards),
         "model_uri": model_uri,
@@ -133,8 +191,50 @@ def run_quickstart(
         "hits": evaluated["hits"],
         "evaluated": evaluated["evaluated"],
         "model_name": reg["name"],
-        "heldout": " ".join(clips),
-        "evaluate_flags": "--face-backend none" if synthetic else (
-            f"--insightface-root {insightface_root}" if insightface_root else ""),
+        "heldout": clips,
+        "evaluate_flags": ["--face-backend", "none"] if synthetic else (
+            ["--insightface-root", insightface_root] if insightface_root else []),
         "tracking_uri": redact_uri(uri if "://" in uri else default_tracking_uri(work)),
     }
+
+
+def _synthetic_clips(out_dir: Path, n: int, seed: int, report: Reporter) -> list[Path]:
+    """``syn_00000.mp4``... with seeds ``seed + i`` (as ``make_synthetic_dataset`` names them);
+    clips already there are kept, so a rerun writes nothing."""
+    from se4lip_dist.synthetic import make_synthetic_clip
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report.items(n)
+    paths = []
+    for i in range(n):
+        path = out_dir / f"syn_{i:05d}.mp4"
+        if not path.is_file():
+            make_synthetic_clip(path, SYNTHETIC_SECONDS, seed=seed + i)
+        paths.append(path)
+        report.advance()
+    return paths
+
+
+def _num(v: Any) -> str:
+    return f"{v:.2f}" if isinstance(v, int | float) else "-"
+
+
+def follow_up_commands(result: dict[str, Any], exe: str = "se4lip-dist") -> list[str]:
+    """The commands that find what a quickstart made, each runnable as printed (paths quoted
+    for a POSIX shell): list the store's models, show the quickstart's model, evaluate it."""
+    uri = ["--tracking-uri", result["tracking_uri"]]
+
+    def line(*args: str) -> str:
+        return shlex.join([exe, *args])
+
+    evaluate: Sequence[str] = ["evaluate", *result["heldout"], "--model", result["model_uri"],
+                               *uri, *result["evaluate_flags"], "--shift", str(SHIFT)]
+    return [
+        line("models", "list", *uri),
+        line("models", "show", result["model_name"], *uri),
+        line(*evaluate),
+    ]
+
+
+__all__ = ["EPOCHS", "MODEL_NAME", "QuickstartError", "Reporter", "follow_up_commands",
+           "run_quickstart"]

@@ -49,6 +49,11 @@ class RegistryError(RuntimeError):
     """A model that cannot be logged, registered or loaded."""
 
 
+def _quiet() -> None:
+    """No tqdm bars from MLflow's artifact copies (logging and loading models), unless asked."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def _pip_requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -178,6 +183,7 @@ def log_model(
     from mlflow.models import Model, ModelSignature
     from mlflow.types import Schema, TensorSpec
 
+    _quiet()
     lips_state = _part(state, "lips.") if _is_whole_model(state) else None
     speech_state = speech_state_dict(state) if lips_state is not None else state
     # Strict load first, so a mismatched state never reaches the registry.
@@ -325,6 +331,64 @@ def resolve_artifacts(model_uri: str, tracking_uri: str) -> str:
     return mv.source
 
 
+def pin_model(model_uri: str, tracking_uri: str) -> dict[str, Any]:
+    """What a model URI points at now: an alias or ``latest`` becomes a fixed version.
+
+    Returns:
+        ``uri`` (as given), ``pinned_uri`` and, when known, ``name``, ``version``, ``run_id``,
+        ``model_id`` (the LoggedModel, for MLflow lineage).
+
+    Raises:
+        RegistryError: the registry does not know the model.
+    """
+    from mlflow import MlflowClient
+
+    from se4lip_dist.tracking import existing_store
+
+    info: dict[str, Any] = {"uri": model_uri, "pinned_uri": model_uri}
+    if model_uri.startswith(("models:/", "runs:/")):
+        existing_store(tracking_uri)  # reading must not create an empty store
+    if model_uri.startswith("runs:/"):
+        info["run_id"] = model_uri[len("runs:/"):].split("/")[0]
+        return info
+    if not model_uri.startswith("models:/"):
+        if "://" not in model_uri:
+            info["pinned_uri"] = str(Path(model_uri).resolve())
+        return info
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    ref = model_uri[len("models:/"):].rstrip("/")
+    try:
+        if ref.startswith("m-"):
+            logged = client.get_logged_model(ref.split("/")[0])
+            info.update(model_id=logged.model_id, run_id=logged.source_run_id)
+            return info
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, version = ref.rpartition("/")
+            if version == "latest":
+                versions = client.search_model_versions(f"name = '{name}'")
+                if not versions:
+                    raise RegistryError(f"{model_uri}: no versions registered")
+                mv = max(versions, key=lambda v: int(v.version))
+            else:
+                mv = client.get_model_version(name, version)
+    except RegistryError:
+        raise
+    except Exception as e:
+        from se4lip_dist.tracking import redact_uri
+
+        raise RegistryError(f"cannot resolve {model_uri} on {redact_uri(tracking_uri)}: "
+                            f"{e}") from e
+    logged_uri = (mv.tags or {}).get(LOGGED_MODEL_TAG, "")
+    info.update(name=mv.name, version=int(mv.version), run_id=mv.run_id,
+                pinned_uri=f"models:/{mv.name}/{mv.version}")
+    if logged_uri.startswith("models:/m-"):
+        info["model_id"] = logged_uri[len("models:/"):]
+    return info
+
+
 def _download(model_uri: str, tracking_uri: str | None, dst: str) -> tuple[Path, Path, str]:
     """Download a logged model; returns (speech weights, config) paths and the tracking URI."""
     import mlflow.artifacts
@@ -332,7 +396,14 @@ def _download(model_uri: str, tracking_uri: str | None, dst: str) -> tuple[Path,
     from se4lip_dist.tracking import redact_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    _quiet()
+    if model_uri.startswith(("models:/", "runs:/")):
+        from se4lip_dist.tracking import TrackingError, existing_store
+
+        try:
+            existing_store(uri)  # reading must not create an empty store
+        except TrackingError as e:
+            raise RegistryError(f"cannot load {model_uri}: {e}") from e
     try:
         location = resolve_artifacts(model_uri, uri)
         local = Path(mlflow.artifacts.download_artifacts(
@@ -506,6 +577,7 @@ __all__ = [
     "load_sync_model",
     "load_weights",
     "log_model",
+    "pin_model",
     "register_model",
     "resolve_artifacts",
     "show_model",

@@ -53,7 +53,7 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
 PASSTHROUGH_ENV: tuple[str, ...] = CREDENTIAL_ENV
 """Caller env vars copied into the job's runtime env when set (values are never printed)."""
 
-ADDRESS_COMMANDS: frozenset[str] = frozenset({"prepare", "train", "tune", "extract"})
+ADDRESS_COMMANDS: frozenset[str] = frozenset({"prepare", "train", "tune", "extract", "subject"})
 """Commands with ``--address``: a submitted one gets ``--address auto`` unless it names one."""
 
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
+import time
+from pathlib import Path
 from typing import Any
 
 OBJECT_STORE_BYTES = 512 * 1024 * 1024
@@ -32,6 +36,73 @@ def set_log_to_driver(enabled: bool) -> None:
     """Whether Ray echoes worker output on this process's stdout (off for ``--json``)."""
     global _log_to_driver
     _log_to_driver = enabled
+
+
+LOG_DIR_ENV = "SE4LIP_LOG_DIR"
+"""Folder for the log files of quiet runs (default: ``<temp dir>/se4lip-dist``)."""
+QUIET_ENV: dict[str, str] = {
+    # Ray Data's per-operator bars, in this process and in Train workers' streaming splits.
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    # Every tqdm bar (MLflow's artifact copies among them): carriage returns in a log file.
+    "TQDM_DISABLE": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # MLflow's "View run ... at: http://..." after every run that ends on a tracking server.
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+}
+"""Library switches for quiet runs; set before Ray starts, so a local Ray's workers inherit
+them (a user's own setting wins)."""
+
+
+def log_file_path(command: str, folder: str | Path | None = None) -> Path:
+    """A new log file for one run of ``command``: ``<folder>/<command>-<time>-<pid>.log``
+    (folder: ``SE4LIP_LOG_DIR``, else ``<temp dir>/se4lip-dist``)."""
+    base = Path(folder or os.environ.get(LOG_DIR_ENV)
+                or Path(tempfile.gettempdir()) / "se4lip-dist")
+    return base / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+
+
+class LogRoute:
+    """This process's stdout and stderr (file descriptors 1 and 2) sent to a log file.
+
+    Whatever a library writes there lands in the file: the Python logging of Ray, Ray Data,
+    Tune and MLflow, the raylet warnings Ray prints on the driver, the C++ log lines of the
+    driver's core worker, Python warnings, and Ray workers' output echoed to the driver. The
+    terminal stays reachable through :attr:`terminal_out` and :attr:`terminal_err` (copies of
+    the original descriptors), which the CLI's own consoles write to.
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.terminal_out = os.dup(1)
+        self.terminal_err = os.dup(2)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+        finally:
+            os.close(fd)
+
+    def restore(self) -> None:
+        """Point descriptors 1 and 2 at the terminal again."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(self.terminal_out, 1)
+        os.dup2(self.terminal_err, 2)
+
+
+def quiet_output(log_path: Path) -> LogRoute:
+    """Quiet by default: no progress bars or run-URL banners from libraries, and everything
+    else they print (logs, warnings, Ray workers' output) in ``log_path``.
+
+    Call before Ray starts: a local Ray's processes inherit :data:`QUIET_ENV`.
+    """
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    set_log_to_driver(True)  # workers' output joins the log file, not Ray's session folder
+    return LogRoute(log_path)
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None,

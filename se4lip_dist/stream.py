@@ -26,6 +26,7 @@ import numpy as np
 
 from se4lip_dist.config import Config
 from se4lip_dist.shards import decode_audio, decode_lips
+from se4lip_dist.splits import SplitRule, crop_rows
 
 if TYPE_CHECKING:
     import ray.data
@@ -34,46 +35,8 @@ POSITIVE, HARD, FAR, CROSS = 0, 1, 2, 3
 """Pair kinds in the ``kind`` column."""
 KIND_NAMES = ("positive", "hard", "far", "cross")
 
-VAL_SPLIT_NAMES = frozenset({"val", "valid", "validation", "dev"})
-TRAIN_SPLIT_NAMES = frozenset({"train", "training"})
-
-READ_COLUMNS = ["clip_id", "split", "segment", "n_frames", "sample_rate", "fps", "lips", "audio"]
-
-
-def stable_unit(text: str) -> float:
-    """A float in [0, 1) from a stable hash of ``text`` (identical across processes and runs)."""
-    digest = hashlib.sha256(text.encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
-
-
-def clip_split(clip_id: str, split: str | None, val_fraction: float) -> str:
-    """Which split a clip belongs to: ``train``, ``val`` or ``test``.
-
-    A split recorded by ``prepare`` wins (``val``/``valid``/``validation``/``dev`` -> val,
-    ``train`` -> train, anything else -> test, never used for training or validation). Without
-    one, a stable hash of the clip id puts about ``val_fraction`` of the clips in val.
-
-    Args:
-        clip_id: the clip id of the row.
-        split: the row's (or manifest's) split, or None.
-        val_fraction: share of clips held out for validation when there is no recorded split.
-    """
-    if split:
-        s = split.lower()
-        if s in VAL_SPLIT_NAMES:
-            return "val"
-        if s in TRAIN_SPLIT_NAMES:
-            return "train"
-        return "test"
-    return "val" if stable_unit(f"se4lip-split:{clip_id}") < val_fraction else "train"
-
-
-def manifest_splits(manifest: Any, val_fraction: float) -> dict[str, list[str]]:
-    """Clip ids per split for a :class:`~se4lip_dist.manifest.Manifest` (same rule as the rows)."""
-    out: dict[str, list[str]] = {"train": [], "val": [], "test": []}
-    for cid, rec in sorted(manifest.clips.items()):
-        out[clip_split(cid, rec.split, val_fraction)].append(cid)
-    return out
+READ_COLUMNS = ["clip_id", "split", "speaker", "segment", "start_frame", "n_frames",
+                "clip_frames", "sample_rate", "fps", "lips", "audio"]
 
 
 @dataclass(frozen=True)
@@ -198,42 +161,33 @@ def _batch_rng(batch: dict[str, Any], seed: int | None) -> np.random.Generator:
     return np.random.default_rng([seed, int.from_bytes(hashlib.sha256(key.encode()).digest()[:8])])
 
 
-def _select_split(batch: dict[str, Any], split: str, val_fraction: float) -> np.ndarray:
-    return np.array(
-        [clip_split(str(c), s, val_fraction) == split
-         for c, s in zip(batch["clip_id"], batch["split"], strict=True)],
-        dtype=bool,
-    )
-
-
 def make_pair_batch(
     batch: dict[str, Any],
     *,
     spec: PairSpec,
-    split: str | None,
-    val_fraction: float,
+    rule: SplitRule | None = None,
+    role: str = "train",
     seed: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Turn a batch of shard rows into a batch of pairs (the ``map_batches`` UDF).
 
-    Rows of other splits are dropped first. JPEGs are decoded only for the frames the pairs use.
+    With a ``rule``, rows are first cut to the frames ``role`` may use (other clips, or the
+    other part of a clip under a time split, are dropped). JPEGs are decoded only for the frames
+    the pairs use.
 
     Args:
         batch: numpy batch with at least the :data:`READ_COLUMNS` columns.
         spec: pair sampling settings.
-        split: ``train`` or ``val``; None keeps every row (already selected by the caller).
-        val_fraction: see :func:`clip_split`.
+        rule: the split rule; None keeps every row as it is (already selected by the caller).
+        role: ``train`` or ``val``.
         seed: fixed seed for reproducible pairs (validation); None draws fresh pairs each epoch.
 
     Returns:
         Columns ``wav`` float32 [P, window_frames*samples_per_frame], ``lips`` uint8
         [P, window_frames, h, w, 3], ``label`` float32 [P], ``kind`` int8 [P] (shuffled order).
     """
-    if split is None:
-        rows = {k: np.asarray(v) for k, v in batch.items()}
-    else:
-        keep = _select_split(batch, split, val_fraction)
-        rows = {k: np.asarray(v)[keep] for k, v in batch.items()}
+    source = crop_rows(batch, rule, role) if rule is not None else batch
+    rows = {k: np.asarray(v) for k, v in source.items()}
     clip_ids = [str(c) for c in rows["clip_id"]]
     n_frames = [int(n) for n in rows["n_frames"]]
     rng = _batch_rng(rows, seed)
@@ -278,6 +232,30 @@ def _empty_pairs(t: int, spf: int) -> dict[str, np.ndarray]:
         "label": np.zeros((0,), np.float32),
         "kind": np.zeros((0,), np.int8),
     }
+
+
+def pair_block(batch: dict[str, Any], **kwargs: Any) -> Any:
+    """:func:`make_pair_batch` as a Ray Data UDF.
+
+    A batch that yields no pair becomes an empty Arrow table with the same tensor columns as
+    the others: Ray Data cannot type 0-row numpy tensors and would fall back to pickled objects
+    (with a warning) for that block.
+    """
+    out = make_pair_batch(batch, **kwargs)
+    if len(out["label"]):
+        return out
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    spec = kwargs["spec"]
+    first = next((row[0] for row in batch["lips"] if len(row)), None)
+    h, w = decode_lips([first]).shape[1:3] if first is not None else (1, 1)
+    one = {"wav": np.zeros((1, spec.window_frames * spec.samples_per_frame), np.float32),
+           "lips": np.zeros((1, spec.window_frames, h, w, 3), np.uint8)}
+    return pa.table({
+        **{k: ArrowTensorArray.from_numpy(v) for k, v in one.items()},
+        "label": pa.array([0.0], pa.float32()), "kind": pa.array([0], pa.int8()),
+    }).slice(0, 0)
 
 
 def read_shards(data_dir: str, *, shuffle_files: bool = False) -> ray.data.Dataset:
@@ -332,15 +310,14 @@ def pair_dataset(
         rows_per_task: shard rows per ``map_batches`` call; more rows give more cross-clip choice.
         num_cpus: CPUs reserved by each sampling task (fractional: leave room for the workers).
     """
+    from se4lip_dist.manifest import Manifest
+
+    rule = SplitRule.for_manifest(Manifest.load(data_dir), cfg)
     ds = read_shards(data_dir, shuffle_files=True)
     return ds.map_batches(
-        make_pair_batch,
-        fn_kwargs={
-            "spec": PairSpec.from_config(cfg),
-            "split": "train",
-            "val_fraction": cfg.train.val_fraction,
-            "seed": None,
-        },
+        pair_block,
+        fn_kwargs={"spec": PairSpec.from_config(cfg), "rule": rule, "role": "train",
+                   "seed": None},
         batch_size=rows_per_task,
         batch_format="numpy",
         num_cpus=num_cpus,
@@ -355,11 +332,8 @@ __all__ = [
     "POSITIVE",
     "Pair",
     "PairSpec",
-    "clip_split",
     "make_pair_batch",
-    "manifest_splits",
     "pair_dataset",
     "read_shards",
     "sample_pairs",
-    "stable_unit",
 ]

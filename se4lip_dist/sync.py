@@ -5,6 +5,8 @@ Conventions every stage uses (training pairs, validation, the registry gate, ``e
 - Frame ``i`` of a clip owns audio samples ``[i * spf, (i + 1) * spf)`` (``prepare`` makes it so).
 - Window ``i`` of ``T`` frames is lip frames ``i .. i + T - 1`` plus the audio of exactly those
   frames (:func:`lip_windows`, :func:`audio_windows`); odd and even ``T`` are treated alike.
+- The window *centred on* frame ``c`` (per-frame features: ``extract``, ``probe-visemes``) is
+  window ``c - (T - 1) // 2`` (:func:`centred_audio_windows`, :func:`window_lead`).
 - Shift ``s`` compares lip window ``t`` with audio window ``t + s``: ``s > 0`` means the sound of
   a mouth movement comes ``s`` frames later (syncnet_python prints the opposite sign).
 - :func:`shift_audio` delays the audio by ``K`` frames (zeros shifted in, length kept), so an
@@ -54,6 +56,42 @@ def lip_windows(lips: np.ndarray, window_frames: int) -> np.ndarray:
 def audio_windows(audio: np.ndarray, window_frames: int, spf: int) -> np.ndarray:
     """``[W, T * spf]`` audio windows; window ``i`` is the audio of frames ``i .. i + T - 1``."""
     return sliding_windows(audio, window_frames * spf, spf)
+
+
+def window_lead(window_frames: int) -> int:
+    """Frames a window starts before the frame it is centred on: ``(T - 1) // 2``.
+
+    The centred window of frame ``c`` is training window ``c - window_lead(T)``, i.e. frames
+    ``c - (T - 1) // 2 .. c + T // 2``: for odd ``T`` exactly centred, for even ``T`` the extra
+    frame lies after ``c``.
+    """
+    return (window_frames - 1) // 2
+
+
+def centred_audio_windows(audio: np.ndarray, n_frames: int, window_frames: int,
+                          spf: int) -> np.ndarray:
+    """``[N, T * spf]`` audio windows, one centred on each of ``n_frames`` video frames.
+
+    Row ``c`` is :func:`audio_windows` window ``c - window_lead(T)`` of the same audio (frames
+    ``c - (T - 1) // 2 .. c + T // 2``), with zeros where that window reaches past either end,
+    so every frame gets a window and each one pairs with the lip window a training pair of the
+    same frames would use.
+
+    Args:
+        audio: float32 ``[S]`` on the video clock (frame ``i`` owns ``[i * spf, (i + 1) * spf)``).
+        n_frames: number of video frames N.
+        window_frames: frames per window ``T`` (``train.window_frames``).
+        spf: samples per video frame.
+
+    Returns:
+        float32 ``[N, T * spf]`` (a strided view; copy slices before mutating them).
+    """
+    lead = window_lead(window_frames) * spf
+    need = (n_frames + window_frames - 1) * spf
+    padded = np.zeros(need, np.float32)
+    body = np.asarray(audio, np.float32)[: max(0, need - lead)]
+    padded[lead : lead + len(body)] = body
+    return audio_windows(padded, window_frames, spf)[:n_frames]
 
 
 def shift_audio(audio: np.ndarray, frames: int, spf: int) -> np.ndarray:
@@ -254,6 +292,7 @@ __all__ = [
     "OFFSET_TOLERANCE",
     "ClipSync",
     "audio_windows",
+    "centred_audio_windows",
     "chance_offset_accuracy",
     "clip_sync",
     "embedding_distance",
@@ -264,4 +303,5 @@ __all__ = [
     "shift_audio",
     "sliding_windows",
     "wilson_interval",
+    "window_lead",
 ]

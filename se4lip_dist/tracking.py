@@ -126,6 +126,8 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
     """
     from mlflow import MlflowClient
 
+    if urlsplit(tracking_uri).scheme == "sqlite":
+        _create_sqlite_store(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -139,6 +141,17 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
         artifact_location = (db.parent / "artifacts" / name).resolve().as_uri()
     return client.create_experiment(name, artifact_location=artifact_location,
                                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+
+
+def _create_sqlite_store(tracking_uri: str) -> None:
+    """Create a missing embedded store with its ``Default`` experiment's artifacts beside it
+    (``artifacts/0``); MLflow would point it at ``./mlruns/0`` under the current folder."""
+    db = Path(tracking_uri[len("sqlite:///"):])
+    if db.is_file():
+        return
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    SqlAlchemyStore(tracking_uri, (db.parent / "artifacts").resolve().as_uri())
 
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -205,6 +218,18 @@ def log_datasets(tracking_uri: str, run_id: str, *, data_hash: str, source: str,
                     profile=json.dumps({"clips": len(clips)})),
             tags=[InputTag("mlflow.data.context", context)]))
     MlflowClient(tracking_uri=tracking_uri).log_inputs(run_id, datasets=inputs)
+
+
+def log_parent_model(tracking_uri: str, run_id: str, info: dict[str, Any]) -> None:
+    """Record the model a run started from (``train.init``): a tag, and MLflow's model input
+    (lineage shown on both models) when the source is a logged model."""
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelInput
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    client.set_tag(run_id, "se4lip.init", redact_uri(info.get("pinned_uri") or info["uri"]))
+    if info.get("model_id"):
+        client.log_inputs(run_id, models=[LoggedModelInput(info["model_id"])])
 
 
 def set_description(tracking_uri: str, run_id: str, text: str) -> None:
@@ -373,6 +398,7 @@ __all__ = [
     "existing_store",
     "git_revision",
     "log_datasets",
+    "log_parent_model",
     "redact_uri",
     "reopen_run",
     "resolve_tracking_uri",

@@ -107,30 +107,41 @@ def _save_checkpoint(path: Path, model: Any, best: dict[str, Any], opt: Any,
     (path / "state.json").write_text(json.dumps(state))
 
 
-def place_model(model: Any, cfg: Config, restored: Restored | None,
-                place: Any) -> tuple[Any, Any, Any]:
-    """Load restored weights, move the model to its device, then build the optimizer and scaler.
+def place_model(model: Any, cfg: Config, restored: Restored | None, place: Any,
+                init: dict[str, Any] | None = None) -> tuple[Any, Any, Any]:
+    """Load weights, move the model to its device, then build the optimizer and scaler.
 
     The order matters: ``Optimizer.load_state_dict`` casts the saved state to the device and
     dtype of the parameters it is given, so it must see the placed parameters; state loaded
-    before ``place`` stays on the CPU and the first step after a resume fails on a GPU.
+    before ``place`` stays on the CPU and the first step after a resume fails on a GPU. A frozen
+    lip encoder is frozen before ``place`` too, so DDP leaves its parameters alone.
 
     Args:
         model: a freshly built SE4Lip.
-        cfg: its config (``train.lr``, ``weight_decay``, ``amp_dtype``).
+        cfg: its config (``train.lr``, ``weight_decay``, ``amp_dtype``, ``freeze_lips``,
+            ``lips_lr_scale``).
         restored: the checkpoint to continue from, or None.
         place: moves (and wraps) the model, e.g. ``ray.train.torch.prepare_model``.
+        init: warm-start weights (a whole-model ``state_dict``), used when nothing is restored.
 
     Returns:
         ``(placed model, optimizer, GradScaler)``; the scaler is enabled for fp16 autocast only.
     """
     import torch
 
+    tc = cfg.train
     if restored is not None:
         model.load_state_dict(restored.model)
+    elif init is not None:
+        model.load_state_dict(init)
+    if tc.freeze_lips:
+        model.lips.requires_grad_(False)
     model = place(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr,
-                            weight_decay=cfg.train.weight_decay)
+    core = getattr(model, "module", model)
+    groups = [{"params": list(core.speech.parameters()), "lr": tc.lr}]
+    if not tc.freeze_lips:
+        groups.append({"params": list(core.lips.parameters()), "lr": tc.lr * tc.lips_lr_scale})
+    opt = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
     device = next(model.parameters()).device
     scaler = torch.amp.GradScaler(device.type, enabled=_amp_dtype(cfg, device) == torch.float16)
     if restored is not None:
@@ -164,6 +175,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train.torch
     import torch
 
+    from se4lip_dist.augment import augment_batch
     from se4lip_dist.losses import sync_bce_loss, sync_cosine
     from se4lip_dist.models import build_model, lip_input
     from se4lip_dist.tracking import RunLogger
@@ -184,7 +196,10 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             restored = load_checkpoint_dir(d)
-    model, opt, scaler = place_model(model, cfg, restored, ray.train.torch.prepare_model)
+    init = None
+    if restored is None and config.get("init_state") is not None:
+        init = ray.get(config["init_state"])  # warm start: the weights of train.init
+    model, opt, scaler = place_model(model, cfg, restored, ray.train.torch.prepare_model, init)
     core = getattr(model, "module", model)  # unwrapped: evaluation must not sync DDP buffers
     epoch0, step, history = 0, 0, []
     best_epoch, best_metrics, best_state = 0, {}, None
@@ -195,6 +210,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
         best_metrics = st.get("best_metrics", history[-1] if history else {})
         best_state = restored.best
     amp = _amp_dtype(cfg, device)
+    # Augmentation draws: reproducible per seed, rank and the epoch the worker (re)started at.
+    aug_gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + rank * 7919 + epoch0)
     vset = ValidationSet.load(config["data_dir"], cfg, rank=rank, world=world)
     node_ids = _gather_node_ids()
     train_ds = ray.train.get_dataset_shard("train")
@@ -214,22 +231,27 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
             if tc.max_steps is not None and step >= tc.max_steps:
                 break
             model.train()
+            if tc.freeze_lips:
+                core.lips.eval()  # frozen means its BatchNorm statistics too
             loss_sum = correct = seen = wait = 0.0
             epoch_start = time.perf_counter()
-            batches = iter(train_ds.iter_torch_batches(
-                batch_size=tc.batch_size, device=device, drop_last=True,
-                local_shuffle_buffer_size=tc.shuffle_buffer or None,
-                local_shuffle_seed=None, prefetch_batches=2,
-            ))
+            epoch_steps = 0
+            batches = _batches(train_ds, tc, device)
             while tc.max_steps is None or step < tc.max_steps:
+                if tc.steps_per_epoch is not None and epoch_steps >= tc.steps_per_epoch:
+                    break
                 t0 = time.perf_counter()
                 batch = next(batches, None)
                 wait += time.perf_counter() - t0
                 if batch is None:
                     break
                 y = batch["label"]
+                wav, lips = batch["wav"], batch["lips"]
+                if cfg.augment.enabled:
+                    wav, lips = augment_batch(wav, lips, cfg.augment, cfg.data.sample_rate,
+                                              aug_gen)
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    a, v = model(batch["wav"], lip_input(batch["lips"], cfg.model))
+                    a, v = model(wav, lip_input(lips, cfg.model))
                     loss = sync_bce_loss(a, v, y)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -239,6 +261,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
                 scaler.step(opt)
                 scaler.update()
                 step += 1
+                epoch_steps += 1
                 with torch.no_grad():
                     loss_sum += float(loss) * len(y)
                     correct += float(((sync_cosine(a, v) > 0.5) == (y > 0.5)).sum())
@@ -286,6 +309,28 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
             "steps": step, "best_epoch": best_epoch, "worker_node_ids": node_ids}
 
 
+def _batches(train_ds: Any, tc: Any, device: Any) -> Any:
+    """Training batches of one epoch: one pass over the pairs, or, with
+    ``train.steps_per_epoch``, as many fresh passes as the steps need.
+
+    Raises:
+        TrainError: a pass yields no batch at all (too little training data for the batch).
+    """
+    while True:
+        produced = False
+        for batch in train_ds.iter_torch_batches(
+                batch_size=tc.batch_size, device=device, drop_last=True,
+                local_shuffle_buffer_size=tc.shuffle_buffer or None,
+                local_shuffle_seed=None, prefetch_batches=2):
+            produced = True
+            yield batch
+        if tc.steps_per_epoch is None:
+            return
+        if not produced:
+            raise TrainError(f"the training pairs give no batch of {tc.batch_size} per worker: "
+                             "raise train.pairs_per_segment or lower train.batch_size")
+
+
 def _sync_buffers(model: Any) -> None:
     """Give every rank rank 0's buffers (BatchNorm statistics drift apart between DDP's
     per-forward broadcasts): validation then scores exactly the weights the checkpoint holds."""
@@ -315,6 +360,45 @@ def training_datasets(data_dir: str, cfg: Config) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Driver side
 # --------------------------------------------------------------------------------------------
+
+
+def load_init(cfg: Config, tracking_uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The warm-start weights of ``cfg.train.init`` and where they came from.
+
+    Args:
+        cfg: the run's config; ``train.init`` is a model URI or a checkpoint folder.
+        tracking_uri: resolves ``models:/`` and ``runs:/`` URIs.
+
+    Returns:
+        ``(whole-model state_dict, info)``: ``info`` has ``uri``, ``pinned_uri`` and, when
+        known, ``name``, ``version``, ``run_id``, ``model_id``.
+
+    Raises:
+        TrainError: the model cannot be loaded, or its architecture or window differs.
+    """
+    from se4lip_dist.registry import RegistryError, load_model_state, pin_model
+
+    src = cfg.train.init
+    assert src is not None
+    try:
+        if storage.is_local(src) and storage.is_file(storage.join(src, "state.json")):
+            restored = load_checkpoint_dir(src)
+            state, init_cfg = restored.best, Config.from_dict(restored.state["config"])
+            info = {"uri": src, "pinned_uri": storage.absolute(src)}
+        else:
+            info = pin_model(src, tracking_uri)
+            state, init_cfg = load_model_state(info["pinned_uri"], tracking_uri)
+    except RegistryError as e:
+        raise TrainError(f"train.init {src}: {e}") from e
+    diff = {k: (v, getattr(cfg.model, k)) for k, v in vars(init_cfg.model).items()
+            if getattr(cfg.model, k) != v}
+    if init_cfg.train.window_frames != cfg.train.window_frames:
+        diff["train.window_frames"] = (init_cfg.train.window_frames, cfg.train.window_frames)
+    if diff:
+        shown = ", ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in sorted(diff.items()))
+        raise TrainError(f"train.init {src} has another architecture ({shown}): train with its "
+                         f"preset ({init_cfg.preset}) or the same --set model.* values")
+    return state, info
 
 
 def run_label(cfg: Config) -> str:
@@ -414,11 +498,12 @@ def run_train(
         what to fix. GateError: trained and logged, but registering or gating failed.
     """
     from se4lip_dist.manifest import Manifest
-    from se4lip_dist.stream import manifest_splits
+    from se4lip_dist.splits import SplitRule, clip_frames
     from se4lip_dist.tracking import (
         check_cluster_store,
         check_reachable,
         log_datasets,
+        log_parent_model,
         redact_uri,
         reopen_run,
         resolve_tracking_uri,
@@ -430,14 +515,19 @@ def run_train(
     data_dir = storage.absolute(data_dir)  # workers run elsewhere: an absolute path or URL
     manifest = Manifest.load(data_dir)
     manifest.check_shards(data_dir)  # another schema version fails here, before any run exists
-    splits = manifest_splits(manifest, cfg.train.val_fraction)
-    if not splits["train"] or not splits["val"]:
-        raise TrainError(f"{data_dir}: need clips in both train and val splits, got "
-                         f"{len(splits['train'])} train / {len(splits['val'])} val")
+    rule = SplitRule.for_manifest(manifest, cfg)
+    frames = clip_frames(manifest, rule)
+    if not frames["train"] or not frames["val"]:
+        raise TrainError(f"{data_dir}: need frames to train on and to validate on; "
+                         f"{rule.describe()} gives {len(frames['train'])} training and "
+                         f"{len(frames['val'])} validation clips")
+    splits = {role: sorted(frames[role]) for role in frames}
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)  # before Ray starts: a wrong URI fails in seconds, not after training
     if address or os.environ.get("RAY_ADDRESS"):
         check_cluster_store(uri, "train")
+    init_state, init_info = (load_init(cfg, uri) if cfg.train.init and not resume
+                             else (None, None))
     store = storage.absolute(storage_path or default_storage_path())
     name, saved = _resolve_name(store, run_name, resume, run_label(cfg))
     data_hash = manifest.content_hash()
@@ -453,7 +543,10 @@ def run_train(
         params = flatten(cfg.to_dict())
         params.update({"data.dir": redact_uri(str(data_dir)), "data.manifest_hash": data_hash,
                        "data.train_clips": len(splits["train"]),
-                       "data.val_clips": len(splits["val"]), "ray.run_name": name,
+                       "data.val_clips": len(splits["val"]),
+                       "data.train_frames": sum(frames["train"].values()),
+                       "data.val_frames": sum(frames["val"].values()),
+                       "data.split": rule.describe(), "ray.run_name": name,
                        "ray.storage_path": redact_uri(store)})
         tags = {"se4lip.preset": cfg.preset, "se4lip.data_manifest_hash": data_hash,
                 "se4lip.ray_run_name": name, "se4lip.kind": "train"}
@@ -466,12 +559,14 @@ def run_train(
                          "is the logged model."))
         log_datasets(uri, run_id, data_hash=data_hash, source=str(data_dir),
                      splits={"training": splits["train"], "validation": splits["val"]})
+        if init_info is not None:
+            log_parent_model(uri, run_id, init_info)
         _write_run_state(store, name, {"run_id": run_id, "experiment": experiment,
                                        "config": cfg.to_dict(), "data_dir": data_dir})
 
     try:
         out = _fit(cfg, data_dir, uri, run_id, name, store, use_gpu, address, max_failures,
-                   placement_timeout_s)
+                   placement_timeout_s, init_state)
     except BaseException:
         from se4lip_dist.tracking import end_run
 
@@ -485,7 +580,8 @@ def run_train(
 
 def _fit(cfg: Config, data_dir: str, uri: str, run_id: str, name: str, store: str,
          use_gpu: bool, address: str | None, max_failures: int,
-         placement_timeout_s: float | None) -> dict[str, Any]:
+         placement_timeout_s: float | None,
+         init_state: dict[str, Any] | None = None) -> dict[str, Any]:
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -515,7 +611,9 @@ def _fit(cfg: Config, data_dir: str, uri: str, run_id: str, name: str, store: st
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"cfg": cfg.to_dict(), "data_dir": str(data_dir),
-                               "tracking_uri": uri, "run_id": run_id},
+                               "tracking_uri": uri, "run_id": run_id,
+                               # Through the object store: a model is too big for the config.
+                               "init_state": ray.put(init_state) if init_state else None},
             scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
                                                    resources_per_worker=resources),
             run_config=ray.train.RunConfig(
@@ -549,6 +647,8 @@ def _fit(cfg: Config, data_dir: str, uri: str, run_id: str, name: str, store: st
 
 def _finish(cfg: Config, out: dict[str, Any], uri: str, run_id: str, register: str | None,
             data_dir: str, data_hash: str) -> dict[str, Any]:
+    from mlflow import MlflowClient
+
     from se4lip_dist.lifecycle import Candidate, GateError, publish
     from se4lip_dist.tracking import end_run, set_description
     from se4lip_dist.validation import METRICS, metric_name
@@ -562,6 +662,9 @@ def _finish(cfg: Config, out: dict[str, Any], uri: str, run_id: str, register: s
         model_state=out.pop("best_state"), cfg=cfg, run_id=run_id,
         source=f"run:{run_id}:epoch{best_epoch}", epoch=best_epoch, epochs=int(out["epochs"]),
         selected_by=f"{metric} ({mode})", tags={"se4lip.data_manifest_hash": data_hash})
+    parent = MlflowClient(tracking_uri=uri).get_run(run_id).data.tags.get("se4lip.init")
+    if parent:
+        cand.tags["se4lip.parent_model"] = parent
     try:
         published = publish(uri, cand, register=register, data_dir=data_dir, metric=metric,
                             mode=mode)

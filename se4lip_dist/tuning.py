@@ -498,12 +498,14 @@ def _start_parent(uri: str, opts: TuneOptions, space: Any, base: Config, data_ha
         description=(f"Tune `{opts.name}` over `{space.path}` ({space.description or 'search'})"
                      f": running. Trials are the child runs below."))
     from se4lip_dist.manifest import Manifest
-    from se4lip_dist.stream import manifest_splits
+    from se4lip_dist.splits import SplitRule, clip_frames
     from se4lip_dist.tracking import log_datasets
 
-    splits = manifest_splits(Manifest.load(data_dir), base.train.val_fraction)
+    manifest = Manifest.load(data_dir)
+    frames = clip_frames(manifest, SplitRule.for_manifest(manifest, base))
     log_datasets(uri, run_id, data_hash=data_hash, source=str(data_dir),
-                 splits={"training": splits["train"], "validation": splits["val"]})
+                 splits={"training": sorted(frames["train"]),
+                         "validation": sorted(frames["val"])})
     return run_id
 
 
@@ -657,7 +659,11 @@ def _log_parent(uri: str, parent: str, rows: list[TrialRow], result: dict[str, A
 
 
 class _LiveTable:
-    """Tune callback that keeps one :class:`TrialRow` per trial and reports changes."""
+    """Tune callback that keeps one :class:`TrialRow` per trial and reports changes.
+
+    Tune pickles its callbacks with the experiment state; the ``on_update`` hook (a display,
+    with locks) is left out of that state, so a restored experiment simply has none.
+    """
 
     def __new__(cls, metric: str, on_update: Callable[[list[TrialRow]], None] | None) -> Any:
         from ray.tune import Callback
@@ -665,6 +671,10 @@ class _LiveTable:
         class Live(Callback):
             def __init__(self) -> None:
                 self.rows: dict[str, TrialRow] = {}
+                self.on_update: Callable[[list[TrialRow]], None] | None = None
+
+            def __getstate__(self) -> dict[str, Any]:
+                return {**self.__dict__, "on_update": None}
 
             def _row(self, trial: Any) -> TrialRow:
                 name = str(trial)
@@ -674,8 +684,8 @@ class _LiveTable:
                 return self.rows[name]
 
             def _emit(self) -> None:
-                if on_update:
-                    on_update(list(self.rows.values()))
+                if self.on_update:
+                    self.on_update(list(self.rows.values()))
 
             def on_trial_start(self, iteration, trials, trial, **info):  # type: ignore[no-untyped-def]
                 self._row(trial).status = "RUNNING"
@@ -699,4 +709,8 @@ class _LiveTable:
                 self._row(trial).status = "ERROR"
                 self._emit()
 
-        return Live()
+        # Defined here (Ray is imported lazily), so cloudpickle stores the class by value, with
+        # any closure it references: the hook is set on the instance, never seen by the class.
+        live = Live()
+        live.on_update = on_update
+        return live

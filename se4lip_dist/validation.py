@@ -32,14 +32,8 @@ from se4lip_dist import storage
 from se4lip_dist.config import Config
 from se4lip_dist.manifest import Manifest
 from se4lip_dist.shards import decode_audio, decode_lips
-from se4lip_dist.stream import (
-    HARD,
-    READ_COLUMNS,
-    PairSpec,
-    make_pair_batch,
-    manifest_splits,
-    stable_unit,
-)
+from se4lip_dist.splits import SplitRule, clip_frames, crop_rows, stable_unit
+from se4lip_dist.stream import HARD, READ_COLUMNS, PairSpec, make_pair_batch
 from se4lip_dist.sync import ClipSync, chance_offset_accuracy, clip_sync, wilson_interval
 
 PAIR_SEED = 0
@@ -108,6 +102,7 @@ class Protocol:
     hard_negative_fraction: float
     cross_clip_fraction: float
     hard_offset_max: int
+    chunk_frames: int | None = None
     rows_per_group: int = ROWS_PER_GROUP
 
     @property
@@ -118,9 +113,10 @@ class Protocol:
 
     def describe(self) -> str:
         shifts = ", ".join(f"{s:+d}" for s in self.shifts)
-        return (f"{self.clips} clips of data {self.data_hash} ({self.split}), offsets searched "
-                f"over +-{self.max_offset} frames with the audio shifted by {shifts} frames, "
-                f"{self.pairs_per_segment} pairs per row (seed {self.pair_seed})")
+        pieces = (f" in {self.chunk_frames}-frame pieces" if self.chunk_frames else "")
+        return (f"{self.clips} clips of data {self.data_hash} ({self.split}){pieces}, offsets "
+                f"searched over +-{self.max_offset} frames with the audio shifted by {shifts} "
+                f"frames, {self.pairs_per_segment} pairs per row (seed {self.pair_seed})")
 
 
 @dataclass
@@ -147,43 +143,41 @@ class ValidationSet:
         """
         manifest = manifest or Manifest.load(data_dir)
         tc = cfg.train
-        val_ids = manifest_splits(manifest, tc.val_fraction)["val"]
-        if not val_ids:
-            raise ValidationError(f"{data_dir}: no validation clips (train.val_fraction "
-                                  f"{tc.val_fraction:g}, or the manifest's split column)")
-        chosen = sorted(val_ids)
+        rule = SplitRule.for_manifest(manifest, cfg)
+        val_frames = clip_frames(manifest, rule)["val"]
+        if not val_frames:
+            raise ValidationError(f"{data_dir}: no validation frames ({rule.describe()})")
+        chosen = sorted(val_frames)
         if len(chosen) > tc.val_max_clips:
             chosen = sorted(sorted(chosen, key=lambda c: stable_unit(f"{SUBSET_SALT}:{c}"))
                             [: tc.val_max_clips])
-        has_split = any(manifest.clips[c].split for c in chosen)
-        split = ("the manifest's split" if has_split
-                 else f"clip-id hash, val_fraction {tc.val_fraction:g}")
-        if len(chosen) < len(val_ids):
-            split += f", a fixed subset of {len(chosen)} of {len(val_ids)} validation clips"
+        split = rule.describe()
+        if len(chosen) < len(val_frames):
+            split += f"; a fixed subset of {len(chosen)} of {len(val_frames)} validation clips"
         protocol = Protocol(
             data_hash=manifest.content_hash(), split=split, clips=len(chosen),
             max_offset=tc.max_offset, shifts=tuple(tc.val_shifts), pair_seed=PAIR_SEED,
             pairs_per_segment=tc.pairs_per_segment,
             hard_negative_fraction=tc.hard_negative_fraction,
             cross_clip_fraction=tc.cross_clip_fraction, hard_offset_max=tc.hard_offset_max,
+            chunk_frames=tc.val_chunk_frames,
         )
-        rows = [(c, s) for c in chosen for s in range(manifest.clips[c].segments)]
+        # Every rank reads the same rows (cut to their validation frames), in the same order,
+        # then keeps its share: the groups, hence the pairs, do not depend on the world size.
+        rows = _read_rows(data_dir, manifest, set(chosen), rule)
         groups = [rows[i:i + ROWS_PER_GROUP] for i in range(0, len(rows), ROWS_PER_GROUP)]
-        my_clips = chosen[rank::world]
-        my_groups = groups[rank::world]
-        needed = set(my_clips) | {c for g in my_groups for c, _ in g}
-        by_key = _read_rows(data_dir, manifest, needed)
-        return cls(
-            protocol=protocol,
-            clip_rows={c: [by_key[(c, s)] for s in range(manifest.clips[c].segments)]
-                       for c in my_clips},
-            groups=[[by_key[k] for k in g] for g in my_groups],
-        )
+        by_clip: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            by_clip.setdefault(r["clip_id"], []).append(r)
+        return cls(protocol=protocol,
+                   clip_rows={c: by_clip[c] for c in chosen[rank::world] if c in by_clip},
+                   groups=groups[rank::world])
 
 
-def _read_rows(data_dir: str, manifest: Manifest,
-               clip_ids: set[str]) -> dict[tuple[str, int], dict[str, Any]]:
-    """Rows of ``clip_ids`` keyed by (clip id, segment), reading only the shards that hold them."""
+def _read_rows(data_dir: str, manifest: Manifest, clip_ids: set[str],
+               rule: SplitRule) -> list[dict[str, Any]]:
+    """The rows of ``clip_ids`` cut to their validation frames, sorted by (clip, segment);
+    only the shards that hold them are read."""
     import pyarrow.parquet as pq
 
     by_shard: dict[str, list[str]] = {}
@@ -191,18 +185,28 @@ def _read_rows(data_dir: str, manifest: Manifest,
         by_shard.setdefault(manifest.clips[c].shard, []).append(c)
     paths = dict(zip([s.file for s in manifest.shards], manifest.shard_paths(data_dir),
                      strict=True))
-    out: dict[tuple[str, int], dict[str, Any]] = {}
+    rows: list[dict[str, Any]] = []
     for shard, ids in sorted(by_shard.items()):
         fs, path = storage.resolve(paths[shard])
         table = pq.read_table(path, columns=READ_COLUMNS, filesystem=fs,
                               filters=[("clip_id", "in", sorted(ids))])
-        for row in table.to_pylist():
-            out[(row["clip_id"], int(row["segment"]))] = row
-    missing = {(c, s) for c in clip_ids for s in range(manifest.clips[c].segments)} - set(out)
-    if missing:
-        raise ValidationError(f"{data_dir}: the shards lack {len(missing)} validation rows the "
-                              f"manifest names, e.g. {sorted(missing)[:3]}")
-    return out
+        cut = crop_rows({c: np.asarray(table[c].to_pylist(), dtype=object)
+                         for c in READ_COLUMNS}, rule, "val")
+        rows += [{c: cut[c][i] for c in READ_COLUMNS} for i in range(len(cut["clip_id"]))]
+    found = {r["clip_id"] for r in rows}
+    if found != clip_ids:
+        raise ValidationError(f"{data_dir}: the shards lack validation rows of "
+                              f"{sorted(clip_ids - found)[:3]} that the manifest names")
+    return sorted(rows, key=lambda r: (r["clip_id"], int(r["segment"])))
+
+
+def search_pieces(n: int, size: int | None) -> list[tuple[int, int]]:
+    """Frame ranges searched separately: the whole clip, or consecutive ``size``-frame pieces
+    (a shorter remainder joins the last piece)."""
+    if size is None or n < 2 * size:
+        return [(0, n)]
+    starts = list(range(0, n - size + 1, size))
+    return [(a, a + size) for a in starts[:-1]] + [(starts[-1], n)]
 
 
 def _as_batch(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -292,8 +296,7 @@ def score(
     chunk = max(cfg.train.batch_size * 2, 32)
     with torch.no_grad():
         for group in vset.groups:
-            pairs = make_pair_batch(_as_batch(group), spec=spec, split=None,
-                                    val_fraction=0.0, seed=p.pair_seed)
+            pairs = make_pair_batch(_as_batch(group), spec=spec, seed=p.pair_seed)
             for i in range(0, len(pairs["label"]), chunk):
                 y = torch.from_numpy(pairs["label"][i:i + chunk]).to(device)
                 wav = torch.from_numpy(pairs["wav"][i:i + chunk]).to(device)
@@ -313,15 +316,19 @@ def score(
                 n += len(y)
         searched: list[ClipSync] = []
         too_short = 0
+        spf = cfg.data.samples_per_frame
         for cid, rows in vset.clip_rows.items():
             lips_np = np.concatenate([decode_lips(list(r["lips"])) for r in rows])
             audio = np.concatenate([decode_audio(r["audio"]) for r in rows])
-            try:
-                searched.append(clip_sync(model, cfg, lips_np, audio, shifts=p.shifts,
-                                          max_offset=p.max_offset, clip_id=cid,
-                                          keep_distances=keep_curve and not searched))
-            except ValueError:
-                too_short += 1
+            for k, (a, b) in enumerate(search_pieces(len(lips_np), p.chunk_frames)):
+                name = cid if p.chunk_frames is None else f"{cid}#{k}"
+                try:
+                    searched.append(clip_sync(model, cfg, lips_np[a:b],
+                                              audio[a * spf:b * spf], shifts=p.shifts,
+                                              max_offset=p.max_offset, clip_id=name,
+                                              keep_distances=keep_curve and not searched))
+                except ValueError:
+                    too_short += 1
     model.train(was_training)
 
     per_shift = [0.0] * (2 * len(p.shifts))  # hits, trials per shift
@@ -334,13 +341,14 @@ def score(
         lse_d += c.lse_d[zero]
         lse_c += c.lse_c[zero]
         windows += c.windows
+    n_ids = len({c.clip_id.split("#")[0] for c in searched})
     sums = reduce([loss_sum, correct, n, hard_ok, hard_n, a_norm, v_norm, lse_d, lse_c, windows,
-                   float(len(searched)), float(too_short), *per_shift,
+                   float(len(searched)), float(too_short), float(n_ids), *per_shift,
                    *a_alive.tolist(), *v_alive.tolist()])
-    (loss_sum, correct, n, hard_ok, hard_n, a_norm, v_norm, lse_d, lse_c, windows, n_clips,
-     too_short) = sums[:12]
-    per_shift = sums[12:12 + len(per_shift)]
-    alive = sums[12 + len(per_shift):]
+    (loss_sum, correct, n, hard_ok, hard_n, a_norm, v_norm, lse_d, lse_c, windows, n_searched,
+     too_short, n_clips) = sums[:13]
+    per_shift = sums[13:13 + len(per_shift)]
+    alive = sums[13 + len(per_shift):]
     clips = sorted((c for part in gather(searched) for c in part), key=lambda c: c.clip_id)
 
     def ratio(a: float, b: float) -> float:
@@ -355,10 +363,11 @@ def score(
         "val/offset_chance": chance_offset_accuracy(p.max_offset),
         "val/offset_trials": trials,
         "val/clips": n_clips,
-        "val/clips_too_short": too_short,
+        "val/searched": n_searched,
+        "val/too_short": too_short,
         "val/windows": windows,
-        "val/lse_d": ratio(lse_d, n_clips),
-        "val/lse_c": ratio(lse_c, n_clips),
+        "val/lse_d": ratio(lse_d, n_searched),
+        "val/lse_c": ratio(lse_c, n_searched),
         "val/loss": ratio(loss_sum, n),
         "val/sync_acc": ratio(correct, n),
         "val/hard_neg_acc": ratio(hard_ok, hard_n),
@@ -397,4 +406,5 @@ __all__ = [
     "metric_name",
     "score",
     "score_state",
+    "search_pieces",
 ]

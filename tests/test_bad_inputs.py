@@ -20,6 +20,7 @@ import av
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from shard_fixtures import register_random_model
 from typer.testing import CliRunner
 
@@ -587,6 +588,10 @@ def test_extract_bad_inputs_exact_rows_and_exit_status(
     # + the 10 ms blip, the missing and the malformed manifest lines
     assert s["failed"] == len(EXTRACT_FAILS) + 3, s["failures"]
     errors = {f["input"]: f["error"] for f in s["failures"]}
+    # Failures inside the actors keep where they were raised (through Ray Data's rows).
+    extracted = [f for f in s["failures"] if f["stage"] == "extract"]
+    assert len(extracted) == len(EXTRACT_FAILS) + 1  # + the blip
+    assert all("Traceback (most recent call last)" in f["traceback"] for f in extracted)
     for kind, why in EXTRACT_FAILS.items():
         (err,) = [e for i, e in errors.items() if Path(i).name == media[kind].name]
         assert str(media[kind]) in err and why in err, (kind, err)
@@ -650,3 +655,186 @@ def test_evaluate_no_face_with_scrfd(registered: tuple[str, str], insightface_ro
     assert code == 1, output[-2000:]
     (c,) = res["clips"]
     assert str(blank) in c["error"] and "no face" in c["error"]
+
+
+# ---------------------------------------------------------------- errors keep their traceback
+
+
+def _bug(*args: Any, **kwargs: Any) -> Any:
+    raise KeyError("a coding bug, not bad input")
+
+
+def test_prepare_failure_records_keep_the_traceback(media: dict[str, Path], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug inside per-clip code is recorded with where it happened, not only as a message."""
+    from se4lip_dist import faces
+
+    monkeypatch.setattr(faces, "mouth_square", _bug)
+    out = tmp_path / "out"
+    s = run_prepare([str(media["good"]), str(media["text"])], out, FIXED, workers=0)
+    by_name = {Path(f.input).name: f for f in s.failures}
+    bug, bad = by_name["good.mp4"], by_name["notes.mp4"]
+    assert "KeyError" in bug.traceback and "in _process_local" in bug.traceback
+    assert "_bug" in bug.traceback and "a coding bug" in bug.error
+    assert "MediaError" in bad.traceback  # bad input keeps its traceback too
+    recs = {Path(r["input"]).name: r for r in
+            map(json.loads, (out / "failures.jsonl").read_text().splitlines())}
+    assert recs["good.mp4"]["traceback"] == bug.traceback
+    assert "Traceback (most recent call last)" in recs["good.mp4"]["traceback"]
+
+
+@pytest.mark.parametrize("how", ["flag", "env", "off"])
+def test_prepare_debug_shows_the_traceback_in_the_terminal(
+        how: str, media: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from se4lip_dist import faces
+
+    monkeypatch.setattr(faces, "mouth_square", _bug)
+    monkeypatch.delenv("SE4LIP_DEBUG", raising=False)
+    if how == "env":
+        monkeypatch.setenv("SE4LIP_DEBUG", "1")
+    args = ["prepare", str(media["good"]), "--out", str(tmp_path / "out"), "--preset",
+            "cpu-small", "--face-backend", "none", "--workers", "0"]
+    code, _, output = _run_cli(["--debug", *args] if how == "flag" else args)
+    assert code == 1
+    assert "a coding bug" in output
+    shown = "Traceback (most recent call last)" in output and "in _bug" in output
+    assert shown == (how != "off"), output[-3000:]
+
+
+class _Encoder(torch.nn.Module):
+    """A speech encoder stand-in: zeros, or a bug."""
+
+    def __init__(self, buggy: bool) -> None:
+        super().__init__()
+        self.buggy = buggy
+        self.w = torch.nn.Parameter(torch.zeros(4))
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        if self.buggy:
+            _bug()
+        return wav[:, :4] * 0 + self.w
+
+
+def test_extract_failure_rows_keep_the_traceback(tmp_path: Path) -> None:
+    """extract's per-input handler keeps the traceback of whatever went wrong."""
+    from se4lip_dist.extract import process_input
+
+    good = make_synthetic_clip(tmp_path / "a.mp4", 0.6, seed=1, size=(64, 64))["path"]
+    job = {"path": good, "name": "a", "out_dir": str(tmp_path / "feats"), "todo": [],
+           "identity": {}, "settings": {"fps": FPS}, "model": {"uri": "x"}, "batch_size": 8}
+    row = process_input(_Encoder(buggy=True), load_config("cpu-small"), job)
+    assert row["status"] == "failed" and "a coding bug" in row["error"]
+    assert "KeyError" in row["traceback"] and "in extract_features" in row["traceback"]
+    ok = process_input(_Encoder(buggy=False), load_config("cpu-small"),
+                       {**job, "todo": ["aud_se4lip.npy"]})
+    assert ok["status"] == "done" and ok["traceback"] == ""
+
+
+def test_guard_shows_the_traceback_of_unexpected_errors_with_debug(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch or Ray error is not reduced to one line when --debug asks for more."""
+    from se4lip_dist import registry
+
+    def torch_like(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    monkeypatch.delenv("SE4LIP_DEBUG", raising=False)
+    monkeypatch.setattr(registry, "list_models", torch_like)
+    code, _, plain = _run_cli(["models", "list"])
+    assert code == 2 and "device-side assert" in plain and "Traceback" not in plain
+    assert "RuntimeError" in plain and "--debug" in plain  # says how to see more
+    code, _, debug = _run_cli(["--debug", "models", "list"])
+    assert code == 2 and "Traceback (most recent call last)" in debug and "torch_like" in debug
+
+    def ours(*args: Any, **kwargs: Any) -> Any:
+        raise registry.RegistryError("no registered model named 'x'")
+
+    monkeypatch.setattr(registry, "list_models", ours)
+    code, _, plain = _run_cli(["models", "list"])
+    assert code == 2 and "no registered model" in plain and "--debug" not in plain
+
+
+# ---------------------------------------------------------------- the real problem first
+
+
+NO_DETECTOR = ["--face-backend", "insightface", "--insightface-root", "/nowhere/insightface"]
+
+
+def _missing_detector_explained(output: str) -> None:
+    flat = "".join(output.split())  # rich wraps and folds long lines
+    for way in ("--insightface-root", "SE4LIP_INSIGHTFACE_ROOT", "--face-backendnone",
+                "releases/download/model-zoo/buffalo_sc.zip"):
+        assert way in flat, (way, output)
+
+
+@pytest.mark.parametrize("kind", ["missing", "text", "zero"])
+def test_prepare_reports_bad_inputs_before_a_missing_detector(
+        kind: str, media: dict[str, Path], tmp_path: Path) -> None:
+    path = str(tmp_path / "no" / "such" / "path") if kind == "missing" else str(media[kind])
+    code, s, output = _run_cli(["prepare", path, "--out", str(tmp_path / "out"), "--preset",
+                                "cpu-small", "--workers", "0", *NO_DETECTOR, "--json"])
+    assert code == 1, output
+    (f,) = s["failures"]
+    assert path in f["input"]
+    assert {"missing": "no such file", "text": "not a readable media file",
+            "zero": "empty file"}[kind] in f["error"]
+    assert "InsightFace" not in output
+
+
+def test_prepare_missing_detector_explains_the_ways_out(media: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    code, _, output = _run_cli(["prepare", str(media["good"]), str(media["text"]), "--out",
+                                str(tmp_path / "out"), "--preset", "cpu-small", "--workers",
+                                "0", *NO_DETECTOR])
+    assert code == 2
+    assert "/nowhere/insightface" in "".join(output.split())
+    _missing_detector_explained(output)
+
+
+def test_insightface_root_from_the_environment(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from se4lip_dist.faces import FaceModelError, find_detector_model
+
+    monkeypatch.setenv("SE4LIP_INSIGHTFACE_ROOT", str(tmp_path / "env-root"))
+    with pytest.raises(FaceModelError, match="env-root"):
+        find_detector_model(None)
+    (tmp_path / "env-root" / "models" / "buffalo_sc").mkdir(parents=True)
+    (tmp_path / "env-root" / "models" / "buffalo_sc" / "det_500m.onnx").write_bytes(b"")
+    assert find_detector_model(None) == tmp_path / "env-root" / "models" / "buffalo_sc" / \
+        "det_500m.onnx"
+    # An explicit root still wins over the environment.
+    with pytest.raises(FaceModelError, match="elsewhere"):
+        find_detector_model(str(tmp_path / "elsewhere"))
+
+
+@pytest.mark.timeout(120)
+def test_evaluate_reports_bad_inputs_before_a_missing_detector(
+        registered: tuple[str, str], media: dict[str, Path], tmp_path: Path) -> None:
+    uri, model_uri = registered
+    missing = str(tmp_path / "no" / "such.mp4")
+    base = ["evaluate", "--model", model_uri, "--tracking-uri", uri, "--max-offset", "3",
+            *NO_DETECTOR]
+    code, res, output = _run_cli([*base, str(media["text"]), missing, "--json"])
+    assert code == 1, output[-2000:]
+    errors = {c.get("path", c["name"]): c["error"] for c in res["clips"]}
+    assert "not a readable media file" in errors[str(media["text"])]
+    assert "no such file" in errors[missing]
+    assert "InsightFace" not in output
+    code, _, output = _run_cli([*base, str(media["good"]), str(media["text"])])
+    assert code == 2
+    _missing_detector_explained(output)
+
+
+@pytest.mark.timeout(120)
+def test_evaluate_debug_shows_each_failed_clips_traceback(
+        registered: tuple[str, str], media: dict[str, Path], tmp_path: Path) -> None:
+    uri, model_uri = registered
+    args = ["evaluate", str(media["good"]), str(media["no_audio"]), "--model", model_uri,
+            "--tracking-uri", uri, "--face-backend", "none", "--max-offset", "3"]
+    code, _, plain = _run_cli(args)
+    assert code == 1 and "no audio stream" in " ".join(plain.split())
+    assert "Traceback" not in plain
+    code, _, debug = _run_cli(["--debug", *args])
+    assert code == 1 and "Traceback (most recent call last)" in debug
+    assert "MediaError" in debug and "_probe_streams" in debug

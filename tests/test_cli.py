@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 
 def test_json_mode_keeps_child_process_output_off_stdout() -> None:
     # Ray's raylet and Tune write to the inherited fd 1, not to sys.stdout; a child process
@@ -56,3 +58,167 @@ def test_console_script_goes_through_main() -> None:
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     # `app` directly would skip the --json stdout handling in `main`.
     assert pyproject["project"]["scripts"]["se4lip-dist"] == "se4lip_dist.cli:main"
+
+
+def _run_cli(code: str, *args: str, env: dict[str, str] | None = None,
+             ) -> subprocess.CompletedProcess[str]:
+    import os
+
+    full_env = {k: v for k, v in os.environ.items() if k not in ("SE4LIP_VERBOSE",)}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args],
+                          capture_output=True, text=True, timeout=120, env=full_env)
+
+
+# A command that makes the kinds of noise Ray and MLflow make: Python logging (MLflow's INFO,
+# Ray Data's plans), print (raylet warnings echoed on the driver), raw writes to fd 2 (the
+# core worker's C++ log lines) and a child process (Ray's own processes inherit fds 1 and 2).
+NOISY = """
+    import logging, os, sys
+    from se4lip_dist import cli
+
+    @cli.app.command("noisy")
+    def noisy(as_json: cli.JsonOpt = False, crash: bool = False) -> None:
+        cli._quiet_ray(as_json)
+        logging.basicConfig()
+        logging.getLogger("mlflow.store").warning("library-logging-noise")
+        print("library-print-noise")
+        os.write(2, b"core_worker.cc:1 E raw-fd-noise\\n")
+        os.system("echo child-process-noise")
+        if crash:
+            raise ZeroDivisionError("crash-message")
+        cli.out.print("own-output")
+        if as_json:
+            cli._emit_json({"ok": 1})
+
+    sys.argv = ["se4lip-dist", *sys.argv[1:]]
+    cli.main()
+"""
+NOISE = ("library-logging-noise", "library-print-noise", "raw-fd-noise", "child-process-noise")
+
+
+def test_library_output_goes_to_a_log_file(tmp_path) -> None:
+    import re
+    from pathlib import Path
+
+    res = _run_cli(NOISY, "noisy", env={"SE4LIP_LOG_DIR": str(tmp_path)})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "own-output\n"
+    logs = re.findall(r"^logs: (\S+) ", res.stderr, flags=re.M)
+    assert len(logs) == 1 and not any(n in res.stderr for n in NOISE), res.stderr
+    log = Path(logs[0])
+    assert log.parent == tmp_path and log.name.startswith("noisy-")
+    assert all(n in log.read_text() for n in NOISE)
+
+    as_json = _run_cli(NOISY, "noisy", "--json", env={"SE4LIP_LOG_DIR": str(tmp_path)})
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout) == {"ok": 1}
+    assert not any(n in as_json.stderr for n in NOISE)
+
+
+def test_verbose_keeps_library_output_on_the_terminal(tmp_path) -> None:
+    for args, env in ((("--verbose", "noisy"), {}), (("noisy",), {"SE4LIP_VERBOSE": "1"})):
+        res = _run_cli(NOISY, *args, env={"SE4LIP_LOG_DIR": str(tmp_path), **env})
+        assert res.returncode == 0, res.stderr
+        both = res.stdout + res.stderr
+        assert all(n in both for n in NOISE) and "own-output" in res.stdout
+        assert "logs:" not in res.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_crash_in_quiet_mode_still_shows_its_traceback(tmp_path) -> None:
+    res = _run_cli(NOISY, "noisy", "--crash", env={"SE4LIP_LOG_DIR": str(tmp_path)})
+    assert res.returncode == 1
+    assert "ZeroDivisionError" in res.stderr and "crash-message" in res.stderr
+
+
+def test_help_shows_no_type_after_flags() -> None:
+    from typer.testing import CliRunner
+
+    from se4lip_dist.cli import app
+
+    for args in (["--help"], ["train", "--help"], ["extract", "--help"], ["submit", "--help"]):
+        res = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+        assert res.exit_code == 0, res.output
+        assert "<bool>" not in res.output, res.output
+    assert "<int>" in CliRunner().invoke(app, ["train", "--help"],
+                                         env={"COLUMNS": "200"}).output
+
+
+def test_no_progress_bar_is_left_after_an_error(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from se4lip_dist.cli import app
+
+    res = CliRunner().invoke(app, ["prepare", str(tmp_path / "no-such-folder"), "--out",
+                                   str(tmp_path / "shards"), "--face-backend", "none",
+                                   "--workers", "0"])
+    assert res.exit_code == 1
+    bars = [line for line in res.output.splitlines() if line.startswith("prepare ━")]
+    assert not bars and "0/0" not in res.output and "0/?" not in res.output, res.output
+
+
+def test_trials_table_shows_epochs_and_the_best_so_far() -> None:
+    from rich.console import Console
+
+    from se4lip_dist.cli import _trials_table
+    from se4lip_dist.tuning import TrialRow
+
+    m = "val/offset_acc"
+    rows = [TrialRow("trial-a", {"model.gru_layers": 1}, "RUNNING", 2,
+                     {m: 0.5, f"best/{m}": 0.75}, best_epoch=1),
+            TrialRow("trial-b", {"model.gru_layers": 2}, "TERMINATED", 4,
+                     {m: 0.9, f"best/{m}": 0.9}, best_epoch=4)]
+    console = Console(width=200, record=True)
+    console.print(_trials_table(rows, m, "trials", epochs=4))
+    text = console.export_text()
+    assert "2/4" in text and "4/4" in text
+    assert "best so far: trial-b, val/offset_acc 0.9 at epoch 4" in text
+    console.print(_trials_table(rows, m, "trials", epochs=4, mode="min"))
+    assert "best so far: trial-a" in console.export_text()
+
+
+@pytest.mark.timeout(120)
+def _run_in_pty(code: str, *args: str, env: dict[str, str]) -> tuple[int, str]:
+    """Run ``python -c code args`` with a terminal as stdin, stdout and stderr."""
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], stdin=slave,
+                            stdout=slave, stderr=slave, env={**os.environ, "TERM": "xterm",
+                                                             **env}, close_fds=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return proc.wait(timeout=120), b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_live_displays_on_a_terminal_keep_library_output_in_the_log(tmp_path) -> None:
+    # rich's live displays catch sys.stdout/sys.stderr while they run and print it on the
+    # terminal; the quickstart's view runs for minutes while Ray prints worker output.
+    code = NOISY.replace('''    @cli.app.command("noisy")''', '''    @cli.app.command("noisy-live")
+    def noisy_live() -> None:
+        cli._quiet_ray(False)
+        view = cli._QuickstartView(4)
+        view.step("step-title")
+        print("library-print-noise")
+        sys.stderr.write("library-stderr-noise\\n")
+        view.note("own-note")
+        view.close()
+
+    @cli.app.command("noisy")''')
+    rc, output = _run_in_pty(code, "noisy-live", env={"SE4LIP_LOG_DIR": str(tmp_path)})
+    assert rc == 0, output
+    assert "step-title" in output and "own-note" in output and "logs: " in output
+    assert "library-print-noise" not in output and "library-stderr-noise" not in output, output
+    log = next(tmp_path.iterdir()).read_text()
+    assert "library-print-noise" in log and "library-stderr-noise" in log

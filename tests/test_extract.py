@@ -16,13 +16,13 @@ from se4lip_dist.extract import (
     PARQUET_FILE,
     SUCCESS_FILE,
     WINDOW_FILE,
-    centred_audio_windows,
     expand_inputs,
     frame_windows,
     output_names,
     run_extract,
 )
 from se4lip_dist.media import count_output_frames, decode_audio, probe
+from se4lip_dist.sync import centred_audio_windows
 from se4lip_dist.synthetic import make_synthetic_clip, speech_like_audio, write_clip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,8 +42,9 @@ def test_centred_windows_match_hand_built_ones() -> None:
         # Frame i's window spans frames i-2 .. i+2 (zeros beyond the ends).
         np.testing.assert_array_equal(win[i], padded[i * spf:(i + 5) * spf])
     even = centred_audio_windows(audio, 10, 4, spf)
-    # Even windows are centred on the middle of frame i: half a frame of padding more on the left.
-    np.testing.assert_array_equal(even[3], audio[int(1.5 * spf):int(5.5 * spf)])
+    # Even windows hold whole frames, as training windows do: frames i-1 .. i+2 (they used to
+    # start half a frame earlier, so no training window matched them).
+    np.testing.assert_array_equal(even[3], audio[2 * spf:6 * spf])
 
 
 def test_frame_windows_layout() -> None:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import socket
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,11 +18,13 @@ import pytest
 from se4lip_dist.config import FaceConfig
 from se4lip_dist.faces import (
     Detection,
+    FaceDetector,
     FaceModelError,
     FixedMouthDetector,
     InsightFaceDetector,
     MouthTracker,
     NoFaceError,
+    TrackedFrame,
     build_detector,
     crop_square,
     mouth_square,
@@ -353,3 +361,333 @@ def test_every_fifth_frame_tracks_like_every_frame(
     assert sparse.n_detections == len(range(0, len(frames), cfg.detect_every)) + (
         (len(frames) - 1) % cfg.detect_every != 0
     )
+
+
+# ---------------------------------------------------------------- the rewrite changes nothing
+# MouthTracker was rewritten from nested generators sharing a state dict into a class with
+# explicit state. The old implementation is frozen below and both run on the same frames and
+# detections: every frame's keypoints, score and flag, the counters and the errors must match.
+
+@dataclass
+class _RefDet:
+    t: int
+    kps: np.ndarray | None
+    score: float
+
+
+class ReferenceMouthTracker:
+    """FROZEN REFERENCE: ``faces.MouthTracker`` before its rewrite (commit bbe980c). Do not edit."""
+
+    def __init__(
+        self,
+        detector: FaceDetector,
+        detect_every: int = 5,
+        smooth_window: int = 3,
+        max_missing_fraction: float = 0.5,
+        max_buffer: int = 100,
+    ) -> None:
+        """Args:
+        detector: face detector.
+        detect_every: run the detector on frames 0, k, 2k, ... and on the last frame.
+        smooth_window: detections in the centred smoothing window (odd; 1 disables).
+        max_missing_fraction: raise NoFaceError when more detections than this missed.
+        max_buffer: most frames held while waiting for a face (raised to what smoothing needs).
+        """
+        if detect_every < 1 or smooth_window < 1:
+            raise ValueError("detect_every and smooth_window must be >= 1")
+        self.detector = detector
+        self.k = int(detect_every)
+        self.half = int(smooth_window) // 2
+        self.max_missing_fraction = float(max_missing_fraction)
+        self.max_buffer = max(int(max_buffer), self.k * (self.half + 1) + 2)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.n_frames = 0
+        self.n_detections = 0
+        self.n_missing = 0
+        self.max_buffered = 0
+        self.missing_frames: list[int] = []
+
+    @property
+    def missing_fraction(self) -> float:
+        """Share of detections that found no face (0.0 before any detection)."""
+        return self.n_missing / self.n_detections if self.n_detections else 0.0
+
+    def track(self, frames: Iterable[np.ndarray]) -> Iterator[TrackedFrame]:
+        """Yield a :class:`TrackedFrame` per input frame, in order.
+
+        Raises:
+            NoFaceError: no face at all, a face-less start longer than ``max_buffer`` frames,
+                or ``missing_fraction > max_missing_fraction`` (raised at the end).
+        """
+        self._reset()
+        buf: deque[tuple[int, np.ndarray]] = deque()
+        dets: list[_RefDet] = []  # detections not yet needed by any future smoothing window
+        base = 0  # detection number of dets[0]
+        nxt = 0  # next detection number to turn into an anchor
+        # Last emitted anchor: (time, kps, score); None before the first face.
+        state: dict[str, Any] = {"anchor": None, "prev": None}
+        detected_at: set[int] = set()
+
+        def emit_until(t_end: float, anchor: tuple[float, np.ndarray, float] | None):
+            """Pop buffered frames with index <= t_end, interpolating toward ``anchor``."""
+            last = state["anchor"]
+            while buf and buf[0][0] <= t_end:
+                i, fr = buf.popleft()
+                if anchor is None or last is None:
+                    src = anchor if last is None else last
+                    kps, score = src[1], (src[2] if i == src[0] else 0.0)
+                elif anchor[0] == last[0]:
+                    kps, score = anchor[1], anchor[2]
+                else:
+                    a = (i - last[0]) / (anchor[0] - last[0])
+                    kps = (1 - a) * last[1] + a * anchor[1]
+                    score = (1 - a) * last[2] + a * anchor[2]
+                yield TrackedFrame(
+                    index=i,
+                    frame=fr,
+                    kps=np.asarray(kps, dtype=np.float32),
+                    score=float(score),
+                    detected=i in detected_at,
+                )
+            if anchor is not None:
+                state["anchor"] = anchor
+                detected_at.discard(anchor[0])
+
+        def smoothed(j: int) -> np.ndarray:
+            window = [
+                d
+                for d in dets[max(0, j - self.half - base) : j + self.half + 1 - base]
+                if d.kps is not None
+            ]
+            ts = np.array([d.t for d in window], dtype=np.float64)
+            ks = np.stack([d.kps for d in window]).astype(np.float64).reshape(len(window), -1)
+            t0 = dets[j - base].t
+            if len(window) == 1 or np.ptp(ts) == 0:
+                return ks.mean(axis=0).reshape(5, 2)
+            tc = ts - ts.mean()
+            slope = (tc[:, None] * (ks - ks.mean(axis=0))).sum(axis=0) / (tc**2).sum()
+            return (ks.mean(axis=0) + slope * (t0 - ts.mean())).reshape(5, 2)
+
+        def finalize(ended: bool):
+            nonlocal nxt, base
+            total = base + len(dets)
+            while nxt < total and (ended or nxt + self.half < total):
+                d = dets[nxt - base]
+                if d.kps is not None:
+                    anchor = (float(d.t), smoothed(nxt), d.score)
+                    yield from emit_until(d.t, anchor)
+                nxt += 1
+            # Keep only detections a future smoothing window can still reach.
+            drop = max(0, nxt - self.half - base)
+            del dets[:drop]
+            base += drop
+
+        def detect(i: int, fr: np.ndarray) -> None:
+            faces = self.detector.detect(fr)
+            face = select_face(faces, state["prev"], fr.shape[:2])
+            self.n_detections += 1
+            if face is None:
+                self.n_missing += 1
+                self.missing_frames.append(i)
+                dets.append(_RefDet(i, None, 0.0))
+            else:
+                state["prev"] = face
+                detected_at.add(i)
+                dets.append(_RefDet(i, np.asarray(face.kps, dtype=np.float64).reshape(5, 2),
+                                 float(face.score)))
+
+        it = iter(frames)
+        sentinel = object()
+        cur = next(it, sentinel)
+        i = 0
+        while cur is not sentinel:
+            frame = np.asarray(cur)
+            cur = next(it, sentinel)
+            is_last = cur is sentinel
+            buf.append((i, frame))
+            self.n_frames = i + 1
+            self.max_buffered = max(self.max_buffered, len(buf))
+            if i % self.k == 0 or is_last:
+                detect(i, frame)
+                if not is_last:
+                    yield from finalize(ended=False)
+            if len(buf) > self.max_buffer and not is_last:
+                if state["anchor"] is None:
+                    raise NoFaceError(
+                        f"no face in the first {len(buf)} frames "
+                        f"({self.n_missing}/{self.n_detections} detections missed)"
+                    )
+                # Long gap: carry the last keypoints over rather than buffer the whole gap.
+                t_old = buf[0][0]
+                a = state["anchor"]
+                yield from emit_until(t_old, None)
+                state["anchor"] = (float(t_old), a[1], 0.0)
+            i += 1
+
+        if self.n_detections == 0:
+            raise NoFaceError("no frames")
+        if self.n_missing == self.n_detections or self.missing_fraction > (
+            self.max_missing_fraction
+        ):
+            raise NoFaceError(
+                f"no face in {self.n_missing}/{self.n_detections} detections "
+                f"({self.missing_fraction:.0%} > {self.max_missing_fraction:.0%}) over "
+                f"{self.n_frames} frames; missed at frames {self.missing_frames[:20]}"
+            )
+        yield from finalize(ended=True)
+        yield from emit_until(math.inf, None)
+
+
+def _track_outcome(tracker: Any, frames: list[np.ndarray]) -> dict[str, Any]:
+    """Everything a tracker pass produces, the error (if any) included."""
+    out: list[TrackedFrame] = []
+    error = None
+    try:
+        out.extend(tracker.track(iter(frames)))
+    except NoFaceError as e:
+        error = str(e)
+    return {"frames": out, "error": error,
+            "counts": (tracker.n_frames, tracker.n_detections, tracker.n_missing,
+                       tracker.max_buffered, list(tracker.missing_frames))}
+
+
+def _assert_same_tracks(frames: list[np.ndarray], detector: FaceDetector, k: int, smooth: int,
+                        max_buffer: int = 100, crops: bool = False) -> dict[str, Any]:
+    new = _track_outcome(MouthTracker(detector, k, smooth, max_buffer=max_buffer), frames)
+    old = _track_outcome(ReferenceMouthTracker(detector, k, smooth, max_buffer=max_buffer),
+                         frames)
+    where = f"detect_every={k} smooth_window={smooth} max_buffer={max_buffer}"
+    assert new["error"] == old["error"], where
+    assert new["counts"] == old["counts"], where
+    assert len(new["frames"]) == len(old["frames"]), where
+    for a, b in zip(new["frames"], old["frames"], strict=True):
+        assert (a.index, a.score, a.detected) == (b.index, b.score, b.detected), where
+        assert a.frame is b.frame is frames[a.index]
+        assert a.kps.dtype == b.kps.dtype == np.float32
+        assert np.array_equal(a.kps, b.kps), (where, a.index, a.kps - b.kps)
+        if crops:
+            ca = crop_square(a.frame, *mouth_square(a.kps, 0.9), 96)
+            cb = crop_square(b.frame, *mouth_square(b.kps, 0.9), 96)
+            assert np.array_equal(ca, cb), (where, a.index)
+    return new
+
+
+def _stamp(frames: list[np.ndarray]) -> list[np.ndarray]:
+    """Copies carrying their index in pixel (0, 0), as :func:`_frames` does."""
+    out = []
+    for i, f in enumerate(frames):
+        f = f.copy()
+        f[0, 0, 0], f[0, 0, 1] = divmod(i, 256)
+        out.append(f)
+    return out
+
+
+class DrawnFaceDetector:
+    """The synthetic face's mouth found from its dark pixels, with seeded jitter and scores;
+    no face on ``miss`` frames and a larger second face on ``second`` frames."""
+
+    def __init__(self, miss: Iterable[int] = (), second: Iterable[int] = (),
+                 seed: int = 0) -> None:
+        self.miss, self.second, self.seed = set(miss), set(second), seed
+
+    def detect(self, frame_rgb: np.ndarray) -> list[Detection]:
+        i = _index(frame_rgb)
+        if i in self.miss:
+            return []
+        rng = np.random.default_rng([self.seed, i])
+        gray = frame_rgb[4:].mean(-1)
+        ys, xs = np.nonzero(gray <= np.percentile(gray, 3))
+        cx, cy = xs.mean(), ys.mean() + 4
+        kps = np.array([[cx - 20, cy - 35], [cx + 20, cy - 35], [cx, cy - 18],
+                        [cx - 12, cy], [cx + 12, cy]]) + rng.normal(0, 1.5, (5, 2))
+        box = (cx - 45, cy - 70, cx + 45, cy + 25)
+        faces = [Detection(box, kps.astype(np.float32), float(rng.uniform(0.5, 0.99)))]
+        if i in self.second:  # larger and elsewhere: wins unless the track holds on
+            big = (box[0] + 60, box[1] - 10, box[2] + 90, box[3] + 20)
+            faces.insert(0, Detection(big, (kps + np.array([75.0, 5.0])).astype(np.float32), 0.9))
+        return faces
+
+
+@pytest.fixture(scope="module")
+def drawn_frames(tmp_path_factory: pytest.TempPathFactory) -> list[np.ndarray]:
+    from se4lip_dist.media import iter_video_frames
+    from se4lip_dist.synthetic import make_synthetic_clip
+
+    path = tmp_path_factory.mktemp("drawn") / "talk.mp4"
+    make_synthetic_clip(path, 8.0, seed=4, size=(160, 160))
+    return _stamp(list(iter_video_frames(str(path), 25)))
+
+
+_RNG = np.random.default_rng(7)
+DRAWN_CASES = {
+    "clean": {},
+    "sparse misses and a second face": {"miss": _RNG.choice(200, 50, replace=False).tolist(),
+                                        "second": range(30, 200, 9)},
+    "long gap": {"miss": range(60, 140)},
+    "misses at both ends": {"miss": [*range(0, 24), *range(181, 200)]},
+    "no face for the first 120 frames": {"miss": range(0, 120)},
+    "mostly missing": {"miss": _RNG.choice(200, 140, replace=False).tolist()},
+}
+SETTINGS = [(5, 1), (5, 3), (3, 5), (1, 1), (4, 3), (7, 1)]
+
+
+@pytest.mark.parametrize("case", sorted(DRAWN_CASES))
+def test_tracker_matches_frozen_reference_on_synthetic_clips(
+        case: str, drawn_frames: list[np.ndarray]) -> None:
+    detector = DrawnFaceDetector(**DRAWN_CASES[case])
+    for k, smooth in SETTINGS:
+        for max_buffer in (100, 30):
+            _assert_same_tracks(drawn_frames, detector, k, smooth, max_buffer,
+                                crops=(k, smooth, max_buffer) == (5, 1, 100))
+
+
+def test_tracker_reference_cases_reach_every_branch(drawn_frames: list[np.ndarray]) -> None:
+    """The cases above are not all alike: carried gaps, the early and the final NoFaceError."""
+    gap = _assert_same_tracks(drawn_frames, DrawnFaceDetector(miss=range(60, 140)), 5, 3, 30)
+    assert gap["error"] is None and gap["frames"][100].score == 0.0
+    early = _assert_same_tracks(drawn_frames, DrawnFaceDetector(miss=range(0, 120)), 5, 3, 30)
+    assert early["error"] is not None and "first" in early["error"]
+    late = _assert_same_tracks(drawn_frames,
+                               DrawnFaceDetector(miss=DRAWN_CASES["mostly missing"]["miss"]),
+                               5, 3)
+    assert late["error"] is not None and late["error"].startswith("no face in")
+    assert len(late["frames"]) > 0  # frames were streamed before the verdict
+
+
+class _MemoDetector:
+    """The same detections for the same pixels, computed once (SCRFD is the slow part)."""
+
+    def __init__(self, detector: FaceDetector) -> None:
+        self.detector = detector
+        self.seen: dict[bytes, list[Detection]] = {}
+
+    def detect(self, frame_rgb: np.ndarray) -> list[Detection]:
+        key = hashlib.blake2b(np.ascontiguousarray(frame_rgb).tobytes(), digest_size=16).digest()
+        if key not in self.seen:
+            self.seen[key] = self.detector.detect(frame_rgb)
+        return self.seen[key]
+
+
+def _real_clips() -> list[str]:
+    grid = sorted((SHARED_DATA / "grid_s1" / "video").glob("*.mp4"))[:3]
+    wild = sorted((SHARED_DATA / "wild").glob("*.mp4"))
+    return [str(p.relative_to(SHARED_DATA)) for p in [*grid, *wild]]
+
+
+@pytest.mark.shared_data
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("clip", _real_clips() or ["grid_s1/video (absent)"])
+def test_tracker_matches_frozen_reference_on_real_clips(
+        clip: str, shared_data: Path, insightface_root: Path) -> None:
+    from se4lip_dist.media import iter_video_frames
+
+    path = shared_data / clip
+    if not path.is_file():
+        pytest.skip(f"{path} not found (set SE4LIP_SHARED_DATA)")
+    frames = list(iter_video_frames(str(path), 25))
+    scrfd = _MemoDetector(InsightFaceDetector(str(insightface_root), det_size=320, threads=1))
+    for k, smooth, max_buffer in [(5, 1, 100), (5, 3, 100), (2, 3, 100), (5, 3, 12)]:
+        out = _assert_same_tracks(frames, scrfd, k, smooth, max_buffer, crops=True)
+        assert out["error"] is None and len(out["frames"]) == len(frames)

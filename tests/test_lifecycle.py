@@ -57,8 +57,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
         for i in range(0, len(order), 8):
             group = [rows[j] for j in order[i:i + 8]]
             batch = {c: np.array([r[c] for r in group], dtype=object) for c in READ_COLUMNS}
-            pairs = make_pair_batch(batch, spec=spec, split=None, val_fraction=0.0,
-                                    seed=epoch * 1000 + i)
+            pairs = make_pair_batch(batch, spec=spec, seed=epoch * 1000 + i)
             for k in range(0, len(pairs["label"]), cfg.train.batch_size):
                 sl = slice(k, k + cfg.train.batch_size)
                 a, v = model(torch.from_numpy(pairs["wav"][sl]),
@@ -69,6 +68,18 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
                 opt.step()
     return {"data": str(data), "cfg": cfg, "trained": model.state_dict(),
             "random": random_state, "root": root}
+
+
+@pytest.fixture(params=["sqlite", "server"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
+    """(tracking URI, registered model name): the embedded sqlite store, or a real
+    ``mlflow server`` over REST (a fresh model name per test on the shared server)."""
+    import uuid
+
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'mlflow.db'}", "enc"
+    server = request.getfixturevalue("mlflow_sqlite_server")
+    return server.url, f"enc-{uuid.uuid4().hex[:8]}"
 
 
 def _candidate(setup: dict, uri: str, state: dict, source: str) -> Candidate:
@@ -82,40 +93,40 @@ def _publish(setup: dict, uri: str, name: str, state: dict, source: str) -> dict
                    data_dir=setup["data"], metric="val/offset_acc", mode="max")
 
 
-def test_champion_then_an_equal_version_stays_challenger(setup: dict, tmp_path: Path) -> None:
+def test_champion_then_an_equal_version_stays_challenger(setup: dict, store: tuple) -> None:
     from mlflow import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    first = _publish(setup, uri, "enc", setup["trained"], "a")
+    uri, name = store
+    first = _publish(setup, uri, name, setup["trained"], "a")
     assert (first["version"], first["alias"]) == (1, CHAMPION), first
     assert "no champion yet" in first["reason"]
     assert first["scores"]["val/offset_acc_ci_low"] > first["chance"]
     # The same weights again: a tie on every score is not "better".
-    second = _publish(setup, uri, "enc", setup["trained"], "b")
+    second = _publish(setup, uri, name, setup["trained"], "b")
     assert (second["version"], second["alias"]) == (2, CHALLENGER), second
     assert "not better than champion v1" in second["reason"]
     assert second["champion"]["version"] == 1
     assert second["champion"]["scores"] == second["scores"]
-    assert champion_version(uri, "enc") == 1
+    assert champion_version(uri, name) == 1
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    mv = client.get_model_version("enc", "2")
+    mv = client.get_model_version(name, "2")
     assert mv.tags["gate.decision"] == CHALLENGER and mv.tags["gate.champion_version"] == "1"
     assert mv.tags["gate.protocol"] and "clips" in mv.tags["gate.protocol_text"]
     assert mv.description.startswith(f"**{CHALLENGER}**")
-    assert client.get_registered_model("enc").description
+    assert client.get_registered_model(name).description
 
 
-def test_chance_level_model_is_never_promoted(setup: dict, tmp_path: Path) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    alone = _publish(setup, uri, "enc", setup["random"], "r1")
+def test_chance_level_model_is_never_promoted(setup: dict, store: tuple) -> None:
+    uri, name = store
+    alone = _publish(setup, uri, name, setup["random"], "r1")
     assert alone["alias"] == CHALLENGER and "at chance level" in alone["reason"], alone
-    assert champion_version(uri, "enc") is None  # even with no champion at all
-    good = _publish(setup, uri, "enc", setup["trained"], "g")
+    assert champion_version(uri, name) is None  # even with no champion at all
+    good = _publish(setup, uri, name, setup["trained"], "g")
     assert good["alias"] == CHAMPION
-    again = _publish(setup, uri, "enc", setup["random"], "r2")
+    again = _publish(setup, uri, name, setup["random"], "r2")
     assert again["alias"] == CHALLENGER and "at chance level" in again["reason"]
-    assert champion_version(uri, "enc") == good["version"]
+    assert champion_version(uri, name) == good["version"]
 
 
 def test_publish_once_per_source_and_regate_after_a_failure(setup: dict, tmp_path: Path) -> None:
@@ -162,18 +173,18 @@ def test_champion_lookup_error_is_not_no_champion(monkeypatch: pytest.MonkeyPatc
         champion_version("http://127.0.0.1:9", "enc")
 
 
-def test_models_compare_prints_the_numbers_the_tags_hold(setup: dict, tmp_path: Path) -> None:
+def test_models_compare_prints_the_numbers_the_tags_hold(setup: dict, store: tuple) -> None:
     from typer.testing import CliRunner
 
     from se4lip_dist.cli import app
     from se4lip_dist.lifecycle import SCORE_KEYS, format_score
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    _publish(setup, uri, "enc", setup["trained"], "a")
+    uri, name = store
+    _publish(setup, uri, name, setup["trained"], "a")
     noisy = {k: v + 0.05 * torch.randn_like(v) if k.endswith("weight") else v
              for k, v in setup["trained"].items()}
-    _publish(setup, uri, "enc", noisy, "b")
-    res = CliRunner().invoke(app, ["models", "compare", "enc", "1", "2", "--tracking-uri", uri,
+    _publish(setup, uri, name, noisy, "b")
+    res = CliRunner().invoke(app, ["models", "compare", name, "1", "2", "--tracking-uri", uri,
                                    "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.strip().splitlines()[-1])
@@ -183,7 +194,7 @@ def test_models_compare_prints_the_numbers_the_tags_hold(setup: dict, tmp_path: 
         assert k in SCORE_KEYS
         assert format_score(row["v2"]) == tags["2"][f"gate.{k}"], k
         assert format_score(row["v1"]) == tags["2"][f"gate.champion.{k}"], k
-    shown = CliRunner().invoke(app, ["models", "show", "enc", "--tracking-uri", uri])
+    shown = CliRunner().invoke(app, ["models", "show", name, "--tracking-uri", uri])
     assert shown.exit_code == 0 and "champion" in shown.output
 
 
@@ -196,3 +207,12 @@ def test_reading_a_missing_store_creates_nothing(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["models", "list", "--tracking-uri", uri])
     assert res.exit_code == 2 and "no MLflow store" in res.output
     assert not (tmp_path / "nothing").exists()
+
+
+def test_loading_from_a_missing_store_creates_nothing(tmp_path: Path) -> None:
+    from se4lip_dist.registry import RegistryError, load_encoder
+
+    uri = f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}"
+    with pytest.raises(RegistryError, match="no MLflow store"):
+        load_encoder("models:/se4lip@champion", tracking_uri=uri)
+    assert not (tmp_path / "none").exists()

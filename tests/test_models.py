@@ -155,9 +155,44 @@ def test_build_model_forward(preset: str) -> None:
     with torch.no_grad():
         a, v = model(wav, lips)
     assert a.shape == v.shape == (2, cfg.model.embed_dim)
-    assert count_parameters(model) == count_parameters(model.speech) + count_parameters(model.lips)
-    print(f"{preset}: {count_parameters(model):,} parameters "
-          f"(speech {count_parameters(model.speech):,}, lips {count_parameters(model.lips):,})")
+
+
+def _block(cin: int, cout: int, k: int) -> int:
+    """Conv2d (k x k, with bias) + BatchNorm2d (weight, bias) parameters."""
+    return cin * cout * k * k + cout + 2 * cout
+
+
+def _lip_layers(m: ModelConfig, window_frames: int) -> list[tuple[int, int, int]]:
+    """(in, out, kernel) of the lip CNN: Table 2 with the stage widths of ``m``."""
+    c1, c2, c3, c4, c5 = m.lip_channels
+    return [(3 * window_frames, c1, 7), (c1, c2, 5), (c2, c2, 3), (c2, c2, 3), (c2, c3, 3),
+            (c3, c3, 3), (c3, c3, 3), (c3, c4, 3), (c4, c4, 3), (c4, c5, 3), (c5, c5, 3),
+            (c5, c5, 3), (c5, c5, 3), (c5, m.embed_dim, 1)]
+
+
+def _gru_speech(m: ModelConfig) -> int:
+    """BatchNorm1d over the STFT bins + nn.GRU(bins, embed_dim, gru_layers)."""
+    f, h = m.n_fft // 2 + 1, m.embed_dim
+    return 2 * f + sum(3 * ((f if layer == 0 else h) * h + h * h + 2 * h)
+                       for layer in range(m.gru_layers))
+
+
+@pytest.mark.parametrize(("preset", "speech", "lips"), [
+    ("paper", 12_216_322, 9_932_544),
+    ("cpu-small", 248_194, 795_312),
+])
+def test_parameter_counts_are_the_architectures(preset: str, speech: int, lips: int) -> None:
+    """Exact counts, from the layer list of the paper (Table 2, an 8-layer 512-wide GRU) and
+    from the formulas: a layer added, dropped or resized changes them."""
+    cfg = load_config(preset)
+    model = build_model(cfg.model, window_frames=cfg.train.window_frames)
+    if preset == "paper":
+        assert sum(_block(i, o, k) for i, o, k, _, _ in TABLE2) == lips
+    assert sum(_block(*layer) for layer in _lip_layers(cfg.model, 5)) == lips
+    assert _gru_speech(cfg.model) == speech
+    assert count_parameters(model.lips) == lips
+    assert count_parameters(model.speech) == speech
+    assert count_parameters(model) == speech + lips
 
 
 def test_lip_input_centred_band_frame_major() -> None:

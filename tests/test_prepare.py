@@ -273,3 +273,82 @@ def test_grid_clips_with_scrfd(shared_data: Path, insightface_root: Path, tmp_pa
     for c in Manifest.load(tmp_path / "grid").clips.values():
         assert c.frames in (74, 75)
         assert c.missing_fraction == 0.0 and c.mean_det_score > 0.6
+
+
+# ---------------------------------------------------------------- segmentation edge cases
+
+
+@pytest.mark.parametrize(("n", "bounds"), [
+    (5, [(0, 5)]),  # shorter than one segment
+    (16, [(0, 16)]),  # exactly one segment
+    (17, [(0, 17)]),  # one frame over: too short alone, joins the segment before
+    (20, [(0, 20)]),  # a tail of window - 1 frames joins too
+    (21, [(0, 16), (16, 21)]),  # a tail of exactly one window stays a row
+    (32, [(0, 16), (16, 32)]),  # exactly two segments
+    (36, [(0, 16), (16, 36)]),  # only the last tail merges
+])
+def test_segment_bounds(n: int, bounds: list[tuple[int, int]]) -> None:
+    from se4lip_dist.prepare import segment_bounds
+
+    assert segment_bounds(n, 16, 5) == bounds
+
+
+def test_segment_bounds_never_drop_frames_when_a_window_exceeds_a_segment() -> None:
+    from se4lip_dist.prepare import segment_bounds
+
+    # Every tail is shorter than the 20-frame window; the frames after the first merge used to
+    # be dropped (the loop stopped there).
+    assert segment_bounds(40, 16, 20) == [(0, 40)]
+
+
+@pytest.mark.parametrize(("frames", "rows"), [(16, [16]), (17, [17]), (21, [16, 5]),
+                                              (36, [16, 20])])
+def test_segments_of_a_prepared_clip(frames: int, rows: list[int], tmp_path: Path) -> None:
+    from se4lip_dist.faces import build_detector
+    from se4lip_dist.prepare import PrepareInput, process_clip
+
+    cfg = FIXED.override({"data.segment_frames": 16})
+    path = tmp_path / "clip.mp4"
+    make_synthetic_clip(path, frames / 25, seed=frames, size=(64, 64))
+    whole = process_clip(PrepareInput(str(path)), "c", FIXED, build_detector(FIXED.face))
+    res = process_clip(PrepareInput(str(path)), "c", cfg, build_detector(cfg.face))
+    assert res.failure is None and len(whole.segments) == 1
+    assert [len(s.lips_jpeg) for s in res.segments] == rows
+    assert [s.segment for s in res.segments] == list(range(len(rows)))
+    assert [s.start_frame for s in res.segments] == [sum(rows[:i]) for i in range(len(rows))]
+    assert {s.clip_frames for s in res.segments} == {frames} and res.record.segments == len(rows)
+    # Cut anywhere, the rows hold the same frames, audio and keypoints as the uncut clip.
+    (ref,) = whole.segments
+    assert [j for s in res.segments for j in s.lips_jpeg] == ref.lips_jpeg
+    np.testing.assert_array_equal(np.concatenate([s.audio for s in res.segments]), ref.audio)
+    np.testing.assert_array_equal(np.concatenate([s.keypoints for s in res.segments]),
+                                  ref.keypoints)
+    for s in res.segments:
+        assert len(s.audio) == len(s.lips_jpeg) * 640 == len(s.detected) * 640
+
+
+# ---------------------------------------------------------------- the failures table
+
+
+def test_failures_table_shows_the_file_name_of_a_long_path(tmp_path: Path) -> None:
+    deep = tmp_path.joinpath(*(["a_rather_long_folder_name_for_a_dataset"] * 5))
+    deep.mkdir(parents=True)
+    bad = deep / "speaker_0042_take_03.mp4"
+    bad.write_text("not a video")
+    (deep / "take (1).mp4").write_text("not a video either")
+    listing = deep / "clips.csv"
+    listing.write_text("path,speaker,split\ngone.mp4,s,train\n")
+    res = CliRunner().invoke(app, ["prepare", str(bad), str(deep / "take (1).mp4"),
+                                   str(listing), "--out",
+                                   str(tmp_path / "out"), "--preset", "cpu-small",
+                                   "--face-backend", "none", "--workers", "0"],
+                             env={"COLUMNS": "100"})
+    assert res.exit_code == 1, res.output
+    table = res.stdout[res.stdout.index("failures (also in failures.jsonl)"):]
+    first_cells = [line.split("│")[1].strip() for line in table.splitlines()
+                   if line.startswith("│")]
+    # The whole name on one line, first; nothing cut (the folder folds instead).
+    assert "speaker_0042_take_03.mp4" in first_cells, table
+    assert "take (1).mp4" in first_cells, table
+    assert "gone.mp4 (clips.csv:2)" in first_cells, table  # a manifest line's missing file
+    assert "…" not in table

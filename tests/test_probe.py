@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from se4lip_dist.probe import ProbeError, parse_align, probe_accuracy, spoken_letter
+from se4lip_dist.probe import ProbeError, parse_align, probe_accuracy, span_frames, spoken_letter
 
 
 def test_parse_align_and_letter(tmp_path) -> None:
@@ -20,6 +20,14 @@ def test_parse_align_and_letter(tmp_path) -> None:
     a.write_text("0 10 sil\nbroken line\n")
     with pytest.raises(ProbeError, match=r"bbaf2n\.align:2"):
         parse_align(a)
+
+
+def test_span_frames_whole_frames_inside_the_clip() -> None:
+    # (the windows of those frames are sync's centred windows: tests/test_window_agreement.py)
+    assert span_frames(35.5, 41.0, 75) == (35, 41)
+    assert span_frames(10.0, 10.0, 75) == (10, 11)  # at least one frame
+    assert span_frames(74.2, 76.0, 75) == (74, 75)  # never past the clip
+    assert span_frames(80.0, 90.0, 75) == (74, 75)
 
 
 def test_probe_accuracy_separable_and_too_few() -> None:

@@ -237,3 +237,60 @@ def test_gpu_workers_on_a_cpu_only_ray_fail_fast(tmp_path, ray_session) -> None:
                   storage_path=str(tmp_path / "ray"), placement_timeout_s=600)
     assert "no autoscaler" in str(err.value)
     assert time.perf_counter() - t0 < 60
+
+
+@pytest.mark.timeout(900)
+def test_subject_regime_time_split_steps_and_warm_start(tmp_path, ray_session) -> None:
+    """One subject's long clips: train on the head of every clip and validate on its tail,
+    a fixed number of steps per epoch, then warm-start (a frozen lip encoder) from the
+    registered model."""
+    import torch
+    from mlflow import MlflowClient
+
+    from se4lip_dist.registry import load_model_state
+    from se4lip_dist.train import TrainError, run_train
+
+    data = tmp_path / "subject"
+    write_synthetic_shards(data, n_clips=2, n_frames=300, val_clips=0, segment_frames=120)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = dict(tracking_uri=uri, experiment="subject", storage_path=str(tmp_path / "ray"))
+    subject = [*TINY_TRAIN, "train.split=time", "train.val_fraction=0.1",
+               "train.steps_per_epoch=12", "train.pairs_per_segment=8"]
+    base = run_train(load_config("cpu-small", overrides=[*subject, "train.epochs=2"]),
+                     str(data), run_name="base", register="subj", **common)
+    # 2 clips x 3 rows x 8 pairs = 48 pairs per pass, one batch of 16 per worker: the 12 steps
+    # of an epoch take 12 passes over freshly drawn pairs.
+    assert [h["train/steps"] for h in base["history"]] == [12, 24]
+    for h in base["history"]:  # the tails of both clips: 30 frames, 26 windows each
+        assert (h["val/clips"], h["val/windows"]) == (2, 52)
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(base["run_id"])
+    assert run.data.params["data.split"].startswith("time: the last 10%")
+    assert run.data.params["data.val_frames"] == "60"
+    assert run.data.params["data.train_frames"] == str(2 * (270 - 13))  # 13-frame guard gap
+
+    with pytest.raises(TrainError, match="another architecture"):
+        run_train(load_config("cpu-small", overrides=[
+            *subject, "model.gru_layers=2", "train.init=models:/subj/1"]), str(data), **common)
+
+    # A warm start at a learning rate too small to move the weights ends where it started
+    # (BatchNorm statistics aside); with a frozen lip encoder and a real learning rate, the
+    # lip weights stay exactly.
+    still = run_train(load_config("cpu-small", overrides=[
+        *subject, "train.epochs=1", "train.lr=1e-12", "train.init=models:/subj/1"]),
+        str(data), run_name="warm", **common)
+    parent, _ = load_model_state("models:/subj/1", uri)
+    after, _ = load_model_state(still["model_uri"], uri)
+    weights = [k for k in parent if not k.endswith(("running_mean", "running_var",
+                                                    "num_batches_tracked"))]
+    assert all(torch.allclose(parent[k], after[k], atol=1e-6) for k in weights)
+    warm = client.get_run(still["run_id"])
+    assert warm.data.tags["se4lip.init"] == "models:/subj/1"
+    assert warm.inputs.model_inputs, "the parent model is recorded as the run's model input"
+    frozen = run_train(load_config("cpu-small", overrides=[
+        *subject, "train.epochs=1", "train.freeze_lips=true", "train.init=models:/subj/1"]),
+        str(data), run_name="frozen", **common)
+    child, _ = load_model_state(frozen["model_uri"], uri)
+    lips = [k for k in parent if k.startswith("lips.")]
+    assert lips and all(torch.equal(parent[k], child[k]) for k in lips)
+    assert any(not torch.equal(parent[k], child[k]) for k in parent if k.startswith("speech."))

@@ -194,3 +194,19 @@ def test_resume_after_killing_the_driver(shards: Path, tmp_path: Path) -> None:
     versions = MlflowClient(tracking_uri=uri, registry_uri=uri).search_model_versions(
         "name = 'se4lip-k'")
     assert len(versions) == 1
+
+
+def test_live_table_callback_pickles_without_its_display() -> None:
+    """Tune pickles its callbacks with the experiment: a display hook holding locks (rich's
+    Live) used to make `tune` without --json crash with "cannot pickle '_thread.RLock'"."""
+    import threading
+
+    import cloudpickle
+
+    from se4lip_dist.tuning import _LiveTable
+
+    lock = threading.RLock()
+    seen: list[int] = []
+    cb = _LiveTable("val/offset_acc", lambda rows: seen.append(len(rows)) or lock)
+    back = cloudpickle.loads(cloudpickle.dumps(cb))
+    assert back.on_update is None and back.rows == {}

@@ -163,8 +163,8 @@ def quantize_int8(encoder: SpeechEncoder) -> nn.Module:
     """A CPU copy of ``encoder`` with int8 dynamically quantized GRU and linear weights.
 
     Activations stay float (quantized on the fly per batch), so any waveform length still works.
-    On one CPU thread the paper's 8-layer, 512-wide GRU runs about 3x faster, with embeddings
-    within a cosine of ~1e-4 of float32; :func:`int8_fidelity` measures it for a given encoder.
+    Faster on CPU for a wide GRU, with embeddings close to float32 (``benchmarks/`` has the
+    numbers); :func:`int8_fidelity` measures the drift for a given encoder.
     """
     import copy
     import warnings

@@ -1,0 +1,66 @@
+"""``se4lip-dist subject``: one video -> fine-tuned encoder (tail held out) -> features, report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from shard_fixtures import TINY_MODEL, register_random_model
+
+from se4lip_dist.config import load_config
+
+
+def test_subject_name() -> None:
+    from se4lip_dist.subject import subject_name
+
+    assert subject_name("/data/Obama Speech 2.mp4") == "obama-speech-2"
+    assert subject_name("s3://b/x/__.mkv") == "subject"
+
+
+def test_subject_config_takes_the_general_encoders_architecture() -> None:
+    from se4lip_dist.subject import subject_config
+
+    general = load_config("cpu-small", overrides=[*TINY_MODEL, "train.window_frames=7"])
+    cfg = subject_config("paper", ["train.epochs=3"], general)
+    assert cfg.model == general.model and cfg.train.window_frames == 7
+    assert cfg.train.split == "time" and cfg.train.val_fraction == pytest.approx(1 / 11)
+    assert cfg.train.epochs == 3 and cfg.train.steps_per_epoch == 100
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_subject_flow_end_to_end(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+    from typer.testing import CliRunner
+
+    from se4lip_dist.cli import app
+    from se4lip_dist.lifecycle import promote
+    from se4lip_dist.synthetic import make_synthetic_clip
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    general = register_random_model(uri, load_config("cpu-small", overrides=TINY_MODEL),
+                                    "se4lip")
+    promote("se4lip", int(general.rsplit("/", 1)[1]), tracking_uri=uri)
+    video = tmp_path / "Test Person.mp4"
+    make_synthetic_clip(video, 20.0, seed=5)  # 500 frames: 45 held out after a 13-frame gap
+    res = CliRunner().invoke(app, [
+        "subject", str(video), "--out", str(tmp_path / "out"), "--tracking-uri", uri,
+        "--face-backend", "none", "--json",
+        "--set", "train.steps_per_epoch=6", "--set", "train.epochs=2",
+        "--set", "train.num_workers=1", "--set", "train.cpus_per_worker=0.5",
+        "--set", "train.lr=0.002", "--set", "train.max_offset=8"])
+    assert res.exit_code == 0, res.output[-4000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["subject"] == "test-person" and out["init"].startswith("warm start from")
+    assert out["registered"]["name"] == "se4lip-test-person"
+    feats = np.load(tmp_path / "out" / "features" / "Test_Person" / "aud_se4lip.npy")
+    windows = np.load(tmp_path / "out" / "features" / "Test_Person" / "aud_se4lip_w16.npy")
+    assert feats.shape == (500, 32) and windows.shape == (500, 16, 32)
+    report = json.loads((tmp_path / "out" / "report" / "report.json").read_text())
+    assert report["heldout"]["val/windows"] == 45 - 5 + 1
+    assert report["split"].startswith("time")
+    assert (tmp_path / "out" / "report" / "heldout_offset_curve.png").stat().st_size > 0
+    run = MlflowClient(tracking_uri=uri).get_run(out["run_id"])
+    assert run.data.tags["se4lip.init"] == general

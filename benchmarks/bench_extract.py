@@ -36,9 +36,10 @@ def run(quick: bool) -> dict[str, Any]:
 
     from se4lip_dist import media
     from se4lip_dist.config import load_config
-    from se4lip_dist.extract import centred_audio_windows, extract_features
+    from se4lip_dist.extract import extract_features
     from se4lip_dist.models import build_model
     from se4lip_dist.models.speech import min_cosine, quantize_int8
+    from se4lip_dist.sync import centred_audio_windows
 
     torch.set_num_threads(1)
     clips = harness.grid_videos(1 if quick else 4)

@@ -390,7 +390,7 @@ def train(
             storage_path=storage_path, placement_timeout_s=placement_timeout,
         )
     except (ValueError, RuntimeError, FileNotFoundError, ConnectionError) as e:
-        _fail(str(e))
+        _fail(str(e), exc=e)
     if as_json:
         _emit_json({k: v for k, v in result.items() if k != "history"})
         return
@@ -484,7 +484,7 @@ def tune(
             with live:
                 result = run_tune(str(space), str(data), opts, on_update=show)
     except (ValueError, RuntimeError, FileNotFoundError, ConnectionError) as e:
-        _fail(str(e))
+        _fail(str(e), exc=e)
     if as_json:
         _emit_json(result)
         return
@@ -649,7 +649,7 @@ def extract(
     fmt: Annotated[str, typer.Option("--format", help="frame ([N,D]) | window ([N,16,D]) | both.")] = "both",
     parquet: Annotated[bool, typer.Option("--parquet", help="Also write clip,frame,feature Parquet.")] = False,
     use_gpu: Annotated[bool, typer.Option("--use-gpu")] = False,
-    precision: Annotated[str, typer.Option("--precision", help="fp32 | int8 (CPU: dynamic int8 GRU, ~3x faster, checked against fp32).")] = "fp32",
+    precision: Annotated[str, typer.Option("--precision", help="fp32 | int8 (CPU: dynamic int8 GRU, faster, checked against fp32).")] = "fp32",
     concurrency: Annotated[int, typer.Option("--concurrency", help="Encoder actors.")] = 1,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per encoder call.")] = 256,
     tracking_uri: TrackingOpt = None,

@@ -60,7 +60,8 @@ class FaceConfig:
     backend: str = "insightface"
     """``insightface`` (SCRFD boxes + 5 keypoints) or ``none`` (fixed box for pre-cropped faces)."""
     insightface_root: str | None = None
-    """InsightFace model root holding ``models/<pack>/``; None means ``~/.insightface``."""
+    """InsightFace model root holding ``models/<pack>/``; None: ``$SE4LIP_INSIGHTFACE_ROOT``,
+    else ``~/.insightface``."""
     pack: str = "buffalo_sc"
     """InsightFace model pack whose detector is used."""
     det_size: int = 320

@@ -264,7 +264,7 @@ def resolve_model(model_uri: str, tracking_uri: str) -> dict[str, Any]:
 
 
 def _redact(uri: str) -> str:
-    from se4lip_dist.tracking import redact_uri
+    from se4lip_dist.storage import redact_uri
 
     return redact_uri(uri)
 

@@ -33,7 +33,7 @@ from se4lip_dist.registry import (
     register_model,
     version_info,
 )
-from se4lip_dist.tracking import redact_uri
+from se4lip_dist.storage import redact_uri
 from se4lip_dist.validation import (
     METRICS,
     ValidationResult,

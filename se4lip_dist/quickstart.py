@@ -109,7 +109,8 @@ def run_quickstart(
     from se4lip_dist.evaluate import run_evaluate
     from se4lip_dist.extract import run_extract
     from se4lip_dist.prepare import run_prepare
-    from se4lip_dist.tracking import default_tracking_uri, redact_uri
+    from se4lip_dist.storage import redact_uri
+    from se4lip_dist.tracking import default_tracking_uri
     from se4lip_dist.tuning import TuneOptions, run_tune
 
     report: Reporter = reporter or _Silent()

@@ -377,7 +377,7 @@ def pin_model(model_uri: str, tracking_uri: str) -> dict[str, Any]:
     except RegistryError:
         raise
     except Exception as e:
-        from se4lip_dist.tracking import redact_uri
+        from se4lip_dist.storage import redact_uri
 
         raise RegistryError(f"cannot resolve {model_uri} on {redact_uri(tracking_uri)}: "
                             f"{e}") from e
@@ -393,7 +393,8 @@ def _download(model_uri: str, tracking_uri: str | None, dst: str) -> tuple[Path,
     """Download a logged model; returns (speech weights, config) paths and the tracking URI."""
     import mlflow.artifacts
 
-    from se4lip_dist.tracking import redact_uri, resolve_tracking_uri
+    from se4lip_dist.storage import redact_uri
+    from se4lip_dist.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     _quiet()
@@ -492,7 +493,7 @@ def list_models(tracking_uri: str | None = None) -> dict[str, Any]:
     """
     import datetime
 
-    from se4lip_dist.tracking import redact_uri
+    from se4lip_dist.storage import redact_uri
 
     client, uri = _reader(tracking_uri)
     rows = []
@@ -517,7 +518,7 @@ def show_model(name: str, tracking_uri: str | None = None) -> dict[str, Any]:
     """
     from mlflow.exceptions import MlflowException
 
-    from se4lip_dist.tracking import redact_uri
+    from se4lip_dist.storage import redact_uri
 
     client, uri = _reader(tracking_uri)
     try:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from se4lip_dist.runtime import CREDENTIAL_ENV
-from se4lip_dist.tracking import redact_uri
+from se4lip_dist.storage import redact_uri
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient

@@ -41,6 +41,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
@@ -142,6 +143,36 @@ def is_absolute(url: str) -> bool:
     return not is_local(url) or os.path.isabs(str(url)) or str(url).startswith("file://")
 
 
+_SECRET_QUERY_KEYS = ("token", "password", "passwd", "pwd", "secret", "key", "signature", "sig",
+                      "credential", "auth")
+
+
+def redact_uri(uri: str) -> str:
+    """The URI without ``user:password@`` and with secret-looking query values (``?token=``,
+    ``X-Amz-Signature=``, ``api_key=``...) replaced by ``REDACTED``: safe to print and log."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return uri
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(_secret_key(k) for k, _ in pairs):
+            query = urlencode([(k, "REDACTED" if _secret_key(k) else v) for k, v in pairs],
+                              safe="/:")
+    if parts.username is None and parts.password is None and query == parts.query:
+        return uri
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, query, parts.fragment))
+
+
+def _secret_key(name: str) -> bool:
+    n = name.lower().replace("-", "_")
+    return any(k in n for k in _SECRET_QUERY_KEYS)
+
+
 # ---------------------------------------------------------------- filesystems
 
 
@@ -171,8 +202,6 @@ def resolve(url: str) -> tuple[pafs.FileSystem, str]:
         if not bucket:
             raise StorageError(f"{url}: no bucket in the URL")
         if "@" in bucket:
-            from se4lip_dist.tracking import redact_uri
-
             raise StorageError(
                 f"{redact_uri(url)}: credentials in a URL end up in logs and process lists; "
                 "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or a profile or instance role) "
@@ -265,8 +294,6 @@ def _bucket_missing(fs: pafs.FileSystem | None, url: str) -> bool:
 
 def translate_error(url: str, e: BaseException, fs: pafs.FileSystem | None = None) -> StorageError:
     """A :class:`StorageError` for ``e`` that names ``url`` and what went wrong."""
-    from se4lip_dist.tracking import redact_uri
-
     if isinstance(e, StorageError):
         return e
     text = str(e)
@@ -611,6 +638,7 @@ __all__ = [
     "parent",
     "read_bytes",
     "read_text",
+    "redact_uri",
     "remove_temp_files",
     "resolve",
     "scheme",

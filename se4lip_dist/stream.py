@@ -274,9 +274,9 @@ def read_shards(data_dir: str, *, shuffle_files: bool = False) -> ray.data.Datas
     if not paths:
         raise ManifestError(f"{data_dir}: the manifest lists no shards")
     manifest.check_shards(data_dir)  # refuse shards of another schema version up front
-    # Parquet V1 reader: V2 (Ray 2.60's default) starts 32 FooterReader actors to list files on
-    # every execution, i.e. every epoch: 5-10 s before the first batch on 2 cores, 1-2 s with V1
-    # (benchmarks/bench_pipeline.py). The manifest already lists the files, so V2 buys nothing.
+    # Parquet V1 reader: V2 (Ray 2.60's default) starts footer-reader actors to list files on
+    # every execution, i.e. every epoch, which delays the first batch of each epoch
+    # (benchmarks/bench_pipeline.py); the manifest already lists the files, so V2 buys nothing.
     from se4lip_dist.storage import fs_and_paths
 
     filesystem, paths = fs_and_paths(paths)

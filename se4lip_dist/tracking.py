@@ -16,7 +16,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
+
+from se4lip_dist.storage import redact_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -38,36 +40,6 @@ def default_tracking_uri(base: str | Path | None = None) -> str:
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """Argument, else ``MLFLOW_TRACKING_URI``, else the embedded sqlite store under cwd."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-
-
-_SECRET_QUERY_KEYS = ("token", "password", "passwd", "pwd", "secret", "key", "signature", "sig",
-                      "credential", "auth")
-
-
-def redact_uri(uri: str) -> str:
-    """The URI without ``user:password@`` and with secret-looking query values (``?token=``,
-    ``X-Amz-Signature=``, ``api_key=``...) replaced by ``REDACTED``: safe to print and log."""
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return uri
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(_secret_key(k) for k, _ in pairs):
-            query = urlencode([(k, "REDACTED" if _secret_key(k) else v) for k, v in pairs],
-                              safe="/:")
-    if parts.username is None and parts.password is None and query == parts.query:
-        return uri
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, query, parts.fragment))
-
-
-def _secret_key(name: str) -> bool:
-    n = name.lower().replace("-", "_")
-    return any(k in n for k in _SECRET_QUERY_KEYS)
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
@@ -399,7 +371,6 @@ __all__ = [
     "git_revision",
     "log_datasets",
     "log_parent_model",
-    "redact_uri",
     "reopen_run",
     "resolve_tracking_uri",
     "run_context_tags",

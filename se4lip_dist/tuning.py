@@ -478,7 +478,8 @@ def _write_state(exp_dir: str, state: dict[str, Any]) -> None:
 
 def _start_parent(uri: str, opts: TuneOptions, space: Any, base: Config, data_hash: str,
                   data_dir: str, res: Resources) -> str:
-    from se4lip_dist.tracking import redact_uri, start_run
+    from se4lip_dist.storage import redact_uri
+    from se4lip_dist.tracking import start_run
 
     params = {
         "tune.space": space.path, "tune.preset": space.preset, "tune.metric": base.train

@@ -632,7 +632,8 @@ def test_evaluate_bad_inputs_reported_others_scored(
     by_path = {c.get("path", c["name"]): c for c in res["clips"]}
     for k in good:
         c = by_path[str(media[k])]
-        assert "error" not in c and c["frames"] == ACCEPTED[k] and -3 <= c["offset"] <= 3
+        assert "error" not in c and c["frames"] == ACCEPTED[k], c
+        assert isinstance(c["offset"], int) and c["lse_d"] >= 0 and c["lse_c"] >= 0, c
     for k in bad:
         c = by_path[str(media[k])]
         assert str(media[k]) in c["error"] and c["offset"] is None, c

@@ -256,7 +256,7 @@ def test_local_mlflow_helper_binds_to_loopback(monkeypatch: pytest.MonkeyPatch,
     ("http://u:p@h:5000/?api_key=k", "http://h:5000/?api_key=REDACTED"),
 ])
 def test_redact_uri(uri: str, clean: str) -> None:
-    from se4lip_dist.tracking import redact_uri
+    from se4lip_dist.storage import redact_uri
 
     assert redact_uri(uri) == clean
 

@@ -18,7 +18,8 @@ from se4lip_dist.registry import (
     resolve_artifacts,
     speech_state_dict,
 )
-from se4lip_dist.tracking import redact_uri, start_run
+from se4lip_dist.storage import redact_uri
+from se4lip_dist.tracking import start_run
 
 
 @pytest.mark.timeout(300)

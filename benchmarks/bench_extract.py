@@ -10,6 +10,12 @@ and linear weights), with the smallest per-frame cosine between its features and
 
 FLOPs per second of audio come from ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and
 convolutions; the encoder's STFT is not counted and is negligible next to the GRU).
+
+Bounds: HuBERT-large (what GeneFace / ER-NeRF users run instead; its RTF over the encoder's,
+against their FLOP ratio, says whether each FLOP costs the same), and the FLOP bound: achieved
+GFLOP per CPU second against this machine's matmul GFLOP per CPU second, measured in the same
+run at the same thread count (float32: a square ``torch.mm``; int8: a dynamic int8
+``Linear``, the kernel ``--precision int8`` uses), interleaved with the rounds.
 """
 
 from __future__ import annotations
@@ -28,6 +34,38 @@ def _flops(fn: Any) -> int:
     return int(fc.get_total_flops())
 
 
+GEMM_N = 1024
+"""Side of the square matmul that measures the machine's GFLOP/s."""
+
+
+def matmul_gflops(n: int = GEMM_N, reps: int = 5) -> dict[str, float]:
+    """GFLOP per CPU second of an n x n x n float32 ``torch.mm`` and of a dynamic int8 Linear.
+
+    Both count ``2 n^3`` FLOPs per product (what ``FlopCounterMode`` counts for a linear layer);
+    the int8 one includes quantizing its input, as ``quantize_int8``'s layers do. Best of
+    ``reps`` (the machine's bound, not its average).
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g)
+    b = torch.randn(n, n, generator=g)
+    lin = torch.nn.Linear(n, n, bias=False).eval()
+    qlin = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear},
+                                                  dtype=torch.qint8)
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        for name, fn in (("float32", lambda: torch.mm(a, b)), ("int8", lambda: qlin(a))):
+            fn()
+            best = 0.0
+            for _ in range(reps):
+                with harness.Timer() as t:
+                    fn()
+                best = max(best, 2 * n**3 / max(t.cpu, 1e-9) / 1e9)
+            out[name] = best
+    return out
+
+
 def run(quick: bool) -> dict[str, Any]:
     """RTF of both paths per preset, their ratio, and FLOPs per audio second."""
     import numpy as np
@@ -43,6 +81,7 @@ def run(quick: bool) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     clips = harness.grid_videos(1 if quick else 4)
+    why = "" if clips else f"synthetic 2 s clip: {harness.missing_reason()}"
     if not clips:
         from se4lip_dist.synthetic import make_synthetic_clip
 
@@ -87,7 +126,10 @@ def run(quick: bool) -> dict[str, Any]:
     rtf: dict[str, list[float]] = {p: [] for p in [*variants, "hubert_large"]}
     wall_rtf: dict[str, list[float]] = {p: [] for p in rtf}
     audio_total = 0.0
+    gemm: dict[str, list[float]] = {"float32": [], "int8": []}
     for _ in range(rounds):
+        for k, v in matmul_gflops(512 if quick else GEMM_N).items():
+            gemm[k].append(v)
         for p in variants:
             a, t = run_encoder(p)
             rtf[p].append(a / t.cpu)
@@ -115,33 +157,54 @@ def run(quick: bool) -> dict[str, Any]:
                               torch.from_numpy(np.concatenate(feats[f"{p} int8"])))
                 for p in presets}
     med = {k: harness.median(v) for k, v in rtf.items()}
+    peak = {k: max(v) for k, v in gemm.items()}
+    # Achieved GFLOP per CPU second: FLOPs per audio second x audio seconds per CPU second.
+    achieved = {v: flops[v.split()[0]] * med[v] / 1e9 for v in variants}
+    achieved["hubert_large"] = flops["hubert_large"] * med["hubert_large"] / 1e9
     metrics = {
         "clips": len(clips), "audio_s_per_round": round(audio_total, 2), "rounds": rounds,
         "threads": 1,
         "real_time_factor_cpu": {k: [round(x, 2) for x in v] for k, v in rtf.items()},
         "real_time_factor_wall": {k: [round(x, 2) for x in v] for k, v in wall_rtf.items()},
         "gflops_per_audio_s": {k: round(v / 1e9, 3) for k, v in flops.items()},
+        "achieved_gflop_per_cpu_s": {k: round(v, 2) for k, v in achieved.items()},
+        "matmul_gflop_per_cpu_s": {k: [round(x, 1) for x in v] for k, v in gemm.items()},
+        "matmul_n": 512 if quick else GEMM_N,
         "int8_min_cosine_to_fp32": {k: round(v, 6) for k, v in fidelity.items()},
         "params_m": {**{p: round(sum(q.numel() for q in encoders[p][0].parameters()) / 1e6, 2)
                         for p in presets},
                      "hubert_large": round(sum(q.numel() for q in hubert.parameters()) / 1e6, 1)},
     }
     h = med["hubert_large"]
-    ratios = [
-        harness.ratio(
-            f"extract: {p} encoder / HuBERT-large real-time factor", med[p] / h, 50.0,
-            f"RTF {med[p]:.1f} vs {h:.2f} (CPU time, 1 thread); {flops[p] / 1e9:.2f} vs "
-            f"{flops['hubert_large'] / 1e9:.1f} GFLOP per audio second")
-        for p in presets
-    ] + [
-        harness.ratio(
-            f"extract: {p} encoder, --precision int8 / HuBERT-large real-time factor",
-            med[f"{p} int8"] / h, 50.0,
-            f"RTF {med[f'{p} int8']:.1f} ({med[f'{p} int8'] / med[p]:.2f}x float32); min "
-            f"cosine to float32 features {fidelity[p]:.5f} over {len(clips)} clips")
-        for p in presets
-    ]
-    return harness.result("extract", metrics, ratios)
+    label = f" [{why}]" if why else ""
+    ratios = []
+    for p in presets:
+        flop_ratio = flops["hubert_large"] / flops[p]
+        for v, prec in ((p, "float32"), (f"{p} int8", "int8")):
+            extra = (f"; {med[v] / med[p]:.2f}x float32, min cosine to float32 features "
+                     f"{fidelity[p]:.5f}" if prec == "int8" else "")
+            ratios.append(harness.ratio(
+                f"extract: {p} encoder, {prec} / HuBERT-large real-time factor", med[v] / h,
+                # A tiny encoder is bound by per-call overhead, not FLOPs: no FLOP target.
+                round(flop_ratio, 2) if flops[p] > 1e9 else None,
+                f"RTF {med[v]:.1f} vs {h:.2f} (CPU time, 1 thread); {flops[p] / 1e9:.2f} vs "
+                f"{flops['hubert_large'] / 1e9:.1f} GFLOP per audio s, FLOP ratio "
+                f"{flop_ratio:.2f}{' = target' if flops[p] > 1e9 else ''}{extra}{label}",
+                bound="HuBERT-large float32 RTF, same thread and audio"))
+            ratios.append(harness.ratio(
+                f"extract: {p} encoder, {prec}: achieved / matmul GFLOP/s",
+                achieved[v] / peak[prec], None,
+                f"{achieved[v]:.1f} vs {peak[prec]:.1f} GFLOP per CPU s ({prec} "
+                f"{metrics['matmul_n']}-square matmul, 1 thread, same run){label}",
+                bound=f"{prec} matmul GFLOP/s (1 thread)"))
+    ratios.append(harness.ratio(
+        "extract: HuBERT-large float32: achieved / matmul GFLOP/s",
+        achieved["hubert_large"] / peak["float32"], None,
+        f"{achieved['hubert_large']:.1f} vs {peak['float32']:.1f} GFLOP per CPU s{label}",
+        bound="float32 matmul GFLOP/s (1 thread)"))
+    inputs = {"data": "synthetic" if why else "grid", "why_synthetic": why or None,
+              "clips": len(clips), "audio_s": round(audio_total, 2), "presets": presets}
+    return harness.result("extract", metrics, ratios, inputs=inputs)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,17 @@
 """Memory: peak RSS/PSS per training worker and per extraction actor; shard bytes per minute.
 
 - Training worker: a short real ``train.run_train`` (cpu-small, 2 workers x 0.5 CPU, Ray Data
-  stream from a GRID subset, MLflow on sqlite in a temp folder); its ``data_wait_fraction`` is
-  the data-wait fraction of real training steps.
+  stream from ``harness.grid_shards(N_CLIPS)``, MLflow on sqlite in a temp folder); its
+  ``data_wait_fraction`` is the data-wait fraction of real training steps.
 - Extraction actor: ``extract.run_extract`` with a cpu-small encoder (random weights, saved as a
   local model folder) over GRID clips.
 - Worker processes are found by the titles Ray gives them (``ray::RayTrainWorker``,
   ``...EncoderActor...``) among this process's descendants only, and sampled from
   ``/proc/PID/smaps_rollup`` every 0.25 s (PSS splits shared pages between processes; RSS
   counts the torch/CUDA libraries in full in every process).
-- Shard bytes per minute of video come from the prepared GRID manifest.
+- Shard bytes per minute of video come from the manifest of that same prepared subset (the
+  product's own ``prepare`` on the shared GRID clips). Without the shared data every row runs on
+  synthetic shards and says so.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import harness
+
+N_CLIPS = 96
+"""GRID clips (= shard rows) of the prepared subset the training run reads."""
 
 
 def shard_bytes_per_minute(data_dir: str | Path) -> dict[str, Any]:
@@ -59,9 +64,10 @@ def run(quick: bool) -> dict[str, Any]:
     from se4lip_dist.train import run_train
 
     tmp = Path(tempfile.mkdtemp(prefix="se4lip-bench-mem-"))
-    real = harness.grid_available() and not quick
-    data = (harness.grid_subset(tmp / "shards", 96) if real
+    why = "--quick" if quick else harness.missing_reason()
+    data = (harness.grid_shards(N_CLIPS) if not why
             else harness.synthetic_shards(tmp / "shards", n_clips=8, n_frames=60))
+    label = "" if not why else f" [synthetic inputs: {why}]"
     steps = 4 if quick else 40
     cfg = load_config("cpu-small", overrides=[f"train.max_steps={steps}", "train.epochs=1"])
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -85,7 +91,7 @@ def run(quick: bool) -> dict[str, Any]:
     finally:
         mem = sampler.stop()
         ray.shutdown()
-    density = shard_bytes_per_minute(harness.GRID_SHARDS if harness.grid_available() else data)
+    density = shard_bytes_per_minute(data)
     metrics = {
         "train_worker": mem["train_worker"], "extract_actor": mem["extract_actor"],
         "driver_peak_rss_mib": round(harness.peak_rss_self() / 2**20, 1),
@@ -101,20 +107,24 @@ def run(quick: bool) -> dict[str, Any]:
     tw, ea = mem["train_worker"], mem["extract_actor"]
     ratios = [
         harness.ratio("memory: peak PSS per training worker", tw["peak_pss_mib"], None,
-                      f"RSS {tw['peak_rss_mib']:.0f} MiB; {tw['processes']} workers",
-                      unit=" MiB"),
+                      f"RSS {tw['peak_rss_mib']:.0f} MiB; {tw['processes']} workers{label}",
+                      unit=" MiB", bound="absolute (machine memory / workers per node)"),
         harness.ratio("memory: peak PSS per extraction actor", ea["peak_pss_mib"], None,
-                      f"RSS {ea['peak_rss_mib']:.0f} MiB; {ea['processes']} actors",
-                      unit=" MiB"),
+                      f"RSS {ea['peak_rss_mib']:.0f} MiB; {ea['processes']} actors{label}",
+                      unit=" MiB", bound="absolute (machine memory / actors per node)"),
         harness.ratio("memory: shard MiB per minute of video", density["mib_per_video_minute"],
-                      None, f"{density['clips']} clips, {density['frames']} frames",
-                      unit=" MiB"),
+                      None, f"{density['clips']} clips, {density['frames']} frames{label}",
+                      unit=" MiB", bound="absolute (JPEG crops + int16 audio)"),
         harness.ratio("train: data-wait fraction in run_train (2 workers)",
                       float(tr["last"]["perf/data_wait_fraction"] or 0.0), None,
-                      f"{tr['last']['perf/samples_per_s']:.0f} samples/s over {tr['steps']} steps",
-                      unit=""),
+                      f"{tr['last']['perf/samples_per_s']:.0f} samples/s over {tr['steps']} "
+                      f"steps{label}", unit="", bound="0 (the step never waits for data)"),
     ]
-    return harness.result("memory", metrics, ratios)
+    sizes = harness.shard_sizes(data)
+    inputs = {"data": "synthetic" if why else "grid", "why_synthetic": why or None,
+              "clips": sizes["clips"], "rows": sizes["rows"], "frames": sizes["frames"],
+              "shards": sizes["shards"], "train_steps": steps, "extract_videos": len(videos)}
+    return harness.result("memory", metrics, ratios, inputs=inputs)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,42 @@
-"""Input pipeline: training windows/s from the Ray Data stream vs a plain torch DataLoader.
+"""Input pipeline: CPU seconds per delivered training window, Ray Data stream vs a DataLoader.
 
-Both sides read the same shards and run the same per-batch work, ``stream.make_pair_batch``
-(split filter, pair sampling, JPEG decode of the frames the pairs use), 16 shard rows per call:
+Every side reads the same shards and runs the same per-batch work, ``stream.make_pair_batch``
+(split crop, pair sampling, JPEG decode of the frames the pairs use) on 16 shard rows at a time,
+and delivers batches of 32 windows. CPU is counted over *every* process involved (``/proc``
+utime+stime of this process and all its descendants, exited ones through their parent's
+cutime+cstime), so a side cannot look cheap by moving work into another process:
 
-- Ray: ``stream.pair_dataset(...).iter_torch_batches(...)`` exactly as ``train.py`` iterates it
-  (batch 32, prefetch 2, no local shuffle buffer); and the same with the 256-row local shuffle
-  buffer that was the default before this benchmark measured its cost.
-- DataLoader: ``num_workers=2``; each worker reads its share of the Parquet files with pyarrow
-  and yields ``make_pair_batch`` blocks; the loop re-batches them to 32 (shuffling each block).
+- ``ray_after`` (the product): ``stream.row_dataset`` through ``streaming_split(1)`` (as Ray
+  Train's ``get_dataset_shard``, SplitCoordinator actor included), then
+  ``stream.iter_pair_batches``, which samples and decodes in the consumer's collate.
+- ``ray_before``: the previous design, pairs sampled and decoded in ``map_batches`` tasks
+  (decoded uint8 windows through the object store), same split and batch size.
+- ``ray_after_unordered``: ``ray_after`` without ``preserve_order`` (the cost of determinism).
+- ``dataloader``: a torch DataLoader, 2 workers, each reading its share of the Parquet files
+  with pyarrow and running ``make_pair_batch``; the loop re-batches to 32.
 
-Then both feed a cpu-small training step (1 torch thread, like a 0.5-CPU Ray Train worker) and we
-report the fraction of step time spent waiting for data.
+Bounds: the JPEG-decode floor (decoding ``window_frames`` crops, single thread) and the work
+floor (``make_pair_batch`` on the same rows in this process, no pipeline at all), both per
+window. With ``py-spy`` installed, the full run profiles the coordinator and the consumer.
+
+Training: the same loop (cpu-small model, 1 torch thread, batch 32) inside a 1-worker
+TorchTrainer, fed by ``stream.iter_pair_batches`` on the Ray dataset shard or by the DataLoader,
+for ``TRAIN_STEPS`` steps; samples/s, data-wait fraction and CPU per window of all processes.
 """
 
 from __future__ import annotations
 
+import collections
+import json
+import os
+import shutil
+import subprocess
+import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import harness
@@ -26,7 +45,155 @@ import numpy as np
 BATCH = 32
 ROWS_PER_TASK = 16
 N_ROWS = 320
-"""GRID rows (clips) per epoch: ~4.6k windows, a few seconds per side on 2 cores."""
+"""GRID clips (one shard row each) of the stream row."""
+TRAIN_STEPS = 200
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def inputs(quick: bool, tmp: str) -> tuple[Path, dict[str, Any]]:
+    """The shards every side reads, and what they are (the one place that picks the data)."""
+    if quick:
+        return harness.synthetic_shards(tmp, n_clips=8, n_frames=60), {"data": "synthetic",
+                                                                       "why": "--quick"}
+    try:
+        data = harness.grid_shards(N_ROWS)
+        return data, {"data": "grid", **harness.shard_sizes(data)}
+    except harness.SharedDataMissing as e:
+        data = harness.synthetic_shards(tmp, n_clips=N_ROWS // 4, n_frames=75)
+        return data, {"data": "synthetic", "why": str(e), **harness.shard_sizes(data)}
+
+
+# ---------------------------------------------------------------- CPU of a process tree
+
+
+class ProcCpu:
+    """One ``/proc/PID/stat`` reading: parent, own CPU s, reaped children's CPU s, command."""
+
+    __slots__ = ("cmd", "own", "ppid", "reaped")
+
+    def __init__(self, ppid: int, own: float, reaped: float, cmd: str) -> None:
+        self.ppid, self.own, self.reaped, self.cmd = ppid, own, reaped, cmd
+
+
+def tree_cpu(root: int | None = None) -> dict[int, ProcCpu]:
+    """CPU readings of ``root`` (default: this process) and all its descendants.
+
+    Our Ray cluster (gcs, raylet, its workers and actors) and our DataLoader workers descend
+    from this process; other users' Ray clusters on the machine do not, so they never count.
+    """
+    root = os.getpid() if root is None else root
+    procs: dict[int, ProcCpu] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        stat = harness.read_text(f"/proc/{d}/stat")
+        if not stat:
+            continue
+        f = stat.rsplit(")", 1)[1].split()
+        procs[int(d)] = ProcCpu(int(f[1]), (int(f[11]) + int(f[12])) / CLK,
+                                (int(f[13]) + int(f[14])) / CLK, "")
+    keep = {}
+    for pid in procs:
+        p, hops = pid, 0
+        while p in procs and p != root and hops < 64:
+            p, hops = procs[p].ppid, hops + 1
+        if p == root:
+            keep[pid] = procs[pid]
+            keep[pid].cmd = harness.read_text(f"/proc/{pid}/cmdline").replace("\0", " ").strip()
+    return keep
+
+
+def role(pid: int, p: ProcCpu, root: int, root_cmd: str) -> str:
+    """Which part of the pipeline a process is (Ray sets worker titles to ``ray::<task>``)."""
+    if pid == root:
+        return "consumer"
+    if "SplitCoordinator" in p.cmd:
+        return "coordinator"
+    if p.cmd.startswith("ray::"):
+        return "ray_workers"
+    if p.ppid == root and p.cmd == root_cmd:
+        return "dataloader_workers"
+    return "ray_system"
+
+
+def cpu_delta(a: dict[int, ProcCpu], b: dict[int, ProcCpu]) -> dict[str, float]:
+    """CPU seconds spent between two close readings ``a`` and ``b``, by role.
+
+    A process that started in between counts from zero. One of our DataLoader workers that
+    ended in between is seen through this process's reaped time (``consumer_children_exited``:
+    what it used after its last reading). A Ray process that ended in between loses only its
+    last interval: raylet does not reliably reap through ``wait``, so readings must be close.
+    """
+    root = os.getpid()
+    root_cmd = b[root].cmd if root in b else ""
+    out: dict[str, float] = collections.defaultdict(float)
+    for pid, p in b.items():
+        prev = a.get(pid)
+        out[role(pid, p, root, root_cmd)] += p.own - (prev.own if prev else 0.0)
+    if root in a and root in b:
+        gone = sum(p.own for pid, p in a.items() if pid not in b and p.ppid == root)
+        out["consumer_children_exited"] += b[root].reaped - a[root].reaped - gone
+    return dict(out)
+
+
+DATALOADER_ROLES = ("consumer", "dataloader_workers", "consumer_children_exited")
+"""The processes of a DataLoader side: Ray's processes run idle beside it and do not count."""
+
+
+def side_cpu(side: str, delta: dict[str, float]) -> float:
+    """CPU seconds of one side: everything for Ray, consumer + its workers for the DataLoader."""
+    if side == "dataloader":
+        return sum(delta.get(k, 0.0) for k in DATALOADER_ROLES)
+    return sum(delta.values())
+
+
+class CpuTimeline(threading.Thread):
+    """Reads the tree's CPU every ``interval_s``; CPU by role between two wall-clock instants.
+
+    The reading thread's own CPU is taken out of the consumer's.
+    """
+
+    def __init__(self, interval_s: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, dict[int, ProcCpu], float]] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            procs = tree_cpu()
+            self.samples.append((time.time(), procs, time.thread_time()))
+            self._halt.wait(self.interval_s)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=10)
+
+    def mark(self) -> float:
+        """Now, once a reading at or after now exists."""
+        t = time.time()
+        while not self.samples or self.samples[-1][0] < t:
+            time.sleep(self.interval_s / 4)
+        return t
+
+    def between(self, t0: float, t1: float) -> dict[str, float]:
+        """CPU by role from the last reading at or before ``t0`` to the first at or after
+        ``t1`` (epoch seconds)."""
+        s = list(self.samples)
+        i0 = max((i for i, x in enumerate(s) if x[0] <= t0), default=0)
+        i1 = min((i for i, x in enumerate(s) if x[0] >= t1), default=len(s) - 1)
+        out: dict[str, float] = collections.defaultdict(float)
+        for i in range(i0, i1):
+            for k, v in cpu_delta(s[i][1], s[i + 1][1]).items():
+                out[k] += v
+        out["consumer"] -= s[i1][2] - s[i0][2]
+        return dict(out)
+
+
+# ---------------------------------------------------------------- the sides
 
 
 class ShardPairs:
@@ -66,7 +233,15 @@ def _torch_dataset(paths: list[str], spec: Any, rule: Any) -> Any:
     return _DS(paths, spec, rule)
 
 
-def dataloader_batches(paths: list[str], cfg: Any) -> Iterator[dict[str, Any]]:
+def _rule(data_dir: str | Path, cfg: Any) -> Any:
+    from se4lip_dist.manifest import Manifest
+    from se4lip_dist.splits import SplitRule
+
+    return SplitRule.for_manifest(Manifest.load(str(data_dir)), cfg)
+
+
+def dataloader_batches(paths: list[str], cfg: Any, rule: Any = None
+                       ) -> Iterator[dict[str, Any]]:
     """Batches of ``BATCH`` pairs from a 2-worker DataLoader (drop_last, block-shuffled)."""
     import torch
     import torch.utils.data
@@ -74,7 +249,7 @@ def dataloader_batches(paths: list[str], cfg: Any) -> Iterator[dict[str, Any]]:
     from se4lip_dist.splits import SplitRule
     from se4lip_dist.stream import PairSpec
 
-    rule = SplitRule(cfg.train.split, cfg.train.val_fraction)  # the benchmark data: clip split
+    rule = rule or SplitRule(cfg.train.split, cfg.train.val_fraction)
     loader = torch.utils.data.DataLoader(
         _torch_dataset(paths, PairSpec.from_config(cfg), rule),
         batch_size=None, num_workers=2, prefetch_factor=2)
@@ -90,54 +265,212 @@ def dataloader_batches(paths: list[str], cfg: Any) -> Iterator[dict[str, Any]]:
         carry = {k: v[n:] for k, v in block.items()}
 
 
-def ray_batches(data_dir: str, cfg: Any, shuffle_buffer: int | None = None
-                ) -> Iterator[dict[str, Any]]:
-    """Batches of ``BATCH`` pairs from the Ray Data stream, iterated as ``train.py`` does.
+def decoded_block(batch: dict[str, Any], **kwargs: Any) -> Any:
+    """The previous design's ``map_batches`` UDF: ``make_pair_batch`` in a Ray Data task.
 
-    ``shuffle_buffer`` overrides ``train.shuffle_buffer`` (256 was the default before the
-    measurements below turned it off).
+    A batch without pairs becomes an empty Arrow table with the tensor columns of the others
+    (Ray Data cannot type 0-row numpy tensors).
     """
-    from se4lip_dist.stream import pair_dataset
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
 
-    buf = cfg.train.shuffle_buffer if shuffle_buffer is None else shuffle_buffer
-    ds = pair_dataset(data_dir, cfg, rows_per_task=ROWS_PER_TASK)
-    yield from ds.iter_torch_batches(batch_size=BATCH, drop_last=True,
-                                     local_shuffle_buffer_size=buf or None, prefetch_batches=2)
+    from se4lip_dist.shards import decode_lips
+    from se4lip_dist.stream import make_pair_batch
+
+    out = make_pair_batch(batch, **kwargs)
+    if len(out["label"]):
+        return out
+    spec = kwargs["spec"]
+    first = next((row[0] for row in batch["lips"] if len(row)), None)
+    h, w = decode_lips([first]).shape[1:3] if first is not None else (1, 1)
+    one = {"wav": np.zeros((1, spec.window_frames * spec.samples_per_frame), np.float32),
+           "lips": np.zeros((1, spec.window_frames, h, w, 3), np.uint8)}
+    return pa.table({
+        **{k: ArrowTensorArray.from_numpy(v) for k, v in one.items()},
+        "label": pa.array([0.0], pa.float32()), "kind": pa.array([0], pa.int8()),
+    }).slice(0, 0)
 
 
-def _drain(batches: Iterator[dict[str, Any]]) -> tuple[int, float, float]:
-    """Windows delivered, seconds for the epoch (first batch included), seconds to the first
-    batch. ``n / (s - first)`` is the steady-state rate once the stream is running."""
+class RaySide:
+    """A Ray Data side: one ``streaming_split(1)`` iterator (one SplitCoordinator), iterated
+    once per epoch, as a Ray Train worker iterates ``get_dataset_shard`` across epochs."""
+
+    def __init__(self, data_dir: str, cfg: Any, design: str) -> None:
+        from se4lip_dist.stream import PairSpec, read_shards, row_dataset
+
+        self.cfg, self.design, self.epoch = cfg, design, 0
+        self.spec, self.rule = PairSpec.from_config(cfg), _rule(data_dir, cfg)
+        if design == "before":
+            ds = read_shards(data_dir, shuffle_files=True).map_batches(
+                decoded_block, fn_kwargs={"spec": self.spec, "rule": self.rule,
+                                          "role": "train", "seed": None},
+                batch_size=ROWS_PER_TASK, batch_format="numpy", num_cpus=0.5)
+        else:
+            ds = row_dataset(data_dir, cfg)
+            ds.context.execution_options.preserve_order = design == "after"
+        self.it = ds.streaming_split(1, equal=True)[0]
+
+    def batches(self) -> Iterator[dict[str, Any]]:
+        from se4lip_dist.stream import iter_pair_batches, pair_seed
+
+        self.epoch += 1
+        if self.design == "before":
+            return iter(self.it.iter_torch_batches(batch_size=BATCH, drop_last=True,
+                                                   prefetch_batches=2))
+        return iter_pair_batches(self.it, spec=self.spec, rule=self.rule,
+                                 seed=pair_seed(self.cfg.train.seed, self.epoch),
+                                 batch_size=BATCH, rows_per_batch=ROWS_PER_TASK)
+
+
+def _drain(batches: Iterator[dict[str, Any]]) -> tuple[int, float]:
+    """Windows delivered and wall seconds of one epoch."""
     t0 = time.perf_counter()
-    n = 0
-    first = 0.0
-    for b in batches:
-        n += len(b["label"])
-        first = first or time.perf_counter() - t0
-    return n, time.perf_counter() - t0, first
+    n = sum(len(b["label"]) for b in batches)
+    return n, time.perf_counter() - t0
 
 
-def _train(batches: Iterator[dict[str, Any]], cfg: Any, steps: int) -> dict[str, float]:
-    """``steps`` cpu-small training steps; wall time and time spent waiting for the next batch."""
+# ---------------------------------------------------------------- bounds
+
+
+def _rows(paths: list[str]) -> Iterator[dict[str, np.ndarray]]:
+    import pyarrow.parquet as pq
+
+    from se4lip_dist.stream import READ_COLUMNS
+
+    for path in paths:
+        for rb in pq.ParquetFile(path).iter_batches(batch_size=ROWS_PER_TASK,
+                                                    columns=READ_COLUMNS):
+            yield {c: rb.column(c).to_numpy(zero_copy_only=False) for c in READ_COLUMNS}
+
+
+def floors(paths: list[str], cfg: Any, rule: Any) -> dict[str, float]:
+    """CPU s per window of JPEG decoding alone and of ``make_pair_batch`` (this process)."""
+    from se4lip_dist.shards import decode_lips
+    from se4lip_dist.stream import PairSpec, make_pair_batch
+
+    batches = list(_rows(paths))
+    jpegs = [j for b in batches for row in b["lips"] for j in row][:3000]
+    t0 = time.process_time()
+    for i in range(0, len(jpegs), 64):
+        decode_lips(jpegs[i:i + 64])
+    per_frame = (time.process_time() - t0) / len(jpegs)
+    spec = PairSpec.from_config(cfg)
+    t0 = time.process_time()
+    n = sum(len(make_pair_batch(b, spec=spec, rule=rule, role="train", seed=i)["label"])
+            for i, b in enumerate(batches))
+    work = (time.process_time() - t0) / n
+    return {"decode": per_frame * cfg.train.window_frames, "work": work,
+            "decode_per_frame": per_frame}
+
+
+# ---------------------------------------------------------------- profile
+
+
+def profile(pids: dict[str, int], seconds: float, load: Callable[[], Any]) -> dict[str, Any]:
+    """py-spy ``record`` of each pid (on-CPU samples only) while ``load()`` runs.
+
+    Returns, per name, the sample count and the leaf functions and modules with the largest
+    share of samples; an ``error`` when py-spy is missing or cannot attach.
+    """
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        return {"error": "py-spy not installed (pip install -e '.[bench]')"}
+    tmp = tempfile.mkdtemp(prefix="se4lip-spy-")
+    procs = {name: subprocess.Popen(
+        [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "100",
+         "--format", "raw", "--nonblocking", "--output", f"{tmp}/{name}.txt"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for name, pid in pids.items()}
+    time.sleep(1.0)
+    t_end = time.time() + seconds
+    while time.time() < t_end:
+        load()
+    out: dict[str, Any] = {}
+    for name, p in procs.items():
+        _, err = p.communicate(timeout=seconds + 60)
+        path = Path(f"{tmp}/{name}.txt")
+        if p.returncode != 0 or not path.exists():
+            out[name] = {"error": err.decode(errors="replace")[-300:]}
+            continue
+        out[name] = summarize_profile(path.read_text())
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def summarize_profile(raw: str, top: int = 8) -> dict[str, Any]:
+    """Collapsed stacks (``frame;frame;... count``) -> top leaf functions and leaf modules."""
+    leaf: collections.Counter[str] = collections.Counter()
+    module: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frame = stack.split(";")[-1]
+        func, _, where = frame.partition(" (")
+        file = where.split(":")[0]
+        leaf[f"{func} ({Path(file).name})"] += n
+        module[_module(file)] += n
+
+    def share(c: collections.Counter[str]) -> list[list[Any]]:
+        return [[k, round(v / total, 3)] for k, v in c.most_common(top)]
+
+    return {"samples": total, "leaf": share(leaf) if total else [],
+            "module": share(module) if total else []}
+
+
+def _module(file: str) -> str:
+    parts = Path(file).parts
+    for anchor in ("site-packages", "se4lip_dist", "lib"):
+        if anchor in parts:
+            i = parts.index(anchor)
+            rest = parts[i + 1:] if anchor != "se4lip_dist" else parts[i:]
+            return "/".join(rest[:3 if rest[:1] == ("ray",) else 1])
+    return file
+
+
+# ---------------------------------------------------------------- training
+
+
+def train_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """``config["steps"]`` cpu-small steps in a Ray Train worker, fed by ``config["feed"]``."""
+    import ray.train
     import torch
 
+    from se4lip_dist.config import Config
     from se4lip_dist.losses import sync_bce_loss
     from se4lip_dist.models import build_model, lip_input
+    from se4lip_dist.stream import PairSpec, iter_pair_batches, pair_seed
+
+    torch.set_num_threads(1)
+    cfg = Config.from_dict(config["cfg"])
+    rule = _rule(config["data_dir"], cfg)
+
+    def batches() -> Iterator[dict[str, Any]]:
+        shard = ray.train.get_dataset_shard("train") if config["feed"] == "ray" else None
+        spec = PairSpec.from_config(cfg)
+        for epoch in range(10_000):
+            if shard is None:
+                yield from dataloader_batches(config["paths"], cfg, rule)
+            else:
+                yield from iter_pair_batches(shard, spec=spec, rule=rule,
+                                             seed=pair_seed(cfg.train.seed, epoch),
+                                             batch_size=BATCH, rows_per_batch=ROWS_PER_TASK)
 
     torch.manual_seed(0)
     model = build_model(cfg.model, sample_rate=cfg.data.sample_rate,
                         window_frames=cfg.train.window_frames)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    it = batches()
+    next(it)  # first batch: stream start-up is not a training step
     wait = 0.0
     done = seen = 0
-    t_start = time.perf_counter()
-    it = iter(batches)
-    while done < steps:
+    t_wall, t_start = time.time(), time.perf_counter()
+    while done < config["steps"]:
         t0 = time.perf_counter()
-        batch = next(it, None)
+        batch = next(it)
         wait += time.perf_counter() - t0
-        if batch is None:
-            break
         a, v = model(batch["wav"], lip_input(batch["lips"], cfg.model))
         loss = sync_bce_loss(a, v, batch["label"])
         opt.zero_grad(set_to_none=True)
@@ -146,89 +479,166 @@ def _train(batches: Iterator[dict[str, Any]], cfg: Any, steps: int) -> dict[str,
         done += 1
         seen += len(batch["label"])
     total = time.perf_counter() - t_start
-    return {"steps": done, "samples_per_s": seen / total, "data_wait_fraction": wait / total}
+    return {"steps": done, "windows": seen, "samples_per_s": seen / total,
+            "data_wait_fraction": wait / total, "t0": t_wall, "t1": time.time()}
+
+
+def train_side(feed: str, data: Path, paths: list[str], cfg: Any, steps: int,
+               timeline: CpuTimeline) -> dict[str, Any]:
+    """One 1-worker TorchTrainer run of :func:`train_loop`; its numbers and CPU per window."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from se4lip_dist.stream import row_dataset
+    from se4lip_dist.train import training_data_config
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.to_dict(), "feed": feed, "data_dir": str(data),
+                           "paths": paths, "steps": steps},
+        scaling_config=ray.train.ScalingConfig(num_workers=1,
+                                               resources_per_worker={"CPU": 0.5}),
+        run_config=ray.train.RunConfig(name=f"bench-pipeline-{feed}",
+                                       storage_path=tempfile.mkdtemp(prefix="se4lip-bp-")),
+        datasets={"train": row_dataset(str(data), cfg)} if feed == "ray" else {},
+        dataset_config=training_data_config(),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    out = dict(result.return_value)
+    cpu = timeline.between(out.pop("t0"), out.pop("t1"))
+    out["cpu_s_per_window"] = sum(cpu.values()) / out["windows"]
+    out["cpu_by_role"] = {k: round(v, 2) for k, v in sorted(cpu.items())}
+    return out
+
+
+# ---------------------------------------------------------------- run
 
 
 def run(quick: bool) -> dict[str, Any]:
-    """Windows/s of both pipelines (paired, interleaved repeats) and train-step data wait."""
+    """CPU per window of every side (interleaved repeats), the floors, a profile, training."""
+    import ray
+    import ray.cloudpickle
     import torch
 
     from se4lip_dist.config import load_config
     from se4lip_dist.manifest import Manifest
 
+    if __name__ != "__main__":  # imported (tests, run_all): ship this module's functions by value
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     cfg = load_config("cpu-small")
     tmp = tempfile.mkdtemp(prefix="se4lip-bench-pipe-")
-    real = harness.grid_available() and not quick
-    data = (harness.grid_subset(tmp, N_ROWS) if real
-            else harness.synthetic_shards(tmp, n_clips=8, n_frames=60))
-    paths = Manifest.load(data).shard_paths(data)
-    reps, steps = (1, 3) if quick else (4, 20)
+    data, info = inputs(quick, tmp)
+    paths = Manifest.load(str(data)).shard_paths(str(data))
+    rule = _rule(data, cfg)
+    reps, steps = (1, 5) if quick else (3, TRAIN_STEPS)
     torch.set_num_threads(1)
-    import ray
-
-    sides = {
-        "ray": lambda: ray_batches(str(data), cfg),
-        "ray_shuffle256": lambda: ray_batches(str(data), cfg, shuffle_buffer=256),
-        "dataloader": lambda: dataloader_batches(paths, cfg),
-    }
-    with harness.Timer() as t_init:
-        harness.start_ray()
+    bounds = floors(paths, cfg, rule)
+    harness.start_ray()
+    timeline = CpuTimeline()
+    timeline.start()
     try:
-        rates: dict[str, list[float]] = {k: [] for k in sides}
-        steady: dict[str, list[float]] = {k: [] for k in sides}
-        firsts: dict[str, list[float]] = {k: [] for k in sides}
-        windows = 0
-        for make in sides.values():  # warm-up: worker processes, imports, fork, page cache
+        t0 = timeline.mark()
+        time.sleep(3.0)
+        idle = timeline.between(t0, timeline.mark())
+        idle_rate = (sum(idle.values()) - idle.get("consumer", 0.0)) / 3.0
+        ray_sides = {d: RaySide(str(data), cfg, d)
+                     for d in ("after", "before", "after_unordered")}
+        sides: dict[str, Callable[[], Iterator[dict[str, Any]]]] = {
+            "ray_after": ray_sides["after"].batches,
+            "ray_before": ray_sides["before"].batches,
+            "ray_after_unordered": ray_sides["after_unordered"].batches,
+            "dataloader": lambda: dataloader_batches(paths, cfg, rule),
+        }
+        for make in sides.values():  # warm-up: processes, imports, fork, page cache
             _drain(make())
+        cpu: dict[str, list[float]] = {k: [] for k in sides}
+        rate: dict[str, list[float]] = {k: [] for k in sides}
+        roles: dict[str, dict[str, float]] = {k: collections.defaultdict(float) for k in sides}
+        windows: dict[str, int] = {}
         for _ in range(reps):
             for k, make in sides.items():
-                n, s, f = _drain(make())
-                rates[k].append(n / s)
-                steady[k].append(n / max(s - f, 1e-9))
-                firsts[k].append(round(f, 2))
-                windows = max(windows, n)
-        train_ray = _train(ray_batches(str(data), cfg), cfg, steps)
-        train_dl = _train(dataloader_batches(paths, cfg), cfg, steps)
+                t0 = timeline.mark()
+                n, s = _drain(make())
+                d = timeline.between(t0, timeline.mark())
+                cpu[k].append(side_cpu(k, d) / n)
+                rate[k].append(n / s)
+                windows[k] = n
+                for r, v in d.items():
+                    roles[k][r] += v / n / reps
+        print(json.dumps({"cpu_ms_per_window": {k: [round(x * 1e3, 2) for x in v]
+                                                for k, v in cpu.items()}}), file=sys.stderr)
+        prof = {} if quick else {
+            side: profile(_profile_pids(), 12.0, lambda s=side: _drain(sides[s]()))
+            for side in ("ray_after", "ray_before")}
+        ray_sides.clear()  # their coordinators end; the training runs start their own
+        train = {}
+        for feed in ("ray", "dataloader"):
+            train[feed] = train_side(feed, data, paths, cfg, steps, timeline)
     finally:
+        timeline.stop()
         ray.shutdown()
-    # Paired ratios: each repeat's sides ran back to back, so they saw the same machine load.
-    paired = {k: [r / d for r, d in zip(rates[k], rates["dataloader"], strict=True)]
-              for k in ("ray", "ray_shuffle256")}
-    paired_steady = [r / d for r, d in zip(steady["ray"], steady["dataloader"], strict=True)]
-    med = {k: harness.median(v) for k, v in rates.items()}
+    med = {k: harness.median(v) for k, v in cpu.items()}
+    paired = [d / r for r, d in zip(cpu["ray_after"], cpu["dataloader"], strict=True)]
+    paired_before = [d / r for r, d in zip(cpu["ray_before"], cpu["dataloader"], strict=True)]
+    ms = {k: round(v * 1e3, 2) for k, v in med.items()}
     metrics = {
-        "data": "grid" if real else "synthetic", "shards": len(paths), "rows": N_ROWS,
-        "windows_per_epoch": windows, "ray_init_s": round(t_init.s, 2),
-        "windows_per_s": {k: [round(x, 1) for x in v] for k, v in rates.items()},
-        "steady_windows_per_s": {k: [round(x, 1) for x in v] for k, v in steady.items()},
-        "paired_ratios": {k: [round(x, 3) for x in v] for k, v in paired.items()},
-        "paired_steady_ratio_ray": [round(x, 3) for x in paired_steady],
-        "seconds_to_first_batch": firsts,
-        "train_ray": {k: round(v, 3) for k, v in train_ray.items()},
-        "train_dataloader": {k: round(v, 3) for k, v in train_dl.items()},
+        "windows_per_epoch": windows,
+        "cpu_ms_per_window": {k: [round(x * 1e3, 2) for x in v] for k, v in cpu.items()},
+        "cpu_ms_per_window_by_role": {k: {r: round(v * 1e3, 2) for r, v in sorted(d.items())}
+                                      for k, d in roles.items()},
+        "windows_per_s": {k: [round(x, 1) for x in v] for k, v in rate.items()},
+        "decode_floor_ms_per_window": round(bounds["decode"] * 1e3, 2),
+        "work_floor_ms_per_window": round(bounds["work"] * 1e3, 2),
+        "ray_idle_cpu_per_s": round(idle_rate, 3),
+        "profile": prof,
+        "train": train,
         "other_ray_clusters": harness.other_ray_clusters(),
     }
+    tr, td = train["ray"], train["dataloader"]
     ratios = [
-        harness.ratio("pipeline: Ray Data / DataLoader(2 workers) windows/s",
-                      harness.median(paired["ray"]), 1.5,
-                      f"median of {reps} paired repeats {_fmt(paired['ray'])}; "
-                      f"{med['ray']:.0f} vs {med['dataloader']:.0f} windows/s; first batch after "
-                      f"{harness.median(firsts['ray']):.1f} vs "
-                      f"{harness.median(firsts['dataloader']):.1f} s"),
-        harness.ratio("pipeline, before (local shuffle buffer 256): Ray Data / DataLoader",
-                      harness.median(paired["ray_shuffle256"]), 1.5,
-                      f"paired repeats {_fmt(paired['ray_shuffle256'])}; "
-                      f"{med['ray_shuffle256']:.0f} windows/s"),
-        harness.ratio("pipeline, steady state (after the first batch): Ray Data / DataLoader",
-                      harness.median(paired_steady), 1.5,
-                      f"paired repeats {_fmt(paired_steady)}"),
-        harness.ratio("pipeline: data-wait fraction of a cpu-small step (Ray)",
-                      train_ray["data_wait_fraction"], None,
-                      f"DataLoader {train_dl['data_wait_fraction']:.2f}; samples/s with "
-                      f"training {train_ray['samples_per_s']:.0f} vs "
-                      f"{train_dl['samples_per_s']:.0f}", unit=""),
+        harness.ratio(
+            "stream: DataLoader / Ray Data CPU s per window (>= 0.83: Ray within 1.2x)",
+            harness.median(paired), 1 / 1.2,
+            f"{ms['ray_after']} vs {ms['dataloader']} ms per window, all processes; paired "
+            f"repeats {_fmt(paired)}", bound="DataLoader(2 workers) on the same shards"),
+        harness.ratio(
+            "stream, before (decode in map_batches): DataLoader / Ray CPU s per window",
+            harness.median(paired_before), 1 / 1.2,
+            f"{ms['ray_before']} ms per window; paired repeats {_fmt(paired_before)}",
+            bound="DataLoader(2 workers) on the same shards"),
+        harness.ratio(
+            "stream: JPEG-decode floor / Ray Data CPU s per window",
+            bounds["decode"] / med["ray_after"], None,
+            f"decode {bounds['decode'] * 1e3:.2f} ms, make_pair_batch alone "
+            f"{bounds['work'] * 1e3:.2f} ms per window (1 thread); DataLoader "
+            f"{bounds['decode'] / med['dataloader']:.2f}",
+            bound="decoding window_frames JPEG crops"),
+        harness.ratio(
+            "stream: cost of preserve_order (unordered / ordered CPU s per window)",
+            med["ray_after_unordered"] / med["ray_after"], None,
+            f"{ms['ray_after_unordered']} vs {ms['ray_after']} ms per window", unit="x"),
+        harness.ratio(
+            f"training {tr['steps']} steps: Ray Data / DataLoader samples/s",
+            tr["samples_per_s"] / td["samples_per_s"], None,
+            f"{tr['samples_per_s']:.0f} vs {td['samples_per_s']:.0f} samples/s; data-wait "
+            f"{tr['data_wait_fraction']:.2f} vs {td['data_wait_fraction']:.2f}; CPU per window "
+            f"{tr['cpu_s_per_window'] * 1e3:.1f} vs {td['cpu_s_per_window'] * 1e3:.1f} ms",
+            bound="the same TorchTrainer loop fed by a DataLoader"),
     ]
-    return harness.result("pipeline", metrics, ratios)
+    return harness.result("pipeline", metrics, ratios, inputs={
+        **info, "windows_per_epoch": windows.get("ray_after"), "train_steps": steps,
+        "repeats": reps})
+
+
+def _profile_pids() -> dict[str, int]:
+    """This process (the consumer) and the live SplitCoordinator actors."""
+    pids = {"consumer": os.getpid()}
+    for pid, p in tree_cpu().items():
+        if "SplitCoordinator" in p.cmd:
+            pids[f"coordinator_{pid}"] = pid
+    return pids
 
 
 def _fmt(xs: list[float]) -> str:

@@ -139,12 +139,16 @@ def run(quick: bool) -> dict[str, Any]:
         harness.ratio(
             "ray overhead: TorchTrainer(1 worker) / plain loop samples/s", in_ray / plain, 0.9,
             f"{in_ray:.0f} vs {plain:.0f} samples/s; start-up {metrics['ray_init_s']:.0f} s "
-            f"init + {metrics['trainer_startup_s']:.0f} s to first step (excluded)"),
+            f"init + {metrics['trainer_startup_s']:.0f} s to first step (excluded)",
+            bound="plain single-process PyTorch loop, same model, batches and threads"),
         harness.ratio(
             "ray overhead: same, per process CPU second", ray_cpu / plain_cpu, 0.9,
-            f"{ray_cpu:.0f} vs {plain_cpu:.0f} samples per CPU s (load-independent)"),
+            f"{ray_cpu:.0f} vs {plain_cpu:.0f} samples per CPU s (load-independent)",
+            bound="plain loop samples per CPU s"),
     ]
-    return harness.result("ray_overhead", metrics, ratios)
+    inputs = {"data": "fixed seeded batches (no data pipeline, by design)",
+              "batch": cfg.train.batch_size, "steps_per_round": steps, "rounds": rounds}
+    return harness.result("ray_overhead", metrics, ratios, inputs=inputs)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/subject_study.py --out benchmarks/subject_study.json
     .venv/bin/python benchmarks/subject_study.py --quick     # smoke sizes, numbers meaningless
+    .venv/bin/python benchmarks/subject_study.py --no-subject \
+        --arms plain,augmented,audio,lips,only-noise,only-reverb,only-speed   # the ablation
 
 Data (``$SE4LIP_SHARED_DATA``, default ../shared/data), prepared into ``--work`` (cached):
 
@@ -37,6 +39,25 @@ HERE = Path(__file__).resolve().parent
 SHIFTS = (-3, 0, 3)
 AUGMENT = ["augment.noise_p=0.5", "augment.reverb_p=0.3", "augment.speed_p=0.3",
            "augment.color_p=0.5", "augment.affine_p=0.5", "augment.blur_p=0.2"]
+AUDIO = AUGMENT[:3]
+LIPS = AUGMENT[3:]
+
+
+def arm_overrides(arm: str) -> list[str]:
+    """Augmentation overrides of a general-encoder arm.
+
+    ``plain`` (none), ``augmented`` (all), ``audio`` / ``lips`` (one modality's),
+    ``only-NAME`` (one augmentation, e.g. ``only-noise``) and ``without-NAME`` (all but one).
+    """
+    names = {a.split(".")[1].split("_p=")[0]: a for a in AUGMENT}
+    fixed = {"plain": [], "augmented": AUGMENT, "audio": AUDIO, "lips": LIPS}
+    if arm in fixed:
+        return list(fixed[arm])
+    kind, _, name = arm.partition("-")
+    if kind in ("only", "without") and name in names:
+        return [names[name]] if kind == "only" else [a for a in AUGMENT if a != names[name]]
+    raise SystemExit(f"unknown arm {arm!r}: plain, augmented, audio, lips, only-NAME or "
+                     f"without-NAME with NAME in {sorted(names)}")
 
 
 def _shared() -> Path:
@@ -72,6 +93,11 @@ def main() -> int:
     ap.add_argument("--general-epochs", type=int, default=2)
     ap.add_argument("--subject-steps", type=int, default=60, help="steps per epoch")
     ap.add_argument("--subject-epochs", type=int, default=4)
+    ap.add_argument("--arms", default="plain,augmented",
+                    help="general encoders to train, comma-separated (see arm_overrides); "
+                         "the ablation of issue 14: plain,augmented,audio,lips,only-noise,...")
+    ap.add_argument("--no-subject", action="store_true",
+                    help="general encoders only (the augmentation ablation)")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -118,7 +144,8 @@ def main() -> int:
 
     common = dict(tracking_uri=uri, storage_path=str(work / "ray"))
     general_epochs = 1 if args.quick else args.general_epochs
-    for name, aug in (("plain", []), ("augmented", AUGMENT)):
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    for name, aug in ((a, arm_overrides(a)) for a in arms):
         if name in rec["general"]:
             continue
         cfg = load_config("cpu-small", overrides=[*face, *aug, f"train.epochs={general_epochs}",
@@ -145,8 +172,9 @@ def main() -> int:
 
     subject_epochs = 2 if args.quick else args.subject_epochs
     steps = 10 if args.quick else args.subject_steps
-    for m in minutes:
-        for init in ("scratch", "plain", "augmented"):
+    inits = ["scratch", *(a for a in ("plain", "augmented") if a in rec["general"])]
+    for m in [] if args.no_subject else minutes:
+        for init in inits:
             if any(x["minutes"] == m and x["init"] == init for x in rec["subject"]):
                 continue
             over = [*face, "train.split=time", f"train.val_fraction={1 / 11}",
@@ -185,7 +213,10 @@ def _table(rec: dict[str, Any]) -> str:
     for m in rec["minutes"]:
         cells = []
         for init in ("scratch", "plain", "augmented"):
-            r = next(x for x in rec["subject"] if x["minutes"] == m and x["init"] == init)
+            r = next((x for x in rec["subject"] if x["minutes"] == m and x["init"] == init), None)
+            if r is None:
+                cells.append("not run")
+                continue
             cells.append(f"{r['val/offset_acc']:.2f} [{r['val/offset_acc_ci_low']:.2f}, "
                          f"{r['val/offset_acc_ci_high']:.2f}] ({int(r['val/offset_trials'])})")
         lines.append(f"| {m:g} min | " + " | ".join(cells) + " |")

@@ -29,7 +29,15 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from se4lip_dist.config import Config, ConfigError, list_presets, load_config
+from se4lip_dist.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    TrainConfig,
+    key_doc,
+    list_presets,
+    load_config,
+)
 
 if TYPE_CHECKING:
     from se4lip_dist.runtime import LogRoute
@@ -73,6 +81,28 @@ PlacementOpt = Annotated[
     float | None,
     typer.Option("--placement-timeout", help="Seconds to wait for workers to be placed before failing (default 600; a request no node can hold fails at once)."),
 ]
+
+
+KEY_OPTIONS: dict[str, str] = {}
+"""CLI parameter name -> the config key its option sets (filled by :func:`_key_opt`)."""
+
+
+def _key_opt(key: str, flag: str | None = None, note: str = "") -> typer.models.OptionInfo:
+    """The option for config key ``key``: its help is the key's docstring in config.py.
+
+    The flag defaults to the key's name (``train.max_steps`` -> ``--max-steps``); a command
+    turns the values it got into overrides with :func:`_key_sets`.
+    """
+    flag = flag or "--" + key.partition(".")[2].replace("_", "-")
+    KEY_OPTIONS[flag.removeprefix("--").replace("-", "_")] = key
+    text = " ".join(t for t in (key_doc(key), note and f"{note}.") if t)
+    return typer.Option(flag, help=f"{text} (config key {key})")
+
+
+def _key_sets(**values: object) -> list[str]:
+    """``--set`` overrides for the key options that were given (None: not given)."""
+    return [f"{KEY_OPTIONS[name]}={v.resolve() if isinstance(v, Path) else v}"
+            for name, v in values.items() if v is not None]
 
 
 def _config(preset: str, config: Path | None, sets: list[str] | None, extra: list[str]) -> Config:
@@ -219,16 +249,9 @@ def prepare(
     preset: PresetOpt = "paper",
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    insightface_root: Annotated[
-        Path | None,
-        typer.Option("--insightface-root", help="InsightFace model root holding models/<pack>/."),
-    ] = None,
-    face_backend: Annotated[
-        str | None, typer.Option("--face-backend", help="insightface | none (fixed box).")
-    ] = None,
-    detect_every: Annotated[
-        int | None, typer.Option("--detect-every", help="Run face detection on every k-th frame.")
-    ] = None,
+    insightface_root: Annotated[Path | None, _key_opt("face.insightface_root")] = None,
+    face_backend: Annotated[str | None, _key_opt("face.backend", "--face-backend")] = None,
+    detect_every: Annotated[int | None, _key_opt("face.detect_every")] = None,
     workers: Annotated[
         int | None, typer.Option("--workers", help="Parallel clip workers (0: no Ray, in-process).")
     ] = None,
@@ -246,17 +269,10 @@ def prepare(
     Inputs, --out and --preview take local paths or URLs (s3://...; credentials and endpoint
     from the standard AWS_* environment variables).
     """
-    from se4lip_dist.prepare import PrepareError, run_prepare
-
-    extra = []
-    if insightface_root is not None:
-        extra.append(f"face.insightface_root={insightface_root.resolve()}")
-    if face_backend is not None:
-        extra.append(f"face.backend={face_backend}")
-    if detect_every is not None:
-        extra.append(f"face.detect_every={detect_every}")
-    cfg = _config(preset, config, set_, extra)
+    cfg = _config(preset, config, set_, _key_sets(
+        insightface_root=insightface_root, face_backend=face_backend, detect_every=detect_every))
     _quiet_ray(as_json)
+    from se4lip_dist.prepare import PrepareError, run_prepare
 
     progress = Progress(
         TextColumn("[bold]prepare"), BarColumn(), MofNCompleteColumn(),
@@ -342,12 +358,12 @@ def train(
     preset: PresetOpt = "cpu-small",
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    epochs: Annotated[int | None, typer.Option("--epochs")] = None,
-    max_steps: Annotated[int | None, typer.Option("--max-steps")] = None,
-    steps_per_epoch: Annotated[int | None, typer.Option("--steps-per-epoch", help="Optimizer steps per epoch, fresh pairs as needed (small data).")] = None,
-    split: Annotated[str | None, typer.Option("--split", help="What validates: clip | speaker | time (the tail of every clip).")] = None,
-    init: Annotated[str | None, typer.Option("--init", help="Warm start from a model URI (models:/se4lip@champion) or a checkpoint folder.")] = None,
-    num_workers: Annotated[int | None, typer.Option("--num-workers", help="Ray Train workers.")] = None,
+    epochs: Annotated[int | None, _key_opt("train.epochs")] = None,
+    max_steps: Annotated[int | None, _key_opt("train.max_steps")] = None,
+    steps_per_epoch: Annotated[int | None, _key_opt("train.steps_per_epoch")] = None,
+    split: Annotated[str | None, _key_opt("train.split")] = None,
+    init: Annotated[str | None, _key_opt("train.init")] = None,
+    num_workers: Annotated[int | None, _key_opt("train.num_workers")] = None,
     use_gpu: Annotated[bool, typer.Option("--use-gpu", help="One GPU per worker (nccl).")] = False,
     tracking_uri: Annotated[
         str | None, typer.Option("--tracking-uri", help="MLflow URI (default: ./se4lip-runs sqlite).")
@@ -366,23 +382,11 @@ def train(
     as_json: JsonOpt = False,
 ) -> None:
     """Train the speech and lip encoders with Ray Train, tracked in MLflow."""
-    from se4lip_dist.train import run_train
-
-    extra = []
-    if epochs is not None:
-        extra.append(f"train.epochs={epochs}")
-    if max_steps is not None:
-        extra.append(f"train.max_steps={max_steps}")
-    if steps_per_epoch is not None:
-        extra.append(f"train.steps_per_epoch={steps_per_epoch}")
-    if split is not None:
-        extra.append(f"train.split={split}")
-    if init is not None:
-        extra.append(f"train.init={init}")
-    if num_workers is not None:
-        extra.append(f"train.num_workers={num_workers}")
-    cfg = _config(preset, config, set_, extra)
+    cfg = _config(preset, config, set_, _key_sets(
+        epochs=epochs, max_steps=max_steps, steps_per_epoch=steps_per_epoch, split=split,
+        init=init, num_workers=num_workers))
     _quiet_ray(as_json)
+    from se4lip_dist.train import run_train
     try:
         result = run_train(
             cfg, str(data), tracking_uri=tracking_uri, experiment=experiment, run_name=run_name,
@@ -441,7 +445,7 @@ def tune(
     cpus_per_trial: Annotated[float | None, typer.Option("--cpus-per-trial", help="CPUs a trial reserves (driver + workers).")] = None,
     gpus_per_trial: Annotated[float, typer.Option("--gpus-per-trial", help="Whole GPUs per trial: that many DDP ranks, one GPU each.")] = 0.0,
     num_workers_per_trial: Annotated[int | None, typer.Option("--num-workers-per-trial", help="DDP ranks per trial (default: --gpus-per-trial, or 2 on CPUs).")] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", help="Epochs per trial (ASHA's max_t).")] = None,
+    epochs: Annotated[int | None, _key_opt("train.epochs", note="Per trial: ASHA's max_t")] = None,
     metric: Annotated[str | None, typer.Option("--metric", help="val/offset_acc | val/sync_acc | val/hard_neg_acc | val/loss (default: the space's).")] = None,
     mode: Annotated[str | None, typer.Option("--mode", help="max | min.")] = None,
     register: Annotated[str, typer.Option("--register", help="Registered model name.")] = "se4lip",
@@ -457,6 +461,7 @@ def tune(
     """Search GRU depth, window and learning rate with Ray Tune; register the best encoder."""
     from rich.live import Live
 
+    _quiet_ray(as_json)
     from se4lip_dist.tuning import TuneOptions, run_tune
 
     overrides = list(set_ or [])
@@ -469,7 +474,6 @@ def tune(
         resume=resume, storage_path=storage_path, address=address, overrides=tuple(overrides),
         **({"placement_timeout_s": placement_timeout} if placement_timeout else {}),
     )
-    _quiet_ray(as_json)
     live = Live(_trials_table([], metric or "val/offset_acc", "trials"), console=console,
                 refresh_per_second=2, transient=True, **_live_io())
 
@@ -645,7 +649,7 @@ def extract(
     inputs: Annotated[list[str], typer.Argument(help="Audio or video files, folders, or CSV/JSONL manifests.")],
     model: Annotated[str, typer.Option("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/...")] = "models:/se4lip@champion",
     out_dir: Annotated[str, typer.Option("--out", help="Feature folder or s3://bucket/prefix (resumes if it exists).")] = "features",
-    fps: Annotated[int, typer.Option("--fps", help="Video frame rate the features follow.")] = 25,
+    fps: Annotated[int, _key_opt("data.fps", note="Here: the frame rate the features follow")] = DataConfig.fps,
     fmt: Annotated[str, typer.Option("--format", help="frame ([N,D]) | window ([N,16,D]) | both.")] = "both",
     parquet: Annotated[bool, typer.Option("--parquet", help="Also write clip,frame,feature Parquet.")] = False,
     use_gpu: Annotated[bool, typer.Option("--use-gpu")] = False,
@@ -663,9 +667,8 @@ def extract(
     Inputs and --out take local paths or URLs (s3://...; credentials and endpoint from the
     standard AWS_* environment variables).
     """
-    from se4lip_dist.extract import run_extract
-
     _quiet_ray(as_json)
+    from se4lip_dist.extract import run_extract
     progress = Progress(TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(),
                         TimeRemainingColumn(), console=console, transient=True, **_live_io(),
                         disable=as_json or not console.is_interactive)  # none after an error
@@ -699,18 +702,17 @@ def extract(
 def evaluate(
     videos: Annotated[list[str], typer.Argument(help="Videos, folders or manifests.")],
     model: Annotated[str, typer.Option("--model", help="A logged/registered SE4Lip model URI.")] = "models:/se4lip@champion",
-    max_offset: Annotated[int, typer.Option("--max-offset", help="Search +-this many frames.")] = 15,
+    max_offset: Annotated[int, _key_opt("train.max_offset")] = TrainConfig.max_offset,
     shift: Annotated[int, typer.Option("--shift", help="Delay the audio by K frames first.")] = 0,
     plot: Annotated[Path | None, typer.Option("--plot", help="Distance-vs-offset PNG per clip here.")] = None,
     tracking_uri: TrackingOpt = None,
-    insightface_root: Annotated[Path | None, typer.Option("--insightface-root")] = None,
-    face_backend: Annotated[str | None, typer.Option("--face-backend", help="insightface | none.")] = None,
+    insightface_root: Annotated[Path | None, _key_opt("face.insightface_root")] = None,
+    face_backend: Annotated[str | None, _key_opt("face.backend", "--face-backend")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """AV offset, LSE-D/LSE-C-style scores (this encoder's scale) and offset accuracy per clip."""
-    from se4lip_dist.evaluate import run_evaluate
-
     _quiet_ray(as_json)
+    from se4lip_dist.evaluate import run_evaluate
     res = _guard(run_evaluate, videos, model, tracking_uri=tracking_uri, max_offset=max_offset,
                  shift=shift, plot_dir=plot,
                  insightface_root=str(insightface_root.resolve()) if insightface_root else None,
@@ -744,7 +746,7 @@ def evaluate(
 def lmd(
     pred: Annotated[Path, typer.Argument(help="Generated video.")],
     gt: Annotated[Path, typer.Argument(help="Ground-truth video of the same speech.")],
-    fps: Annotated[int, typer.Option("--fps")] = 25,
+    fps: Annotated[int, _key_opt("data.fps")] = DataConfig.fps,
     max_frames: Annotated[int | None, typer.Option("--max-frames")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -768,7 +770,7 @@ def probe_visemes(
     plot: Annotated[Path | None, typer.Option("--plot", help="Folder for one PCA PNG per pair.")] = None,
     max_per_letter: Annotated[int | None, typer.Option("--max-per-letter")] = None,
     preset: Annotated[str, typer.Option("--preset", help="Preset of the random-init control.")] = "cpu-small",
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, _key_opt("train.seed", note="Here: of the random-init control")] = TrainConfig.seed,
     as_json: JsonOpt = False,
 ) -> None:
     """Linear-probe separability of viseme-identical letters: encoder vs acoustic features."""
@@ -799,13 +801,12 @@ def probe_visemes(
 def quickstart(
     video_dir: Annotated[Path | None, typer.Argument(help="Your videos (default: synthetic clips).")] = None,
     workdir: Annotated[Path, typer.Option("--workdir", help="Where shards, runs and features go.")] = Path("se4lip-quickstart"),
-    insightface_root: Annotated[Path | None, typer.Option("--insightface-root", help="Needed for real videos.")] = None,
+    insightface_root: Annotated[Path | None, _key_opt("face.insightface_root", note="Needed for real videos")] = None,
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """prepare -> tiny tune (2 trials) -> register -> extract -> evaluate, on local Ray + sqlite."""
-    from se4lip_dist.quickstart import EPOCHS, run_quickstart
-
     _quiet_ray(False, log_dir=workdir.resolve() / "logs")
+    from se4lip_dist.quickstart import EPOCHS, run_quickstart
     view = _QuickstartView(EPOCHS)
     try:
         res = _guard(run_quickstart, video_dir, workdir,
@@ -901,11 +902,11 @@ def subject(
     video: Annotated[str, typer.Argument(help="The subject's video (local path or s3://...).")],
     out_dir: Annotated[str, typer.Option("--out", help="Folder for shards, features and the report.")],
     name: Annotated[str | None, typer.Option("--name", help="Subject name (default: from the file name); the model is se4lip-NAME.")] = None,
-    init: Annotated[str, typer.Option("--init", help="General encoder to fine-tune ('' trains from scratch).")] = "models:/se4lip@champion",
+    init: Annotated[str, _key_opt("train.init", note="Here: the general encoder to fine-tune; '' trains from scratch")] = "models:/se4lip@champion",
     preset: PresetOpt = "cpu-small",
     set_: SetOpt = None,
-    insightface_root: Annotated[str | None, typer.Option("--insightface-root", help="InsightFace model root holding models/<pack>/.")] = None,
-    face_backend: Annotated[str | None, typer.Option("--face-backend", help="insightface | none (fixed box).")] = None,
+    insightface_root: Annotated[Path | None, _key_opt("face.insightface_root")] = None,
+    face_backend: Annotated[str | None, _key_opt("face.backend", "--face-backend")] = None,
     tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="MLflow URI (default: ./se4lip-runs sqlite).")] = None,
     use_gpu: Annotated[bool, typer.Option("--use-gpu", help="Train and extract on GPUs.")] = False,
     address: AddressOpt = None,
@@ -913,14 +914,9 @@ def subject(
 ) -> None:
     """One person's video -> that person's encoder (fine-tuned, end of the video held out) ->
     renderer features and a held-out report."""
-    from se4lip_dist.subject import run_subject
-
-    sets = list(set_ or [])
-    if insightface_root:
-        sets.append(f"face.insightface_root={Path(insightface_root).resolve()}")
-    if face_backend:
-        sets.append(f"face.backend={face_backend}")
+    sets = [*(set_ or []), *_key_sets(insightface_root=insightface_root, face_backend=face_backend)]
     _quiet_ray(as_json)
+    from se4lip_dist.subject import run_subject
     res = _guard(run_subject, video, out_dir, name=name, init=init or None, preset=preset,
                  overrides=sets, tracking_uri=tracking_uri, address=address, use_gpu=use_gpu,
                  on_step=None if as_json else lambda title: console.rule(f"[bold]{title}"))

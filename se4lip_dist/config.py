@@ -7,7 +7,9 @@ the first line of the worker function, because Ray Tune edits nested dict paths.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -65,7 +67,8 @@ class FaceConfig:
     pack: str = "buffalo_sc"
     """InsightFace model pack whose detector is used."""
     det_size: int = 320
-    """Detector input side in pixels."""
+    """Detector input size in pixels along the frame's longer side (the shorter side keeps the
+    aspect ratio, padded to a multiple of 32 with some margin)."""
     det_threshold: float = 0.5
     """Minimum detection score."""
     detect_every: int = 5
@@ -133,6 +136,7 @@ class TrainConfig:
     lr: float = 5e-5
     weight_decay: float = 0.0
     epochs: int = 10
+    """Passes over the training data (see ``steps_per_epoch`` for small data)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps in total (None: run all epochs)."""
     steps_per_epoch: int | None = None
@@ -180,13 +184,13 @@ class TrainConfig:
     amp_dtype: str = "bf16"
     """``bf16`` (Ampere and newer) or ``fp16`` (older GPUs; adds a checkpointed GradScaler)."""
     shuffle_buffer: int = 0
-    """Rows of Ray Data's local shuffle buffer in the workers (0: off). Pairs already arrive
-    shuffled within each sampling block of ``16 * pairs_per_segment``; a buffer mixes little
-    beyond that and costs stream throughput (measured in benchmarks/bench_pipeline.py)."""
+    """Shard rows mixed in each training worker before pairs are sampled (0: off). Files come
+    in a seeded order that changes every epoch, and pairs are shuffled within each block."""
     seed: int = 0
-    """Model initialisation seed. Training pairs are drawn fresh each epoch; validation pairs use
-    a fixed seed of their own (``validation.PAIR_SEED``)."""
+    """Seeds the model initialisation, the per-epoch file order and the training pairs (with
+    one worker a run repeats exactly). Validation pairs use a fixed seed of their own."""
     num_workers: int = 2
+    """Ray Train workers (DDP ranks)."""
     cpus_per_worker: float = 0.5
     """Fractional CPUs leave room for Ray Data: reserving every CPU on 2 cores hangs Ray."""
 
@@ -291,6 +295,12 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+_SECTIONS: dict[str, type] = {
+    name: hint for name, hint in get_type_hints(Config).items() if name != "preset"
+}
+"""Config sections by name (``train`` -> :class:`TrainConfig`)."""
+
+
 def list_presets() -> list[str]:
     """Names of the YAML presets shipped in the package."""
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
@@ -322,6 +332,43 @@ def load_config(
     for key, value in parse_overrides(overrides or []).items():
         _set_dotted(d, key, value)
     return Config.from_dict(d)
+
+
+def key_hint(key: str) -> Any:
+    """The type of config key ``section.name`` as declared on its dataclass.
+
+    Raises:
+        ConfigError: unknown key.
+    """
+    section, _, name = key.partition(".")
+    cls = _SECTIONS.get(section)
+    hints = get_type_hints(cls) if cls else {}
+    if name not in hints:
+        raise ConfigError(f"unknown config key {key!r}")
+    return hints[name]
+
+
+def key_doc(key: str) -> str:
+    """The docstring written under config key ``section.name`` in this module, on one line."""
+    key_hint(key)  # refuses unknown keys
+    return _field_docs().get(key, "")
+
+
+@functools.cache
+def _field_docs() -> dict[str, str]:
+    """``{"section.name": docstring}`` from the attribute docstrings of the section classes."""
+    names = {cls.__name__: section for section, cls in _SECTIONS.items()}
+    docs: dict[str, str] = {}
+    for node in ast.parse(Path(__file__).read_text()).body:
+        if not (isinstance(node, ast.ClassDef) and node.name in names):
+            continue
+        for field_node, doc in zip(node.body, node.body[1:], strict=False):
+            if (isinstance(field_node, ast.AnnAssign) and isinstance(field_node.target, ast.Name)
+                    and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+                    and isinstance(doc.value.value, str)):
+                text = " ".join(doc.value.value.split()).replace("``", "")
+                docs[f"{names[node.name]}.{field_node.target.id}"] = text
+    return docs
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -443,8 +490,11 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "flatten",
+    "key_doc",
+    "key_hint",
     "list_presets",
     "load_config",
     "parse_overrides",
     "replace",
 ]
+

@@ -17,7 +17,14 @@ from typing import Any
 
 import numpy as np
 
+from se4lip_dist import registry
 from se4lip_dist.config import Config
+from se4lip_dist.extract import output_names
+from se4lip_dist.faces import INSIGHTFACE_ROOT_ENV, FaceModelError, build_detector
+from se4lip_dist.plots import offset_curve_figure, save_figure
+from se4lip_dist.prepare import PrepareInput, collect_inputs, input_problem, process_clip
+from se4lip_dist.shards import decode_lips
+from se4lip_dist.sync import clip_sync, is_hit
 
 SCALE_NOTE = "distances are on this encoder's scale (L2 of normalised embeddings), not SyncNet's"
 
@@ -51,11 +58,6 @@ def evaluate_clip(model: Any, cfg: Config, video: str | Path, *, max_offset: int
     Raises:
         EvaluateError: the video cannot be decoded, has no usable face, or is too short.
     """
-    from se4lip_dist.faces import build_detector
-    from se4lip_dist.prepare import PrepareInput, process_clip
-    from se4lip_dist.shards import decode_lips
-    from se4lip_dist.sync import clip_sync
-
     path = str(video)
     if detector is None:
         detector = build_detector(cfg.face)
@@ -81,8 +83,6 @@ def load_sync_model(model_uri: str, tracking_uri: str | None = None) -> tuple[An
     Raises:
         EvaluateError: the registry cannot give a whole model for this URI.
     """
-    from se4lip_dist import registry
-
     loader = getattr(registry, "load_sync_model", None)
     if loader is None:
         raise EvaluateError("this se4lip_dist.registry cannot load whole sync models yet "
@@ -97,11 +97,6 @@ def load_sync_model(model_uri: str, tracking_uri: str | None = None) -> tuple[An
 def evaluate_videos(model: Any, cfg: Config, videos: list[str], *, max_offset: int = 15,
                     shift: int = 0, plot_dir: str | Path | None = None) -> dict[str, Any]:
     """Evaluate several videos with an already-loaded model (see :func:`run_evaluate`)."""
-    from se4lip_dist.extract import output_names
-    from se4lip_dist.faces import FaceModelError, build_detector
-    from se4lip_dist.prepare import collect_inputs, input_problem
-    from se4lip_dist.sync import is_hit
-
     inputs, bad = collect_inputs(videos)
     detector = None
     if inputs:
@@ -184,8 +179,6 @@ def run_evaluate(
         EvaluateError: the model cannot be loaded, or the face detector cannot while some input
             is a usable video (when none is, the clips report why instead).
     """
-    from se4lip_dist.faces import INSIGHTFACE_ROOT_ENV
-
     model, cfg = load_sync_model(model_uri, tracking_uri)
     overrides: dict[str, Any] = {}
     if face_backend is not None:
@@ -204,8 +197,6 @@ def run_evaluate(
 
 def plot_curve(result: dict[str, Any], path: Path) -> Path:
     """Distance-vs-offset PNG of one clip (matplotlib Agg)."""
-    from se4lip_dist.plots import offset_curve_figure, save_figure
-
     fig = offset_curve_figure(
         result["distances"],
         f"{result['name']}: LSE-D {result['lse_d']:.3f}, LSE-C {result['lse_c']:.3f}",

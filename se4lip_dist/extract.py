@@ -35,11 +35,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.data
+import torch
+from ray.data import ActorPoolStrategy
 
-from se4lip_dist import storage
-from se4lip_dist.placement import DEFAULT_TIMEOUT_S, PlacementError, describe
+from se4lip_dist import media, storage
+from se4lip_dist.media import count_output_frames
+from se4lip_dist.models.speech import int8_fidelity, quantize_int8
+from se4lip_dist.placement import DEFAULT_TIMEOUT_S, PlacementError, describe, wait_placeable
 from se4lip_dist.prepare import VIDEO_EXTS, Failure, collect_inputs
+from se4lip_dist.registry import RegistryError, embed_waveforms, load_encoder
+from se4lip_dist.runtime import init_ray
+from se4lip_dist.storage import redact_uri
 from se4lip_dist.sync import centred_audio_windows
+from se4lip_dist.tracking import (
+    RunLogger,
+    check_reachable,
+    end_run,
+    git_revision,
+    resolve_tracking_uri,
+    start_run,
+)
 
 AUDIO_EXTS = {".wav", ".m4a", ".mp3", ".flac", ".ogg", ".opus", ".aac"}
 FRAME_FILE = "aud_se4lip.npy"
@@ -253,7 +272,8 @@ def resolve_model(model_uri: str, tracking_uri: str) -> dict[str, Any]:
         except ExtractError:
             raise
         except Exception as e:
-            raise ExtractError(f"cannot resolve {model_uri} on {_redact(tracking_uri)}: {e}") from e
+            raise ExtractError(
+                f"cannot resolve {model_uri} on {redact_uri(tracking_uri)}: {e}") from e
         info.update(name=mv.name, version=int(mv.version), run_id=mv.run_id,
                     pinned_uri=f"models:/{mv.name}/{mv.version}")
     elif model_uri.startswith("runs:/"):
@@ -261,12 +281,6 @@ def resolve_model(model_uri: str, tracking_uri: str) -> dict[str, Any]:
     elif "://" not in model_uri:
         info["pinned_uri"] = str(Path(model_uri).resolve())
     return info
-
-
-def _redact(uri: str) -> str:
-    from se4lip_dist.storage import redact_uri
-
-    return redact_uri(uri)
 
 
 def _model_identity(model: dict[str, Any]) -> dict[str, Any]:
@@ -324,9 +338,6 @@ def _npy_writer(array: np.ndarray) -> Callable[[Any], None]:
 
 
 def _parquet_writer(clip: str, feats: np.ndarray) -> Callable[[Any], None]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     n, d = feats.shape
     table = pa.table({
         "clip": pa.array([clip] * n, pa.string()),
@@ -338,8 +349,6 @@ def _parquet_writer(clip: str, feats: np.ndarray) -> Callable[[Any], None]:
 
 def count_frames(info: Any, fps: int) -> int:
     """N for an input: video frames at ``fps``, or ``floor(duration * fps)`` for audio only."""
-    from se4lip_dist.media import count_output_frames
-
     if info.has_video:
         return count_output_frames(info, fps)
     return int(np.floor(info.duration_s * fps + 1e-6))
@@ -362,9 +371,6 @@ def extract_features(encoder: Any, cfg: Any, path: str, fps: int,
     Raises:
         MediaError: undecodable input, no audio stream, or shorter than one frame.
     """
-    from se4lip_dist import media
-    from se4lip_dist.registry import embed_waveforms
-
     sr = cfg.data.sample_rate
     if sr % fps:
         raise media.MediaError(f"{path}: sample rate {sr} is not a multiple of fps {fps}")
@@ -456,10 +462,7 @@ class EncoderActor:
 
     def __init__(self, model_uri: str, tracking_uri: str, use_gpu: bool,
                  precision: str = "fp32") -> None:
-        import torch
 
-        from se4lip_dist.models.speech import quantize_int8
-        from se4lip_dist.registry import load_encoder
 
         # One thread: deterministic reductions, and actors, not threads, are the parallelism.
         torch.set_num_threads(1)
@@ -482,10 +485,6 @@ def check_int8(encoder: Any, cfg: Any, model_uri: str) -> float:
     ``extract`` cuts them; the encoder passes when every window stays above
     :data:`INT8_MIN_COSINE`.
     """
-    import torch
-
-    from se4lip_dist.models.speech import int8_fidelity, quantize_int8
-
     spf = cfg.data.samples_per_frame
     n = cfg.train.window_frames * spf
     rng = np.random.default_rng(0)
@@ -555,9 +554,6 @@ def run_extract(
         ExtractError: bad arguments, a model that cannot be resolved or loaded, an unreachable
             output location, a cluster that cannot hold the actors, or a Ray failure.
     """
-    from se4lip_dist.registry import RegistryError, load_encoder
-    from se4lip_dist.tracking import check_reachable, resolve_tracking_uri
-
     t0 = time.perf_counter()
     wanted = wanted_outputs(fmt, parquet)
     if fps <= 0 or batch_size < 1 or concurrency < 1:
@@ -663,11 +659,6 @@ class _EncoderPool:
 
     def __enter__(self) -> _EncoderPool:
         """Join or start Ray, then wait until the cluster can hold the actors (or raise)."""
-        import ray
-
-        from se4lip_dist.placement import wait_placeable
-        from se4lip_dist.runtime import init_ray
-
         self._started = not ray.is_initialized()
         init_ray(self.address)
         try:
@@ -678,8 +669,6 @@ class _EncoderPool:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        import ray
-
         if self._started:  # a local Ray started for this run stops with it
             ray.shutdown()
             self._started = False
@@ -688,9 +677,6 @@ class _EncoderPool:
         """Result rows of :func:`process_input`, in completion order."""
         if not jobs:
             return
-        import ray
-        import ray.data
-        from ray.data import ActorPoolStrategy
 
         ctx = ray.data.DataContext.get_current()
         wait_before = ctx.wait_for_min_actors_s
@@ -723,8 +709,6 @@ class _EncoderPool:
 def _start_run(uri: str, experiment: str, model: dict[str, Any], summary: ExtractSummary,
                fps: int, fmt: str, parquet: bool, batch_size: int, concurrency: int,
                use_gpu: bool, cfg: Any, precision: str) -> str:
-    from se4lip_dist.tracking import git_revision, start_run
-
     params = {
         "model_uri": model["uri"], "model.pinned_uri": model["pinned_uri"],
         "model.name": model.get("name"), "model.version": model.get("version"),
@@ -752,8 +736,6 @@ def run_name(model: dict[str, Any], out_dir: str) -> str:
 
 
 def _end_run(uri: str, run_id: str, summary: ExtractSummary, status: str) -> None:
-    from se4lip_dist.tracking import RunLogger, end_run
-
     logger = RunLogger(uri, run_id)
     logger.metrics({
         "inputs": summary.inputs, "extracted": summary.extracted,

@@ -34,6 +34,8 @@ MODEL_ZOO_URL = "https://github.com/deepinsight/insightface/releases/download/mo
 # inter-ocular distance; these are the template's other proportions (relative to that distance).
 _TEMPLATE_MOUTH_HALF_WIDTH = 0.4
 _TEMPLATE_NOSE_ABOVE_MOUTH = 0.45
+_STRIDE = 32
+"""SCRFD's coarsest feature stride: its input sides must be multiples of it."""
 
 
 class FaceModelError(Exception):
@@ -154,10 +156,25 @@ class InsightFaceDetector:
         self.threshold = float(threshold)
         self._model.prepare(ctx_id=-1, input_size=self.det_size, det_thresh=self.threshold)
 
+    def input_size(self, frame_hw: tuple[int, int]) -> tuple[int, int]:
+        """Detector input (width, height) for a frame: its longer side at ``det_size``.
+
+        The shorter side is padded to the next multiple of 32 (SCRFD's largest stride) plus one
+        stride of margin, not to a square: the same pixels at the same scale with less padding
+        to compute over. Without the margin, keypoints of a face near the bottom or right edge
+        move by pixels (the two-face test in tests/test_bad_inputs.py).
+        """
+        h, w = frame_hw
+        side = self.det_size[0]
+        if w >= h:
+            return side, min(side, _STRIDE * (math.ceil(side * h / w / _STRIDE) + 1))
+        return min(side, _STRIDE * (math.ceil(side * w / h / _STRIDE) + 1)), side
+
     def detect(self, frame_rgb: np.ndarray) -> list[Detection]:
         """Return the faces in an RGB uint8 frame (SCRFD itself expects BGR)."""
         bgr = np.ascontiguousarray(frame_rgb[..., ::-1])
-        det, kpss = self._model.detect(bgr, input_size=self.det_size, det_thresh=self.threshold)
+        det, kpss = self._model.detect(bgr, input_size=self.input_size(bgr.shape[:2]),
+                                       det_thresh=self.threshold)
         out = []
         for i in range(det.shape[0]):
             x1, y1, x2, y2, score = (float(v) for v in det[i])

@@ -23,7 +23,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
 from se4lip_dist.config import Config
+from se4lip_dist.models import build_model
 from se4lip_dist.registry import (
     SOURCE_TAG,
     RegistryError,
@@ -34,6 +39,7 @@ from se4lip_dist.registry import (
     version_info,
 )
 from se4lip_dist.storage import redact_uri
+from se4lip_dist.tracking import existing_store, resolve_tracking_uri
 from se4lip_dist.validation import (
     METRICS,
     ValidationResult,
@@ -99,8 +105,6 @@ def _score_line(m: dict[str, float]) -> str:
 
 def log_once(tracking_uri: str, cand: Candidate) -> str:
     """Log the candidate's model into its run unless this source was logged there already."""
-    from mlflow import MlflowClient
-
     client = MlflowClient(tracking_uri=tracking_uri)
     prior = client.get_run(cand.run_id).data.tags.get(LOGGED_TAG, "")
     src, _, uri = prior.partition(" ")
@@ -176,8 +180,6 @@ def _decided(tracking_uri: str, name: str, version: int) -> dict[str, Any] | Non
 
 
 def _record_failure(tracking_uri: str, name: str, version: int, error: Exception) -> None:
-    from mlflow import MlflowClient
-
     try:
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         client.set_model_version_tag(name, str(version), "gate.decision", "error")
@@ -192,9 +194,6 @@ def champion_version(tracking_uri: str, name: str) -> int | None:
     Raises:
         Any registry error other than "no such model" (the gate must not read it as "none").
     """
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
         aliases = client.get_registered_model(name).aliases or {}
@@ -207,10 +206,6 @@ def champion_version(tracking_uri: str, name: str) -> int | None:
 
 def chance_scores(cfg: Config, vset: ValidationSet) -> ValidationResult:
     """Scores of a random-init encoder of ``cfg``'s architecture (seeded) on ``vset``."""
-    import torch
-
-    from se4lip_dist.models import build_model
-
     torch.manual_seed(CHANCE_SEED)
     model = build_model(cfg.model, sample_rate=cfg.data.sample_rate,
                         window_frames=cfg.train.window_frames)
@@ -224,8 +219,6 @@ def gate(tracking_uri: str, name: str, version: int, cand: Candidate, data_dir: 
     Returns:
         ``alias``, ``reason``, ``scores``, ``champion``, ``chance``, ``protocol``.
     """
-    from mlflow import MlflowClient
-
     vset = ValidationSet.load(data_dir, cand.cfg)
     protocol = vset.protocol
     new = score_state(cand.model_state, cand.cfg, vset)
@@ -309,10 +302,6 @@ def promote(name: str, version: int, alias: str = CHAMPION,
     Raises:
         RegistryError: no such model or version.
     """
-    from mlflow import MlflowClient
-
-    from se4lip_dist.tracking import existing_store, resolve_tracking_uri
-
     uri = resolve_tracking_uri(tracking_uri)
     existing_store(uri)
     version_info(uri, name, version)
@@ -333,8 +322,6 @@ def compare(name: str, versions: tuple[int, int], *, data_dir: str | None = None
     Raises:
         RegistryError: unknown version, or no data to score on.
     """
-    from se4lip_dist.tracking import existing_store, resolve_tracking_uri
-
     uri = resolve_tracking_uri(tracking_uri)
     existing_store(uri)
     newer = max(versions)

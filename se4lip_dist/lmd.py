@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from se4lip_dist.media import MediaError, count_output_frames, iter_video_frames, probe
+
 MOUTH = slice(48, 68)
 
 
@@ -65,8 +67,6 @@ def mouth_distance(pred: np.ndarray, gt: np.ndarray) -> float:
 
 def _landmarks(path: str, fps: int, max_frames: int | None,
                marker: MouthLandmarks) -> Iterator[np.ndarray | None]:
-    from se4lip_dist.media import iter_video_frames
-
     for i, frame in enumerate(iter_video_frames(path, fps)):
         if max_frames is not None and i >= max_frames:
             return
@@ -74,8 +74,6 @@ def _landmarks(path: str, fps: int, max_frames: int | None,
 
 
 def _count(path: str, fps: int) -> int:
-    from se4lip_dist.media import count_output_frames, probe
-
     return count_output_frames(probe(path), fps)
 
 
@@ -97,8 +95,6 @@ def run_lmd(pred_video: str | Path, gt_video: str | Path, *, fps: int = 25,
     Raises:
         LMDError: dlib missing, unreadable video, or no frame with a face in both.
     """
-    from se4lip_dist.media import MediaError
-
     pred, gt = str(pred_video), str(gt_video)
     marker = MouthLandmarks()
     try:

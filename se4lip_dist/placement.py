@@ -24,6 +24,9 @@ import math
 import time
 from typing import Any
 
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+
 DEFAULT_TIMEOUT_S = 600.0
 """Default bound on waiting for a pool's resources (autoscalers may need minutes for a node)."""
 _STATUS_WAIT_S = 10.0
@@ -40,8 +43,6 @@ def describe(request: dict[str, float]) -> str:
 
 
 def _nodes() -> list[dict[str, float]]:
-    import ray
-
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
@@ -56,8 +57,6 @@ def missing_everywhere(request: dict[str, float],
 
 def _status_reply() -> Any | None:
     """The GCS ``GetClusterStatusReply`` (autoscaler v2 state), or None when unavailable."""
-    import ray
-
     try:
         from ray._raylet import GcsClient
         from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
@@ -118,8 +117,6 @@ def _reported_infeasible(request: dict[str, float]) -> bool:
 
 
 def _free_summary(request: dict[str, float]) -> str:
-    import ray
-
     total, free = ray.cluster_resources(), ray.available_resources()
     return ", ".join(f"{k} {free.get(k, 0.0):g} of {total.get(k, 0.0):g} free"
                      for k in sorted(request))
@@ -158,9 +155,6 @@ def wait_placeable(request: dict[str, float], count: int, what: str,
     Raises:
         PlacementError: impossible on this cluster, reported infeasible, or not free in time.
     """
-    import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
-
     start = time.monotonic()
     request = {k: float(v) for k, v in request.items() if v}
     check_feasible(request, what)

@@ -19,12 +19,17 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import cv2
 import numpy as np
+import ray
+import torch
+from ray.util import ActorPool
 
-from se4lip_dist import storage
+from se4lip_dist import faces, media, storage
 from se4lip_dist.config import Config
+from se4lip_dist.faces import FaceModelError, build_detector
 from se4lip_dist.manifest import (
     FAILURES,
     MANIFEST,
@@ -33,11 +38,10 @@ from se4lip_dist.manifest import (
     ManifestError,
     append_failures,
 )
-from se4lip_dist.placement import DEFAULT_TIMEOUT_S, PlacementError
+from se4lip_dist.media import MediaError, MediaInfo
+from se4lip_dist.placement import DEFAULT_TIMEOUT_S, PlacementError, wait_placeable
+from se4lip_dist.runtime import cluster_cpus, init_ray
 from se4lip_dist.shards import SHARD_GLOB, Segment, ShardWriter, encode_jpeg, segments_to_table
-
-if TYPE_CHECKING:
-    from se4lip_dist.media import MediaInfo
 
 VIDEO_EXTS = {".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".flv", ".mpg", ".mpeg", ".ts"}
 MANIFEST_EXTS = {".csv", ".jsonl"}
@@ -287,8 +291,6 @@ def segment_bounds(n_frames: int, segment_frames: int, window_frames: int) -> li
 
 def _probe_streams(path: str, name: str) -> MediaInfo:
     """``media.probe`` of a local file that must hold both video and audio (``MediaError``)."""
-    from se4lip_dist import media
-
     info = media.probe(path)
     if not info.has_video:
         raise media.MediaError(f"{name}: no video stream")
@@ -304,8 +306,6 @@ def input_problem(inp: PrepareInput) -> Failure | None:
     URL is not downloaded for it (None). Used to name unusable inputs before blaming anything
     else, e.g. a face detector that cannot load.
     """
-    from se4lip_dist.media import MediaError
-
     if not storage.is_local(inp.path):
         return None
     try:
@@ -318,14 +318,12 @@ def input_problem(inp: PrepareInput) -> Failure | None:
 
 def _process_local(result: ClipResult, path: str, cfg: Config, detector: Any) -> None:
     """The body of :func:`process_clip` on a local copy ``path`` of ``result.input``."""
-    from se4lip_dist import faces, media
-
     inp, clip_id = result.input, result.clip_id
     data, face = cfg.data, cfg.face
     stage = "decode"
     try:
         info = _probe_streams(path, inp.path)
-        audio = media.decode_audio(path, data.sample_rate)
+        audio = media.decode_audio(path, data.sample_rate, info=info)
         stage = "faces"
         tracker = faces.MouthTracker(
             detector,
@@ -338,7 +336,9 @@ def _process_local(result: ClipResult, path: str, cfg: Config, detector: Any) ->
         scores: list[float] = []
         detected: list[bool] = []
         tiles: list[np.ndarray] = []
-        for tf in tracker.track(media.iter_video_frames(path, data.fps)):
+        # One decoder thread: clips run one per core, and threads cost CPU time per frame.
+        frames = media.iter_video_frames(path, data.fps, info=info, threads=1)
+        for tf in tracker.track(frames):
             cx, cy, side = faces.mouth_square(tf.kps, face.mouth_scale)
             crop = faces.crop_square(tf.frame, cx, cy, side, data.crop_size)
             jpegs.append(encode_jpeg(crop, data.jpeg_quality))
@@ -415,7 +415,6 @@ class _ClipWorker:
 
     def __init__(self, cfg_dict: dict[str, Any]) -> None:
         _single_thread()
-        from se4lip_dist.faces import build_detector
 
         self.cfg = Config.from_dict(cfg_dict)
         self.detector = build_detector(self.cfg.face)
@@ -426,9 +425,6 @@ class _ClipWorker:
 
 def _single_thread() -> None:
     # Parallelism comes from running one clip per core; threads inside would oversubscribe.
-    import cv2
-    import torch
-
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
 
@@ -499,7 +495,6 @@ def run_prepare(
 
     # Fail the whole run early, with one message, when the detector itself cannot load, unless
     # no input could be prepared anyway: then the inputs are the problem to report.
-    from se4lip_dist.faces import FaceModelError, build_detector
 
     detector: Any = None
     if todo:
@@ -614,12 +609,6 @@ class _ClipPool:
     def start(cls, todo: list[tuple[PrepareInput, str]], cfg: Config, workers: int | None,
               address: str | None, timeout_s: float) -> _ClipPool:
         """Start the actors; :class:`PrepareError` when the cluster cannot hold them in time."""
-        import ray
-        from ray.util import ActorPool
-
-        from se4lip_dist.placement import wait_placeable
-        from se4lip_dist.runtime import cluster_cpus, init_ray
-
         init_ray(address)
         n = min(workers or max(1, int(cluster_cpus())), len(todo))
         request = {"CPU": 1.0}
@@ -653,8 +642,6 @@ class _ClipPool:
 
 
 def _write_png(url: str, rgb: np.ndarray) -> None:
-    import cv2
-
     ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
         raise ValueError(f"{url}: PNG encoding failed")

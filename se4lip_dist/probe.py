@@ -24,8 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torchaudio
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
+from se4lip_dist import media
 from se4lip_dist.config import Config
+from se4lip_dist.plots import pyplot, save_figure
+from se4lip_dist.registry import embed_waveforms
 from se4lip_dist.sync import centred_audio_windows
 
 DEFAULT_PAIRS: tuple[tuple[str, str], ...] = (("d", "t"), ("b", "p"), ("g", "k"))
@@ -117,8 +127,6 @@ def span_embedding(encoder: Any, cfg: Config, audio: np.ndarray, f0: int, f1: in
     Returns:
         float32 ``[D]``.
     """
-    from se4lip_dist.registry import embed_waveforms
-
     windows = centred_audio_windows(audio, f1, cfg.train.window_frames, spf)[f0:f1]
     return embed_waveforms(encoder, np.ascontiguousarray(windows), cfg).mean(0)
 
@@ -126,11 +134,6 @@ def span_embedding(encoder: Any, cfg: Config, audio: np.ndarray, f0: int, f1: in
 def _features(examples: list[dict[str, Any]], encoder: Any, cfg: Config,
               fps: int = 25) -> dict[str, np.ndarray]:
     """Encoder, log-Mel and MFCC span features, one row per example."""
-    import torch
-    import torchaudio
-
-    from se4lip_dist import media
-
     sr = cfg.data.sample_rate
     spf = sr // fps
     mel = torchaudio.transforms.MelSpectrogram(sample_rate=sr, n_fft=512, win_length=400,
@@ -153,11 +156,6 @@ def _features(examples: list[dict[str, Any]], encoder: Any, cfg: Config,
 
 def probe_accuracy(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) -> float | None:
     """Cross-validated accuracy of a standardised logistic-regression probe (None: too few)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     k = min(folds, int(np.bincount(y).min()) if len(np.unique(y)) == 2 else 0)
     if k < 2:
         return None
@@ -168,11 +166,6 @@ def probe_accuracy(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) 
 
 def _plot_pair(feats: dict[str, np.ndarray], y: np.ndarray, pair: tuple[str, str],
                accs: dict[str, float | None], path: Path) -> Path:
-    from sklearn.decomposition import PCA
-    from sklearn.preprocessing import StandardScaler
-
-    from se4lip_dist.plots import pyplot, save_figure
-
     fig, axes = pyplot().subplots(1, len(feats), figsize=(4.2 * len(feats), 4))
     for ax, (kind, x) in zip(np.atleast_1d(axes), feats.items(), strict=True):
         z = PCA(n_components=2, random_state=0).fit_transform(StandardScaler().fit_transform(x))

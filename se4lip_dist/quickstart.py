@@ -15,6 +15,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import yaml
 
+from se4lip_dist.config import load_config
+from se4lip_dist.evaluate import run_evaluate
+from se4lip_dist.extract import run_extract
+from se4lip_dist.prepare import run_prepare
+from se4lip_dist.storage import redact_uri
+from se4lip_dist.synthetic import make_synthetic_clip
+from se4lip_dist.tracking import default_tracking_uri
+from se4lip_dist.tuning import TuneOptions, run_tune
+
 if TYPE_CHECKING:
     from se4lip_dist.tuning import TrialRow
 
@@ -105,14 +114,6 @@ def run_quickstart(
         tracking_uri: MLflow URI; default: ``<workdir>/se4lip-runs/mlflow.db``.
         reporter: told about steps, progress and trials as they happen.
     """
-    from se4lip_dist.config import load_config
-    from se4lip_dist.evaluate import run_evaluate
-    from se4lip_dist.extract import run_extract
-    from se4lip_dist.prepare import run_prepare
-    from se4lip_dist.storage import redact_uri
-    from se4lip_dist.tracking import default_tracking_uri
-    from se4lip_dist.tuning import TuneOptions, run_tune
-
     report: Reporter = reporter or _Silent()
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -202,8 +203,6 @@ def run_quickstart(
 def _synthetic_clips(out_dir: Path, n: int, seed: int, report: Reporter) -> list[Path]:
     """``syn_00000.mp4``... with seeds ``seed + i`` (as ``make_synthetic_dataset`` names them);
     clips already there are kept, so a rerun writes nothing."""
-    from se4lip_dist.synthetic import make_synthetic_clip
-
     out_dir.mkdir(parents=True, exist_ok=True)
     report.items(n)
     paths = []

@@ -18,20 +18,29 @@ MLflow state is read or changed. Which version carries which alias is decided in
 
 from __future__ import annotations
 
+import datetime
 import os
+import pickle
 import tempfile
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import mlflow.artifacts
+import mlflow.pyfunc
 import numpy as np
+import torch
 import yaml
+from mlflow import MlflowClient
+from mlflow.entities import LoggedModelOutput
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
+from mlflow.types import Schema, TensorSpec
 
 from se4lip_dist.config import Config
-
-if TYPE_CHECKING:
-    import torch
-
-    from se4lip_dist.models import SpeechEncoder
+from se4lip_dist.models import SpeechEncoder, build_model
+from se4lip_dist.storage import redact_uri
+from se4lip_dist.tracking import existing_store, resolve_tracking_uri
 
 WEIGHTS_FILE = "speech_encoder.pt"
 LIPS_FILE = "lip_encoder.pt"
@@ -55,8 +64,6 @@ def _quiet() -> None:
 
 
 def _pip_requirements() -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     reqs = []
     for pkg in ("torch", "torchaudio", "numpy", "pyyaml", "mlflow", "se4lip-dist"):
         try:
@@ -68,8 +75,6 @@ def _pip_requirements() -> list[str]:
 
 def build_speech_encoder(cfg: Config, state_dict: dict[str, torch.Tensor]) -> SpeechEncoder:
     """A speech encoder in eval mode with ``state_dict`` loaded (strict)."""
-    from se4lip_dist.models import SpeechEncoder
-
     enc = SpeechEncoder(cfg.model, cfg.data.sample_rate)
     enc.load_state_dict(state_dict)
     return enc.eval()
@@ -94,10 +99,6 @@ def _is_whole_model(state: dict[str, Any]) -> bool:
 def load_weights(path: str | Path, source: str | None = None) -> dict[str, Any]:
     """A ``weights_only`` ``torch.load`` (tensor state_dicts, optimizer states); anything else
     (pickled code) is refused with a :class:`RegistryError` naming ``source``, never run."""
-    import pickle
-
-    import torch
-
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
@@ -133,8 +134,6 @@ def embed_waveforms(encoder: Any, wav: Any, cfg: Config) -> np.ndarray:
     Returns:
         float32 ``[batch, D]``.
     """
-    import torch
-
     if isinstance(wav, dict):  # a named-tensor pyfunc input
         if len(wav) != 1:
             raise ValueError(f"expected one waveform tensor, got inputs {sorted(wav)}")
@@ -176,13 +175,6 @@ def log_model(
     Returns:
         The logged model's URI (``models:/m-...``).
     """
-    import mlflow.pyfunc
-    import torch
-    from mlflow import MlflowClient
-    from mlflow.entities import LoggedModelOutput
-    from mlflow.models import Model, ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
     _quiet()
     lips_state = _part(state, "lips.") if _is_whole_model(state) else None
     speech_state = speech_state_dict(state) if lips_state is not None else state
@@ -254,9 +246,6 @@ def register_model(
     Returns:
         The new version number.
     """
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
         client.create_registered_model(name, description=MODEL_DESCRIPTION)
@@ -288,9 +277,6 @@ MODEL_DESCRIPTION = (
 
 def find_version(tracking_uri: str, name: str, source: str) -> int | None:
     """The version of ``name`` registered from ``source`` (tag ``se4lip.source``), if any."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
         versions = client.search_model_versions(f"name = '{name}'")
@@ -312,8 +298,6 @@ def resolve_artifacts(model_uri: str, tracking_uri: str) -> str:
     """The artifact location behind a model URI, resolved with a client bound to
     ``tracking_uri`` (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``models:/m-...``);
     other URIs (``runs:/``, folders, ``s3://``) are returned as they are."""
-    from mlflow import MlflowClient
-
     if not model_uri.startswith("models:/"):
         return model_uri
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -341,10 +325,6 @@ def pin_model(model_uri: str, tracking_uri: str) -> dict[str, Any]:
     Raises:
         RegistryError: the registry does not know the model.
     """
-    from mlflow import MlflowClient
-
-    from se4lip_dist.tracking import existing_store
-
     info: dict[str, Any] = {"uri": model_uri, "pinned_uri": model_uri}
     if model_uri.startswith(("models:/", "runs:/")):
         existing_store(tracking_uri)  # reading must not create an empty store
@@ -391,11 +371,6 @@ def pin_model(model_uri: str, tracking_uri: str) -> dict[str, Any]:
 
 def _download(model_uri: str, tracking_uri: str | None, dst: str) -> tuple[Path, Path, str]:
     """Download a logged model; returns (speech weights, config) paths and the tracking URI."""
-    import mlflow.artifacts
-
-    from se4lip_dist.storage import redact_uri
-    from se4lip_dist.tracking import resolve_tracking_uri
-
     uri = resolve_tracking_uri(tracking_uri)
     _quiet()
     if model_uri.startswith(("models:/", "runs:/")):
@@ -462,8 +437,6 @@ def load_model_state(
 
 def load_sync_model(model_uri: str, tracking_uri: str | None = None) -> tuple[Any, Config]:
     """A logged model as a whole :class:`~se4lip_dist.models.SE4Lip` (eval, CPU) and its config."""
-    from se4lip_dist.models import build_model
-
     state, cfg = load_model_state(model_uri, tracking_uri)
     model = build_model(cfg.model, sample_rate=cfg.data.sample_rate,
                         window_frames=cfg.train.window_frames)
@@ -473,10 +446,6 @@ def load_sync_model(model_uri: str, tracking_uri: str | None = None) -> tuple[An
 
 def _reader(tracking_uri: str | None) -> tuple[Any, str]:
     """A registry client for an existing store (reading never creates an empty one)."""
-    from mlflow import MlflowClient
-
-    from se4lip_dist.tracking import existing_store, resolve_tracking_uri
-
     uri = resolve_tracking_uri(tracking_uri)
     existing_store(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
@@ -491,10 +460,6 @@ def list_models(tracking_uri: str | None = None) -> dict[str, Any]:
     Raises:
         TrackingError: no store at that URI.
     """
-    import datetime
-
-    from se4lip_dist.storage import redact_uri
-
     client, uri = _reader(tracking_uri)
     rows = []
     for m in client.search_registered_models():
@@ -516,10 +481,6 @@ def show_model(name: str, tracking_uri: str | None = None) -> dict[str, Any]:
         RegistryError: no such registered model.
         TrackingError: no store at that URI.
     """
-    from mlflow.exceptions import MlflowException
-
-    from se4lip_dist.storage import redact_uri
-
     client, uri = _reader(tracking_uri)
     try:
         model = client.get_registered_model(name)
@@ -550,9 +511,6 @@ def version_info(tracking_uri: str, name: str, version: int) -> Any:
     Raises:
         RegistryError: no such model or version.
     """
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
         return client.get_model_version(name, str(version))

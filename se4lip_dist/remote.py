@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ray.exceptions import AuthenticationError
+
 from se4lip_dist.runtime import CREDENTIAL_ENV
 from se4lip_dist.storage import redact_uri
 
@@ -135,8 +137,6 @@ def _auth_message(address: str, had_token: bool, detail: str) -> str:
 
 def _call(address: str, had_token: bool, fn: Callable[[], Any]) -> Any:
     """Run one Jobs API call, turning Ray's connection and auth errors into RemoteError."""
-    from ray.exceptions import AuthenticationError
-
     try:
         return fn()
     except AuthenticationError as e:
@@ -325,7 +325,6 @@ async def _tail(
     deadline: float | None, emitted: list[int],
 ) -> None:
     """Stream the log websocket until it closes (the job ended), counting characters emitted."""
-
     async def run() -> None:
         async for chunk in client.tail_job_logs(job_id):
             emit(chunk)

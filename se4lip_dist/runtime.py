@@ -1,4 +1,8 @@
-"""Starting or joining Ray the same way in every command."""
+"""Starting or joining Ray the same way in every command.
+
+The one library module that imports Ray inside its functions: the CLI sets the library switches
+of :data:`QUIET_ENV` through it, and Ray Data reads them when it is first imported.
+"""
 
 from __future__ import annotations
 

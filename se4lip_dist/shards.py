@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -118,8 +119,6 @@ def decode_audio(blob: bytes) -> np.ndarray:
 
 def decode_lips(jpegs: list[bytes]) -> np.ndarray:
     """JPEG crops of a row -> uint8 array [n_frames, crop, crop, 3] (RGB)."""
-    import cv2
-
     out = []
     for j in jpegs:
         img = cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR)
@@ -131,8 +130,6 @@ def decode_lips(jpegs: list[bytes]) -> np.ndarray:
 
 def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
     """RGB uint8 image -> JPEG bytes."""
-    import cv2
-
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
                            [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     if not ok:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ray import tune
 
 from se4lip_dist.config import Config, ConfigError, list_presets, load_config
 from se4lip_dist.validation import METRICS, ValidationError, metric_name
@@ -37,8 +38,6 @@ class SearchSpace:
 
     def param_space(self) -> dict[str, Any]:
         """The Ray Tune ``param_space`` (flat dotted keys -> tune domains)."""
-        from ray import tune
-
         out: dict[str, Any] = {}
         for key, spec in self.params.items():
             (kind, arg), = spec.items()

@@ -1,8 +1,10 @@
 """Ray Data streaming of prepared shards into training pairs.
 
 Shard rows (one segment of a clip each, see :mod:`se4lip_dist.shards`) are read lazily with
-``ray.data.read_parquet`` and turned into audio/lip pairs inside ``map_batches``, so JPEG decoding
-and pair sampling run in Ray Data tasks while the training workers only run the model.
+``ray.data.read_parquet`` (:func:`row_dataset`) and streamed as stored, JPEG frames and int16 PCM,
+to the training workers. Each worker turns them into audio/lip pairs in Ray's prefetch threads
+(:func:`iter_pair_batches`): the object store and the streaming coordinator move compact rows
+rather than decoded windows, and a frame is decoded by the process that trains on it.
 
 A pair is a ``window_frames`` lip window plus an audio window of the same length:
 
@@ -18,18 +20,22 @@ numpy so it is unit-tested without Ray; :func:`make_pair_batch` applies it to a 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
+import pyarrow.compute as pc
+import ray.data
+import torch
+from ray.data import FileShuffleConfig
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from se4lip_dist.config import Config
+from se4lip_dist.manifest import Manifest, ManifestError
 from se4lip_dist.shards import decode_audio, decode_lips
 from se4lip_dist.splits import SplitRule, crop_rows
-
-if TYPE_CHECKING:
-    import ray.data
+from se4lip_dist.storage import fs_and_paths
 
 POSITIVE, HARD, FAR, CROSS = 0, 1, 2, 3
 """Pair kinds in the ``kind`` column."""
@@ -169,7 +175,7 @@ def make_pair_batch(
     role: str = "train",
     seed: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Turn a batch of shard rows into a batch of pairs (the ``map_batches`` UDF).
+    """Turn a batch of shard rows into a batch of pairs (training collate, validation pairs).
 
     With a ``rule``, rows are first cut to the frames ``role`` may use (other clips, or the
     other part of a clip under a time split, are dropped). JPEGs are decoded only for the frames
@@ -180,7 +186,7 @@ def make_pair_batch(
         spec: pair sampling settings.
         rule: the split rule; None keeps every row as it is (already selected by the caller).
         role: ``train`` or ``val``.
-        seed: fixed seed for reproducible pairs (validation); None draws fresh pairs each epoch.
+        seed: the pairs are a function of ``seed`` and the rows; None draws fresh pairs.
 
     Returns:
         Columns ``wav`` float32 [P, window_frames*samples_per_frame], ``lips`` uint8
@@ -234,41 +240,20 @@ def _empty_pairs(t: int, spf: int) -> dict[str, np.ndarray]:
     }
 
 
-def pair_block(batch: dict[str, Any], **kwargs: Any) -> Any:
-    """:func:`make_pair_batch` as a Ray Data UDF.
-
-    A batch that yields no pair becomes an empty Arrow table with the same tensor columns as
-    the others: Ray Data cannot type 0-row numpy tensors and would fall back to pickled objects
-    (with a warning) for that block.
-    """
-    out = make_pair_batch(batch, **kwargs)
-    if len(out["label"]):
-        return out
-    import pyarrow as pa
-    from ray.data.extensions import ArrowTensorArray
-
-    spec = kwargs["spec"]
-    first = next((row[0] for row in batch["lips"] if len(row)), None)
-    h, w = decode_lips([first]).shape[1:3] if first is not None else (1, 1)
-    one = {"wav": np.zeros((1, spec.window_frames * spec.samples_per_frame), np.float32),
-           "lips": np.zeros((1, spec.window_frames, h, w, 3), np.uint8)}
-    return pa.table({
-        **{k: ArrowTensorArray.from_numpy(v) for k, v in one.items()},
-        "label": pa.array([0.0], pa.float32()), "kind": pa.array([0], pa.int8()),
-    }).slice(0, 0)
-
-
-def read_shards(data_dir: str, *, shuffle_files: bool = False) -> ray.data.Dataset:
+def read_shards(data_dir: str, *, shuffle_files: bool = False, seed: int | None = None,
+                concurrency: int | None = None, row_filter: Any = None) -> ray.data.Dataset:
     """Lazy Ray dataset over the shards a prepared folder's manifest names (columns we need).
+
+    With ``shuffle_files`` the file order is shuffled on every execution (every epoch); with a
+    ``seed`` too, the order of execution ``i`` is a function of ``(seed, i)`` (Ray's
+    ``FileShuffleConfig`` with ``reseed_after_execution``). ``concurrency`` caps the read tasks
+    in flight (None: as many as the CPUs allow); ``row_filter`` is a pyarrow expression
+    applied in the Parquet scan.
 
     Raises:
         ManifestError: no or unreadable manifest, or a manifest with no shards.
         ShardSchemaError: a shard is missing, unreadable or of another schema version.
     """
-    import ray.data
-
-    from se4lip_dist.manifest import Manifest, ManifestError
-
     manifest = Manifest.load(data_dir)
     paths = manifest.shard_paths(data_dir)
     if not paths:
@@ -277,51 +262,122 @@ def read_shards(data_dir: str, *, shuffle_files: bool = False) -> ray.data.Datas
     # Parquet V1 reader: V2 (Ray 2.60's default) starts footer-reader actors to list files on
     # every execution, i.e. every epoch, which delays the first batch of each epoch
     # (benchmarks/bench_pipeline.py); the manifest already lists the files, so V2 buys nothing.
-    from se4lip_dist.storage import fs_and_paths
 
     filesystem, paths = fs_and_paths(paths)
     ctx = ray.data.DataContext.get_current()
     use_v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    shuffle = FileShuffleConfig(seed=seed) if shuffle_files else None
     try:
         # Fractional read tasks: on 2 cores a 1-CPU read task waits behind the training workers.
         return ray.data.read_parquet(
-            paths, columns=READ_COLUMNS, shuffle="files" if shuffle_files else None,
-            num_cpus=0.25, filesystem=filesystem,
+            paths, columns=READ_COLUMNS, shuffle=shuffle,
+            num_cpus=0.25, filesystem=filesystem, concurrency=concurrency, filter=row_filter,
         )
     finally:
         ctx.use_datasource_v2 = use_v2
 
 
-def pair_dataset(
-    data_dir: str,
-    cfg: Config,
-    *,
-    rows_per_task: int = 16,
-    num_cpus: float = 0.5,
-) -> ray.data.Dataset:
-    """Streamed training pairs: ``wav``, ``lips``, ``label``, ``kind`` (see make_pair_batch).
+def row_dataset(data_dir: str, cfg: Config) -> ray.data.Dataset:
+    """Training rows as stored (JPEG frames, int16 PCM), files in a seeded per-epoch order.
 
-    Pairs are re-drawn every time the dataset is iterated (every epoch), from files in a shuffled
-    order. Validation does not stream: :mod:`se4lip_dist.validation` scores fixed pairs.
+    The stream carries the compact shard rows; pair sampling and JPEG decoding run in the
+    consumer (:func:`iter_pair_batches`), so the object store moves encoded frames instead of
+    decoded windows, and a row's frames are decoded once, by the process that trains on them.
+    Clips with no training frames are filtered out in the Parquet scan (the manifest says which
+    they are), so ``streaming_split(equal=True)`` shares out rows that yield pairs. Blocks keep
+    their read order (``preserve_order``) so that, for a given ``train.seed``, a single consumer
+    sees the same rows in the same batches on every run. One read task per training worker is
+    in flight: reading compact rows is cheap, and more fractional-CPU tasks than a node has
+    cores make Ray start a worker process per task and kill it when idle, every epoch
+    (benchmarks/bench_pipeline.py measures that churn).
+    """
+    manifest = Manifest.load(data_dir)
+    rule = SplitRule.for_manifest(manifest, cfg)
+    train = sorted(cid for cid, rec in manifest.clips.items()
+                   if "train" in rule.ranges(cid, rec.split, rec.speaker, rec.frames))
+    ds = read_shards(data_dir, shuffle_files=True, seed=cfg.train.seed,
+                     concurrency=cfg.train.num_workers,
+                     row_filter=pc.field("clip_id").isin(train))
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+def pair_seed(seed: int, epoch: int, pass_index: int = 0) -> int:
+    """Pair-sampling seed of one pass over the rows: fixed per ``(train.seed, epoch, pass)``,
+    different for every epoch and pass (``train.steps_per_epoch`` can take several passes)."""
+    return int(np.random.SeedSequence([seed, epoch, pass_index]).generate_state(1)[0])
+
+
+class PairCollate(NumpyBatchCollateFn):
+    """``iter_torch_batches`` collate: shard rows -> shuffled pairs as CPU tensors.
+
+    Runs :func:`make_pair_batch` (split crop, pair sampling, decoding of the frames the pairs
+    use) in Ray's prefetch threads of the consuming process. Pairs depend on ``seed`` and the
+    rows of the batch only, never on the thread or the call order.
+    """
+
+    def __init__(self, spec: PairSpec, rule: SplitRule | None, seed: int) -> None:
+        self.spec = spec
+        self.rule = rule
+        self.seed = seed
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        out = make_pair_batch(batch, spec=self.spec, rule=self.rule, role="train",
+                              seed=self.seed)
+        return {k: torch.from_numpy(v) for k, v in out.items()}
+
+
+def iter_pair_batches(
+    rows: Any,
+    *,
+    spec: PairSpec,
+    rule: SplitRule | None,
+    seed: int,
+    batch_size: int,
+    device: Any = "cpu",
+    rows_per_batch: int = 16,
+    shuffle_buffer: int | None = None,
+    prefetch_batches: int = 2,
+) -> Iterator[dict[str, Any]]:
+    """One pass of training batches of ``batch_size`` pairs from a stream of shard rows.
 
     Args:
-        data_dir: folder with ``manifest.json`` and the shards.
-        cfg: resolved config (``train`` sampling settings, ``data.fps``/``sample_rate``).
-        rows_per_task: shard rows per ``map_batches`` call; more rows give more cross-clip choice.
-        num_cpus: CPUs reserved by each sampling task (fractional: leave room for the workers).
-    """
-    from se4lip_dist.manifest import Manifest
+        rows: a Ray ``Dataset`` or ``DataIterator`` of :func:`row_dataset` rows (in training,
+            ``ray.train.get_dataset_shard("train")``).
+        spec: pair sampling settings.
+        rule: the split rule (training frames only); None keeps every row.
+        seed: pair-sampling seed of this pass (:func:`pair_seed`); also seeds the row buffer.
+        batch_size: pairs per batch; the last incomplete batch is dropped.
+        device: where the batches go (Ray moves them after collating).
+        rows_per_batch: shard rows sampled together; more rows give more cross-clip choice.
+        shuffle_buffer: rows mixed across files before sampling (None: files in shuffled order).
+        prefetch_batches: row batches Ray collates ahead of the consumer.
 
-    rule = SplitRule.for_manifest(Manifest.load(data_dir), cfg)
-    ds = read_shards(data_dir, shuffle_files=True)
-    return ds.map_batches(
-        pair_block,
-        fn_kwargs={"spec": PairSpec.from_config(cfg), "rule": rule, "role": "train",
-                   "seed": None},
-        batch_size=rows_per_task,
-        batch_format="numpy",
-        num_cpus=num_cpus,
-    )
+    Yields:
+        ``wav``, ``lips``, ``label``, ``kind`` tensors as in :func:`make_pair_batch`.
+    """
+    carry: dict[str, Any] | None = None  # the pairs of the last block short of a batch
+    for block in rows.iter_torch_batches(
+            batch_size=rows_per_batch, collate_fn=PairCollate(spec, rule, seed), device=device,
+            local_shuffle_buffer_size=shuffle_buffer or None, local_shuffle_seed=seed,
+            prefetch_batches=prefetch_batches):
+        n = len(block["label"])
+        if carry is not None and n:
+            # Only one batch straddles two blocks: copy that one, not the whole block.
+            need = batch_size - len(carry["label"])
+            head = {k: torch.cat([carry[k], v[:need]]) for k, v in block.items()}
+            if n < need:
+                carry = head
+                continue
+            yield head
+            block = {k: v[need:] for k, v in block.items()}
+            n -= need
+        elif not n:
+            continue  # rows with no pair (validation-only, or shorter than a window)
+        full = n // batch_size * batch_size
+        for i in range(0, full, batch_size):
+            yield {k: v[i:i + batch_size] for k, v in block.items()}
+        carry = {k: v[full:] for k, v in block.items()} if full < n else None
 
 
 __all__ = [
@@ -331,9 +387,12 @@ __all__ = [
     "KIND_NAMES",
     "POSITIVE",
     "Pair",
+    "PairCollate",
     "PairSpec",
+    "iter_pair_batches",
     "make_pair_batch",
-    "pair_dataset",
+    "pair_seed",
     "read_shards",
+    "row_dataset",
     "sample_pairs",
 ]

@@ -24,6 +24,13 @@ from typing import Any
 
 from se4lip_dist import storage
 from se4lip_dist.config import Config, load_config, parse_overrides
+from se4lip_dist.extract import run_extract
+from se4lip_dist.plots import offset_curve_figure, save_figure
+from se4lip_dist.prepare import run_prepare
+from se4lip_dist.registry import RegistryError, load_model_state, load_sync_model, pin_model
+from se4lip_dist.tracking import TrackingError, resolve_tracking_uri
+from se4lip_dist.train import run_train
+from se4lip_dist.validation import ValidationSet, score
 
 DEFAULT_INIT = "models:/se4lip@champion"
 SUBJECT_TRAIN = {
@@ -93,12 +100,6 @@ def run_subject(
     Raises:
         SubjectError: naming the step that failed.
     """
-    from se4lip_dist.extract import run_extract
-    from se4lip_dist.prepare import run_prepare
-    from se4lip_dist.registry import RegistryError, load_model_state, pin_model
-    from se4lip_dist.tracking import TrackingError, resolve_tracking_uri
-    from se4lip_dist.train import run_train
-
     step = on_step or (lambda _title: None)
     subject = name or subject_name(video)
     out = storage.absolute(out_dir)
@@ -156,10 +157,6 @@ def run_subject(
 def _report(cfg: Config, shards: str, reg: dict[str, Any], trained: dict[str, Any],
             init_note: str, out: str) -> dict[str, Any]:
     """report.json, report.md and the held-out distance-vs-offset curve."""
-    from se4lip_dist.plots import offset_curve_figure, save_figure
-    from se4lip_dist.registry import load_sync_model
-    from se4lip_dist.validation import ValidationSet, score
-
     model, model_cfg = load_sync_model(reg["registered_uri"], trained["tracking_uri"])
     vset = ValidationSet.load(shards, cfg)
     res = score(model, model_cfg, vset, keep_curve=True)

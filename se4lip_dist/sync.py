@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from se4lip_dist.config import Config
+from se4lip_dist.models import lip_input
 
 OFFSET_TOLERANCE = 1
 """A predicted offset within this many frames of the expected one counts as correct."""
@@ -253,8 +254,6 @@ def clip_sync(
     Raises:
         ValueError: fewer windows than the offset search needs.
     """
-    from se4lip_dist.models import lip_input
-
     t, spf = cfg.train.window_frames, cfg.data.samples_per_frame
     m = cfg.train.max_offset if max_offset is None else max_offset
     n = len(lips)

@@ -14,6 +14,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import av
+import cv2
 import numpy as np
 
 _VFR_TIME_BASE = Fraction(1, 90000)
@@ -56,8 +58,6 @@ def write_clip(
     Raises:
         ValueError: Nothing to write, or no frames in ``frames``.
     """
-    import av
-
     if frames is None and audio is None:
         raise ValueError(f"{path}: nothing to write (no frames and no audio)")
     if audio is not None:
@@ -138,8 +138,6 @@ class _AudioWriter:
 
     def write_until(self, t: Fraction) -> None:
         """Encode samples up to time ``t`` seconds."""
-        import av
-
         end = min(len(self.audio), int(t * self.sample_rate))
         if end <= self.pos:
             return
@@ -220,8 +218,6 @@ def _draw_face(
     size: tuple[int, int], style: dict[str, Any], opening: float, jitter: tuple[int, int]
 ) -> np.ndarray:
     """One RGB frame: background, face, eyes and a mouth opened by ``opening`` in [0, 1]."""
-    import cv2
-
     w, h = size
     img = np.empty((h, w, 3), dtype=np.uint8)
     img[:] = style["background"]
@@ -284,7 +280,6 @@ def _draw_face(
 
 def _style(rng: np.random.Generator) -> dict[str, Any]:
     """Per-seed appearance: colours and mouth geometry vary a little."""
-
     def colour(base: tuple[int, int, int], spread: int) -> tuple[int, int, int]:
         return tuple(int(np.clip(c + rng.integers(-spread, spread + 1), 0, 255)) for c in base)
 

@@ -9,19 +9,27 @@ MLflow's global "active run" state.
 from __future__ import annotations
 
 import contextlib
+import getpass
+import hashlib
+import json
+import math
 import os
 import subprocess
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
-from se4lip_dist.storage import redact_uri
+from mlflow import MlflowClient
+from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelInput, Metric, Param
+from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-if TYPE_CHECKING:
-    from mlflow import MlflowClient
+from se4lip_dist.plots import offset_curve_figure, pyplot, save_figure
+from se4lip_dist.storage import redact_uri
 
 RUNS_DIR = "se4lip-runs"
 """Folder under the working directory that holds the embedded store, artifacts and checkpoints."""
@@ -96,8 +104,6 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
     Returns:
         The experiment id.
     """
-    from mlflow import MlflowClient
-
     if urlsplit(tracking_uri).scheme == "sqlite":
         _create_sqlite_store(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -121,7 +127,6 @@ def _create_sqlite_store(tracking_uri: str) -> None:
     db = Path(tracking_uri[len("sqlite:///"):])
     if db.is_file():
         return
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     SqlAlchemyStore(tracking_uri, (db.parent / "artifacts").resolve().as_uri())
 
@@ -150,8 +155,6 @@ def existing_store(uri: str) -> None:
 
 def run_context_tags(command: str) -> dict[str, str]:
     """What the MLflow UI shows as a run's source, user and git commit."""
-    import getpass
-
     tags = {
         "mlflow.source.name": f"se4lip-dist {command}",
         "mlflow.source.type": "JOB" if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") else "LOCAL",
@@ -174,12 +177,6 @@ def log_datasets(tracking_uri: str, run_id: str, *, data_hash: str, source: str,
         splits: ``{"training": clip ids, "validation": clip ids}``; each split's digest hashes
             the data hash and its clip ids, so a different split shows as a different dataset.
     """
-    import hashlib
-    import json
-
-    from mlflow import MlflowClient
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-
     inputs = []
     for context, clips in splits.items():
         digest = hashlib.sha256(f"{data_hash}:{context}:{','.join(sorted(clips))}".encode())
@@ -195,9 +192,6 @@ def log_datasets(tracking_uri: str, run_id: str, *, data_hash: str, source: str,
 def log_parent_model(tracking_uri: str, run_id: str, info: dict[str, Any]) -> None:
     """Record the model a run started from (``train.init``): a tag, and MLflow's model input
     (lineage shown on both models) when the source is a logged model."""
-    from mlflow import MlflowClient
-    from mlflow.entities import LoggedModelInput
-
     client = MlflowClient(tracking_uri=tracking_uri)
     client.set_tag(run_id, "se4lip.init", redact_uri(info.get("pinned_uri") or info["uri"]))
     if info.get("model_id"):
@@ -206,8 +200,6 @@ def log_parent_model(tracking_uri: str, run_id: str, info: dict[str, Any]) -> No
 
 def set_description(tracking_uri: str, run_id: str, text: str) -> None:
     """The run's description (markdown) in the MLflow UI."""
-    from mlflow import MlflowClient
-
     MlflowClient(tracking_uri=tracking_uri).set_tag(run_id, "mlflow.note.content", text)
 
 
@@ -242,9 +234,6 @@ def start_run(
     Returns:
         The new run id.
     """
-    from mlflow import MlflowClient
-    from mlflow.entities import Param
-
     exp_id = ensure_experiment(tracking_uri, experiment)
     client = MlflowClient(tracking_uri=tracking_uri)
     all_tags = {**run_context_tags(command), **tags}
@@ -262,15 +251,11 @@ def start_run(
 
 def reopen_run(tracking_uri: str, run_id: str) -> None:
     """Mark a resumed run RUNNING again."""
-    from mlflow import MlflowClient
-
     MlflowClient(tracking_uri=tracking_uri).update_run(run_id, status="RUNNING")
 
 
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     """Close a run (``FINISHED``, ``FAILED`` or ``KILLED``)."""
-    from mlflow import MlflowClient
-
     MlflowClient(tracking_uri=tracking_uri).set_terminated(run_id, status=status)
 
 
@@ -288,19 +273,12 @@ class RunLogger:
     """
 
     def __init__(self, tracking_uri: str, run_id: str) -> None:
-        from mlflow import MlflowClient
-
         self.client: MlflowClient = MlflowClient(tracking_uri=tracking_uri)
         self.tracking_uri = tracking_uri
         self.run_id = run_id
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         """Log numeric metrics at ``step`` (non-finite values are skipped)."""
-        import math
-        import time
-
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in values.items()
                  if isinstance(v, int | float) and math.isfinite(float(v))]
@@ -309,8 +287,6 @@ class RunLogger:
 
     def plots(self, history: list[dict[str, float]], offset_curve: dict[str, Any] | None) -> None:
         """Loss/accuracy curves and a distance-vs-offset curve, as PNG artifacts under plots/."""
-        from se4lip_dist.plots import offset_curve_figure, pyplot, save_figure
-
         plt = pyplot()
         with tempfile.TemporaryDirectory() as tmp:
             if history:
@@ -346,8 +322,6 @@ class RunLogger:
     def system_metrics(self, *, resume: bool = False) -> Any:
         """Start MLflow's system-metrics monitor (CPU, memory, disk, network, GPU when
         available) for this run; call ``.finish()`` on the returned monitor at the end."""
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
         monitor = SystemMetricsMonitor(self.run_id, resume_logging=resume,
                                        tracking_uri=self.tracking_uri)
         monitor.start()

@@ -16,6 +16,7 @@ are read with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
@@ -25,8 +26,41 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from mlflow import MlflowClient
+from ray.train.torch import TorchTrainer
+
 from se4lip_dist import storage
+from se4lip_dist.augment import augment_batch
 from se4lip_dist.config import Config, flatten
+from se4lip_dist.lifecycle import Candidate, GateError, publish
+from se4lip_dist.losses import sync_bce_loss, sync_cosine
+from se4lip_dist.manifest import Manifest
+from se4lip_dist.models import build_model, lip_input
+from se4lip_dist.placement import DEFAULT_TIMEOUT_S, PlacementError, wait_placeable
+from se4lip_dist.registry import RegistryError, load_model_state, load_weights, pin_model
+from se4lip_dist.runtime import cluster_cpus, init_ray, worker_env
+from se4lip_dist.splits import SplitRule, clip_frames
+from se4lip_dist.stream import PairSpec, iter_pair_batches, pair_seed, row_dataset
+from se4lip_dist.tracking import (
+    RUNS_DIR,
+    RunLogger,
+    check_cluster_store,
+    check_reachable,
+    end_run,
+    log_datasets,
+    log_parent_model,
+    redact_uri,
+    reopen_run,
+    resolve_tracking_uri,
+    set_description,
+    start_run,
+)
+from se4lip_dist.validation import METRICS, ValidationSet, is_better, metric_name, score
 
 RUN_STATE_FILE = "se4lip_run.json"
 """Written into ``storage_path/<run name>/``: the MLflow run a Ray Train run logs into."""
@@ -44,9 +78,6 @@ class TrainError(RuntimeError):
 
 
 def _all_reduce_sum(values: list[float], device: Any) -> list[float]:
-    import torch
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -54,11 +85,17 @@ def _all_reduce_sum(values: list[float], device: Any) -> list[float]:
     return t.tolist()
 
 
+def _all_have(has: bool, world: int, device: Any) -> bool:
+    """True when every rank ``has`` (one MIN all-reduce; no collective on a single rank)."""
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return has
+    t = torch.tensor([1.0 if has else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def _gather_node_ids() -> list[str]:
     """Ray node id of every worker, in rank order (where the worker group was placed)."""
-    import ray
-    import torch.distributed as dist
-
     node = ray.get_runtime_context().get_node_id()
     if not (dist.is_available() and dist.is_initialized()):
         return [node]
@@ -83,8 +120,6 @@ def load_checkpoint_dir(path: str | Path) -> Restored:
     Raises:
         TrainError: a ``.pt`` file is not a plain tensor ``state_dict`` (e.g. pickled code).
     """
-    from se4lip_dist.registry import RegistryError, load_weights
-
     p = Path(path)
     try:
         model_state = load_weights(p / "model.pt", f"checkpoint {p}")
@@ -99,8 +134,6 @@ def load_checkpoint_dir(path: str | Path) -> Restored:
 
 def _save_checkpoint(path: Path, model: Any, best: dict[str, Any], opt: Any,
                      state: dict[str, Any]) -> None:
-    import torch
-
     torch.save(model.state_dict(), path / "model.pt")
     torch.save(best, path / "best.pt")
     torch.save(opt.state_dict(), path / "optim.pt")
@@ -127,8 +160,6 @@ def place_model(model: Any, cfg: Config, restored: Restored | None, place: Any,
     Returns:
         ``(placed model, optimizer, GradScaler)``; the scaler is enabled for fp16 autocast only.
     """
-    import torch
-
     tc = cfg.train
     if restored is not None:
         model.load_state_dict(restored.model)
@@ -153,8 +184,6 @@ def place_model(model: Any, cfg: Config, restored: Restored | None, place: Any,
 
 def _amp_dtype(cfg: Config, device: Any) -> Any:
     """Autocast dtype on CUDA (None: full precision)."""
-    import torch
-
     if not cfg.train.amp or device.type != "cuda":
         return None
     return torch.float16 if cfg.train.amp_dtype == "fp16" else torch.bfloat16
@@ -171,16 +200,6 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
         On rank 0: ``{"history", "epochs", "steps", "best_epoch", "worker_node_ids"}``; None
         elsewhere.
     """
-    import ray.train
-    import ray.train.torch
-    import torch
-
-    from se4lip_dist.augment import augment_batch
-    from se4lip_dist.losses import sync_bce_loss, sync_cosine
-    from se4lip_dist.models import build_model, lip_input
-    from se4lip_dist.tracking import RunLogger
-    from se4lip_dist.validation import METRICS, ValidationSet, is_better, metric_name, score
-
     cfg = Config.from_dict(config["cfg"])
     tc = cfg.train
     metric = metric_name(tc.select_metric)
@@ -215,6 +234,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     vset = ValidationSet.load(config["data_dir"], cfg, rank=rank, world=world)
     node_ids = _gather_node_ids()
     train_ds = ray.train.get_dataset_shard("train")
+    rule = SplitRule.for_manifest(Manifest.load(config["data_dir"]), cfg)
     logger = None
     monitor = None
     if rank == 0 and config.get("run_id"):
@@ -236,14 +256,17 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
             loss_sum = correct = seen = wait = 0.0
             epoch_start = time.perf_counter()
             epoch_steps = 0
-            batches = _batches(train_ds, tc, device)
+            batches = _batches(train_ds, cfg, rule, epoch, device)
             while tc.max_steps is None or step < tc.max_steps:
                 if tc.steps_per_epoch is not None and epoch_steps >= tc.steps_per_epoch:
                     break
                 t0 = time.perf_counter()
                 batch = next(batches, None)
+                # Ranks get equal shares of shard rows, not of pairs (a row's pairs depend on
+                # its split and length): all stop when one runs out, or DDP waits forever.
+                go = _all_have(batch is not None, world, device)
                 wait += time.perf_counter() - t0
-                if batch is None:
+                if not go:
                     break
                 y = batch["label"]
                 wav, lips = batch["wav"], batch["lips"]
@@ -309,19 +332,21 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
             "steps": step, "best_epoch": best_epoch, "worker_node_ids": node_ids}
 
 
-def _batches(train_ds: Any, tc: Any, device: Any) -> Any:
-    """Training batches of one epoch: one pass over the pairs, or, with
-    ``train.steps_per_epoch``, as many fresh passes as the steps need.
+def _batches(train_ds: Any, cfg: Config, rule: Any, epoch: int, device: Any) -> Any:
+    """Training batches of one epoch: one pass over the rows, or, with
+    ``train.steps_per_epoch``, as many fresh passes as the steps need. Pairs are drawn from
+    ``(train.seed, epoch, pass)`` (and the rows), so a run with the same seed repeats them.
 
     Raises:
         TrainError: a pass yields no batch at all (too little training data for the batch).
     """
-    while True:
+    tc = cfg.train
+    spec = PairSpec.from_config(cfg)
+    for pass_index in itertools.count():
         produced = False
-        for batch in train_ds.iter_torch_batches(
-                batch_size=tc.batch_size, device=device, drop_last=True,
-                local_shuffle_buffer_size=tc.shuffle_buffer or None,
-                local_shuffle_seed=None, prefetch_batches=2):
+        for batch in iter_pair_batches(
+                train_ds, spec=spec, rule=rule, seed=pair_seed(tc.seed, epoch, pass_index),
+                batch_size=tc.batch_size, device=device, shuffle_buffer=tc.shuffle_buffer):
             produced = True
             yield batch
         if tc.steps_per_epoch is None:
@@ -334,8 +359,6 @@ def _batches(train_ds: Any, tc: Any, device: Any) -> Any:
 def _sync_buffers(model: Any) -> None:
     """Give every rank rank 0's buffers (BatchNorm statistics drift apart between DDP's
     per-forward broadcasts): validation then scores exactly the weights the checkpoint holds."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         for buf in model.buffers():
             dist.broadcast(buf, src=0)
@@ -352,9 +375,19 @@ def _curve(clips: list[Any]) -> dict[str, Any] | None:
 
 def training_datasets(data_dir: str, cfg: Config) -> dict[str, Any]:
     """The Ray Datasets ``train_loop`` reads (validation is read by each worker itself)."""
-    from se4lip_dist.stream import pair_dataset
+    return {"train": row_dataset(data_dir, cfg)}
 
-    return {"train": pair_dataset(data_dir, cfg)}
+
+def training_data_config() -> Any:
+    """``TorchTrainer(dataset_config=...)`` for :func:`training_datasets`.
+
+    Ray Train replaces each dataset's execution options with its ingest defaults; this keeps
+    Ray Data's ingest defaults but preserves the read order of the training rows, which
+    ``train.seed`` needs to repeat a run.
+    """
+    opts = ray.train.DataConfig.default_ingest_options()
+    opts.preserve_order = True
+    return ray.train.DataConfig(execution_options={"train": opts})
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,8 +409,6 @@ def load_init(cfg: Config, tracking_uri: str) -> tuple[dict[str, Any], dict[str,
     Raises:
         TrainError: the model cannot be loaded, or its architecture or window differs.
     """
-    from se4lip_dist.registry import RegistryError, load_model_state, pin_model
-
     src = cfg.train.init
     assert src is not None
     try:
@@ -411,8 +442,6 @@ def run_label(cfg: Config) -> str:
 
 def default_storage_path() -> str:
     """``<cwd>/se4lip-runs/ray``: Ray Train run folders (checkpoints) of the embedded setup."""
-    from se4lip_dist.tracking import RUNS_DIR
-
     return str(Path.cwd().resolve() / RUNS_DIR / "ray")
 
 
@@ -497,20 +526,6 @@ def run_train(
         TrainError, ManifestError, TrackingError, ValidationError: with a message that says
         what to fix. GateError: trained and logged, but registering or gating failed.
     """
-    from se4lip_dist.manifest import Manifest
-    from se4lip_dist.splits import SplitRule, clip_frames
-    from se4lip_dist.tracking import (
-        check_cluster_store,
-        check_reachable,
-        log_datasets,
-        log_parent_model,
-        redact_uri,
-        reopen_run,
-        resolve_tracking_uri,
-        start_run,
-    )
-    from se4lip_dist.validation import metric_name
-
     metric_name(cfg.train.select_metric)  # an unknown metric fails before anything starts
     data_dir = storage.absolute(data_dir)  # workers run elsewhere: an absolute path or URL
     manifest = Manifest.load(data_dir)
@@ -582,13 +597,6 @@ def _fit(cfg: Config, data_dir: str, uri: str, run_id: str, name: str, store: st
          use_gpu: bool, address: str | None, max_failures: int,
          placement_timeout_s: float | None,
          init_state: dict[str, Any] | None = None) -> dict[str, Any]:
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from se4lip_dist.placement import DEFAULT_TIMEOUT_S, PlacementError, wait_placeable
-    from se4lip_dist.runtime import cluster_cpus, init_ray, worker_env
-
     tc = cfg.train
     started = not ray.is_initialized()
     init_ray(address)
@@ -623,6 +631,7 @@ def _fit(cfg: Config, data_dir: str, uri: str, run_id: str, name: str, store: st
                 worker_runtime_env={"env_vars": worker_env()},
             ),
             datasets=training_datasets(data_dir, cfg),
+            dataset_config=training_data_config(),
         )
         result = trainer.fit()
         if result.error is not None:
@@ -647,12 +656,6 @@ def _fit(cfg: Config, data_dir: str, uri: str, run_id: str, name: str, store: st
 
 def _finish(cfg: Config, out: dict[str, Any], uri: str, run_id: str, register: str | None,
             data_dir: str, data_hash: str) -> dict[str, Any]:
-    from mlflow import MlflowClient
-
-    from se4lip_dist.lifecycle import Candidate, GateError, publish
-    from se4lip_dist.tracking import end_run, set_description
-    from se4lip_dist.validation import METRICS, metric_name
-
     history = out.get("history") or []
     best_epoch = int(out["best_epoch"])
     best = next((h for h in history if h["epoch"] == best_epoch), history[-1] if history else {})
@@ -709,5 +712,6 @@ __all__ = [
     "run_label",
     "run_train",
     "train_loop",
+    "training_data_config",
     "training_datasets",
 ]

@@ -26,10 +26,45 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
+import ray.train
+import ray.tune
+from mlflow import MlflowClient
+from ray import tune
+from ray.train.torch import TorchTrainer
+from ray.tune import Callback
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
 from se4lip_dist import storage
-from se4lip_dist.config import Config
+from se4lip_dist.config import Config, flatten
+from se4lip_dist.lifecycle import Candidate, GateError, publish
+from se4lip_dist.manifest import Manifest
 from se4lip_dist.placement import DEFAULT_TIMEOUT_S, PlacementError, check_feasible, wait_placeable
-from se4lip_dist.train import BEST_PREFIX
+from se4lip_dist.runtime import cluster_cpus, init_ray, worker_env
+from se4lip_dist.spaces import load_space
+from se4lip_dist.splits import SplitRule, clip_frames
+from se4lip_dist.storage import redact_uri
+from se4lip_dist.tracking import (
+    RUNS_DIR,
+    RunLogger,
+    check_cluster_store,
+    check_reachable,
+    end_run,
+    ensure_experiment,
+    log_datasets,
+    reopen_run,
+    resolve_tracking_uri,
+    set_description,
+    start_run,
+)
+from se4lip_dist.train import (
+    BEST_PREFIX,
+    load_checkpoint_dir,
+    train_loop,
+    training_data_config,
+    training_datasets,
+)
 from se4lip_dist.validation import METRICS, TIE_BREAK, metric_name
 
 TUNE_STATE_FILE = "se4lip_tune.json"
@@ -193,14 +228,6 @@ def plan_resources(
 
 def tune_trial(config: dict[str, Any]) -> None:
     """Tune trainable: one trial = one TorchTrainer run with its own MLflow child run."""
-    import ray.train
-    import ray.tune
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from se4lip_dist.runtime import worker_env
-    from se4lip_dist.train import train_loop, training_datasets
-
     job = config["se4lip"]
     params = {k: v for k, v in config.items() if k != "se4lip"}
     cfg = Config.from_dict(job["base"]).override(params)
@@ -231,22 +258,17 @@ def tune_trial(config: dict[str, Any]) -> None:
             worker_runtime_env={"env_vars": worker_env()},
         ),
         datasets=training_datasets(data_dir, cfg),
+        dataset_config=training_data_config(),
     )
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    from se4lip_dist.tracking import end_run
 
     end_run(job["tracking_uri"], run_id, "FINISHED")
 
 
 def _child_run(job: dict[str, Any], trial: str, cfg: Config, params: dict[str, Any]) -> str:
     """The trial's MLflow child run: reused when the trial restarts after a resume."""
-    from mlflow import MlflowClient
-
-    from se4lip_dist.config import flatten
-    from se4lip_dist.tracking import ensure_experiment, reopen_run, start_run
-
     uri = job["tracking_uri"]
     client = MlflowClient(tracking_uri=uri)
     exp_id = ensure_experiment(uri, job["experiment"])
@@ -293,8 +315,6 @@ def _short(v: Any) -> str:
 
 def default_storage_path() -> str:
     """``<cwd>/se4lip-runs/tune``."""
-    from se4lip_dist.tracking import RUNS_DIR
-
     return str(Path.cwd().resolve() / RUNS_DIR / "tune")
 
 
@@ -320,15 +340,6 @@ def run_tune(
     Raises:
         TuneError, ConfigError, ManifestError, TrackingError.
     """
-    from se4lip_dist.manifest import Manifest
-    from se4lip_dist.spaces import load_space
-    from se4lip_dist.tracking import (
-        check_cluster_store,
-        check_reachable,
-        redact_uri,
-        resolve_tracking_uri,
-    )
-
     t0 = time.perf_counter()
     space = load_space(space_path, preset=opts.preset)
     metric = metric_name(opts.metric) if opts.metric else space.metric
@@ -344,11 +355,7 @@ def run_tune(
     check_reachable(uri)
     if opts.address or os.environ.get("RAY_ADDRESS"):
         check_cluster_store(uri, "tune")
-    # Ray is imported only now: a bad space, data folder or server fails in a second.
-    import ray
-    from ray import tune
-
-    from se4lip_dist.runtime import cluster_cpus, init_ray
+    # Checked before Ray starts: a bad space, data folder or server fails in a second.
     store = storage.absolute(opts.storage_path or default_storage_path())
     exp_dir = storage.join(store, opts.name)
     state = _read_state(exp_dir)
@@ -459,8 +466,6 @@ def run_tune(
 
 
 def _scheduler(kind: str, epochs: int) -> Any:
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     if kind == "fifo" or epochs < 2:
         return FIFOScheduler()
     return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=1, reduction_factor=2)
@@ -478,9 +483,6 @@ def _write_state(exp_dir: str, state: dict[str, Any]) -> None:
 
 def _start_parent(uri: str, opts: TuneOptions, space: Any, base: Config, data_hash: str,
                   data_dir: str, res: Resources) -> str:
-    from se4lip_dist.storage import redact_uri
-    from se4lip_dist.tracking import start_run
-
     params = {
         "tune.space": space.path, "tune.preset": space.preset, "tune.metric": base.train
         .select_metric, "tune.num_samples": opts.num_samples or space.num_samples,
@@ -498,9 +500,6 @@ def _start_parent(uri: str, opts: TuneOptions, space: Any, base: Config, data_ha
         config_yaml=Path(space.path).read_text(), command="tune",
         description=(f"Tune `{opts.name}` over `{space.path}` ({space.description or 'search'})"
                      f": running. Trials are the child runs below."))
-    from se4lip_dist.manifest import Manifest
-    from se4lip_dist.splits import SplitRule, clip_frames
-    from se4lip_dist.tracking import log_datasets
 
     manifest = Manifest.load(data_dir)
     frames = clip_frames(manifest, SplitRule.for_manifest(manifest, base))
@@ -565,8 +564,6 @@ def _row_json(r: TrialRow) -> dict[str, Any]:
 def _finish_children(uri: str, grid: Any, rows: list[TrialRow]) -> None:
     """Close every trial's MLflow run with the status Tune gave it (a trial the scheduler stopped
     early finished normally), and note each run id on its row."""
-    from mlflow import MlflowClient
-
     client = MlflowClient(tracking_uri=uri)
     by_name = {r.name: r for r in rows}
     for result in grid:
@@ -591,11 +588,6 @@ def _register_best(uri: str, opts: TuneOptions, state: dict[str, Any], best: Any
                    row: TrialRow, metric: str, mode: str, data_dir: str,
                    space: Any) -> dict[str, Any]:
     """Hand the best trial's best epoch to the lifecycle (log, register, gate, alias)."""
-    import ray.train
-
-    from se4lip_dist.lifecycle import Candidate, GateError, publish
-    from se4lip_dist.train import load_checkpoint_dir
-
     path = (best.metrics or {}).get("checkpoint_path")
     if not path:
         raise TuneError("the best trial reported no checkpoint")
@@ -626,10 +618,6 @@ def _register_best(uri: str, opts: TuneOptions, state: dict[str, Any], best: Any
 
 def _log_parent(uri: str, parent: str, rows: list[TrialRow], result: dict[str, Any],
                 metric: str) -> None:
-    from mlflow import MlflowClient
-
-    from se4lip_dist.tracking import RunLogger, end_run, set_description
-
     header = ["rank", "trial", "status", "epochs", "best epoch",
               *sorted({k for r in rows for k in r.params}), metric]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -667,8 +655,6 @@ class _LiveTable:
     """
 
     def __new__(cls, metric: str, on_update: Callable[[list[TrialRow]], None] | None) -> Any:
-        from ray.tune import Callback
-
         class Live(Callback):
             def __init__(self) -> None:
                 self.rows: dict[str, TrialRow] = {}

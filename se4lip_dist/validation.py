@@ -26,11 +26,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
 
 from se4lip_dist import storage
 from se4lip_dist.config import Config
+from se4lip_dist.losses import sync_bce_loss, sync_cosine
 from se4lip_dist.manifest import Manifest
+from se4lip_dist.models import build_model, lip_input
 from se4lip_dist.shards import decode_audio, decode_lips
 from se4lip_dist.splits import SplitRule, clip_frames, crop_rows, stable_unit
 from se4lip_dist.stream import HARD, READ_COLUMNS, PairSpec, make_pair_batch
@@ -178,8 +182,6 @@ def _read_rows(data_dir: str, manifest: Manifest, clip_ids: set[str],
                rule: SplitRule) -> list[dict[str, Any]]:
     """The rows of ``clip_ids`` cut to their validation frames, sorted by (clip, segment);
     only the shards that hold them are read."""
-    import pyarrow.parquet as pq
-
     by_shard: dict[str, list[str]] = {}
     for c in clip_ids:
         by_shard.setdefault(manifest.clips[c].shard, []).append(c)
@@ -236,8 +238,6 @@ class ValidationResult:
 
 def _reducer(device: torch.device) -> Callable[[list[float]], list[float]]:
     """Sum across ranks under torch.distributed (on ``device``: NCCL reduces CUDA tensors only)."""
-    import torch.distributed as dist
-
     def reduce(values: list[float]) -> list[float]:
         if not (dist.is_available() and dist.is_initialized()):
             return values
@@ -249,8 +249,6 @@ def _reducer(device: torch.device) -> Callable[[list[float]], list[float]]:
 
 
 def _default_gather(obj: Any) -> list[Any]:
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
@@ -276,9 +274,6 @@ def score(
     Returns:
         ``val/...`` metrics (see module docstring) and the per-clip offset searches.
     """
-    from se4lip_dist.losses import sync_bce_loss, sync_cosine
-    from se4lip_dist.models import lip_input
-
     device = torch.device(device)
     reduce = reduce or _reducer(device)
     p = vset.protocol
@@ -386,8 +381,6 @@ def score(
 def score_state(model_state: dict[str, Any], cfg: Config, vset: ValidationSet) -> ValidationResult:
     """Score a whole-model ``state_dict`` built with ``cfg`` (its architecture and window) on
     ``vset`` in this process (the registry gate and ``models compare``)."""
-    from se4lip_dist.models import build_model
-
     model = build_model(cfg.model, sample_rate=cfg.data.sample_rate,
                         window_frames=cfg.train.window_frames)
     model.load_state_dict(model_state)

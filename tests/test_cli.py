@@ -222,3 +222,126 @@ def test_live_displays_on_a_terminal_keep_library_output_in_the_log(tmp_path) ->
     assert "library-print-noise" not in output and "library-stderr-noise" not in output, output
     log = next(tmp_path.iterdir()).read_text()
     assert "library-print-noise" in log and "library-stderr-noise" in log
+
+
+# --- options that set config keys are declared once, from config.py ----------------------
+
+# Options whose flag matches a config key's name but mean something else.
+NOT_CONFIG_KEYS = {
+    ("extract", "--batch-size"): "windows per encoder call, not training pairs per step",
+}
+
+
+def _cli_options() -> list[tuple[str, object]]:
+    import typer.core
+    import typer.main
+
+    from se4lip_dist import cli
+
+    def walk(group: object, prefix: str = "") -> list[tuple[str, object]]:
+        found = []
+        for name, cmd in group.commands.items():  # type: ignore[attr-defined]
+            if hasattr(cmd, "commands"):
+                found += walk(cmd, f"{prefix}{name} ")
+            else:
+                found += [(prefix + name, p) for p in cmd.params
+                          if isinstance(p, typer.core.TyperOption)]
+        return found
+
+    return walk(typer.main.get_command(cli.app))
+
+
+def test_every_option_named_after_a_config_key_is_that_key() -> None:
+    from dataclasses import fields
+
+    from se4lip_dist import cli
+    from se4lip_dist.config import _SECTIONS
+
+    keys = {f"{s}.{f.name}": f.name for s, cls in _SECTIONS.items() for f in fields(cls)}
+    by_name: dict[str, set[str]] = {}
+    for key, name in keys.items():
+        by_name.setdefault(name, set()).add(key)
+    hand_made = []
+    for command, opt in _cli_options():
+        flag = max(opt.opts, key=len).removeprefix("--").replace("-", "_")
+        section, _, leaf = flag.partition("_")
+        named = by_name.get(flag, set()) | ({f"{section}.{leaf}"} & set(keys))
+        if not named or (command, max(opt.opts, key=len)) in NOT_CONFIG_KEYS:
+            continue
+        if cli.KEY_OPTIONS.get(opt.name) not in named:
+            hand_made.append(f"{command} {opt.opts} (config: {sorted(named)})")
+    assert not hand_made, "declare these with _key_opt so the key exists once:\n" + "\n".join(
+        hand_made)
+
+
+def test_key_options_match_the_config_types_and_docs() -> None:
+    import types
+    import typing
+    from pathlib import Path
+
+    from se4lip_dist import cli
+    from se4lip_dist.config import key_doc, key_hint
+
+    def plain(hint: object) -> set[object]:
+        args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        return {str if a is Path else a for a in args if a is not type(None)}
+
+    checked = 0
+    for command, opt in _cli_options():
+        key = cli.KEY_OPTIONS.get(opt.name)
+        if key is None or opt.name not in _annotations(command):
+            continue
+        declared = _annotations(command)[opt.name]
+        assert plain(declared) == plain(key_hint(key)), (command, opt.opts, declared, key)
+        assert key_doc(key) and key_doc(key) in opt.help and key in opt.help, (command, opt.help)
+        checked += 1
+    assert checked >= 15
+
+
+def _annotations(command: str) -> dict[str, object]:
+    import typing
+
+    from se4lip_dist import cli
+
+    fn = getattr(cli, command.replace("-", "_").split()[-1], None)
+    if fn is None:
+        return {}
+    hints = typing.get_type_hints(fn, vars(cli), include_extras=True)
+    return {k: typing.get_args(v)[0] if typing.get_origin(v) is typing.Annotated else v
+            for k, v in hints.items()}
+
+
+def test_key_option_values_become_config_overrides(tmp_path) -> None:
+    from se4lip_dist import cli
+
+    sets = cli._key_sets(epochs=3, split="time", init=None, insightface_root=tmp_path)
+    assert sets == ["train.epochs=3", "train.split=time",
+                    f"face.insightface_root={tmp_path.resolve()}"]
+    cfg = cli._config("cpu-small", None, [], sets)
+    assert (cfg.train.epochs, cfg.train.split) == (3, "time")
+    assert cfg.face.insightface_root == str(tmp_path.resolve())
+
+
+@pytest.mark.parametrize("argv", [
+    ["prepare", "x.mp4", "--out", "o"], ["train", "--data", "d"], ["tune", "--data", "d"],
+    ["extract", "x.wav"], ["evaluate", "x.mp4"], ["subject", "x.mp4", "--out", "o"],
+    ["quickstart"],
+])
+def test_quiet_settings_come_before_ray_and_mlflow_are_imported(argv: list[str]) -> None:
+    # Ray Data reads RAY_DATA_DISABLE_PROGRESS_BARS when it is imported: a stage module
+    # imported before the quiet settings would keep its progress bars on.
+    code = textwrap.dedent(f"""
+        import sys
+        from se4lip_dist import cli
+
+        def record(*args, **kwargs):
+            loaded = [m for m in ("ray.data", "ray.train", "mlflow") if m in sys.modules]
+            print("LOADED", loaded)
+            raise SystemExit(0)
+
+        cli._quiet_ray = record
+        sys.argv = ["se4lip-dist", *{argv!r}]
+        cli.main()
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "LOADED []" in res.stdout + res.stderr, res.stdout + res.stderr

@@ -334,3 +334,19 @@ def test_extract_job_entry_point_parses(tmp_path) -> None:
         assert e.value.code == 0
     finally:
         sys.argv = argv
+
+
+@pytest.mark.parametrize("job,command", [("extract_job", "extract"), ("tune_job", "tune"),
+                                         ("subject_job", "subject")])
+def test_job_scripts_run_the_cli_command(job: str, command: str, monkeypatch) -> None:
+    import runpy
+
+    from se4lip_dist import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "app", lambda args, prog_name: calls.append(args))
+    ns = runpy.run_path(str(ROOT / "jobs" / f"{job}.py"))
+    ns["main"](["IN", "--out", "o"])
+    assert calls[0][:4] == [command, "IN", "--out", "o"]
+    # The extraction job prints its summary as JSON, as jobs/README.md says.
+    assert ("--json" in calls[0]) == (command == "extract")

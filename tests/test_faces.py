@@ -345,6 +345,26 @@ def test_scrfd_finds_grid_speaker(grid_clip: Path, scrfd: InsightFaceDetector) -
 
 
 @pytest.mark.shared_data
+def test_detector_input_fits_the_frame_not_a_square(scrfd: InsightFaceDetector) -> None:
+    # The longer side at det_size; the shorter side padded to SCRFD's stride (32) plus one
+    # stride of margin (without it, keypoints of a face near the edge move by pixels).
+    assert scrfd.input_size((288, 360)) == (320, 288)
+    assert scrfd.input_size((360, 288)) == (288, 320)
+    assert scrfd.input_size((700, 700)) == (320, 320)
+    assert scrfd.input_size((1080, 1920)) == (320, 224)
+
+
+@pytest.mark.shared_data
+def test_fitted_input_finds_the_same_keypoints(grid_clip: Path,
+                                               scrfd: InsightFaceDetector) -> None:
+    for frame in _decode(grid_clip, limit=30)[::10]:
+        (fit,) = scrfd.detect(frame)
+        bgr = np.ascontiguousarray(frame[..., ::-1])
+        _, kpss = scrfd._model.detect(bgr, input_size=(320, 320), det_thresh=0.5)
+        assert np.abs(fit.kps - kpss[0]).max() < 1.0
+
+
+@pytest.mark.shared_data
 def test_every_fifth_frame_tracks_like_every_frame(
     grid_clip: Path, scrfd: InsightFaceDetector
 ) -> None:

@@ -222,3 +222,46 @@ def test_wild_vfr_30fps_clip():
     assert frames == n == count_output_frames(info, 25)
     audio = decode_audio(path, 16000, n_samples=n * SPF, info=info)
     assert audio.shape == (n * SPF,) and np.abs(audio).max() > 0.01
+
+
+def _grid_or_synthetic(tmp_path: Path) -> Path:
+    grid = sorted((SHARED / "grid_s1" / "video").glob("*.mp4"))[:1]
+    if grid:
+        return grid[0]
+    from se4lip_dist.synthetic import make_synthetic_clip
+
+    make_synthetic_clip(tmp_path / "c.mp4", 2.0, seed=1, size=(96, 80))
+    return tmp_path / "c.mp4"
+
+
+def test_fast_rgb_conversion_matches_swscale(tmp_path):
+    import av
+
+    from se4lip_dist.media import to_rgb
+
+    path = _grid_or_synthetic(tmp_path)
+    with av.open(str(path)) as c:
+        frames = [f for _, f in zip(range(10), c.decode(video=0), strict=False)]
+    assert frames[0].format.name == "yuv420p"
+    for f in frames:
+        ref = f.to_ndarray(format="rgb24")
+        got = to_rgb(f)
+        assert got.shape == ref.shape and got.dtype == np.uint8
+        diff = np.abs(got.astype(int) - ref)
+        # Same BT.601 limited-range matrix: only rounding and chroma siting differ.
+        assert diff.max() <= 4 and diff.mean() < 1.5
+    # Other formats go through swscale unchanged.
+    rgb = frames[0].reformat(format="rgb24")
+    assert np.array_equal(to_rgb(rgb), rgb.to_ndarray())
+    full = frames[0].reformat(format="yuvj420p")
+    assert np.array_equal(to_rgb(full), full.to_ndarray(format="rgb24"))
+
+
+def test_one_decoder_thread_gives_the_same_frames(tmp_path):
+    path = _grid_or_synthetic(tmp_path)
+    auto = list(iter_video_frames(path, 25))
+    one = list(iter_video_frames(path, 25, threads=1))
+    two = list(iter_video_frames(path, 25, threads=2))
+    assert len(auto) == len(one) == len(two) > 0
+    assert all(np.array_equal(a, b) and np.array_equal(a, c)
+               for a, b, c in zip(auto, one, two, strict=True))

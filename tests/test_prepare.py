@@ -327,6 +327,36 @@ def test_segments_of_a_prepared_clip(frames: int, rows: list[int], tmp_path: Pat
         assert len(s.audio) == len(s.lips_jpeg) * 640 == len(s.detected) * 640
 
 
+def test_a_clip_is_probed_once_and_decoded_on_one_thread(tmp_path: Path, monkeypatch) -> None:
+    """The packet scan reads the whole file: the decode stages reuse the first probe's result.
+
+    One decoder thread: clips run one per core, and decoder threads cost CPU time per frame.
+    """
+    from se4lip_dist import media
+    from se4lip_dist.faces import build_detector
+    from se4lip_dist.prepare import PrepareInput, process_clip
+
+    path = tmp_path / "clip.mp4"
+    make_synthetic_clip(path, 1.0, seed=3, size=(64, 64))
+    probes: list[str] = []
+    threads: list[int] = []
+    real_probe, real_iter = media.probe, media.iter_video_frames
+
+    def counting_probe(p: str) -> media.MediaInfo:
+        probes.append(str(p))
+        return real_probe(p)
+
+    def recording_iter(*a, **k):  # type: ignore[no-untyped-def]
+        threads.append(k.get("threads", 0))
+        return real_iter(*a, **k)
+
+    monkeypatch.setattr(media, "probe", counting_probe)
+    monkeypatch.setattr(media, "iter_video_frames", recording_iter)
+    res = process_clip(PrepareInput(str(path)), "c", FIXED, build_detector(FIXED.face))
+    assert res.failure is None and res.record.frames == 25
+    assert len(probes) == 1 and threads == [1]
+
+
 # ---------------------------------------------------------------- the failures table
 
 

@@ -124,20 +124,76 @@ def test_positive_audio_is_the_aligned_window(tmp_path) -> None:
     assert out["label"].mean() == 0.5
 
 
-def test_a_batch_without_pairs_keeps_the_tensor_columns(tmp_path) -> None:
-    """Rows too short for a window yield no pair: the block must still be typed like the
-    others (Ray Data would otherwise pickle it, with a warning, and mix block types)."""
-    from se4lip_dist.stream import pair_block
+def test_collate_gives_the_pairs_of_make_pair_batch_as_tensors(tmp_path) -> None:
+    """The training collate is make_pair_batch (same pairs for the same seed and rows)."""
+    import torch
 
-    m = write_synthetic_shards(tmp_path, n_clips=2, n_frames=3, val_clips=0)
+    from se4lip_dist.stream import PairCollate
+
+    write_synthetic_shards(tmp_path, n_clips=4, n_frames=30, val_clips=0)
     batch = _read_batch(Manifest.load(tmp_path).shard_paths(tmp_path)[0])
-    empty = pair_block(batch, spec=_spec(), seed=0)
-    full_dir = tmp_path / "full"
-    write_synthetic_shards(full_dir, n_clips=2, n_frames=30, val_clips=0)
-    full = pair_block(_read_batch(Manifest.load(full_dir).shard_paths(full_dir)[0]),
-                      spec=_spec(), seed=0)
-    from ray.data.block import BlockAccessor
+    spec = _spec()
+    out = PairCollate(spec, None, seed=11)(batch)
+    ref = make_pair_batch(batch, spec=spec, seed=11)
+    assert set(out) == set(ref)
+    for k, v in ref.items():
+        assert isinstance(out[k], torch.Tensor)
+        np.testing.assert_array_equal(out[k].numpy(), v)
+    other = PairCollate(spec, None, seed=12)(batch)
+    assert not torch.equal(other["wav"], out["wav"])
 
-    typed = BlockAccessor.batch_to_block(full)
-    assert empty.num_rows == 0 and empty.schema == typed.schema, (empty.schema, typed.schema)
-    assert m.total_frames == 6
+
+def test_pair_seed_differs_per_epoch_and_pass() -> None:
+    from se4lip_dist.stream import pair_seed
+
+    seeds = {pair_seed(s, e, k) for s in (0, 1) for e in range(4) for k in range(3)}
+    assert len(seeds) == 24 and pair_seed(0, 1) == pair_seed(0, 1, 0)
+
+
+@pytest.fixture(scope="module")
+def ray_session():  # type: ignore[no-untyped-def]
+    import ray
+
+    from se4lip_dist.runtime import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.timeout(300)
+def test_stream_repeats_per_seed_and_epoch(tmp_path, ray_session) -> None:
+    """One consumer: the same seed gives the same batches (file order and pairs); the next
+    epoch, or another seed, gives others. Batches are full; rows without a training pair
+    (validation clips: dropped in the read task) are never delivered."""
+    import torch
+
+    from se4lip_dist.config import load_config
+    from se4lip_dist.splits import SplitRule
+    from se4lip_dist.stream import iter_pair_batches, pair_seed, row_dataset
+
+    write_synthetic_shards(tmp_path, n_clips=12, n_frames=30, val_clips=3, clips_per_shard=1)
+    cfg = load_config("cpu-small", overrides=["train.pairs_per_segment=4"])
+    rule = SplitRule.for_manifest(Manifest.load(tmp_path), cfg)
+    spec = PairSpec.from_config(cfg)
+
+    def epochs(seed: int) -> list[list[np.ndarray]]:
+        it = row_dataset(str(tmp_path), cfg.override({"train.seed": seed})).streaming_split(
+            1, equal=True)[0]
+        out = []
+        for epoch in range(2):
+            batches = list(iter_pair_batches(it, spec=spec, rule=rule, batch_size=12,
+                                             seed=pair_seed(seed, epoch), rows_per_batch=1))
+            assert all(len(b["label"]) == 12 for b in batches)
+            assert all(b["lips"].dtype == torch.uint8 for b in batches)
+            out.append([b["wav"].numpy() for b in batches])
+        return out
+
+    a, b, c = epochs(5), epochs(5), epochs(6)
+    # 9 training clips x 4 pairs in batches of 12: batches straddle 2 and 3 collated rows.
+    assert len(a[0]) == 3
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(np.stack(x), np.stack(y))
+    assert not np.array_equal(np.stack(a[0]), np.stack(a[1]))
+    assert not np.array_equal(np.stack(a[0]), np.stack(c[0]))
+

@@ -64,3 +64,20 @@ def test_subject_flow_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "report" / "heldout_offset_curve.png").stat().st_size > 0
     run = MlflowClient(tracking_uri=uri).get_run(out["run_id"])
     assert run.data.tags["se4lip.init"] == general
+
+
+def test_study_arms_are_valid_augmentation_configs() -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import subject_study
+
+    for arm in ("plain", "augmented", "audio", "lips", "only-noise", "without-blur"):
+        cfg = load_config("cpu-small", overrides=subject_study.arm_overrides(arm))
+        assert cfg.augment.enabled == (arm != "plain"), arm
+    only = load_config("cpu-small", overrides=subject_study.arm_overrides("only-speed"))
+    assert only.augment.speed_p > 0 and only.augment.noise_p == only.augment.color_p == 0
+    without = load_config("cpu-small", overrides=subject_study.arm_overrides("without-noise"))
+    assert without.augment.noise_p == 0 and without.augment.blur_p > 0
+    with pytest.raises(SystemExit, match="unknown arm"):
+        subject_study.arm_overrides("only-jpeg")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import torch
 import torch.nn.functional as F
 import torchaudio
 from torch import Tensor, nn
+from torch.ao.quantization import quantize_dynamic
 
 from se4lip_dist.config import ModelConfig
 from se4lip_dist.models.lips import ConvBlock
@@ -166,11 +170,6 @@ def quantize_int8(encoder: SpeechEncoder) -> nn.Module:
     Faster on CPU for a wide GRU, with embeddings close to float32 (``benchmarks/`` has the
     numbers); :func:`int8_fidelity` measures the drift for a given encoder.
     """
-    import copy
-    import warnings
-
-    from torch.ao.quantization import quantize_dynamic
-
     model = copy.deepcopy(encoder).cpu().eval()
     with warnings.catch_warnings():
         # torch.ao.quantization is deprecated in favour of torchao (not in this stack); the

@@ -47,12 +47,12 @@ from se4lip_dist.media import count_output_frames
 from se4lip_dist.models.speech import int8_fidelity, quantize_int8
 from se4lip_dist.placement import DEFAULT_TIMEOUT_S, PlacementError, describe, wait_placeable
 from se4lip_dist.prepare import VIDEO_EXTS, Failure, collect_inputs
-from se4lip_dist.registry import RegistryError, embed_waveforms, load_encoder
+from se4lip_dist.registry import RegistryError, embed_waveforms, load_encoder, pin_model
 from se4lip_dist.runtime import init_ray
-from se4lip_dist.storage import redact_uri
 from se4lip_dist.sync import centred_audio_windows
 from se4lip_dist.tracking import (
     RunLogger,
+    TrackingError,
     check_reachable,
     end_run,
     git_revision,
@@ -235,56 +235,26 @@ def expand_inputs(items: Iterable[str]) -> tuple[list[str], list[Failure]]:
 
 
 def resolve_model(model_uri: str, tracking_uri: str) -> dict[str, Any]:
-    """Pin a model URI: an alias or ``latest`` becomes a fixed registered version.
+    """Pin a model URI (:func:`registry.pin_model`): an alias or ``latest`` becomes a fixed
+    registered version.
 
     Actors load the pinned URI, so an alias that moves mid-job cannot mix two models, and the
     ``_SUCCESS`` markers name the exact version.
 
-    Returns:
-        ``uri`` (as given), ``pinned_uri`` and, when known, ``name``, ``version``, ``run_id``.
-
     Raises:
-        ExtractError: the registry does not know the model.
+        ExtractError: the registry or the store does not know the model.
     """
-    info: dict[str, Any] = {"uri": model_uri, "pinned_uri": model_uri}
-    if model_uri.startswith("models:/"):
-        from mlflow import MlflowClient
-
-        rest = model_uri[len("models:/"):]
-        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        try:
-            if rest.startswith("m-"):
-                lm = client.get_logged_model(rest.split("/")[0])
-                info.update(model_id=lm.model_id, run_id=lm.source_run_id)
-                return info
-            if "@" in rest:
-                name, alias = rest.split("@", 1)
-                mv = client.get_model_version_by_alias(name, alias)
-            else:
-                name, _, version = rest.rpartition("/")
-                if version == "latest":
-                    versions = client.search_model_versions(f"name='{name}'")
-                    if not versions:
-                        raise ExtractError(f"{model_uri}: no versions registered")
-                    mv = max(versions, key=lambda v: int(v.version))
-                else:
-                    mv = client.get_model_version(name, version)
-        except ExtractError:
-            raise
-        except Exception as e:
-            raise ExtractError(
-                f"cannot resolve {model_uri} on {redact_uri(tracking_uri)}: {e}") from e
-        info.update(name=mv.name, version=int(mv.version), run_id=mv.run_id,
-                    pinned_uri=f"models:/{mv.name}/{mv.version}")
-    elif model_uri.startswith("runs:/"):
-        info["run_id"] = model_uri[len("runs:/"):].split("/")[0]
-    elif "://" not in model_uri:
-        info["pinned_uri"] = str(Path(model_uri).resolve())
-    return info
+    try:
+        return pin_model(model_uri, tracking_uri)
+    except (RegistryError, TrackingError) as e:
+        raise ExtractError(str(e)) from e
 
 
 def _model_identity(model: dict[str, Any]) -> dict[str, Any]:
-    return {k: model.get(k) for k in ("pinned_uri", "run_id", "model_id")}
+    # A registered version is named by its pinned URI; its LoggedModel id is left out so that
+    # markers written before pinning recorded it stay valid.
+    return {"pinned_uri": model.get("pinned_uri"), "run_id": model.get("run_id"),
+            "model_id": None if model.get("version") is not None else model.get("model_id")}
 
 
 # ---------------------------------------------------------------- per-input work

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SE4LIP_SHARED_DATA") or ROOT.parent / "shared" / "data")
 """The project's shared data (``../shared/data``; ``SE4LIP_SHARED_DATA`` overrides)."""
 GRID_VIDEO = SHARED_DATA / "grid_s1" / "video"
+WILD_VIDEO = SHARED_DATA / "wild"
 INSIGHTFACE_ROOT = Path(
     os.environ.get("SE4LIP_INSIGHTFACE_ROOT") or SHARED_DATA.parent / "models" / "insightface")
 CACHE_ROOT = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "se4lip-bench"
@@ -186,6 +187,11 @@ def grid_videos(n: int) -> list[str]:
     allv = sorted(GRID_VIDEO.glob("*.mp4"))
     n = min(n, len(allv))
     return [str(allv[i * len(allv) // n]) for i in range(n)] if n > 0 else []
+
+
+def wild_videos() -> list[str]:
+    """The talking-head clips of four other people in ``wild/`` (sorted), or []."""
+    return sorted(map(str, WILD_VIDEO.glob("*.mp4"))) if WILD_VIDEO.is_dir() else []
 
 
 def file_sha256(path: str | Path) -> str:

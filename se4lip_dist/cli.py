@@ -252,6 +252,7 @@ def prepare(
     insightface_root: Annotated[Path | None, _key_opt("face.insightface_root")] = None,
     face_backend: Annotated[str | None, _key_opt("face.backend", "--face-backend")] = None,
     detect_every: Annotated[int | None, _key_opt("face.detect_every")] = None,
+    refine_motion: Annotated[float | None, _key_opt("face.refine_motion")] = None,
     workers: Annotated[
         int | None, typer.Option("--workers", help="Parallel clip workers (0: no Ray, in-process).")
     ] = None,
@@ -270,7 +271,8 @@ def prepare(
     from the standard AWS_* environment variables).
     """
     cfg = _config(preset, config, set_, _key_sets(
-        insightface_root=insightface_root, face_backend=face_backend, detect_every=detect_every))
+        insightface_root=insightface_root, face_backend=face_backend, detect_every=detect_every,
+        refine_motion=refine_motion))
     _quiet_ray(as_json)
     from se4lip_dist.prepare import PrepareError, run_prepare
 

@@ -71,11 +71,17 @@ class FaceConfig:
     aspect ratio, padded to a multiple of 32 with some margin)."""
     det_threshold: float = 0.5
     """Minimum detection score."""
-    detect_every: int = 5
-    """Run the detector on every k-th frame and interpolate keypoints in between."""
+    detect_every: int = 32
+    """Run the detector on every k-th frame (and where ``refine_motion`` asks) and interpolate
+    keypoints in between."""
+    refine_motion: float = 0.03
+    """Also detect midway between two detections whose keypoints moved by more than this
+    fraction of the face size (eye-to-mouth + inter-ocular distance), recursively down to a few
+    frames apart: a still head is detected every ``detect_every`` frames, a moving one closely.
+    0 disables (a fixed interval)."""
     smooth_window: int = 1
-    """Centred line fit over this many detections (odd; 1 = none). Detections 5 frames apart
-    already vary little, and wider windows lag a moving head."""
+    """Centred line fit over this many detections (odd; 1 = none). Wider windows lag a moving
+    head."""
     mouth_scale: float = 0.9
     """Crop side = mouth_scale x (eye-to-mouth + inter-ocular distance)."""
     fixed_mouth: tuple[float, float, float] = (0.5, 0.75, 0.35)
@@ -86,6 +92,7 @@ class FaceConfig:
     def __post_init__(self) -> None:
         _check(self.backend in ("insightface", "none"), "face.backend must be insightface|none")
         _check(self.detect_every >= 1, "face.detect_every must be >= 1")
+        _check(0.0 <= self.refine_motion <= 1.0, "face.refine_motion must be in [0, 1]")
         _check(self.smooth_window >= 1 and self.smooth_window % 2 == 1,
                "face.smooth_window must be odd and >= 1")
         _check(0.0 < self.mouth_scale <= 4.0, "face.mouth_scale must be in (0, 4]")

@@ -1,10 +1,11 @@
 """Face detection, face selection, mouth tracking and mouth-centred crops.
 
-The detector (InsightFace SCRFD, 5 keypoints) runs on every ``detect_every``-th frame and on the
-last one; :class:`MouthTracker` smooths the detected keypoints over neighbouring detections and
-interpolates them for the frames in between, streaming with a bounded frame buffer. For
-already-cropped, face-centred renderer output (SyncTalk/ER-NeRF style) :class:`FixedMouthDetector`
-stands in for the detector with a fixed mouth position.
+The detector (InsightFace SCRFD, 5 keypoints) runs on every ``detect_every``-th frame, on the
+last one and, where the face moved, between them; :class:`MouthTracker` smooths the detected
+keypoints over neighbouring detections and interpolates them for the frames in between,
+streaming with a bounded frame buffer. For already-cropped, face-centred renderer output
+(SyncTalk/ER-NeRF style) :class:`FixedMouthDetector` stands in for the detector with a fixed
+mouth position.
 
 Keypoint order everywhere: left eye, right eye, nose, left mouth corner, right mouth corner
 (image coordinates, pixels).
@@ -12,6 +13,7 @@ Keypoint order everywhere: left eye, right eye, nose, left mouth corner, right m
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 from collections import deque
@@ -24,6 +26,7 @@ import cv2
 import numpy as np
 
 from se4lip_dist.config import FaceConfig
+from se4lip_dist.media import Picture
 
 INSIGHTFACE_ROOT_ENV = "SE4LIP_INSIGHTFACE_ROOT"
 """Environment variable naming the InsightFace model root when the config does not."""
@@ -36,6 +39,10 @@ _TEMPLATE_MOUTH_HALF_WIDTH = 0.4
 _TEMPLATE_NOSE_ABOVE_MOUTH = 0.45
 _STRIDE = 32
 """SCRFD's coarsest feature stride: its input sides must be multiples of it."""
+Frame = np.ndarray | Picture
+_REFINE_MIN_GAP = 4
+"""Detections at least this many frames apart may get one midway (``refine_motion``)."""
+"""A video frame: RGB uint8 ``[H, W, 3]``, or a decoded Picture converted only where needed."""
 
 
 class FaceModelError(Exception):
@@ -304,42 +311,49 @@ def mouth_square(kps: np.ndarray, mouth_scale: float) -> tuple[float, float, flo
         (cx, cy, side) in pixels.
     """
     k = np.asarray(kps, dtype=np.float64).reshape(5, 2)
-    eyes = (k[0] + k[1]) / 2
     mouth = (k[3] + k[4]) / 2
-    eye_mouth = float(np.linalg.norm(mouth - eyes))
-    inter_ocular = float(np.linalg.norm(k[1] - k[0]))
-    side = mouth_scale * (eye_mouth + inter_ocular)
-    return float(mouth[0]), float(mouth[1]), max(side, 1.0)
+    return float(mouth[0]), float(mouth[1]), max(mouth_scale * face_size(k), 1.0)
+
+
+def face_size(kps: np.ndarray) -> float:
+    """``eye_mouth + inter_ocular`` of 5 keypoints: the length :func:`mouth_square` scales."""
+    k = np.asarray(kps, dtype=np.float64).reshape(5, 2)
+    eye_mouth = float(np.linalg.norm((k[3] + k[4]) / 2 - (k[0] + k[1]) / 2))
+    return eye_mouth + float(np.linalg.norm(k[1] - k[0]))
 
 
 def crop_square(
-    frame: np.ndarray, cx: float, cy: float, side: float, out_size: int
+    frame: np.ndarray | Picture, cx: float, cy: float, side: float, out_size: int
 ) -> np.ndarray:
     """Resample the axis-aligned square centred at (cx, cy) to ``out_size`` pixels.
 
     Coordinates are pixel indices (pixel i's centre is at i, as for detector keypoints).
     Sub-pixel accurate: the centre of output pixel u samples input
     ``cx - side/2 + (u + 0.5) * side / out_size``. Areas outside the frame replicate the border.
+    A :class:`~se4lip_dist.media.Picture` is cropped from its decoded planes where it can be
+    (:meth:`~se4lip_dist.media.Picture.warp`), without converting the whole frame.
 
     Returns:
         (out_size, out_size, 3) uint8.
     """
     if side <= 0 or out_size <= 0:
         raise ValueError("side and out_size must be positive")
-    src = np.ascontiguousarray(frame)
     # Large reductions alias with bilinear sampling: warp at ~1:1 first, then area-average.
     mid = out_size if side <= 1.5 * out_size else math.ceil(side)
     s = side / mid
     x0 = cx - side / 2 + 0.5 * s
     y0 = cy - side / 2 + 0.5 * s
     m = np.array([[s, 0.0, x0], [0.0, s, y0]], dtype=np.float64)
-    out = cv2.warpAffine(
-        src,
-        m,
-        (mid, mid),
-        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-        borderMode=cv2.BORDER_REPLICATE,
-    )
+    if isinstance(frame, Picture):
+        out = frame.warp(m, mid)
+    else:
+        out = cv2.warpAffine(
+            np.ascontiguousarray(frame),
+            m,
+            (mid, mid),
+            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_REPLICATE,
+        )
     if mid != out_size:
         out = cv2.resize(out, (out_size, out_size), interpolation=cv2.INTER_AREA)
     if out.ndim == 2:
@@ -353,7 +367,7 @@ class TrackedFrame:
 
     Attributes:
         index: frame index in the clip.
-        frame: the RGB frame as given.
+        frame: the frame as given (an RGB array or a :class:`~se4lip_dist.media.Picture`).
         kps: (5, 2) float32 smoothed/interpolated keypoints.
         score: detector score at detected frames, interpolated between them; 0.0 where no face
             was found and the keypoints were carried over.
@@ -361,7 +375,7 @@ class TrackedFrame:
     """
 
     index: int
-    frame: np.ndarray
+    frame: Frame
     kps: np.ndarray
     score: float
     detected: bool
@@ -374,6 +388,7 @@ class _Det:
     t: int
     kps: np.ndarray | None
     score: float
+    face: Detection | None = None
 
 
 @dataclass
@@ -386,7 +401,13 @@ class _Anchor:
 
 
 class MouthTracker:
-    """Detect every k-th frame, smooth over detections, interpolate in between (streaming).
+    """Detect every k-th frame and where the face moved, smooth, interpolate (streaming).
+
+    With ``refine_motion`` > 0, two consecutive detections whose keypoints moved by more than
+    that fraction of the face size (:func:`face_size`), or of which one found no face, get a
+    detection midway between them, and so on recursively down to a few frames apart: a still
+    head costs one detection per k frames, a moving one is followed closely, and where a face
+    leaves or comes back is found to within a frame or two.
 
     Smoothing fits a straight line per keypoint coordinate to the valid detections within
     ``smooth_window`` detections centred on each one and evaluates it there: in the interior
@@ -412,6 +433,7 @@ class MouthTracker:
         smooth_window: int = 3,
         max_missing_fraction: float = 0.5,
         max_buffer: int = 100,
+        refine_motion: float = 0.0,
     ) -> None:
         """Args:
         detector: face detector.
@@ -419,11 +441,16 @@ class MouthTracker:
         smooth_window: detections in the centred smoothing window (odd; 1 disables).
         max_missing_fraction: raise NoFaceError when more detections than this missed.
         max_buffer: most frames held while waiting for a face (raised to what smoothing needs).
+        refine_motion: keypoint motion between detections, as a fraction of the face size,
+            above which the frame midway is detected too (0 disables).
         """
         if detect_every < 1 or smooth_window < 1:
             raise ValueError("detect_every and smooth_window must be >= 1")
+        if refine_motion < 0:
+            raise ValueError("refine_motion must be >= 0")
         self.detector = detector
         self.k = int(detect_every)
+        self.refine_motion = float(refine_motion)
         self.half = int(smooth_window) // 2
         self.max_missing_fraction = float(max_missing_fraction)
         self.max_buffer = max(int(max_buffer), self.k * (self.half + 1) + 2)
@@ -435,7 +462,9 @@ class MouthTracker:
         self.n_missing = 0
         self.max_buffered = 0
         self.missing_frames: list[int] = []
-        self._pending: deque[tuple[int, np.ndarray]] = deque()  # frames not yet emitted
+        self._regular = 0  # detections on every k-th frame and the last
+        self._regular_missing = 0
+        self._pending: deque[tuple[int, Frame]] = deque()  # frames not yet emitted
         self._dets: list[_Det] = []  # detections a future smoothing window can still reach
         self._first = 0  # detection number of _dets[0]
         self._next = 0  # next detection number to turn into an anchor
@@ -445,10 +474,11 @@ class MouthTracker:
 
     @property
     def missing_fraction(self) -> float:
-        """Share of detections that found no face (0.0 before any detection)."""
-        return self.n_missing / self.n_detections if self.n_detections else 0.0
+        """Share of the regular detections (every k-th frame and the last) that found no face,
+        0.0 before any: an even sample of the clip, unlike refinement's detections."""
+        return self._regular_missing / self._regular if self._regular else 0.0
 
-    def track(self, frames: Iterable[np.ndarray]) -> Iterator[TrackedFrame]:
+    def track(self, frames: Iterable[Frame]) -> Iterator[TrackedFrame]:
         """Yield a :class:`TrackedFrame` per input frame, in order.
 
         Raises:
@@ -470,18 +500,44 @@ class MouthTracker:
         yield from self._anchor_ready(ended=True)
         yield from self._emit_until(math.inf, None)
 
-    def _detect(self, i: int, frame: np.ndarray) -> None:
-        face = select_face(self.detector.detect(frame), self._face, frame.shape[:2])
+    def _detect(self, i: int, frame: Frame) -> None:
+        """Detect on frame ``i``, then between it and the previous detection if needed."""
+        det = self._run_detector(i, frame)
+        self._regular += 1
+        self._regular_missing += det.kps is None
+        self._face = det.face or self._face
+        if self.refine_motion > 0 and self._dets:
+            self._refine(self._dets[-1], det)
+        self._dets.append(det)
+
+    def _run_detector(self, i: int, frame: Frame) -> _Det:
+        face = select_face(self.detector.detect(np.asarray(frame)), self._face, frame.shape[:2])
         self.n_detections += 1
         if face is None:
             self.n_missing += 1
-            self.missing_frames.append(i)
-            self._dets.append(_Det(i, None, 0.0))
-        else:
-            self._face = face
-            self._detected.add(i)
-            self._dets.append(_Det(i, np.asarray(face.kps, dtype=np.float64).reshape(5, 2),
-                                   float(face.score)))
+            bisect.insort(self.missing_frames, i)
+            return _Det(i, None, 0.0)
+        self._detected.add(i)
+        return _Det(i, np.asarray(face.kps, dtype=np.float64).reshape(5, 2), float(face.score),
+                    face)
+
+    def _refine(self, a: _Det, b: _Det) -> None:
+        """Append detections strictly between ``a`` and ``b``, in time order, while the face
+        moved more than ``refine_motion`` of its size between two of them, or was found at one
+        and missed at the other (where it left or came back)."""
+        if b.t - a.t < _REFINE_MIN_GAP or (a.kps is None and b.kps is None):
+            return
+        if a.kps is not None and b.kps is not None:
+            size = (face_size(a.kps) + face_size(b.kps)) / 2
+            if np.linalg.norm(b.kps - a.kps, axis=1).max() <= self.refine_motion * size:
+                return
+        t = (a.t + b.t) // 2
+        if not self._pending or not self._pending[0][0] <= t <= self._pending[-1][0]:
+            return  # already emitted (a long gap was carried over)
+        mid = self._run_detector(t, self._pending[t - self._pending[0][0]][1])
+        self._refine(a, mid)
+        self._dets.append(mid)
+        self._refine(mid, b)
 
     def _anchor_ready(self, ended: bool) -> list[TrackedFrame]:
         """Anchor every detection whose smoothing window is complete (all of them at the end)."""
@@ -493,7 +549,8 @@ class MouthTracker:
                 out += self._emit_until(d.t, _Anchor(float(d.t), self._smoothed(self._next),
                                                      d.score))
             self._next += 1
-        drop = max(0, self._next - self.half - self._first)
+        # Keep the newest detection: the next one may refine towards it.
+        drop = max(0, min(self._next - self.half, total - 1) - self._first)
         del self._dets[:drop]
         self._first += drop
         return out
@@ -550,7 +607,7 @@ class MouthTracker:
             self.max_missing_fraction
         ):
             raise NoFaceError(
-                f"no face in {self.n_missing}/{self.n_detections} detections "
+                f"no face in {self._regular_missing}/{self._regular} detections "
                 f"({self.missing_fraction:.0%} > {self.max_missing_fraction:.0%}) over "
                 f"{self.n_frames} frames; missed at frames {self.missing_frames[:20]}"
             )
@@ -569,14 +626,14 @@ def _interpolate(last: _Anchor | None, anchor: _Anchor | None,
     return (1 - a) * last.kps + a * anchor.kps, (1 - a) * last.score + a * anchor.score
 
 
-def _with_last(frames: Iterable[np.ndarray]) -> Iterator[tuple[int, np.ndarray, bool]]:
+def _with_last(frames: Iterable[Frame]) -> Iterator[tuple[int, Frame, bool]]:
     """``(index, frame, is_last)`` for each frame (one frame of look-ahead)."""
     it = iter(frames)
     sentinel = object()
     cur = next(it, sentinel)
     i = 0
     while cur is not sentinel:
-        frame = np.asarray(cur)
+        frame = cur if isinstance(cur, Picture) else np.asarray(cur)
         cur = next(it, sentinel)
         yield i, frame, cur is sentinel
         i += 1
@@ -595,6 +652,7 @@ __all__ = [
     "build_detector",
     "crop_square",
     "default_insightface_root",
+    "face_size",
     "find_detector_model",
     "mouth_square",
     "select_face",

@@ -254,8 +254,20 @@ def iter_video_frames(
 ) -> Iterator[np.ndarray]:
     """Yield RGB uint8 ``[H, W, 3]`` frames resampled to a constant ``fps`` by timestamp.
 
-    Holds O(1) frames in memory. See the module docstring for which source frame is picked and
-    how many are yielded (exactly :func:`count_output_frames`).
+    The RGB pixels of :func:`iter_pictures` (same arguments, frames and errors).
+    """
+    for picture in iter_pictures(path, fps, info=info, threads=threads):
+        yield picture.rgb()
+
+
+def iter_pictures(
+    path: str | Path, fps: int = 25, *, info: MediaInfo | None = None, threads: int = 0
+) -> Iterator[Picture]:
+    """Yield one :class:`Picture` per output time ``i / fps``, resampled by timestamp.
+
+    Holds O(1) decoded frames; a source frame shown at several output times is the same
+    Picture each time. See the module docstring for which source frame is picked and how many
+    are yielded (exactly :func:`count_output_frames`).
 
     Args:
         path: Media file with a video stream.
@@ -263,9 +275,6 @@ def iter_video_frames(
         info: :func:`probe` result, if the caller already has it.
         threads: decoder threads; 0 lets FFmpeg choose (fastest wall time for one clip), 1
             decodes in the calling thread (least CPU per frame: for one clip per core).
-
-    Yields:
-        One frame per output time ``i / fps``.
 
     Raises:
         MediaError: No video stream, or the video cannot be decoded (see module docstring).
@@ -277,7 +286,7 @@ def iter_video_frames(
     n_out = count_output_frames(info, fps)
     start = Fraction(info.start_s).limit_denominator(10**7)
     held: Any = None  # latest av.VideoFrame at or before the next output time
-    held_rgb: np.ndarray | None = None
+    held_picture: Picture | None = None
     i = 0
     bad = 0
     with _open(name) as container:
@@ -299,21 +308,21 @@ def iter_video_frames(
                 held = frame  # stands in for any times before it (decoder dropped leaders)
             # Every output time before this frame shows the held (latest earlier) frame.
             while i < n_out and Fraction(i, fps) + _TOLERANCE < t:
-                if held_rgb is None:
-                    held_rgb = to_rgb(held)
-                yield held_rgb
+                if held_picture is None:
+                    held_picture = Picture(held)
+                yield held_picture
                 i += 1
             if frame is not held:
-                held, held_rgb = frame, None
+                held, held_picture = frame, None
             if i >= n_out:
                 break
         _check_bad(name, bad, info.n_src_frames)
         if held is None:
             raise MediaError(f"{name}: no video frame could be decoded")
         while i < n_out:
-            if held_rgb is None:
-                held_rgb = to_rgb(held)
-            yield held_rgb
+            if held_picture is None:
+                held_picture = Picture(held)
+            yield held_picture
             i += 1
 
 
@@ -323,19 +332,121 @@ _BT601_SPACES = {2, 5, 6}
 _LIMITED_RANGE = {0, 1}
 
 
+def _opencv_i420(frame: Any) -> bool:
+    """True for limited-range BT.601 ``yuv420p`` (H.264/MPEG SD video): OpenCV's I420 case."""
+    return (frame.format.name == "yuv420p" and frame.width % 2 == 0 and frame.height % 2 == 0
+            and frame.colorspace in _BT601_SPACES and frame.color_range in _LIMITED_RANGE)
+
+
 def to_rgb(frame: Any) -> np.ndarray:
     """An ``av.VideoFrame`` as RGB uint8 ``[H, W, 3]``.
 
-    Limited-range BT.601 ``yuv420p`` frames (H.264/MPEG SD video) go through OpenCV's I420
-    conversion, several times cheaper than swscale's and within a few levels of it (rounding and
-    chroma siting); every other format goes through swscale.
+    Limited-range BT.601 ``yuv420p`` frames go through OpenCV's I420 conversion, several times
+    cheaper than swscale's and within a few levels of it (rounding and chroma siting); every
+    other format goes through swscale.
     """
-    if (frame.format.name == "yuv420p" and frame.width % 2 == 0 and frame.height % 2 == 0
-            and frame.colorspace in _BT601_SPACES and frame.color_range in _LIMITED_RANGE):
+    if _opencv_i420(frame):
         i420 = frame.to_ndarray()
         if i420.shape == (frame.height * 3 // 2, frame.width):
             return cv2.cvtColor(i420, cv2.COLOR_YUV2RGB_I420)
     return frame.to_ndarray(format="rgb24")
+
+
+class Picture:
+    """One decoded video frame whose RGB pixels are computed only when asked for (once).
+
+    :meth:`warp` crops without converting the whole frame where it can: a mouth crop then
+    costs a crop-sized colour conversion. ``np.asarray(picture)`` is :meth:`rgb`.
+    """
+
+    __slots__ = ("_frame", "_rgb", "height", "width")
+
+    def __init__(self, frame: Any) -> None:
+        """Args:
+        frame: an ``av.VideoFrame`` (kept, with its buffers, until the Picture is dropped).
+        """
+        self._frame = frame
+        self._rgb: np.ndarray | None = None
+        self.height = int(frame.height)
+        self.width = int(frame.width)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(height, width, 3)``, as the RGB array's."""
+        return self.height, self.width, 3
+
+    def rgb(self) -> np.ndarray:
+        """RGB uint8 ``[H, W, 3]`` (:func:`to_rgb`), converted on first use."""
+        if self._rgb is None:
+            self._rgb = to_rgb(self._frame)
+        return self._rgb
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        rgb = self.rgb()
+        return rgb if dtype is None else rgb.astype(dtype)
+
+    def warp(self, m: np.ndarray, size: int) -> np.ndarray:
+        """``cv2.warpAffine(self.rgb(), m, (size, size))`` (bilinear, ``m`` maps output pixels
+        to input coordinates, border replicated), converting only the region it samples.
+
+        Where :func:`to_rgb` takes OpenCV's I420 path, only the even-aligned bounding box of the
+        sampled input pixels is converted: the same RGB values there, so the same crop (to
+        within warp rounding) for a fraction of a whole frame's conversion.
+
+        Args:
+            m: 2x3 map from output pixel ``(u, v)`` to input pixel coordinates.
+            size: output side in pixels.
+
+        Returns:
+            RGB uint8 ``[size, size, 3]``.
+        """
+        box = None if self._rgb is not None else self._sampled_box(m, size)
+        if box is None:
+            return _warp(self.rgb(), m, size)
+        x0, y0, x1, y1 = box
+        w, h = x1 - x0, y1 - y0
+        planes = self._frame.planes
+        n = w * h
+        i420 = np.empty(n * 3 // 2, np.uint8)
+        i420[:n].reshape(h, w)[:] = _plane(planes[0], self.height, self.width)[y0:y1, x0:x1]
+        half = (slice(y0 // 2, y1 // 2), slice(x0 // 2, x1 // 2))
+        i420[n : n + n // 4].reshape(h // 2, w // 2)[:] = _plane(
+            planes[1], self.height // 2, self.width // 2)[half]
+        i420[n + n // 4 :].reshape(h // 2, w // 2)[:] = _plane(
+            planes[2], self.height // 2, self.width // 2)[half]
+        region = cv2.cvtColor(i420.reshape(h * 3 // 2, w), cv2.COLOR_YUV2RGB_I420)
+        shifted = np.array(m, dtype=np.float64)
+        shifted[:, 2] -= (x0, y0)
+        return _warp(region, shifted, size)
+
+    def _sampled_box(self, m: np.ndarray, size: int) -> tuple[int, int, int, int] | None:
+        """Even-aligned ``(x0, y0, x1, y1)`` inside the frame holding every pixel a bilinear
+        warp reads (outside it, only replicated border pixels), or None: convert it all."""
+        if not _opencv_i420(self._frame):
+            return None
+        corners = np.asarray(m, np.float64) @ np.array(
+            [[0, 0, 1], [size - 1, 0, 1], [0, size - 1, 1], [size - 1, size - 1, 1]],
+            np.float64).T
+        lo = np.floor(corners.min(axis=1)) - 1
+        hi = np.ceil(corners.max(axis=1)) + 2
+        x0 = int(np.clip(lo[0], 0, self.width)) // 2 * 2
+        y0 = int(np.clip(lo[1], 0, self.height)) // 2 * 2
+        x1 = min(self.width, -(-int(np.clip(hi[0], 0, self.width)) // 2) * 2)
+        y1 = min(self.height, -(-int(np.clip(hi[1], 0, self.height)) // 2) * 2)
+        if x1 - x0 < 2 or y1 - y0 < 2 or 2 * (x1 - x0) * (y1 - y0) > self.width * self.height:
+            return None
+        return x0, y0, x1, y1
+
+
+def _plane(plane: Any, height: int, width: int) -> np.ndarray:
+    """A frame plane as a ``[height, width]`` uint8 view of its buffer (no copy)."""
+    rows = np.frombuffer(plane, np.uint8)
+    return rows[: height * plane.line_size].reshape(height, plane.line_size)[:, :width]
+
+
+def _warp(src: np.ndarray, m: np.ndarray, size: int) -> np.ndarray:
+    return cv2.warpAffine(src, m, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_REPLICATE)
 
 
 def _check_bad(name: str, bad: int, total: int | None) -> None:
@@ -509,9 +620,11 @@ __all__ = [
     "Clip",
     "MediaError",
     "MediaInfo",
+    "Picture",
     "count_output_frames",
     "decode_audio",
     "decode_clip",
+    "iter_pictures",
     "iter_video_frames",
     "probe",
     "to_rgb",

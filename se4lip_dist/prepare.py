@@ -328,6 +328,7 @@ def _process_local(result: ClipResult, path: str, cfg: Config, detector: Any) ->
         tracker = faces.MouthTracker(
             detector,
             detect_every=face.detect_every,
+            refine_motion=face.refine_motion,
             smooth_window=face.smooth_window,
             max_missing_fraction=face.max_missing_fraction,
         )
@@ -337,7 +338,7 @@ def _process_local(result: ClipResult, path: str, cfg: Config, detector: Any) ->
         detected: list[bool] = []
         tiles: list[np.ndarray] = []
         # One decoder thread: clips run one per core, and threads cost CPU time per frame.
-        frames = media.iter_video_frames(path, data.fps, info=info, threads=1)
+        frames = media.iter_pictures(path, data.fps, info=info, threads=1)
         for tf in tracker.track(frames):
             cx, cy, side = faces.mouth_square(tf.kps, face.mouth_scale)
             crop = faces.crop_square(tf.frame, cx, cy, side, data.crop_size)
@@ -557,6 +558,10 @@ def run_prepare(
     return summary
 
 
+_LEGACY_VALUES = {"face.refine_motion": 0.0}
+"""Config keys added after shards were first written, with what a manifest without them used."""
+
+
 def _open_manifest(out: str, cfg: Config) -> Manifest:
     """Load the folder's manifest (checking the config matches) or start a new one.
 
@@ -571,19 +576,24 @@ def _open_manifest(out: str, cfg: Config) -> Manifest:
             raise PrepareError(str(e)) from e
         if not manifest.shards:
             return Manifest(config=wanted)
-        have = {k: manifest.config.get(k) for k in wanted}
-        diffs = [
-            f"{sec}.{k}: {have[sec].get(k)!r} -> {v!r}"
-            for sec in wanted
-            for k, v in wanted[sec].items()
-            if have[sec] is None or have[sec].get(k) != v
-        ]
-        # Where the detector weights live does not change what the shards contain.
-        diffs = [d for d in diffs if not d.startswith("face.insightface_root")]
+        diffs = []  # (key, value the folder was prepared with, value of this run)
+        for sec, values in wanted.items():
+            have = manifest.config.get(sec) or {}
+            for k, v in values.items():
+                key = f"{sec}.{k}"
+                old = have.get(k, _LEGACY_VALUES.get(key))
+                # Where the detector weights live does not change what the shards contain.
+                if old != v and key != "face.insightface_root":
+                    diffs.append((key, old, v))
         if diffs:
+            changes = "; ".join(f"{key}: {old!r} -> {v!r}" for key, old, v in diffs)
+            keep = [f"--set {key}={old}" for key, old, _ in diffs
+                    if isinstance(old, int | float | str) and not isinstance(old, bool)]
+            hint = (f", or add to it with its config: {' '.join(keep)}"
+                    if len(keep) == len(diffs) else "")
             raise PrepareError(
-                f"{out}: already holds shards prepared with another config ({'; '.join(diffs)}); "
-                "use a new --out folder"
+                f"{out}: already holds shards prepared with another config ({changes}); "
+                f"use a new --out folder{hint}"
             )
         return manifest
     return Manifest(config=wanted)

@@ -456,7 +456,9 @@ def test_face_leaving_the_frame_midway(shared_data: Path, insightface_root: Path
     rows = sorted(_rows_by_source(out)[str(late)], key=lambda r: r["start_frame"])
     detected = np.concatenate([r["detected"] for r in rows])
     kp = _keypoints(out, str(late))
-    assert detected[:50].sum() >= 9 and not detected[60:].any()
+    # Refinement bisects to where the face slid out (from frame 52 on, 60 px per frame).
+    found = np.flatnonzero(detected)
+    assert found[0] == 0 and 52 <= found[-1] < 58 and len(found) >= 5
     # After the last detection the keypoints stay put (carried over), never jump or vanish.
     last = int(np.flatnonzero(detected)[-1])
     assert np.allclose(kp[last + 1:], kp[last], atol=1e-3)

@@ -265,3 +265,44 @@ def test_one_decoder_thread_gives_the_same_frames(tmp_path):
     assert len(auto) == len(one) == len(two) > 0
     assert all(np.array_equal(a, b) and np.array_equal(a, c)
                for a, b, c in zip(auto, one, two, strict=True))
+
+
+def _crops() -> list[tuple[float, float, float, int, bool]]:
+    """(cx, cy, side, out, from the planes) mouth squares on an 80-pixel frame: inside,
+    sub-pixel, past every edge, odd sizes; most of the frame or none of it is converted whole."""
+    return [(40.0, 40.0, 30.0, 24, True), (41.3, 37.7, 33.5, 25, True),
+            (3.0, 2.0, 20.0, 16, True), (90.0, 75.0, 26.0, 21, True),
+            (48.0, 40.0, 70.0, 32, False), (-30.0, 40.0, 20.0, 16, False)]
+
+
+def test_picture_crops_from_its_planes_like_the_converted_frame(tmp_path):
+    from se4lip_dist.faces import crop_square
+    from se4lip_dist.media import iter_pictures
+
+    path = _grid_or_synthetic(tmp_path)
+    for pic in list(iter_pictures(path, 25))[:5]:
+        scale = min(pic.height, pic.width) / 80  # the crops above, on any frame size
+        for cx, cy, side, out, planes in _crops():
+            got = crop_square(pic, cx * scale, cy * scale, side * scale, out)
+            assert (pic._rgb is None) == planes, (cx, cy, side, out)
+            ref = crop_square(pic.rgb().copy(), cx * scale, cy * scale, side * scale, out)
+            pic._rgb = None
+            assert got.shape == ref.shape == (out, out, 3) and got.dtype == np.uint8
+            assert np.abs(got.astype(int) - ref).max() <= 1, (cx, cy, side, out)
+
+
+def test_picture_of_other_formats_converts_the_frame():
+    import av
+
+    from se4lip_dist.faces import crop_square
+    from se4lip_dist.media import Picture
+
+    rgb = np.random.default_rng(0).integers(0, 256, (48, 64, 3), np.uint8)
+    for frame in (av.VideoFrame.from_ndarray(rgb, format="rgb24"),
+                  av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuvj420p")):
+        pic = Picture(frame)
+        assert pic.shape == (48, 64, 3)
+        ref = crop_square(pic.rgb().copy(), 30.5, 20.0, 25.0, 20)
+        pic._rgb = None
+        assert np.array_equal(crop_square(pic, 30.5, 20.0, 25.0, 20), ref)
+        assert np.array_equal(np.asarray(pic), pic.rgb())

@@ -96,6 +96,30 @@ def test_other_config_on_same_folder_is_refused(clips, tmp_path: Path) -> None:
         run_prepare([str(d)], out, other, workers=0)
 
 
+def test_folder_from_before_refine_motion_takes_more_clips_with_its_config(
+        clips, tmp_path: Path) -> None:
+    """A manifest written before ``face.refine_motion`` existed (fixed every-5th-frame
+    detection): today's defaults are refused with the flags that keep adding to it."""
+    import json
+
+    d, _ = clips
+    out = tmp_path / "shards"
+    old = FIXED.override({"face.detect_every": 5, "face.refine_motion": 0.0})
+    run_prepare([str(d / "syn_0.mp4")], out, old, workers=0)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["config"]["face"]["refine_motion"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PrepareError) as e:
+        run_prepare([str(d)], out, FIXED, workers=0)
+    msg = str(e.value)
+    assert "face.detect_every: 5 -> 32; face.refine_motion: 0.0 -> 0.03" in msg
+    sets = msg.split("add to it with its config: ")[1].split()
+    assert sets == ["--set", "face.detect_every=5", "--set", "face.refine_motion=0.0"]
+    again = run_prepare([str(d)], out, FIXED.override(dict(a.split("=") for a in sets[1::2])),
+                        workers=0)
+    assert (again.prepared, again.skipped) == (2, 1)
+
+
 def test_failed_run_writes_no_manifest_and_a_rerun_may_change_config(
         clips, tmp_path: Path) -> None:
     """A run that prepared nothing leaves no manifest, so the folder does not pin a config."""
@@ -340,7 +364,7 @@ def test_a_clip_is_probed_once_and_decoded_on_one_thread(tmp_path: Path, monkeyp
     make_synthetic_clip(path, 1.0, seed=3, size=(64, 64))
     probes: list[str] = []
     threads: list[int] = []
-    real_probe, real_iter = media.probe, media.iter_video_frames
+    real_probe, real_iter = media.probe, media.iter_pictures
 
     def counting_probe(p: str) -> media.MediaInfo:
         probes.append(str(p))
@@ -351,7 +375,7 @@ def test_a_clip_is_probed_once_and_decoded_on_one_thread(tmp_path: Path, monkeyp
         return real_iter(*a, **k)
 
     monkeypatch.setattr(media, "probe", counting_probe)
-    monkeypatch.setattr(media, "iter_video_frames", recording_iter)
+    monkeypatch.setattr(media, "iter_pictures", recording_iter)
     res = process_clip(PrepareInput(str(path)), "c", FIXED, build_detector(FIXED.face))
     assert res.failure is None and res.record.frames == 25
     assert len(probes) == 1 and threads == [1]

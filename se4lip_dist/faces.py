@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from se4lip_dist.config import FaceConfig
-from se4lip_dist.media import Picture
+from se4lip_dist.media import Picture, warp
 
 INSIGHTFACE_ROOT_ENV = "SE4LIP_INSIGHTFACE_ROOT"
 """Environment variable naming the InsightFace model root when the config does not."""
@@ -40,9 +40,9 @@ _TEMPLATE_NOSE_ABOVE_MOUTH = 0.45
 _STRIDE = 32
 """SCRFD's coarsest feature stride: its input sides must be multiples of it."""
 Frame = np.ndarray | Picture
+"""A video frame: RGB uint8 ``[H, W, 3]``, or a decoded Picture converted only where needed."""
 _REFINE_MIN_GAP = 4
 """Detections at least this many frames apart may get one midway (``refine_motion``)."""
-"""A video frame: RGB uint8 ``[H, W, 3]``, or a decoded Picture converted only where needed."""
 
 
 class FaceModelError(Exception):
@@ -331,7 +331,7 @@ def crop_square(
     Sub-pixel accurate: the centre of output pixel u samples input
     ``cx - side/2 + (u + 0.5) * side / out_size``. Areas outside the frame replicate the border.
     A :class:`~se4lip_dist.media.Picture` is cropped from its decoded planes where it can be
-    (:meth:`~se4lip_dist.media.Picture.warp`), without converting the whole frame.
+    (:func:`~se4lip_dist.media.warp`), without converting the whole frame.
 
     Returns:
         (out_size, out_size, 3) uint8.
@@ -344,16 +344,7 @@ def crop_square(
     x0 = cx - side / 2 + 0.5 * s
     y0 = cy - side / 2 + 0.5 * s
     m = np.array([[s, 0.0, x0], [0.0, s, y0]], dtype=np.float64)
-    if isinstance(frame, Picture):
-        out = frame.warp(m, mid)
-    else:
-        out = cv2.warpAffine(
-            np.ascontiguousarray(frame),
-            m,
-            (mid, mid),
-            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-            borderMode=cv2.BORDER_REPLICATE,
-        )
+    out = warp(frame, m, mid)
     if mid != out_size:
         out = cv2.resize(out, (out_size, out_size), interpolation=cv2.INTER_AREA)
     if out.ndim == 2:
@@ -439,7 +430,8 @@ class MouthTracker:
         detector: face detector.
         detect_every: run the detector on frames 0, k, 2k, ... and on the last frame.
         smooth_window: detections in the centred smoothing window (odd; 1 disables).
-        max_missing_fraction: raise NoFaceError when more detections than this missed.
+        max_missing_fraction: raise NoFaceError when more of the regular detections (every
+            k-th frame and the last) than this missed.
         max_buffer: most frames held while waiting for a face (raised to what smoothing needs).
         refine_motion: keypoint motion between detections, as a fraction of the face size,
             above which the frame midway is detected too (0 disables).

@@ -402,7 +402,7 @@ class Picture:
         """
         box = None if self._rgb is not None else self._sampled_box(m, size)
         if box is None:
-            return _warp(self.rgb(), m, size)
+            return warp(self.rgb(), m, size)
         x0, y0, x1, y1 = box
         w, h = x1 - x0, y1 - y0
         planes = self._frame.planes
@@ -417,7 +417,7 @@ class Picture:
         region = cv2.cvtColor(i420.reshape(h * 3 // 2, w), cv2.COLOR_YUV2RGB_I420)
         shifted = np.array(m, dtype=np.float64)
         shifted[:, 2] -= (x0, y0)
-        return _warp(region, shifted, size)
+        return warp(region, shifted, size)
 
     def _sampled_box(self, m: np.ndarray, size: int) -> tuple[int, int, int, int] | None:
         """Even-aligned ``(x0, y0, x1, y1)`` inside the frame holding every pixel a bilinear
@@ -444,8 +444,19 @@ def _plane(plane: Any, height: int, width: int) -> np.ndarray:
     return rows[: height * plane.line_size].reshape(height, plane.line_size)[:, :width]
 
 
-def _warp(src: np.ndarray, m: np.ndarray, size: int) -> np.ndarray:
-    return cv2.warpAffine(src, m, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+def warp(frame: np.ndarray | Picture, m: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear ``size`` x ``size`` resampling of a frame, border replicated.
+
+    Args:
+        frame: an RGB (or single-channel) uint8 array, or a :class:`Picture` (cropped from its
+            planes where it can be, see :meth:`Picture.warp`).
+        m: 2x3 map from output pixel ``(u, v)`` to input pixel coordinates.
+        size: output side in pixels.
+    """
+    if isinstance(frame, Picture):
+        return frame.warp(m, size)
+    return cv2.warpAffine(np.ascontiguousarray(frame), m, (size, size),
+                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                           borderMode=cv2.BORDER_REPLICATE)
 
 
@@ -628,4 +639,5 @@ __all__ = [
     "iter_video_frames",
     "probe",
     "to_rgb",
+    "warp",
 ]

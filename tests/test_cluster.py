@@ -214,7 +214,8 @@ def test_only_intended_wildcard_binds() -> None:
     assert "0.0.0.0" in readme
     for script in (ROOT / "cluster.yaml", *LOCAL.glob("*.sh")):
         text = script.read_text()
-        assert not re.search(r"^\s*[^#\n]*\bray stop\b", text, re.M), f"{script.name}: ray stop"
+        # Ray's own stop command kills every Ray on the host.
+        assert not re.search(r"^\s*[^#\n]*\bray\s+stop\b", text, re.M), script.name
     # up.sh runs standin.py: its dashboard, MLflow, S3 and PostgreSQL bind loopback only.
     code = (LOCAL / "standin.py").read_text()
     for bind in ('"--dashboard-host", "127.0.0.1"', '"--host", "127.0.0.1"',

@@ -2,7 +2,8 @@
 
 Used by the tests (tests/conftest.py imports it) and by ``cluster/local/up.sh`` for a person to
 try the same thing. Every service binds 127.0.0.1, runs in its own process group under one state
-folder, and is stopped by that process group's id: never ``ray stop``, ``pkill`` or ``killall``.
+folder, and is stopped by that process group's id, never by Ray's own stop command or by
+process name.
 
     python cluster/local/standin.py up --dir /tmp/se4lip-standin   # prints the env to source
     python cluster/local/standin.py down --dir /tmp/se4lip-standin

@@ -9,7 +9,7 @@
 #     as extra raylets when work asks for them, and removes them when idle. Its dashboard is on
 #     127.0.0.1; its GCS and raylets listen on every interface (Ray 2.60), so token auth is on.
 # Every process group is recorded in the state folder; down.sh stops exactly those (never
-# `ray stop`, which kills every Ray on the host).
+# Ray's own stop command, which kills every Ray on the host).
 #
 #   cluster/local/up.sh && source "${SE4LIP_LOCAL_DIR:-/tmp/se4lip-local}/env.sh"
 #   se4lip-dist submit -- presets

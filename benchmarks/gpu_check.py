@@ -106,11 +106,11 @@ def main() -> int:
         return {"steps": r["steps"], "epochs": r["epochs"],
                 "samples_per_s": round(last["perf/samples_per_s"], 1),
                 "data_wait_fraction": round(last["perf/data_wait_fraction"], 3),
-                "val/offset_acc": last["val/offset_acc"], "best_epoch": r["best_epoch"]}
+                "val/shift_acc": last["val/shift_acc"], "best_epoch": r["best_epoch"]}
 
     def tune() -> dict[str, Any]:
         space = work / "space.yaml"
-        space.write_text(json.dumps({"preset": "paper", "metric": "val/offset_acc",
+        space.write_text(json.dumps({"preset": "paper", "metric": "val/shift_acc",
                                      "num_samples": 1, "scheduler": "asha",
                                      "params": {"model.gru_layers": {"grid": [4, 8]}}}))
         r = run_tune(str(space), str(shards), TuneOptions(

@@ -30,6 +30,7 @@ from rich.progress import (
 from rich.table import Table
 
 from se4lip_dist.config import (
+    HEADLINE,
     Config,
     ConfigError,
     DataConfig,
@@ -403,7 +404,8 @@ def train(
     t = Table(title=f"train {result['run_name']}: best epoch {result['best_epoch']} of "
                     f"{result['epochs']}", show_header=False)
     m = result["metrics"]
-    for k in ("val/offset_acc", "val/sync_acc", "val/loss", "val/clips", "val/offset_trials",
+    t.add_row("val/shift_acc [95% CI]", _with_ci(m, "val/shift_acc"))
+    for k in ("val/units", "val/offset_acc", "val/sync_acc", "val/loss", "val/clips",
               "train/loss", "perf/samples_per_s", "perf/data_wait_fraction"):
         t.add_row(k, _fmt(m.get(k)))
     for k in ("steps", "run_id", "model_uri", "checkpoint", "tracking_uri"):
@@ -413,6 +415,11 @@ def train(
     if reg:
         _print_gate(reg["name"], reg["version"], reg["alias"], reg["reason"])
     _print_ui_hint(result["tracking_uri"])
+
+
+def _with_ci(m: dict, key: str) -> str:
+    """``0.92 [0.75, 0.98]`` from a metric and its ``_ci_low``/``_ci_high`` companions."""
+    return f"{_fmt(m.get(key))} [{_fmt(m.get(key + '_ci_low'))}, {_fmt(m.get(key + '_ci_high'))}]"
 
 
 def _print_gate(name: str, version: int, alias: str, reason: str) -> None:
@@ -448,7 +455,7 @@ def tune(
     gpus_per_trial: Annotated[float, typer.Option("--gpus-per-trial", help="Whole GPUs per trial: that many DDP ranks, one GPU each.")] = 0.0,
     num_workers_per_trial: Annotated[int | None, typer.Option("--num-workers-per-trial", help="DDP ranks per trial (default: --gpus-per-trial, or 2 on CPUs).")] = None,
     epochs: Annotated[int | None, _key_opt("train.epochs", note="Per trial: ASHA's max_t")] = None,
-    metric: Annotated[str | None, typer.Option("--metric", help="val/offset_acc | val/sync_acc | val/hard_neg_acc | val/loss (default: the space's).")] = None,
+    metric: Annotated[str | None, typer.Option("--metric", help="val/shift_acc | val/offset_acc | val/sync_acc | val/hard_neg_acc | val/loss (default: the space's).")] = None,
     mode: Annotated[str | None, typer.Option("--mode", help="max | min.")] = None,
     register: Annotated[str, typer.Option("--register", help="Registered model name.")] = "se4lip",
     tracking_uri: Annotated[str | None, typer.Option("--tracking-uri")] = None,
@@ -476,11 +483,11 @@ def tune(
         resume=resume, storage_path=storage_path, address=address, overrides=tuple(overrides),
         **({"placement_timeout_s": placement_timeout} if placement_timeout else {}),
     )
-    live = Live(_trials_table([], metric or "val/offset_acc", "trials"), console=console,
+    live = Live(_trials_table([], metric or HEADLINE, "trials"), console=console,
                 refresh_per_second=2, transient=True, **_live_io())
 
     def show(rows: list[TrialRow]) -> None:
-        live.update(_trials_table(rows, metric or "val/offset_acc", "trials (live)",
+        live.update(_trials_table(rows, metric or HEADLINE, "trials (live)",
                                   epochs=epochs, mode=mode or "max"))
 
     try:
@@ -579,16 +586,17 @@ def models_show(name: str, tracking_uri: TrackingOpt = None, as_json: JsonOpt = 
         _emit_json(info)
         return
     t = Table(title=f"{name} in {info['tracking_uri']}")
-    for col in ("version", "aliases", "val/offset_acc [95% CI]", "trials", "val/sync_acc",
-                "epoch", "data"):
+    for col in ("version", "aliases", "val/shift_acc [95% CI]", "units", "floor",
+                "val/offset_acc", "epoch", "data"):
         t.add_column(col)
     for v in info["versions"]:
         tags = v["tags"]
-        ci = (f"{tags.get('gate.val/offset_acc', '-')} [{tags.get('gate.val/offset_acc_ci_low', '')}"
-              f", {tags.get('gate.val/offset_acc_ci_high', '')}]")
+        ci = (f"{tags.get('gate.val/shift_acc', '-')} [{tags.get('gate.val/shift_acc_ci_low', '')}"
+              f", {tags.get('gate.val/shift_acc_ci_high', '')}]")
         t.add_row(str(v["version"]), ", ".join(v["aliases"]), ci,
-                  tags.get("gate.val/offset_trials", "-"), tags.get("gate.val/sync_acc", "-"),
-                  tags.get("se4lip.epoch", "-"), tags.get("se4lip.data_manifest_hash", "-"))
+                  tags.get("gate.val/units", "-"), tags.get("gate.floor.floor", "-"),
+                  tags.get("gate.val/offset_acc", "-"), tags.get("se4lip.epoch", "-"),
+                  tags.get("se4lip.data_manifest_hash", "-"))
     out.print(t)
     for v in info["versions"]:
         tags = v["tags"]
@@ -619,6 +627,10 @@ def models_compare(
     for r in res["rows"]:
         t.add_row(r["metric"], _fmt(r[f"v{v1}"]), _fmt(r[f"v{v2}"]), r["better"] or "")
     out.print(t)
+    pr = res["paired"]
+    out.print(f"shift-consistent on the same {pr['units']} units: only v{v1} "
+              f"{pr['only'][f'v{v1}']}, only v{v2} {pr['only'][f'v{v2}']}; one-sided exact McNemar "
+              + ", ".join(f"p({k}) = {p:.3g}" for k, p in pr["p_value"].items()), soft_wrap=True)
     out.print(f"[dim]{res['protocol_text']}[/]", soft_wrap=True)
 
 
@@ -705,37 +717,54 @@ def evaluate(
     videos: Annotated[list[str], typer.Argument(help="Videos, folders or manifests.")],
     model: Annotated[str, typer.Option("--model", help="A logged/registered SE4Lip model URI.")] = "models:/se4lip@champion",
     max_offset: Annotated[int, _key_opt("train.max_offset")] = TrainConfig.max_offset,
-    shift: Annotated[int, typer.Option("--shift", help="Delay the audio by K frames first.")] = 0,
+    shift: Annotated[list[int] | None, typer.Option("--shift", help="Delay the audio by K frames first (default 0). Repeat (--shift -3 --shift 0 --shift 3) to search every clip at each shift and score the clips recovering all of them.")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Distance-vs-offset PNG per clip here.")] = None,
     tracking_uri: TrackingOpt = None,
     insightface_root: Annotated[Path | None, _key_opt("face.insightface_root")] = None,
     face_backend: Annotated[str | None, _key_opt("face.backend", "--face-backend")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """AV offset, LSE-D/LSE-C-style scores (this encoder's scale) and offset accuracy per clip."""
+    """AV offset, LSE-D/LSE-C-style scores (this encoder's scale) and offset accuracy per clip.
+
+    With several --shift values each clip is searched at every shift and the headline is the
+    share of clips whose offset is recovered at all of them, with a 95% interval over clips.
+    """
     _quiet_ray(as_json)
-    from se4lip_dist.evaluate import run_evaluate
+    from se4lip_dist.evaluate import reference_shift, run_evaluate
     res = _guard(run_evaluate, videos, model, tracking_uri=tracking_uri, max_offset=max_offset,
-                 shift=shift, plot_dir=plot,
+                 shift=shift or [0], plot_dir=plot,
                  insightface_root=str(insightface_root.resolve()) if insightface_root else None,
                  face_backend=face_backend)
+    shifts = res["shifts"]
+    several = len(shifts) > 1
     if as_json:
         _emit_json({**res, "clips": [{k: v for k, v in c.items() if k != "distances"}
                                      for c in res["clips"]]})
     else:
-        t = Table(title=f"evaluate {model} (shift {shift})")
-        for col in ("clip", "offset", "lse_d", "lse_c", "frames", "error"):
+        ref = f" @{reference_shift(shifts)}" if several else ""
+        t = Table(title=f"evaluate {model} (shift{'s' * several} "
+                        f"{', '.join(str(s) for s in shifts)})")
+        per_shift = [f"offset @{s}" for s in shifts] + ["consistent"] if several else ["offset"]
+        for col in ("clip", *per_shift, f"lse_d{ref}", f"lse_c{ref}", "frames", "error"):
             t.add_column(col)
         for c in res["clips"]:
-            t.add_row(c["name"], _fmt(c.get("offset")), _fmt(c.get("lse_d")),
+            cells = ([*(c.get("offsets") or [None] * len(shifts)), c.get("shift_consistent")]
+                     if several else [c.get("offset")])
+            t.add_row(c["name"], *(_fmt(v) for v in cells), _fmt(c.get("lse_d")),
                       _fmt(c.get("lse_c")), _fmt(c.get("frames")), c.get("error", ""))
         out.print(t)
         for c in res["clips"]:
             if _debug() and c.get("traceback"):
                 _print_traceback(c["traceback"])
-        if res["evaluated"]:
-            out.print(f"offset accuracy (|offset - {shift}| <= 1): {res['hits']}/"
+        if res["evaluated"] and not several:
+            out.print(f"offset accuracy (|offset - {shifts[0]}| <= 1): {res['hits']}/"
                       f"{res['evaluated']} ({res['offset_accuracy']:.2f})")
+        elif res["evaluated"]:
+            per = ", ".join(f"at {p['shift']}: {p['accuracy']:.2f}" for p in res["per_shift"])
+            out.print(f"shift-consistent clips (|offset - K| <= 1 at every shift K): "
+                      f"{res['consistent']}/{res['evaluated']}, {_with_ci(res, 'shift_acc')} "
+                      f"(95% CI over clips; a constant answer scores "
+                      f"{res['constant_floor']['consistent']:.2f}); per shift: {per}")
         out.print(f"[dim]{res['note']}[/]")
     if not res["evaluated"]:
         console.print("[bold red]error:[/] no clip could be evaluated (see the errors above)")
@@ -835,7 +864,7 @@ class _QuickstartView:
     step, a bar over the step's clips, the live trial table during the tune, one line of outcome
     per step. The moving parts are transient: a log or a pipe gets only the lines that stay."""
 
-    def __init__(self, epochs: int, metric: str = "val/offset_acc") -> None:
+    def __init__(self, epochs: int, metric: str = HEADLINE) -> None:
         self.epochs = epochs
         self.metric = metric
         self.progress: _StepProgress | None = None
@@ -928,10 +957,12 @@ def subject(
     reg = res["registered"]
     _print_gate(reg["name"], reg["version"], reg["alias"], reg["reason"])
     h = res["heldout"]
-    out.print(f"held-out tail: offset accuracy {h['val/offset_acc']:.2f} "
-              f"[{h['val/offset_acc_ci_low']:.2f}, {h['val/offset_acc_ci_high']:.2f}] over "
-              f"{int(h['val/offset_trials'])} searches, LSE-D {h['val/lse_d']:.3f}, "
-              f"LSE-C {h['val/lse_c']:.3f} ({res['init']})", soft_wrap=True)
+    out.print(f"held-out tail: shift-consistent offset accuracy {_with_ci(h, 'val/shift_acc')} "
+              f"over {int(h['val/units'])} pieces (per shift: "
+              + ", ".join(f"{k.rsplit('shift', 1)[1]} {h[k]:.2f}" for k in h
+                          if k.startswith("val/offset_acc_shift") and not k.endswith(("_low", "_high")))
+              + f"), LSE-D {h['val/lse_d']:.3f}, LSE-C {h['val/lse_c']:.3f} ({res['init']})",
+              soft_wrap=True)
     out.print(f"features: {res['features']}", soft_wrap=True)
     out.print(f"report:   {res['report']['markdown']}", soft_wrap=True)
 

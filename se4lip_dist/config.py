@@ -24,6 +24,12 @@ class ConfigError(ValueError):
     """A config file, preset or override that cannot be applied."""
 
 
+HEADLINE = "val/shift_acc"
+"""The headline validation metric (``se4lip_dist.validation``): the share of held-out units
+whose AV offset is recovered at every applied audio shift. Runs, searches and the gate rank by
+it unless told otherwise."""
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """How videos become aligned lip crops and audio in the shards."""
@@ -183,7 +189,13 @@ class TrainConfig:
     val_chunk_frames: int | None = None
     """Search the offset in consecutive pieces of this many frames instead of whole clips
     (long held-out tails: more, shorter searches; None: whole clips)."""
-    select_metric: str = "val/offset_acc"
+    val_min_units: int = 8
+    """Held-out units (clips, or ``val_chunk_frames`` pieces) the registry gate needs before it
+    promotes: fewer is reported as evidence too thin, whatever the score."""
+    gate_alpha: float = 0.05
+    """Level of the gate's one-sided paired test (exact McNemar on per-unit hits): a version
+    replaces the champion only when it is significantly better on the same units."""
+    select_metric: str = HEADLINE
     """Validation metric that picks a run's best epoch (the weights that get registered)."""
     grad_clip: float = 1.0
     amp: bool = True
@@ -221,6 +233,8 @@ class TrainConfig:
                "train.val_shifts must stay inside +-(train.max_offset - 1)")
         _check(len(set(self.val_shifts)) == len(self.val_shifts), "train.val_shifts repeat")
         _check(self.val_max_clips >= 1, "train.val_max_clips must be >= 1")
+        _check(self.val_min_units >= 1, "train.val_min_units must be >= 1")
+        _check(0.0 < self.gate_alpha < 0.5, "train.gate_alpha must be in (0, 0.5)")
         _check(self.val_chunk_frames is None
                or self.val_chunk_frames > self.window_frames + self.max_offset,
                "train.val_chunk_frames must exceed window_frames + max_offset")
@@ -489,6 +503,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 
 __all__ = [
+    "HEADLINE",
     "AugmentConfig",
     "Config",
     "ConfigError",

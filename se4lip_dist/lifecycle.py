@@ -4,22 +4,36 @@
    :func:`validation.is_better` over the run's history) as a model output of the run;
 2. **register** it as a version of the registered model, once per source (the run and epoch it
    came from, tag ``se4lip.source``): a resumed command finds the version instead of adding one;
-3. **gate** it: the new version, the current ``champion`` and a random-init encoder of the new
-   version's architecture are scored in this process with one :class:`validation.Protocol` on
-   the same validation clips;
-4. **alias** it: ``champion`` when it is above chance and beats the champion (or there is none),
-   else ``challenger``. The scores, the protocol and the reason go into the version's ``gate.*``
-   tags and description, and the command says the same.
+3. **gate** it on its held-out units (clips, or pieces of a subject's held-out tail), by the
+   shift-consistent offset accuracy (:data:`validation.HEADLINE`), intervals over units:
 
-A model at chance level is never promoted: its offset accuracy's 95 % lower bound must exceed
-both a random encoder's score on the same clips and the uniform chance of the offset search. Any
-error while gating promotes nothing and raises :class:`GateError`; the version stays registered
-without an alias and the same command run again (``--resume``) gates it again.
+   - *enough evidence*: at least ``train.val_min_units`` units, else "too thin";
+   - *above every content-blind baseline*: the 95 % lower bound must exceed the best constant
+     answer, a random-init encoder of the same architecture and the version itself on clips
+     whose audio belongs to another clip (:func:`content_blind_floor`);
+   - *significantly better than the champion*: both are scored on the units neither trained on
+     (:class:`validation.HeldOut`, from the champion's recorded data and split), and a one-sided
+     exact McNemar test on per-unit hits must reach ``train.gate_alpha``. Equal evidence never
+     flips the champion.
+4. **alias** it, compare-and-set: under a short registry lock the champion is read again; if
+   another gate moved it while this one scored, this one scores against the new champion. The
+   alias is written before the ``gate.*`` tags and description (a ``gate.pending`` tag marks the
+   write in between), so an interrupted gate never leaves tags that claim an alias it lacks,
+   and ``--resume`` completes it.
+
+Any error while gating promotes nothing and raises :class:`GateError`; the version stays
+registered without a decision and the same command run again (``--resume``) gates it again.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,8 +42,10 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from se4lip_dist.config import Config
+from se4lip_dist.manifest import Manifest
 from se4lip_dist.models import build_model
 from se4lip_dist.registry import (
+    LOCK_SUFFIX,
     SOURCE_TAG,
     RegistryError,
     find_version,
@@ -38,13 +54,19 @@ from se4lip_dist.registry import (
     register_model,
     version_info,
 )
+from se4lip_dist.splits import SplitRule
 from se4lip_dist.storage import redact_uri
+from se4lip_dist.sync import mcnemar_p
 from se4lip_dist.tracking import existing_store, resolve_tracking_uri
 from se4lip_dist.validation import (
+    HEADLINE,
     METRICS,
+    HeldOut,
+    ValidationError,
     ValidationResult,
     ValidationSet,
-    is_better,
+    model_from_state,
+    score_shuffled,
     score_state,
 )
 
@@ -56,7 +78,8 @@ CHANCE_SEED = 1234
 """Seed of the random-init encoder whose score is the gate's chance floor."""
 LOGGED_TAG = "se4lip.logged_model"
 """Run tag ``<source> <models:/m-...>``: the model already logged for a source."""
-SCORE_KEYS = ("val/offset_acc", "val/offset_acc_ci_low", "val/offset_acc_ci_high",
+SCORE_KEYS = ("val/shift_acc", "val/shift_acc_ci_low", "val/shift_acc_ci_high", "val/units",
+              "val/offset_acc", "val/offset_acc_ci_low", "val/offset_acc_ci_high",
               "val/offset_trials", "val/clips", "val/sync_acc", "val/loss", "val/hard_neg_acc",
               "val/lse_c")
 """Scores recorded in the version tags and printed by ``models compare``."""
@@ -97,10 +120,10 @@ _f = format_score
 
 
 def _score_line(m: dict[str, float]) -> str:
-    return (f"val/offset_acc {_f(m['val/offset_acc'])} "
-            f"[{_f(m['val/offset_acc_ci_low'])}, {_f(m['val/offset_acc_ci_high'])}] over "
-            f"{int(m['val/offset_trials'])} trials ({int(m['val/clips'])} clips), val/sync_acc "
-            f"{_f(m['val/sync_acc'])}, val/loss {_f(m['val/loss'])}")
+    return (f"{HEADLINE} {_f(m[HEADLINE])} [{_f(m[HEADLINE + '_ci_low'])}, "
+            f"{_f(m[HEADLINE + '_ci_high'])}] over {int(m['val/units'])} units "
+            f"({int(m['val/clips'])} clips); val/offset_acc {_f(m['val/offset_acc'])}, "
+            f"val/sync_acc {_f(m['val/sync_acc'])}, val/loss {_f(m['val/loss'])}")
 
 
 def log_once(tracking_uri: str, cand: Candidate) -> str:
@@ -116,22 +139,21 @@ def log_once(tracking_uri: str, cand: Candidate) -> str:
     return uri
 
 
-def publish(tracking_uri: str, cand: Candidate, *, register: str | None, data_dir: str,
-            metric: str, mode: str) -> dict[str, Any]:
+def publish(tracking_uri: str, cand: Candidate, *, register: str | None,
+            data_dir: str) -> dict[str, Any]:
     """Log, register, gate and alias a trained model (each step at most once per source).
 
     Args:
         tracking_uri: resolved tracking URI.
         cand: the model and where it came from.
         register: registered model name; None logs the model only.
-        data_dir: prepared shards whose validation clips the gate scores.
-        metric: the ranking metric (see :data:`validation.METRICS`).
-        mode: ``max`` or ``min``.
+        data_dir: prepared shards whose validation units the gate scores (the ones the model
+            was trained beside).
 
     Returns:
         ``model_uri`` (the logged model) and, when registering: ``name``, ``version``, ``alias``,
-        ``reason``, ``scores``, ``champion`` (version and scores, or None), ``chance``,
-        ``protocol``, ``registered_uri``.
+        ``reason``, ``scores``, ``champion`` (version and paired comparison, or None),
+        ``floor`` (the content-blind baselines), ``protocol``, ``registered_uri``.
 
     Raises:
         GateError: registration or gating failed (nothing was promoted).
@@ -147,7 +169,8 @@ def publish(tracking_uri: str, cand: Candidate, *, register: str | None, data_di
                 tracking_uri, model_uri, register, run_id=cand.run_id,
                 tags={SOURCE_TAG: cand.source, "se4lip.preset": cand.cfg.preset,
                       "se4lip.epoch": cand.epoch, "se4lip.epochs": cand.epochs,
-                      "se4lip.selected_by": cand.selected_by, **cand.tags},
+                      "se4lip.selected_by": cand.selected_by, DATA_TAG: redact_uri(data_dir),
+                      **cand.tags},
                 description=f"Registered from run {cand.run_id}, epoch {cand.epoch} of "
                             f"{cand.epochs} (best by {cand.selected_by}); not gated yet.")
     except Exception as e:
@@ -159,7 +182,7 @@ def publish(tracking_uri: str, cand: Candidate, *, register: str | None, data_di
         out.update(decided)
         return out
     try:
-        out.update(gate(tracking_uri, register, version, cand, data_dir, metric, mode))
+        out.update(gate(tracking_uri, register, version, cand, data_dir))
     except Exception as e:
         _record_failure(tracking_uri, register, version, e)
         raise GateError(
@@ -169,10 +192,27 @@ def publish(tracking_uri: str, cand: Candidate, *, register: str | None, data_di
     return out
 
 
+DATA_TAG = "se4lip.data"
+"""Version tag: the shards the version was trained and gated on (the champion's held-out
+frames are read from them when a later gate's data differs)."""
+PENDING_TAG = "gate.pending"
+"""Set while a gate writes its alias and tags: ``{"alias", "previous"}`` (JSON)."""
+LOCK_WAIT_S = 120.0
+"""How long a gate waits for another gate on the same name to finish writing its decision."""
+LOCK_STALE_S = 600.0
+"""A lock older than this was left by a killed gate and is broken."""
+CAS_ATTEMPTS = 5
+"""Times a gate scores again when other gates keep moving the champion while it scores."""
+
+
 def _decided(tracking_uri: str, name: str, version: int) -> dict[str, Any] | None:
-    """The gate decision a version already carries (a resumed command repeats it)."""
+    """The gate decision a version already carries (a resumed command repeats it).
+
+    Decision tags are written only after the alias, so a version that carries them got its
+    alias; one interrupted in between carries ``gate.pending`` instead and is gated again.
+    """
     tags = dict(version_info(tracking_uri, name, version).tags or {})
-    if tags.get("gate.decision") not in (CHAMPION, CHALLENGER):
+    if tags.get("gate.decision") not in (CHAMPION, CHALLENGER) or PENDING_TAG in tags:
         return None
     scores = {k: float(tags[f"gate.{k}"]) for k in SCORE_KEYS if f"gate.{k}" in tags}
     return {"alias": tags["gate.decision"], "reason": tags.get("gate.reason", ""),
@@ -212,87 +252,308 @@ def chance_scores(cfg: Config, vset: ValidationSet) -> ValidationResult:
     return score_state(model.state_dict(), cfg, vset)
 
 
-def gate(tracking_uri: str, name: str, version: int, cand: Candidate, data_dir: str,
-         metric: str, mode: str) -> dict[str, Any]:
-    """Score the new version, the champion and chance on the same clips; set the alias.
+def content_blind_floor(cand: Candidate, vset: ValidationSet,
+                        new: ValidationResult) -> dict[str, float]:
+    """What scores without sync on ``vset``: the best constant answer, a random-init encoder
+    and the candidate with every unit's audio taken from another unit (NaN with one unit).
 
     Returns:
-        ``alias``, ``reason``, ``scores``, ``champion``, ``chance``, ``protocol``.
+        The three :data:`validation.HEADLINE` scores and ``floor``, the largest of them.
     """
-    vset = ValidationSet.load(data_dir, cand.cfg)
-    protocol = vset.protocol
-    new = score_state(cand.model_state, cand.cfg, vset)
-    chance = chance_scores(cand.cfg, vset)
-    floor = max(chance.metrics["val/offset_acc"], new.metrics["val/offset_chance"])
-    champ_v = champion_version(tracking_uri, name)
-    champ: ValidationResult | None = None
-    caveat = ""
-    if champ_v is not None and champ_v != version:
-        state, champ_cfg = load_model_state(f"models:/{name}/{champ_v}", tracking_uri)
-        champ = score_state(state, champ_cfg, vset)  # the same clips, shifts and pairs
-        champ_data = (version_info(tracking_uri, name, champ_v).tags or {}).get(
-            "se4lip.data_manifest_hash")
-        if champ_data and champ_data != protocol.data_hash:
-            caveat = (f" ({CHAMPION} v{champ_v} was trained on other data, {champ_data}: some "
-                      "of these validation clips may be in its training set)")
-    m = new.metrics
-    direction = "higher" if mode == "max" else "lower"
-    if not (m["val/offset_acc_ci_low"] > floor):
-        alias = CHALLENGER
-        reason = (f"at chance level: the 95 % lower bound of val/offset_acc "
-                  f"{_f(m['val/offset_acc_ci_low'])} does not exceed chance "
-                  f"{_f(floor)} (random-init encoder {_f(chance.metrics['val/offset_acc'])},"
-                  f" uniform {_f(m['val/offset_chance'])})")
-        if champ_v is not None:
-            reason += f"; {CHAMPION} stays at v{champ_v}"
-    elif champ is None:
-        alias = CHAMPION
-        reason = (f"no {CHAMPION} yet and above chance ({_f(floor)}): "
-                  f"{_score_line(m)}")
-    elif is_better(m, champ.metrics, metric, mode):
-        alias = CHAMPION
-        tie = m[metric] == champ.metrics[metric]
-        why = (f"tied on {metric} ({_f(m[metric])}), lower val/loss" if tie else
-               f"{metric} {_f(m[metric])} vs {_f(champ.metrics[metric])} ({direction} is "
-               "better)")
-        reason = f"beats {CHAMPION} v{champ_v} on the same clips: {why}; promoted{caveat}"
-    else:
-        alias = CHALLENGER
-        reason = (f"not better than {CHAMPION} v{champ_v} on the same clips: {metric} "
-                  f"{_f(m[metric])} vs {_f(champ.metrics[metric])} ({direction} is better);"
-                  f" {CHAMPION} stays at v{champ_v}{caveat}")
+    shuffled = score_shuffled(model_from_state(cand.model_state, cand.cfg), cand.cfg, vset)
+    out = {"constant": new.metrics["val/constant_shift_acc"],
+           "random_init": chance_scores(cand.cfg, vset).metrics[HEADLINE],
+           "shuffled_audio": shuffled[HEADLINE]}
+    out["floor"] = max(v for v in out.values() if math.isfinite(v))
+    return out
 
+
+@dataclass
+class Versus:
+    """The candidate against the champion on the units held out for both."""
+
+    version: int
+    units: int = 0
+    new_hits: int = 0
+    old_hits: int = 0
+    new_only: int = 0
+    old_only: int = 0
+    p_value: float = 1.0
+    scores: dict[str, float] = field(default_factory=dict)
+    """The champion's scores on those units."""
+    note: str = ""
+    """Which units those are, when not all of the candidate's."""
+    refused: str = ""
+    """Why no like-for-like comparison was possible (the candidate is not promoted)."""
+
+
+def _champion_manifest(tags: dict[str, str], version: int, data_dir: str,
+                       data_hash: str) -> Manifest:
+    """The shards the champion was trained on (this gate's, when their content is the same).
+
+    Raises:
+        ValidationError: they cannot be read, or changed since.
+    """
+    champ_hash = tags.get("se4lip.data_manifest_hash", "")
+    if champ_hash == data_hash:
+        return Manifest.load(data_dir)
+    where = tags.get(DATA_TAG) or tags.get("gate.data")
+    if not where:
+        raise ValidationError(f"{CHAMPION} v{version} records no training data")
+    try:
+        manifest = Manifest.load(where)
+    except Exception as e:
+        raise ValidationError(f"{CHAMPION} v{version}'s data {where} cannot be read ({e})") from e
+    if champ_hash and manifest.content_hash() != champ_hash:
+        raise ValidationError(f"{CHAMPION} v{version}'s data {where} changed since it trained "
+                              f"({manifest.content_hash()}, recorded {champ_hash})")
+    return manifest
+
+
+def versus_champion(tracking_uri: str, name: str, champ_v: int, cand: Candidate, data_dir: str,
+                    vset: ValidationSet, new: ValidationResult) -> Versus:
+    """Score the champion like for like and compare per-unit hits with a paired exact test."""
+    state, champ_cfg = load_model_state(f"models:/{name}/{champ_v}", tracking_uri)
+    tags = dict(version_info(tracking_uri, name, champ_v).tags or {})
+    out = Versus(version=champ_v)
+    champ_rule = "unknown"
+    try:
+        manifest = _champion_manifest(tags, champ_v, data_dir, vset.protocol.data_hash)
+        champ_rule = SplitRule.for_manifest(manifest, champ_cfg).describe()
+        held = HeldOut.of(f"{CHAMPION} v{champ_v}", manifest, champ_cfg)
+        both = ValidationSet.load(data_dir, cand.cfg, held_out=held)
+    except ValidationError as e:
+        out.refused = (f"no like-for-like comparison with {CHAMPION} v{champ_v}: {e} (its split: "
+                       f"{champ_rule}; this version's: {vset.protocol.split}). Compare on data "
+                       f"neither trained on with `se4lip-dist models compare {name} {champ_v} "
+                       f"VERSION --data SHARDS`, and promote by hand if it is better")
+        return out
+    if _unit_frames(both) != _unit_frames(vset):
+        new = score_state(cand.model_state, cand.cfg, both)
+        out.note = (f"{len(new.clips)} of the units held out for both ({CHAMPION} v{champ_v} "
+                    f"trained on the rest of this version's validation frames)")
+    old = score_state(state, champ_cfg, both)
+    hits_new = {c.clip_id: c.consistent for c in new.clips}
+    hits_old = {c.clip_id: c.consistent for c in old.clips}
+    units = sorted(set(hits_new) & set(hits_old))
+    out.units = len(units)
+    out.new_hits = sum(hits_new[u] for u in units)
+    out.old_hits = sum(hits_old[u] for u in units)
+    out.new_only = sum(hits_new[u] and not hits_old[u] for u in units)
+    out.old_only = sum(hits_old[u] and not hits_new[u] for u in units)
+    out.p_value = mcnemar_p(out.new_only, out.old_only)
+    out.scores = {k: old.metrics[k] for k in SCORE_KEYS}
+    if out.units < cand.cfg.train.val_min_units:
+        out.refused = (f"only {out.units} units are held out for both this version and "
+                       f"{CHAMPION} v{champ_v} (the gate needs {cand.cfg.train.val_min_units}): "
+                       "too thin to compare")
+    return out
+
+
+def _unit_frames(vset: ValidationSet) -> list[tuple[str, int, int]]:
+    return [(c, int(r["start_frame"]), int(r["n_frames"]))
+            for c, rows in sorted(vset.clip_rows.items()) for r in rows]
+
+
+def decide(m: dict[str, float], floor: dict[str, float], min_units: int, alpha: float,
+           versus: Versus | None) -> tuple[str, str]:
+    """The alias and its reason, from the candidate's scores, its floor and the comparison."""
+    lo, units = m[f"{HEADLINE}_ci_low"], int(m["val/units"])
+    blind = (f"constant answer {_f(floor['constant'])}, random-init encoder "
+             f"{_f(floor['random_init'])}, shuffled audio {_f(floor['shuffled_audio'])}")
+    stays = f"; {CHAMPION} stays at v{versus.version}" if versus is not None else ""
+    if units < min_units:
+        return CHALLENGER, (f"evidence too thin: {units} held-out units (the gate needs "
+                            f"{min_units}; hold out more, or shorter val_chunk_frames pieces): "
+                            f"{_score_line(m)}{stays}")
+    if not lo > floor["floor"]:
+        return CHALLENGER, (f"not above the content-blind floor: the 95 % lower bound of "
+                            f"{HEADLINE} {_f(lo)} does not exceed {_f(floor['floor'])} "
+                            f"({blind}){stays}")
+    if versus is None:
+        return CHAMPION, (f"no {CHAMPION} yet; above the content-blind floor "
+                          f"{_f(floor['floor'])} ({blind}): {_score_line(m)}")
+    if versus.refused:
+        return CHALLENGER, f"{versus.refused}{stays}"
+    paired = (f"{versus.new_hits} vs {versus.old_hits} of the same {versus.units} units "
+              f"shift-consistent, {versus.new_only} won and {versus.old_only} lost, one-sided "
+              f"exact McNemar p = {versus.p_value:.3g}")
+    where = f" ({versus.note})" if versus.note else ""
+    if versus.p_value < alpha:
+        return CHAMPION, (f"significantly better than {CHAMPION} v{versus.version} "
+                          f"(alpha {alpha:g}): {paired}{where}; promoted")
+    return CHALLENGER, (f"not significantly better than {CHAMPION} v{versus.version} "
+                        f"(alpha {alpha:g}): {paired}{where}{stays}")
+
+
+@contextmanager
+def gate_lock(client: MlflowClient, name: str) -> Iterator[None]:
+    """Hold the registry lock of ``name`` (an empty registered model ``NAME.gate-lock``:
+    creating one is atomic on every MLflow store). Held for the alias and tag writes only.
+
+    A lock whose holder died (its process is gone from this host, or it is older than
+    :data:`LOCK_STALE_S`) is broken.
+
+    Raises:
+        GateError: another gate held it for :data:`LOCK_WAIT_S`.
+    """
+    lock = f"{name}{LOCK_SUFFIX}"
+    host, pid = socket.gethostname(), os.getpid()
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            client.create_registered_model(
+                lock, tags={"holder.host": host, "holder.pid": str(pid)},
+                description=f"se4lip gate lock for {name}, held by pid {pid} on {host}; "
+                            "deleted when that gate ends")
+            break
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        try:
+            held = client.get_registered_model(lock)
+        except MlflowException:
+            continue  # released meanwhile
+        if _holder_gone(held, host):
+            _delete_lock(client, lock)
+            continue
+        if time.monotonic() > deadline:
+            raise GateError(f"another gate on {name} held {lock} for {LOCK_WAIT_S:.0f} s; if "
+                            f"no gate runs, delete that registered model and rerun with --resume")
+        time.sleep(0.5)
+    try:
+        yield
+    finally:
+        _delete_lock(client, lock)
+
+
+def _holder_gone(lock: Any, host: str) -> bool:
+    """Whether a lock's holder is dead: gone from this host, or silent for too long."""
+    if time.time() - lock.creation_timestamp / 1000 > LOCK_STALE_S:
+        return True
+    tags = lock.tags or {}
+    if tags.get("holder.host") != host or not tags.get("holder.pid", "").isdigit():
+        return False
+    try:
+        os.kill(int(tags["holder.pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _delete_lock(client: MlflowClient, lock: str) -> None:
+    try:
+        client.delete_registered_model(lock)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+
+
+def _previous_champion(client: MlflowClient, name: str, version: int,
+                       current: int | None) -> int | None:
+    """The champion this gate competes with: the current one, or, when an interrupted gate of
+    this version already moved the alias here, the one it replaced (``gate.pending``)."""
+    if current != version:
+        return current
+    tags = client.get_model_version(name, str(version)).tags or {}
+    pending = json.loads(tags.get(PENDING_TAG, "{}"))
+    return pending.get("previous")
+
+
+def gate(tracking_uri: str, name: str, version: int, cand: Candidate,
+         data_dir: str) -> dict[str, Any]:
+    """Score the new version, its content-blind floor and the champion; set the alias.
+
+    Returns:
+        ``alias``, ``reason``, ``scores``, ``champion``, ``floor``, ``protocol``.
+
+    Raises:
+        GateError: the champion kept moving for :data:`CAS_ATTEMPTS` rounds.
+    """
+    tc = cand.cfg.train
+    vset = ValidationSet.load(data_dir, cand.cfg)
+    new = score_state(cand.model_state, cand.cfg, vset)
+    floor = content_blind_floor(cand, vset, new)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    for _ in range(CAS_ATTEMPTS):
+        seen = champion_version(tracking_uri, name)
+        prior = _previous_champion(client, name, version, seen)
+        versus = (versus_champion(tracking_uri, name, prior, cand, data_dir, vset, new)
+                  if prior is not None else None)
+        alias, reason = decide(new.metrics, floor, tc.val_min_units, tc.gate_alpha, versus)
+        with gate_lock(client, name):
+            if champion_version(tracking_uri, name) != seen:
+                continue  # another gate promoted meanwhile: compete with the new champion
+            _write_decision(tracking_uri, name, version, alias, prior, _tags(
+                alias, reason, new, floor, versus, data_dir, vset),
+                _description(alias, reason, new, floor, versus, vset, cand))
+        return {"alias": alias, "reason": reason,
+                "scores": {k: new.metrics[k] for k in SCORE_KEYS},
+                "champion": (None if versus is None else
+                             {"version": versus.version, "scores": versus.scores,
+                              "p_value": versus.p_value, "units": versus.units}),
+                "floor": floor, "protocol": vset.protocol.digest}
+    raise GateError(f"{CHAMPION} of {name} changed {CAS_ATTEMPTS} times while this gate scored")
+
+
+def _write_decision(tracking_uri: str, name: str, version: int, alias: str,
+                    prior: int | None, tags: dict[str, str], description: str) -> None:
+    """Alias first, then the decision tags and description (see the module docstring)."""
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    v = str(version)
+    client.set_model_version_tag(name, v, PENDING_TAG,
+                                 json.dumps({"alias": alias, "previous": prior}))
+    if alias == CHAMPION:
+        client.set_registered_model_alias(name, CHAMPION, v)
+    else:
+        if champion_version(tracking_uri, name) == version:
+            # A resumed gate reversing the half-written promotion of an interrupted one.
+            if prior is not None:
+                client.set_registered_model_alias(name, CHAMPION, str(prior))
+            else:
+                client.delete_registered_model_alias(name, CHAMPION)
+        client.set_registered_model_alias(name, CHALLENGER, v)
+    for k, value in tags.items():
+        client.set_model_version_tag(name, v, k, value)
+    client.update_model_version(name, v, description=description)
+    client.set_model_version_tag(name, v, "gate.decision", alias)
+    client.delete_model_version_tag(name, v, PENDING_TAG)
+
+
+def _tags(alias: str, reason: str, new: ValidationResult, floor: dict[str, float],
+          versus: Versus | None, data_dir: str, vset: ValidationSet) -> dict[str, str]:
+    m, protocol = new.metrics, vset.protocol
     tags: dict[str, str] = {
-        "gate.decision": alias, "gate.reason": reason, "gate.metric": f"{metric} ({mode})",
+        "gate.reason": reason, "gate.metric": f"{HEADLINE} (max), paired exact McNemar",
         "gate.protocol": protocol.digest, "gate.protocol_text": protocol.describe(),
-        "gate.data": redact_uri(data_dir), "gate.chance.val/offset_acc": _f(floor),
-        "se4lip.data_manifest_hash": protocol.data_hash,
+        "gate.data": redact_uri(data_dir), "se4lip.data_manifest_hash": protocol.data_hash,
+        **{f"gate.floor.{k}": _f(v) for k, v in floor.items()},
+        **{f"gate.{k}": _f(m[k]) for k in SCORE_KEYS},
     }
-    tags.update({f"gate.{k}": _f(m[k]) for k in SCORE_KEYS})
-    if champ is not None:
-        tags["gate.champion_version"] = str(champ_v)
-        tags.update({f"gate.champion.{k}": _f(champ.metrics[k]) for k in SCORE_KEYS})
-    for k, v in tags.items():
-        client.set_model_version_tag(name, str(version), k, v)
-    lines = [f"**{alias}**: {reason}.", "",
-             f"- this version: {_score_line(m)}"]
-    if champ is not None:
-        lines.append(f"- {CHAMPION} v{champ_v} on the same clips: {_score_line(champ.metrics)}")
-    lines += [f"- chance: {_f(floor)} (random-init encoder and uniform offset guess)",
-              f"- protocol {protocol.digest}: {protocol.describe()}",
+    if versus is not None:
+        tags["gate.champion_version"] = str(versus.version)
+        tags.update({f"gate.champion.{k}": _f(v) for k, v in versus.scores.items()})
+        if not versus.refused or versus.units:
+            tags["gate.champion.p_value"] = f"{versus.p_value:.4g}"
+            tags["gate.champion.units"] = str(versus.units)
+    return tags
+
+
+def _description(alias: str, reason: str, new: ValidationResult, floor: dict[str, float],
+                 versus: Versus | None, vset: ValidationSet, cand: Candidate) -> str:
+    lines = [f"**{alias}**: {reason}.", "", f"- this version: {_score_line(new.metrics)}",
+             f"- content-blind floor {_f(floor['floor'])}: constant answer "
+             f"{_f(floor['constant'])}, random-init encoder {_f(floor['random_init'])}, this "
+             f"version on shuffled audio {_f(floor['shuffled_audio'])}"]
+    if versus is not None and versus.scores:
+        lines.append(f"- {CHAMPION} v{versus.version} on the same units: "
+                     f"{_score_line(versus.scores)}")
+    lines += [f"- protocol {vset.protocol.digest}: {vset.protocol.describe()}",
               f"- trained by run {cand.run_id}, epoch {cand.epoch} of {cand.epochs} "
               f"(selected by {cand.selected_by})"]
-    client.update_model_version(name, str(version), description="\n".join(lines))
-    if alias == CHAMPION:
-        client.set_registered_model_alias(name, CHAMPION, str(version))
-    else:
-        client.set_registered_model_alias(name, CHALLENGER, str(version))
-    return {"alias": alias, "reason": reason, "scores": {k: m[k] for k in SCORE_KEYS},
-            "champion": ({"version": champ_v, "scores": {k: champ.metrics[k]
-                                                         for k in SCORE_KEYS}}
-                         if champ is not None else None),
-            "chance": floor, "protocol": protocol.digest}
+    return "\n".join(lines)
 
 
 def promote(name: str, version: int, alias: str = CHAMPION,
@@ -339,9 +600,18 @@ def compare(name: str, versions: tuple[int, int], *, data_dir: str | None = None
     for k in SCORE_KEYS:
         rows.append({"metric": k, **{f"v{v}": results[v].metrics[k] for v in versions},
                      "better": METRICS.get(k)})
+    a, b = (results[v] for v in versions)
+    hits_a = {c.clip_id: c.consistent for c in a.clips}
+    hits_b = {c.clip_id: c.consistent for c in b.clips}
+    units = sorted(set(hits_a) & set(hits_b))
+    only = {v: sum(h[u] and not g[u] for u in units)
+            for v, h, g in ((versions[0], hits_a, hits_b), (versions[1], hits_b, hits_a))}
+    paired = {"units": len(units), "only": {f"v{v}": n for v, n in only.items()},
+              "p_value": {f"v{v} better": mcnemar_p(n, only[w])
+                          for (v, n), w in zip(only.items(), reversed(versions), strict=True)}}
     return {"name": name, "versions": list(versions), "data": redact_uri(data),
             "protocol": vset.protocol.digest, "protocol_text": vset.protocol.describe(),
-            "rows": rows,
+            "rows": rows, "paired": paired,
             "tags": {v: {k: t for k, t in (version_info(uri, name, v).tags or {}).items()
                          if k.startswith("gate.")} for v in versions}}
 

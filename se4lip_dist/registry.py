@@ -288,6 +288,9 @@ def find_version(tracking_uri: str, name: str, source: str) -> int | None:
     return max(found) if found else None
 
 
+LOCK_SUFFIX = ".gate-lock"
+"""A registered model named ``NAME.gate-lock`` is the registry gate's lock on ``NAME``
+(:func:`se4lip_dist.lifecycle.gate_lock`), not a model: listings leave it out."""
 LOGGED_MODEL_TAG = "se4lip.logged_model"
 """Version tag with the ``models:/m-...`` LoggedModel the version was registered from."""
 SOURCE_TAG = "se4lip.source"
@@ -463,6 +466,8 @@ def list_models(tracking_uri: str | None = None) -> dict[str, Any]:
     client, uri = _reader(tracking_uri)
     rows = []
     for m in client.search_registered_models():
+        if m.name.endswith(LOCK_SUFFIX):
+            continue
         versions = [int(v.version) for v in (m.latest_versions or [])]
         rows.append({
             "name": m.name,
@@ -521,6 +526,7 @@ def version_info(tracking_uri: str, name: str, version: int) -> Any:
 __all__ = [
     "CODE_FILE",
     "INPUT_NAME",
+    "LOCK_SUFFIX",
     "LOGGED_MODEL_TAG",
     "MODEL_DESCRIPTION",
     "OUTPUT_NAME",

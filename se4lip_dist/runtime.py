@@ -7,6 +7,7 @@ of :data:`QUIET_ENV` through it, and Ray Data reads them when it is first import
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -121,11 +122,15 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
     clusters, which then trips ``ray job``/``ray start --address`` clients) unless the user set
     ``RAY_AUTH_MODE`` themselves, and caps the object store so small machines keep their memory.
 
+    A local cluster is always a new one, even when a ``ray start`` head runs on this machine
+    (Ray's own ``ray.init()`` would join that one): pass its address to use it.
+
     Args:
         address: ``ray://`` or ``host:port`` of a running cluster; None uses ``RAY_ADDRESS``
             when set (inside a Ray job) and otherwise starts a local one.
         num_cpus: logical CPUs of the local cluster (default: all cores).
-        dashboard: start the dashboard (Tune's placement-group cleanup needs its State API).
+        dashboard: start the dashboard (Tune's placement-group cleanup needs its State API);
+            the local cluster's workers get its URL as ``RAY_API_SERVER_ADDRESS``.
         **kwargs: passed on to ``ray.init``.
     """
     import ray
@@ -145,14 +150,34 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
         pin_ray_data_actors()
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    dashboard_port = None
+    if dashboard:
+        # A State API call without an address (Train V2's placement-group cleaner makes one
+        # every second in a worker) otherwise guesses the cluster from the host's raylets and
+        # Ray's temp dir: with another Ray on the machine it fails or asks that other cluster.
+        dashboard_port = _free_port()
+        runtime_env = dict(kwargs.pop("runtime_env", None) or {})
+        runtime_env["env_vars"] = {
+            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}",
+            **runtime_env.get("env_vars", {}),
+        }
+        kwargs["runtime_env"] = runtime_env
     ray.init(
+        address="local",  # never a `ray start` head that happens to run on this machine
         num_cpus=num_cpus or os.cpu_count() or 1,
         include_dashboard=dashboard,
         dashboard_host="127.0.0.1",
+        dashboard_port=dashboard_port,
         object_store_memory=OBJECT_STORE_BYTES,
         log_to_driver=_log_to_driver,
         **kwargs,
     )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def pin_ray_data_actors() -> None:

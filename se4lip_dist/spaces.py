@@ -16,7 +16,7 @@ import yaml
 from ray import tune
 
 from se4lip_dist.config import Config, ConfigError, list_presets, load_config
-from se4lip_dist.validation import METRICS, ValidationError, metric_name
+from se4lip_dist.validation import HEADLINE, METRICS, ValidationError, metric_name
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "fifo")
@@ -80,7 +80,7 @@ def load_space(path: str | Path, preset: str | None = None) -> SearchSpace:
     if preset not in list_presets():
         raise ConfigError(f"{p}: unknown preset {preset!r}; choose one of {list_presets()}")
     try:
-        metric = metric_name(d.get("metric", "val/offset_acc"))
+        metric = metric_name(d.get("metric", HEADLINE))
     except ValidationError as e:
         raise ConfigError(f"{p}: {e}") from e
     mode = d.get("mode", METRICS[metric])

@@ -15,12 +15,19 @@ Atomic writes (:func:`write_atomic`, :func:`write_atomic_with`) publish all or n
 
 - local: a hidden temp file ``.NAME.<pid>.<token>.tmp`` in the same folder, flushed and fsynced,
   ``os.replace``-d onto the name, then the folder is fsynced, so the rename survives a crash;
-- object stores: the bytes are staged in a local temp file first, then uploaded to the final key
-  in one native call. S3 and GCS make an object visible only when its upload completes (a
-  multipart upload is invisible until completed), so a reader sees the old object or the new
-  one, never a prefix of it. Staging matters: pyarrow's output streams complete the upload when
-  they are closed or garbage-collected, even after an exception, so streaming a half-written
-  payload straight to the key could publish it.
+- object stores: the bytes are staged in a local temp file first, then handed to pyarrow's
+  output stream for the final key in one native write, from a thread of its own that signals
+  never interrupt, and the stream is closed. S3 and GCS make an object visible only when its
+  upload completes (a multipart upload is invisible until completed), so a reader sees the old
+  object or the new one, never a prefix of it. Staging and the single write matter: pyarrow
+  completes the upload whenever its stream is closed or garbage-collected, even after an
+  exception, with whatever it was given, so it must never hold a part of the payload.
+
+A failed S3 upload raises and is aborted (``AbortMultipartUpload``), and so is one that Ctrl-C
+interrupts: its stored parts would otherwise stay, invisible but billed. Aborting needs botocore
+(without it a warning says what may be left). A writer killed outright leaves its upload behind;
+the next run's :func:`remove_temp_files` aborts it (:func:`abort_stale_uploads`), and a bucket
+lifecycle rule catches the rest (``cluster/README.md``).
 
 Errors are :class:`StorageError` (an ``OSError``) naming the location and the problem (missing
 bucket, missing object, access denied, unreachable endpoint); a missing object or file is the
@@ -31,18 +38,22 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import hashlib
+import logging
 import os
 import re
 import secrets
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 OBJECT_STORE_SCHEMES = ("s3", "gs", "gcs")
@@ -56,7 +67,9 @@ _ENV_KEYS = (
 _CHUNK = 1 << 20
 _LOCAL = pafs.LocalFileSystem()
 _cache: dict[tuple[str, str, str], pafs.FileSystem] = {}
+_clients: dict[tuple[str, str], Any] = {}
 _cache_lock = threading.Lock()
+log = logging.getLogger(__name__)
 
 
 class StorageError(OSError):
@@ -553,14 +566,62 @@ def write_atomic_with(url: str, writer: Callable[[IO[bytes]], Any]) -> Written:
             if isinstance(handler, pafs.FSSpecHandler):
                 handler.fs.put_file(staged, path)
             else:
-                # One native call: an interrupt cannot land between opening and completing
-                # the upload, where pyarrow would complete an empty or partial object.
-                pafs.copy_files(staged, path, source_filesystem=_LOCAL,
-                                destination_filesystem=fs)
+                _upload(url, fs, path, staged)
         return written
     finally:
         with contextlib.suppress(OSError):
             os.unlink(staged)
+
+
+class _Upload(threading.Thread):
+    """Hands a staged file to pyarrow's output stream for ``path`` in one native write.
+
+    In a thread of its own because signals (Ctrl-C) raise only in the main thread: nothing can
+    interrupt it between opening the stream and writing the whole payload, where closing would
+    complete an empty or partial object. A failed part makes ``close()`` raise instead of
+    completing (pyarrow's default background writes; ``copy_files`` only logs that error).
+    """
+
+    def __init__(self, fs: pafs.FileSystem, path: str, staged: str) -> None:
+        super().__init__(name="se4lip-upload", daemon=True)
+        self.fs, self.path, self.staged = fs, path, staged
+        self.error: BaseException | None = None
+        # Waited on instead of join(): a Ctrl-C inside join() can leave the thread marked as
+        # stopped while it still runs (CPython 3.11), and later joins return at once.
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        try:
+            with pa.memory_map(self.staged) as src:
+                data = src.read_buffer()
+                out = self.fs.open_output_stream(self.path)
+                try:
+                    out.write(data)
+                finally:
+                    out.close()
+        except BaseException as e:
+            self.error = e
+        finally:
+            self.done.set()
+
+
+def _upload(url: str, fs: pafs.FileSystem, path: str, staged: str) -> None:
+    """Upload ``staged`` to ``path`` whole or not at all; abort it if it fails or is interrupted."""
+    upload = _Upload(fs, path, staged)
+    upload.start()
+    try:
+        while not upload.done.wait(0.2):  # short waits, so a Ctrl-C is seen at once
+            pass
+    except BaseException:
+        # Interrupted: abort, so the upload neither completes nor stays behind. An abort that
+        # comes too early (before the upload exists) or fails lets it complete whole instead.
+        aborted = _abort_quietly(url, fs, path)
+        upload.done.wait()
+        _abort_quietly(url, fs, path, aborted)  # parts that were in flight at the first abort
+        raise
+    if upload.error is not None:
+        _abort_quietly(url, fs, path)
+        raise upload.error
 
 
 def _write_local(path: str, writer: Callable[[IO[bytes]], Any]) -> Written:
@@ -599,13 +660,136 @@ def is_temp_name(name: str) -> bool:
 
 
 def remove_temp_files(folder: str) -> int:
-    """Delete temp files a killed writer left directly in ``folder``; returns how many."""
+    """Delete what a killed writer left directly in ``folder``: hidden temp files, and on S3 the
+    incomplete multipart uploads of its objects (:func:`abort_stale_uploads`); returns how many.
+
+    Uploads that cannot be listed or aborted (no botocore, no permission) only log a warning.
+    """
     n = 0
     for name in listdir(folder):
         if is_temp_name(name):
             delete(join(folder, name))
             n += 1
+    try:
+        n += abort_stale_uploads(folder)
+    except StorageError as e:
+        log.warning("%s; incomplete uploads there stay until a bucket lifecycle rule removes "
+                    "them", e)
     return n
+
+
+# ---------------------------------------------------------------- incomplete uploads (S3)
+
+
+@functools.cache
+def _warn_no_botocore() -> None:
+    log.warning("botocore is not installed: incomplete S3 multipart uploads (a failed or killed "
+                "write's stored parts) cannot be aborted from here; a bucket lifecycle rule "
+                "(AbortIncompleteMultipartUpload) removes them")
+
+
+def _s3_client(fs: pafs.FileSystem) -> Any | None:
+    """A botocore S3 client for the same region and environment as ``fs`` (None without it)."""
+    try:
+        import botocore.config
+        import botocore.session
+    except ImportError:
+        _warn_no_botocore()
+        return None
+    region = getattr(fs, "region", "") or ""
+    key = (region, _env_fingerprint())
+    with _cache_lock:
+        client = _clients.get(key)
+    if client is None:
+        # pyarrow addresses buckets by path on a custom endpoint (MinIO, moto): the same here.
+        custom = bool(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+        config = botocore.config.Config(s3={"addressing_style": "path"} if custom else {})
+        client = botocore.session.get_session().create_client(
+            "s3", region_name=region or None, config=config)
+        with _cache_lock:
+            _clients[key] = client
+    return client
+
+
+def _abort_uploads(url: str, fs: pafs.FileSystem, prefix: str, match: Callable[[str], bool],
+                   older_than: float = 0.0, again: tuple[tuple[str, str], ...] = ()
+                   ) -> tuple[tuple[str, str], ...]:
+    """Abort the incomplete uploads under in-filesystem ``prefix`` whose keys ``match`` (and the
+    ``(key, upload id)`` pairs in ``again``); returns the pairs aborted."""
+    client = _s3_client(fs)
+    if client is None:
+        return ()
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, key_prefix = prefix.partition("/")
+    now = time.time()
+    found = list(again)
+    try:
+        for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket,
+                                                                          Prefix=key_prefix):
+            for up in page.get("Uploads", []):
+                if not match(up["Key"]) or (up["Key"], up["UploadId"]) in found:
+                    continue
+                if older_than > 0 and now - up["Initiated"].timestamp() < older_than:
+                    continue
+                found.append((up["Key"], up["UploadId"]))
+        for key, upload_id in found:
+            try:
+                client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") != "NoSuchUpload":  # already gone
+                    raise
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") == "NoSuchBucket":
+            return ()  # no bucket, no uploads (the write's own error says so)
+        raise translate_error(url, e, fs) from e
+    except BotoCoreError as e:
+        raise translate_error(url, e, fs) from e
+    return tuple(found)
+
+
+def _abort_quietly(url: str, fs: pafs.FileSystem, path: str,
+                   again: tuple[tuple[str, str], ...] = ()) -> tuple[tuple[str, str], ...]:
+    """Abort every incomplete upload of the object at ``path`` (a failed write's own, and any a
+    killed writer of the same object left); a failure to abort only logs a warning."""
+    if scheme(url) != "s3":
+        return ()
+    key = path.partition("/")[2]
+    try:
+        return _abort_uploads(url, fs, path, lambda k: k == key, again=again)
+    except StorageError as e:
+        log.warning("%s; the upload was not aborted: its parts stay until a bucket lifecycle "
+                    "rule removes them", e)
+        return again
+
+
+def abort_stale_uploads(url: str, older_than: float = 0.0, recursive: bool = False) -> int:
+    """Abort the incomplete multipart uploads of the objects in an S3 folder; returns how many.
+
+    A writer killed mid-upload (SIGKILL, a lost node) leaves its upload behind: no listing or
+    reader sees it, but its stored parts are billed until it is aborted. Other locations have
+    none (0); without botocore nothing can be listed (a warning, 0).
+
+    Args:
+        url: the folder (prefix) whose objects' uploads to abort.
+        older_than: only uploads started at least this many seconds ago (0: all; a run that
+            cleans its own folder before writing there uses 0).
+        recursive: also the uploads of objects in subfolders.
+
+    Raises:
+        StorageError: the uploads cannot be listed or aborted (the credentials need
+            ``s3:ListBucketMultipartUploads`` and ``s3:AbortMultipartUpload``).
+    """
+    if scheme(url) != "s3":
+        return 0
+    fs, path = resolve(url)
+    base = path.partition("/")[2]
+    base = f"{base}/" if base else ""
+
+    def inside(key: str) -> bool:
+        return key.startswith(base) and (recursive or "/" not in key[len(base):])
+
+    return len(_abort_uploads(url, fs, f"{path}/" if base else path, inside, older_than))
 
 
 __all__ = [
@@ -615,6 +799,7 @@ __all__ = [
     "StorageError",
     "StorageNotFoundError",
     "Written",
+    "abort_stale_uploads",
     "absolute",
     "basename",
     "check_bucket",

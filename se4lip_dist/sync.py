@@ -12,6 +12,12 @@ Conventions every stage uses (training pairs, validation, the registry gate, ``e
 - :func:`shift_audio` delays the audio by ``K`` frames (zeros shifted in, length kept), so an
   in-sync clip should then score offset ``K``; a prediction is correct when
   ``|offset - K| <= OFFSET_TOLERANCE``.
+- A clip (or a held-out piece of one) is the independent unit of evidence. It is
+  *shift-consistent* when the offset search recovers every applied shift
+  (:attr:`ClipSync.consistent`): a model that ignores its input answers the same offset
+  whatever the shift and scores 0. Its intervals (:func:`wilson_interval`,
+  :func:`bootstrap_interval`) and paired comparisons (:func:`mcnemar_p`) count units, never
+  (unit, shift) trials.
 - Distances are L2 distances of L2-normalised embeddings, in ``[0, sqrt(2)]``: this encoder's
   scale, not SyncNet's. LSE-D is the minimum of the mean distance over shifts, LSE-C the median
   minus the minimum (syncnet_python's definitions).
@@ -173,6 +179,22 @@ def chance_offset_accuracy(max_offset: int) -> float:
     return min(1.0, (2 * OFFSET_TOLERANCE + 1) / (2 * max_offset + 1))
 
 
+def constant_floor(shifts: tuple[int, ...] | list[int], max_offset: int) -> dict[str, float]:
+    """What the best content-blind constant answer scores under the shift protocol.
+
+    Returns:
+        ``consistent``: the share of units it gets right at every shift (1 only when one offset
+        lies within :data:`OFFSET_TOLERANCE` of all of ``shifts``), and ``offset``: its best
+        share of (unit, shift) trials.
+    """
+    best_any = best_all = 0.0
+    for c in range(-max_offset, max_offset + 1):
+        hits = [is_hit(c, s) for s in shifts]
+        best_any = max(best_any, sum(hits) / len(hits))
+        best_all = max(best_all, float(all(hits)))
+    return {"consistent": best_all, "offset": best_any}
+
+
 def wilson_interval(hits: float, n: float, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval of a proportion (95 % by default); ``(nan, nan)`` when ``n == 0``."""
     if n <= 0:
@@ -182,6 +204,35 @@ def wilson_interval(hits: float, n: float, z: float = 1.96) -> tuple[float, floa
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_interval(per_unit: list[float], *, resamples: int = 2000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of a mean over independent units (``(nan, nan)`` if none)."""
+    x = np.asarray(per_unit, dtype=np.float64)
+    if x.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
+    tail = (1.0 - level) / 2 * 100
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
+def mcnemar_p(new_only: int, old_only: int) -> float:
+    """One-sided exact McNemar p-value that the new model wins more paired units than the old.
+
+    Args:
+        new_only: units the new model gets right and the old one does not.
+        old_only: units the old model gets right and the new one does not.
+
+    Returns:
+        ``P(X >= new_only)`` for ``X ~ Binomial(new_only + old_only, 1/2)``; 1.0 with no
+        discordant unit (equal evidence never favours the newcomer).
+    """
+    n = new_only + old_only
+    if n == 0:
+        return 1.0
+    return min(1.0, sum(math.comb(n, k) for k in range(new_only, n + 1)) / 2.0**n)
 
 
 @dataclass
@@ -203,10 +254,15 @@ class ClipSync:
     def hits(self) -> list[bool]:
         return [is_hit(o, s) for o, s in zip(self.offsets, self.shifts, strict=True)]
 
+    @property
+    def consistent(self) -> bool:
+        """Every applied shift recovered: the unit's headline hit."""
+        return all(self.hits)
+
     def to_row(self) -> dict[str, Any]:
         """One flat row per clip (an MLflow table row)."""
         row: dict[str, Any] = {"clip_id": self.clip_id, "frames": self.frames,
-                               "windows": self.windows}
+                               "windows": self.windows, "shift_consistent": self.consistent}
         for s, o, d, c, h in zip(self.shifts, self.offsets, self.lse_d, self.lse_c, self.hits,
                                  strict=True):
             row[f"offset_at_shift{s}"] = o
@@ -291,12 +347,15 @@ __all__ = [
     "OFFSET_TOLERANCE",
     "ClipSync",
     "audio_windows",
+    "bootstrap_interval",
     "centred_audio_windows",
     "chance_offset_accuracy",
     "clip_sync",
+    "constant_floor",
     "embedding_distance",
     "is_hit",
     "lip_windows",
+    "mcnemar_p",
     "offset_distances",
     "predict_offset",
     "shift_audio",

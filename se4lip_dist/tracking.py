@@ -298,7 +298,7 @@ class RunLogger:
                 ax1.set_xlabel("epoch")
                 ax1.set_ylabel("BCE")
                 ax1.legend()
-                for key in ("val/sync_acc", "val/offset_acc"):
+                for key in ("val/sync_acc", "val/shift_acc", "val/offset_acc"):
                     if all(key in h for h in history):
                         ax2.plot(epochs, [h[key] for h in history], marker="o", label=key)
                 ax2.set_xlabel("epoch")

@@ -22,6 +22,7 @@ import os
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -256,17 +257,14 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
             loss_sum = correct = seen = wait = 0.0
             epoch_start = time.perf_counter()
             epoch_steps = 0
-            batches = _batches(train_ds, cfg, rule, epoch, device)
+            batches = _batches(train_ds, cfg, rule, epoch, device, world)
             while tc.max_steps is None or step < tc.max_steps:
                 if tc.steps_per_epoch is not None and epoch_steps >= tc.steps_per_epoch:
                     break
                 t0 = time.perf_counter()
-                batch = next(batches, None)
-                # Ranks get equal shares of shard rows, not of pairs (a row's pairs depend on
-                # its split and length): all stop when one runs out, or DDP waits forever.
-                go = _all_have(batch is not None, world, device)
+                batch = next(batches, None)  # None on every rank at once (see _batches)
                 wait += time.perf_counter() - t0
-                if not go:
+                if batch is None:
                     break
                 y = batch["label"]
                 wav, lips = batch["wav"], batch["lips"]
@@ -289,6 +287,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
                     loss_sum += float(loss) * len(y)
                     correct += float(((sync_cosine(a, v) > 0.5) == (y > 0.5)).sum())
                     seen += len(y)
+            batches.close()  # the pass's split stops streaming; every rank stopped at this step
             elapsed = time.perf_counter() - epoch_start
             loss_sum, correct, seen, wait_all, elapsed_all = _all_reduce_sum(
                 [loss_sum, correct, seen, wait, elapsed], device)
@@ -332,28 +331,51 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
             "steps": step, "best_epoch": best_epoch, "worker_node_ids": node_ids}
 
 
-def _batches(train_ds: Any, cfg: Config, rule: Any, epoch: int, device: Any) -> Any:
+def _batches(train_ds: Any, cfg: Config, rule: Any, epoch: int, device: Any,
+             world: int) -> Iterator[dict[str, Any]]:
     """Training batches of one epoch: one pass over the rows, or, with
     ``train.steps_per_epoch``, as many fresh passes as the steps need. Pairs are drawn from
     ``(train.seed, epoch, pass)`` (and the rows), so a run with the same seed repeats them.
 
+    Ranks get equal shares of the rows, not of the pairs (a row's pairs depend on its split and
+    length), so one rank's pass can end first. Every batch is therefore agreed on (one MIN
+    all-reduce): when any rank's pass has ended, every rank ends it, and all begin the next one
+    together. A rank that began its next pass alone would wait in Ray Data's streaming split
+    for the others to begin it too, while they wait for it in the step's all-reduce.
+
     Raises:
-        TrainError: a pass yields no batch at all (too little training data for the batch).
+        TrainError: on every rank, when some rank's pass yields no batch at all.
     """
     tc = cfg.train
     spec = PairSpec.from_config(cfg)
     for pass_index in itertools.count():
+        stream = iter_pair_batches(
+            train_ds, spec=spec, rule=rule, seed=pair_seed(tc.seed, epoch, pass_index),
+            batch_size=tc.batch_size, device=device, shuffle_buffer=tc.shuffle_buffer)
         produced = False
-        for batch in iter_pair_batches(
-                train_ds, spec=spec, rule=rule, seed=pair_seed(tc.seed, epoch, pass_index),
-                batch_size=tc.batch_size, device=device, shuffle_buffer=tc.shuffle_buffer):
-            produced = True
-            yield batch
+        try:
+            while _all_have((batch := next(stream, None)) is not None, world, device):
+                produced = True
+                yield batch
+        finally:
+            stream.close()  # release this pass's split before any rank begins the next
+        if not produced:
+            raise _no_batch_error(batch is not None, world, tc.batch_size, device)
         if tc.steps_per_epoch is None:
             return
-        if not produced:
-            raise TrainError(f"the training pairs give no batch of {tc.batch_size} per worker: "
-                             "raise train.pairs_per_segment or lower train.batch_size")
+
+
+def _no_batch_error(has: bool, world: int, batch_size: int, device: Any) -> TrainError:
+    """The error of a pass in which some rank got no batch; every rank raises the same one."""
+    if world == 1:
+        return TrainError(f"the training pairs give no batch of {batch_size}: raise "
+                          "train.pairs_per_segment or lower train.batch_size")
+    lacking = int(_all_reduce_sum([0.0 if has else 1.0], device)[0])
+    return TrainError(
+        f"{lacking} of {world} workers got no batch of {batch_size} training pairs: workers "
+        "share the training rows, not the pairs, and a row can give none (e.g. a clip's "
+        "validation tail under train.split=time); use fewer workers (train.num_workers), more "
+        "pairs (more clips, train.pairs_per_segment) or a smaller train.batch_size")
 
 
 def _sync_buffers(model: Any) -> None:
@@ -669,8 +691,7 @@ def _finish(cfg: Config, out: dict[str, Any], uri: str, run_id: str, register: s
     if parent:
         cand.tags["se4lip.parent_model"] = parent
     try:
-        published = publish(uri, cand, register=register, data_dir=data_dir, metric=metric,
-                            mode=mode)
+        published = publish(uri, cand, register=register, data_dir=data_dir)
     except GateError:
         end_run(uri, run_id, status="FINISHED")  # training itself completed
         raise
@@ -687,6 +708,7 @@ def _finish(cfg: Config, out: dict[str, Any], uri: str, run_id: str, register: s
                                                  "registered_uri")}
         registered["scores"] = published.get("scores", {})
         registered["champion"] = published.get("champion")
+        registered["floor"] = published.get("floor")
     return {
         "run_id": run_id,
         "model_uri": published["model_uri"],

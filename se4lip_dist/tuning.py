@@ -606,14 +606,14 @@ def _register_best(uri: str, opts: TuneOptions, state: dict[str, Any], best: Any
         tags={"se4lip.data_manifest_hash": state["data_hash"], "se4lip.tune": opts.name,
               "se4lip.trial": row.name, "se4lip.search_space": space.path})
     try:
-        published = publish(uri, cand, register=opts.register, data_dir=data_dir,
-                            metric=metric, mode=mode)
+        published = publish(uri, cand, register=opts.register, data_dir=data_dir)
     except GateError as e:
         raise TuneError(str(e)) from e
     return {"name": opts.register, "version": published["version"],
             "alias": published["alias"], "reason": published["reason"],
             "model_uri": published["registered_uri"], "scores": published.get("scores", {}),
-            "champion": published.get("champion"), "config": cfg.to_dict()}
+            "champion": published.get("champion"), "floor": published.get("floor"),
+            "config": cfg.to_dict()}
 
 
 def _log_parent(uri: str, parent: str, rows: list[TrialRow], result: dict[str, Any],

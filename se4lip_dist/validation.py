@@ -10,11 +10,13 @@ What is scored (all settings are in :class:`Protocol`, recorded with every score
 - **sync pairs**: ``pairs_per_segment`` pairs per validation row, drawn with a fixed seed from
   fixed groups of rows, so every model and every worker count sees the same pairs: BCE, sync
   accuracy (cosine > 0.5), accuracy on hard negatives;
-- **AV offset** of every validation clip (whole clips, at most ``val_max_clips``) with the audio
-  as recorded and delayed/advanced by each of ``val_shifts`` frames (:func:`sync.clip_sync`). An
-  encoder whose distance curve bottoms out near zero whatever the audio cannot score well.
-  ``val/offset_acc`` is the share of (clip, shift) trials found within one frame, reported with
-  its Wilson 95 % interval and the counts behind it.
+- **AV offset** of every validation unit (a whole clip, or a ``val_chunk_frames`` piece of one;
+  at most ``val_max_clips`` clips) with the audio as recorded and delayed/advanced by each of
+  ``val_shifts`` frames (:func:`sync.clip_sync`). ``val/shift_acc``, the headline, is the share
+  of units whose offset is found within one frame at *every* shift: a model that ignores its
+  input answers one offset whatever the shift and scores 0. ``val/offset_acc`` (the share of
+  (unit, shift) trials) and ``val/offset_acc_shift{s}`` stand beside it. Every interval counts
+  units, not trials: the shifts of one clip are one clip's evidence.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -31,14 +33,21 @@ import torch
 import torch.distributed as dist
 
 from se4lip_dist import storage
-from se4lip_dist.config import Config
+from se4lip_dist.config import HEADLINE, Config
 from se4lip_dist.losses import sync_bce_loss, sync_cosine
 from se4lip_dist.manifest import Manifest
 from se4lip_dist.models import build_model, lip_input
 from se4lip_dist.shards import decode_audio, decode_lips
 from se4lip_dist.splits import SplitRule, clip_frames, crop_rows, stable_unit
 from se4lip_dist.stream import HARD, READ_COLUMNS, PairSpec, make_pair_batch
-from se4lip_dist.sync import ClipSync, chance_offset_accuracy, clip_sync, wilson_interval
+from se4lip_dist.sync import (
+    ClipSync,
+    bootstrap_interval,
+    chance_offset_accuracy,
+    clip_sync,
+    constant_floor,
+    wilson_interval,
+)
 
 PAIR_SEED = 0
 """Seed of the validation pairs, fixed apart from ``train.seed``: models trained with different
@@ -48,6 +57,7 @@ ROWS_PER_GROUP = 16
 SUBSET_SALT = "se4lip-val-subset"
 
 METRICS: dict[str, str] = {
+    HEADLINE: "max",
     "val/offset_acc": "max",
     "val/sync_acc": "max",
     "val/hard_neg_acc": "max",
@@ -108,6 +118,8 @@ class Protocol:
     hard_offset_max: int
     chunk_frames: int | None = None
     rows_per_group: int = ROWS_PER_GROUP
+    held_out_for: str = ""
+    """Another model whose training frames were cut out too (the gate's like-for-like set)."""
 
     @property
     def digest(self) -> str:
@@ -118,9 +130,48 @@ class Protocol:
     def describe(self) -> str:
         shifts = ", ".join(f"{s:+d}" for s in self.shifts)
         pieces = (f" in {self.chunk_frames}-frame pieces" if self.chunk_frames else "")
-        return (f"{self.clips} clips of data {self.data_hash} ({self.split}){pieces}, offsets "
+        both = f", only frames {self.held_out_for} never trained on" if self.held_out_for else ""
+        return (f"{self.clips} clips of data {self.data_hash} ({self.split}{both}){pieces}, "
+                f"offsets "
                 f"searched over +-{self.max_offset} frames with the audio shifted by {shifts} "
                 f"frames, {self.pairs_per_segment} pairs per row (seed {self.pair_seed})")
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The frames another model (the champion) never trained on, per clip id.
+
+    ``train_end[c]`` is the first frame of clip ``c`` after that model's training frames (its
+    training range is always a head ``[0, end)``: whole clips or a time split's head); clips it
+    never saw are absent and wholly held out. Clip ids hash the input video, so this holds
+    across shard folders prepared from the same videos.
+    """
+
+    name: str
+    train_end: dict[str, int]
+
+    @classmethod
+    def of(cls, name: str, manifest: Manifest, cfg: Config) -> HeldOut:
+        """What a model trained with ``cfg`` on ``manifest`` held out."""
+        rule = SplitRule.for_manifest(manifest, cfg)
+        ends = {}
+        for cid, rec in manifest.clips.items():
+            a, b = rule.ranges(cid, rec.split, rec.speaker, rec.frames).get("train", (0, 0))
+            if b > a:
+                ends[cid] = b
+        return cls(name, ends)
+
+    def ranges(self, clip_id: str, split: Any, speaker: Any,
+               clip_frames: int) -> dict[str, tuple[int, int]]:
+        """The :meth:`SplitRule.ranges` shape, so :func:`splits.crop_rows` can cut with it."""
+        return {"val": (self.train_end.get(clip_id, 0), clip_frames)}
+
+    def crop(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``rows`` cut to the frames held out here too; rows left empty are dropped."""
+        if not rows:
+            return rows
+        cut = crop_rows(_as_batch(rows), self, "val")  # type: ignore[arg-type]
+        return [{c: cut[c][i] for c in READ_COLUMNS} for i in range(len(cut["clip_id"]))]
 
 
 @dataclass
@@ -139,11 +190,16 @@ class ValidationSet:
 
     @classmethod
     def load(cls, data_dir: str, cfg: Config, *, rank: int = 0, world: int = 1,
-             manifest: Manifest | None = None) -> ValidationSet:
+             manifest: Manifest | None = None,
+             held_out: HeldOut | None = None) -> ValidationSet:
         """Read this rank's share of the validation rows of a prepared folder.
 
+        Args:
+            held_out: keep only frames that another model never trained on either (the gate's
+                like-for-like set); clips left with none drop out.
+
         Raises:
-            ValidationError: the folder has no validation clips.
+            ValidationError: the folder has no validation clips (left).
         """
         manifest = manifest or Manifest.load(data_dir)
         tc = cfg.train
@@ -164,11 +220,18 @@ class ValidationSet:
             pairs_per_segment=tc.pairs_per_segment,
             hard_negative_fraction=tc.hard_negative_fraction,
             cross_clip_fraction=tc.cross_clip_fraction, hard_offset_max=tc.hard_offset_max,
-            chunk_frames=tc.val_chunk_frames,
+            chunk_frames=tc.val_chunk_frames, held_out_for=held_out.name if held_out else "",
         )
         # Every rank reads the same rows (cut to their validation frames), in the same order,
         # then keeps its share: the groups, hence the pairs, do not depend on the world size.
         rows = _read_rows(data_dir, manifest, set(chosen), rule)
+        if held_out is not None:
+            rows = held_out.crop(rows)
+            chosen = sorted({r["clip_id"] for r in rows})
+            if not chosen:
+                raise ValidationError(f"{data_dir}: no validation frames are held out for "
+                                      f"{held_out.name} too")
+            protocol = replace(protocol, clips=len(chosen))
         groups = [rows[i:i + ROWS_PER_GROUP] for i in range(0, len(rows), ROWS_PER_GROUP)]
         by_clip: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
@@ -256,6 +319,92 @@ def _default_gather(obj: Any) -> list[Any]:
     return out
 
 
+def _units(vset: ValidationSet, cfg: Config) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``(unit name, lips, audio)`` of every unit this rank searches: whole clips, or the
+    ``chunk_frames`` pieces of each (named ``clip#k``)."""
+    spf, chunk = cfg.data.samples_per_frame, vset.protocol.chunk_frames
+    out = []
+    for cid, rows in vset.clip_rows.items():
+        lips = np.concatenate([decode_lips(list(r["lips"])) for r in rows])
+        audio = np.concatenate([decode_audio(r["audio"]) for r in rows])
+        for k, (a, b) in enumerate(search_pieces(len(lips), chunk)):
+            out.append((cid if chunk is None else f"{cid}#{k}", lips[a:b],
+                        audio[a * spf:b * spf]))
+    return out
+
+
+def _search_units(model: Any, cfg: Config, units: list[tuple[str, np.ndarray, np.ndarray]],
+                  p: Protocol, keep_curve: bool) -> tuple[list[ClipSync], int]:
+    """The shift protocol's offset search on each unit; also how many were too short."""
+    searched: list[ClipSync] = []
+    too_short = 0
+    for name, lips, audio in units:
+        try:
+            searched.append(clip_sync(model, cfg, lips, audio, shifts=p.shifts,
+                                      max_offset=p.max_offset, clip_id=name,
+                                      keep_distances=keep_curve and not searched))
+        except ValueError:
+            too_short += 1
+    return searched, too_short
+
+
+def score_shuffled(model: Any, cfg: Config, vset: ValidationSet) -> dict[str, float]:
+    """The offset scores of ``model`` when every unit's lips get the next unit's audio.
+
+    A content-blind baseline: an encoder that reads lips and speech cannot follow shifts of a
+    voice that is not moving those lips, so whatever it scores here it scores without sync.
+    Single process only (the pairing needs every unit). Fewer than two units give NaN scores.
+    """
+    units = _units(vset, cfg)
+    if len(units) < 2:
+        return {"val/shift_acc": float("nan"), "val/units": float(len(units))}
+    paired = [(f"{name}~{units[(i + 1) % len(units)][0]}", lips, units[(i + 1) % len(units)][2])
+              for i, (name, lips, _) in enumerate(units)]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        searched, _ = _search_units(model, cfg, paired, vset.protocol, False)
+    model.train(was_training)
+    return offset_metrics(searched, vset.protocol)
+
+
+def offset_metrics(clips: list[ClipSync], p: Protocol) -> dict[str, float]:
+    """The AV-offset scores of searched units, every interval over units (module docstring)."""
+    units = len(clips)
+    consistent = sum(c.consistent for c in clips)
+    per_unit = [float(np.mean(c.hits)) for c in clips]
+    lo, hi = wilson_interval(consistent, units)
+    olo, ohi = bootstrap_interval(per_unit)
+    floor = constant_floor(p.shifts, p.max_offset)
+    nan = float("nan")
+    out = {
+        "val/shift_acc": consistent / units if units else nan,
+        "val/shift_acc_ci_low": lo,
+        "val/shift_acc_ci_high": hi,
+        "val/units": float(units),
+        "val/offset_acc": float(np.mean(per_unit)) if units else nan,
+        "val/offset_acc_ci_low": olo,
+        "val/offset_acc_ci_high": ohi,
+        "val/offset_trials": float(sum(len(c.hits) for c in clips)),
+        "val/offset_chance": chance_offset_accuracy(p.max_offset),
+        "val/constant_shift_acc": floor["consistent"],
+        "val/constant_offset_acc": floor["offset"],
+        "val/clips": float(len({c.clip_id.split("#")[0] for c in clips})),
+        "val/searched": float(units),
+        "val/windows": float(sum(c.windows for c in clips)),
+    }
+    zero = p.shifts.index(0)
+    out["val/lse_d"] = float(np.mean([c.lse_d[zero] for c in clips])) if units else nan
+    out["val/lse_c"] = float(np.mean([c.lse_c[zero] for c in clips])) if units else nan
+    for j, s in enumerate(p.shifts):
+        hits = sum(c.hits[j] for c in clips)
+        out[f"val/offset_acc_shift{s}"] = hits / units if units else nan
+        slo, shi = wilson_interval(hits, units)
+        out[f"val/offset_acc_shift{s}_ci_low"] = slo
+        out[f"val/offset_acc_shift{s}_ci_high"] = shi
+    return out
+
+
 def score(
     model: Any,
     cfg: Config,
@@ -272,7 +421,8 @@ def score(
     metrics and clips are the whole set's on every rank.
 
     Returns:
-        ``val/...`` metrics (see module docstring) and the per-clip offset searches.
+        ``val/...`` metrics (see module docstring and :func:`offset_metrics`) and the per-unit
+        offset searches.
     """
     device = torch.device(device)
     reduce = reduce or _reducer(device)
@@ -309,95 +459,63 @@ def score(
                 hard_ok += float((ok & hard).sum())
                 hard_n += float(hard.sum())
                 n += len(y)
-        searched: list[ClipSync] = []
-        too_short = 0
-        spf = cfg.data.samples_per_frame
-        for cid, rows in vset.clip_rows.items():
-            lips_np = np.concatenate([decode_lips(list(r["lips"])) for r in rows])
-            audio = np.concatenate([decode_audio(r["audio"]) for r in rows])
-            for k, (a, b) in enumerate(search_pieces(len(lips_np), p.chunk_frames)):
-                name = cid if p.chunk_frames is None else f"{cid}#{k}"
-                try:
-                    searched.append(clip_sync(model, cfg, lips_np[a:b],
-                                              audio[a * spf:b * spf], shifts=p.shifts,
-                                              max_offset=p.max_offset, clip_id=name,
-                                              keep_distances=keep_curve and not searched))
-                except ValueError:
-                    too_short += 1
+        searched, too_short = _search_units(model, cfg, _units(vset, cfg), p, keep_curve)
     model.train(was_training)
 
-    per_shift = [0.0] * (2 * len(p.shifts))  # hits, trials per shift
-    lse_d = lse_c = windows = 0.0
-    for c in searched:
-        for j, h in enumerate(c.hits):
-            per_shift[2 * j] += float(h)
-            per_shift[2 * j + 1] += 1.0
-        zero = c.shifts.index(0) if 0 in c.shifts else 0
-        lse_d += c.lse_d[zero]
-        lse_c += c.lse_c[zero]
-        windows += c.windows
-    n_ids = len({c.clip_id.split("#")[0] for c in searched})
-    sums = reduce([loss_sum, correct, n, hard_ok, hard_n, a_norm, v_norm, lse_d, lse_c, windows,
-                   float(len(searched)), float(too_short), float(n_ids), *per_shift,
+    sums = reduce([loss_sum, correct, n, hard_ok, hard_n, a_norm, v_norm, float(too_short),
                    *a_alive.tolist(), *v_alive.tolist()])
-    (loss_sum, correct, n, hard_ok, hard_n, a_norm, v_norm, lse_d, lse_c, windows, n_searched,
-     too_short, n_clips) = sums[:13]
-    per_shift = sums[13:13 + len(per_shift)]
-    alive = sums[13 + len(per_shift):]
+    loss_sum, correct, n, hard_ok, hard_n, a_norm, v_norm, too_short = sums[:8]
+    alive = sums[8:]
     clips = sorted((c for part in gather(searched) for c in part), key=lambda c: c.clip_id)
 
     def ratio(a: float, b: float) -> float:
         return a / b if b else float("nan")
 
-    hits, trials = sum(per_shift[0::2]), sum(per_shift[1::2])
-    lo, hi = wilson_interval(hits, trials)
-    metrics: dict[str, float] = {
-        "val/offset_acc": ratio(hits, trials),
-        "val/offset_acc_ci_low": lo,
-        "val/offset_acc_ci_high": hi,
-        "val/offset_chance": chance_offset_accuracy(p.max_offset),
-        "val/offset_trials": trials,
-        "val/clips": n_clips,
-        "val/searched": n_searched,
-        "val/too_short": too_short,
-        "val/windows": windows,
-        "val/lse_d": ratio(lse_d, n_searched),
-        "val/lse_c": ratio(lse_c, n_searched),
-        "val/loss": ratio(loss_sum, n),
-        "val/sync_acc": ratio(correct, n),
-        "val/hard_neg_acc": ratio(hard_ok, hard_n),
-        "val/pairs": n,
-        # Collapse watch: a collapsed encoder gives flat distances and a meaningless offset.
-        "val/speech_norm": ratio(a_norm, n),
-        "val/lip_norm": ratio(v_norm, n),
-        "val/speech_dead_frac": sum(c == 0 for c in alive[:dim]) / dim if n else float("nan"),
-        "val/lip_dead_frac": sum(c == 0 for c in alive[dim:]) / dim if n else float("nan"),
-    }
-    for j, s in enumerate(p.shifts):
-        metrics[f"val/offset_acc_shift{s}"] = ratio(per_shift[2 * j], per_shift[2 * j + 1])
+    metrics = {**offset_metrics(clips, p), "val/too_short": too_short,
+               "val/loss": ratio(loss_sum, n),
+               "val/sync_acc": ratio(correct, n),
+               "val/hard_neg_acc": ratio(hard_ok, hard_n),
+               "val/pairs": n,
+               # Collapse watch: a collapsed encoder gives flat distances, a meaningless offset.
+               "val/speech_norm": ratio(a_norm, n),
+               "val/lip_norm": ratio(v_norm, n),
+               "val/speech_dead_frac": (sum(c == 0 for c in alive[:dim]) / dim if n
+                                        else float("nan")),
+               "val/lip_dead_frac": (sum(c == 0 for c in alive[dim:]) / dim if n
+                                     else float("nan"))}
     return ValidationResult(metrics=metrics, clips=clips, protocol=p)
+
+
+def model_from_state(model_state: dict[str, Any], cfg: Config) -> Any:
+    """A whole SE4Lip of ``cfg``'s architecture and window with ``model_state`` loaded."""
+    model = build_model(cfg.model, sample_rate=cfg.data.sample_rate,
+                        window_frames=cfg.train.window_frames)
+    model.load_state_dict(model_state)
+    return model
 
 
 def score_state(model_state: dict[str, Any], cfg: Config, vset: ValidationSet) -> ValidationResult:
     """Score a whole-model ``state_dict`` built with ``cfg`` (its architecture and window) on
     ``vset`` in this process (the registry gate and ``models compare``)."""
-    model = build_model(cfg.model, sample_rate=cfg.data.sample_rate,
-                        window_frames=cfg.train.window_frames)
-    model.load_state_dict(model_state)
-    return score(model, cfg, vset)
+    return score(model_from_state(model_state, cfg), cfg, vset)
 
 
 __all__ = [
+    "HEADLINE",
     "LEGACY_METRICS",
     "METRICS",
     "PAIR_SEED",
+    "HeldOut",
     "Protocol",
     "ValidationError",
     "ValidationResult",
     "ValidationSet",
     "is_better",
     "metric_name",
+    "model_from_state",
+    "offset_metrics",
     "score",
+    "score_shuffled",
     "score_state",
     "search_pieces",
 ]

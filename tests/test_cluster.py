@@ -358,20 +358,6 @@ def test_submit_to_nothing_fails_clearly() -> None:
 # --- slow: a real two-node Ray on loopback + a real MLflow server ------------------------------
 
 
-def _other_ray_running() -> bool:
-    out = subprocess.run(["pgrep", "-f", "raylet"], capture_output=True, text=True, check=False)
-    return bool(out.stdout.strip())
-
-
-def _wait_for_quiet_host(max_wait_s: float = 300.0) -> None:
-    """Another Ray on the host breaks Train V2's placement-group cleaner: wait, else skip."""
-    deadline = time.monotonic() + max_wait_s
-    while _other_ray_running():
-        if time.monotonic() > deadline:
-            pytest.skip("another Ray cluster is running on this host (pgrep -f raylet)")
-        time.sleep(10)
-
-
 def _cli(*args: str, env: dict[str, str], timeout: float, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(VENV_BIN / "se4lip-dist"), *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, check=False)
@@ -422,8 +408,8 @@ def test_two_node_ray_train_jobs_and_mlflow(tmp_path: Path) -> None:
     """cluster/local/up.sh's stand-in (S3, PostgreSQL-backed MLflow with S3 artifacts, Ray
     autoscaling from zero workers, token auth): training spans two worker nodes the autoscaler
     starts; jobs run through the Jobs API; a wrong token fails clearly; down.sh stops exactly
-    the processes up.sh started."""
-    _wait_for_quiet_host()
+    the processes up.sh started. Other Ray on this machine is left be: the stand-in has its own
+    ports and temp dir, and every client here names its cluster."""
     # Ray's unix socket paths live under the state dir and must stay below 108 bytes.
     state = standin.make_state_dir()
     base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "AWS_"))}

@@ -12,10 +12,11 @@ import pytest
 import torch
 from torch import nn
 
+from se4lip_dist import evaluate as evaluate_mod
 from se4lip_dist.config import load_config
 from se4lip_dist.evaluate import evaluate_clip, evaluate_videos
 from se4lip_dist.media import decode_clip
-from se4lip_dist.sync import shift_audio
+from se4lip_dist.sync import shift_audio, wilson_interval
 from se4lip_dist.synthetic import make_synthetic_clip, write_clip
 
 T = 5
@@ -89,6 +90,93 @@ def test_sign_on_a_truly_delayed_video(cfg, clips, tmp_path) -> None:
     model = PlantedSync()
     assert evaluate_clip(model, cfg, late, max_offset=8)["offset"] == 3
     assert evaluate_clip(model, cfg, late, max_offset=8, shift=-3)["offset"] == 0
+
+
+@pytest.fixture(scope="module")
+def late_clip(clips, tmp_path_factory):
+    """clips[1] with its audio really 3 frames late: found at +3 whatever the shift applied."""
+    clip = decode_clip(clips[1])
+    late = tmp_path_factory.mktemp("late") / "late.mp4"
+    write_clip(late, clip.frames, shift_audio(clip.audio, 3, SPF), 25, 16000)
+    return late
+
+
+@pytest.mark.timeout(180)
+def test_multi_shift_counts_consistent_clips(cfg, clips, late_clip, monkeypatch) -> None:
+    """--shift -3 --shift 0 --shift 3: one search per clip; a clip counts once, when it
+    recovers every shift, and the interval is over clips, not (clip, shift) trials."""
+    calls = []
+    real = evaluate_mod.clip_sync
+
+    def counting(*args, **kwargs):
+        calls.append(tuple(kwargs["shifts"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_mod, "clip_sync", counting)
+    videos = [str(clips[0]), str(clips[1]), str(late_clip)]
+    out = evaluate_videos(PlantedSync(), cfg, videos, max_offset=8, shift=[-3, 0, 3])
+    assert calls == [(-3, 0, 3)] * 3  # once per clip, all shifts in that call
+    by_name = {c["name"]: c for c in out["clips"]}
+    for name in ("c0", "c1"):
+        assert by_name[name]["offsets"] == [-3, 0, 3] and by_name[name]["shift_consistent"]
+    late = by_name["late"]
+    # The late clip reads 3 frames more at every shift: each shift missed, not consistent.
+    assert late["offsets"] == [0, 3, 6] and late["correct"] == [False] * 3
+    assert not late["shift_consistent"]
+    assert (late["shift"], late["offset"]) == (0, 3)  # reported at the unshifted audio
+    assert (out["consistent"], out["evaluated"], out["failed"]) == (2, 3, 0)
+    assert out["shift_acc"] == pytest.approx(2 / 3)
+    lo, hi = wilson_interval(2, 3)
+    assert (out["shift_acc_ci_low"], out["shift_acc_ci_high"]) == (lo, hi)
+    assert out["shift_acc_ci_low"] < wilson_interval(6, 9)[0]  # 3 clips, not 9 trials: wider
+    assert [(p["shift"], p["hits"]) for p in out["per_shift"]] == [(-3, 2), (0, 2), (3, 2)]
+    assert (out["hits"], out["trials"]) == (6, 9)
+    assert out["offset_accuracy"] == pytest.approx(6 / 9)
+    assert out["constant_floor"] == {"consistent": 0.0, "offset": pytest.approx(1 / 3)}
+    assert out["shifts"] == [-3, 0, 3] and out["shift"] is None
+
+
+@pytest.mark.timeout(120)
+def test_single_shift_keeps_the_old_keys(cfg, clips, late_clip) -> None:
+    out = evaluate_videos(PlantedSync(), cfg, [str(clips[0]), str(late_clip)], max_offset=8,
+                          shift=3)
+    assert (out["offset_accuracy"], out["hits"], out["evaluated"], out["shift"]) == \
+        (0.5, 1, 2, 3)
+    assert [c["offset"] for c in out["clips"]] == [3, 6]
+    # One shift: consistent means that shift's hit, so the two headlines agree.
+    assert (out["shift_acc"], out["consistent"], out["trials"]) == (0.5, 1, 2)
+    assert out["shift_acc_ci_low"] == wilson_interval(1, 2)[0]
+
+
+def test_cli_repeats_shift(cfg, clips, late_clip, monkeypatch) -> None:
+    """The evaluate command passes every --shift (negative ones too) and prints the clips
+    recovering all of them with their interval."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from se4lip_dist.cli import app
+
+    seen = []
+
+    def fake_run(videos, model_uri, *, shift, max_offset, **_kw):
+        seen.append(shift)
+        return evaluate_videos(PlantedSync(), cfg, videos, max_offset=max_offset, shift=shift)
+
+    monkeypatch.setattr(evaluate_mod, "run_evaluate", fake_run)
+    args = ["evaluate", str(clips[0]), str(late_clip), "--max-offset", "8"]
+    res = CliRunner().invoke(app, [*args, "--shift", "-3", "--shift", "0", "--shift", "3"],
+                             env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "shift-consistent clips" in res.output and "1/2" in res.output
+    assert "offset @-3" in res.output and "at 3: 0.50" in res.output
+    res = CliRunner().invoke(app, [*args, "--shift", "-3", "--shift", "3", "--json"])
+    payload = json.loads(res.stdout.strip().splitlines()[-1])
+    assert (payload["shifts"], payload["consistent"], payload["evaluated"]) == ([-3, 3], 1, 2)
+    res = CliRunner().invoke(app, [*args, "--json"])  # no --shift: 0, as before
+    payload = json.loads(res.stdout.strip().splitlines()[-1])
+    assert (payload["shift"], payload["hits"], payload["offset_accuracy"]) == (0, 1, 0.5)
+    assert seen == [[-3, 0, 3], [-3, 3], [0]]
 
 
 @pytest.mark.timeout(120)

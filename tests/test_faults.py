@@ -43,23 +43,14 @@ def _closed_port() -> int:
     return standin.free_port()
 
 
-def _raylets(pattern: str = "ray/raylet") -> set[int]:
-    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
-    return {int(p) for p in out.stdout.split()}
-
-
-def _ray_processes() -> set[int]:
-    """Raylets, GCS and Ray workers (``ray::...`` process titles) on this machine."""
-    return _raylets("ray/raylet|gcs_server|^ray::")
-
-
-def _alone_on_this_machine(wait_s: float = 300.0) -> None:
-    """Ray tests here run one cluster at a time: wait for another to end, else skip."""
-    deadline = time.time() + wait_s
-    while _raylets() and time.time() < deadline:
-        time.sleep(2)
-    if _raylets():
-        pytest.skip(f"another Ray cluster is running here (raylet pids {sorted(_raylets())})")
+def _session_members(sid: int) -> set[int]:
+    """Live processes of session ``sid``: a driver started with ``start_new_session`` and the
+    local Ray it started, workers included (they take process groups, not sessions, of their
+    own); never another cluster on this machine."""
+    out = subprocess.run(["ps", "-eo", "pid=,sid=,stat="], capture_output=True, text=True,
+                         check=True).stdout
+    return {int(pid) for pid, s, stat in (line.split() for line in out.splitlines())
+            if int(s) == sid and not stat.startswith("Z")}
 
 
 # ---------------------------------------------------------------- malicious pickles
@@ -367,12 +358,11 @@ def test_unreachable_tracking_server_fails_fast_before_ray(
 
 @pytest.fixture
 def own_ray() -> Any:
-    """A fresh local Ray with the dashboard (State API), alone on this machine."""
+    """A fresh local Ray with the dashboard (State API); other Ray on this machine is left be."""
     import ray
 
     from se4lip_dist.runtime import init_ray
 
-    _alone_on_this_machine()
     init_ray(num_cpus=2, dashboard=True)
     yield ray
     ray.shutdown()
@@ -486,7 +476,6 @@ def test_extract_killed_midway_then_rerun(tmp_path: Path) -> None:
     from se4lip_dist.extract import SUCCESS_FILE
     from se4lip_dist.synthetic import make_synthetic_clip
 
-    _alone_on_this_machine()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     pinned = register_random_model(uri, load_config("cpu-small", overrides=SPEECH), "se4lip-int")
     from mlflow import MlflowClient
@@ -499,7 +488,6 @@ def test_extract_killed_midway_then_rerun(tmp_path: Path) -> None:
               for i in range(8)]
     out = tmp_path / "feats"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    before = _ray_processes()
     proc = subprocess.Popen(_extract_argv(inputs, out, uri), env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -511,10 +499,15 @@ def test_extract_killed_midway_then_rerun(tmp_path: Path) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     # The job's Ray workers outlive the driver briefly (an actor may finish its input): wait
-    # for them, so what counts as finished is final and one cluster runs at a time.
+    # for them, so what counts as finished is final.
     deadline = time.time() + 60
-    while _ray_processes() - before and time.time() < deadline:
+    while _session_members(proc.pid) and time.time() < deadline:
         time.sleep(1)
+    if left := _session_members(proc.pid):
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"the killed job's Ray processes {sorted(left)} outlived it by 60 s")
     done_at_kill = sorted(p.parent.name for p in out.glob(f"*/{SUCCESS_FILE}"))
     assert 1 <= len(done_at_kill) < len(inputs), done_at_kill
     finished = {k: v for k, v in _snapshot(out).items() if k.split("/")[0] in done_at_kill}

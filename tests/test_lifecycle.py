@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,25 +25,25 @@ from se4lip_dist.lifecycle import (
     Candidate,
     GateError,
     champion_version,
+    content_blind_floor,
+    format_score,
+    promote,
     publish,
 )
 from se4lip_dist.manifest import Manifest
 from se4lip_dist.stream import READ_COLUMNS, PairSpec, make_pair_batch
+from se4lip_dist.sync import wilson_interval
 from se4lip_dist.tracking import start_run
+from se4lip_dist.validation import ValidationSet, model_from_state, score_shuffled, score_state
 
 pytestmark = pytest.mark.timeout(600)
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Shards, a config, a trained state and a random-init state."""
+def _train_state(cfg, data: Path, epochs: int) -> tuple[dict, dict]:  # type: ignore[no-untyped-def]
+    """A seeded random-init state and the same model trained ``epochs`` passes in-process."""
     from se4lip_dist.losses import sync_bce_loss
     from se4lip_dist.models import build_model, lip_input
 
-    root = tmp_path_factory.mktemp("lifecycle")
-    data = root / "shards"
-    write_synthetic_shards(data, n_clips=24, n_frames=40, val_clips=6, clips_per_shard=6)
-    cfg = load_config("cpu-small", overrides=TINY_TRAIN)
     rows = []
     for path in Manifest.load(data).shard_paths(data):
         t = pq.read_table(path, columns=READ_COLUMNS)
@@ -52,7 +54,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     spec = PairSpec.from_config(cfg)
     rng = np.random.default_rng(0)
-    for epoch in range(6):
+    for epoch in range(epochs):
         order = rng.permutation(len(rows))
         for i in range(0, len(order), 8):
             group = [rows[j] for j in order[i:i + 8]]
@@ -66,8 +68,25 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-    return {"data": str(data), "cfg": cfg, "trained": model.state_dict(),
-            "random": random_state, "root": root}
+    return random_state, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Shards with 12 validation clips, a config, a trained, a random-init and a constant
+    (all-zero: the same answer whatever the input) state."""
+    root = tmp_path_factory.mktemp("lifecycle")
+    data = root / "shards"
+    write_synthetic_shards(data, n_clips=30, n_frames=40, val_clips=VAL_CLIPS, clips_per_shard=6)
+    cfg = load_config("cpu-small", overrides=TINY_TRAIN)
+    random_state, trained = _train_state(cfg, data, epochs=6)
+    constant = {k: torch.zeros_like(v) for k, v in trained.items()}
+    return {"data": str(data), "cfg": cfg, "trained": trained, "random": random_state,
+            "constant": constant, "root": root}
+
+
+VAL_CLIPS = 12
+"""Validation clips of the fixture's shards: above the gate's ``train.val_min_units``."""
 
 
 @pytest.fixture(params=["sqlite", "server"])
@@ -82,15 +101,45 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
     return server.url, f"enc-{uuid.uuid4().hex[:8]}"
 
 
-def _candidate(setup: dict, uri: str, state: dict, source: str) -> Candidate:
-    run_id = start_run(uri, "lc", source, params={}, tags={}, config_yaml=setup["cfg"].to_yaml())
-    return Candidate(model_state=state, cfg=setup["cfg"], run_id=run_id, source=source, epoch=1,
-                     epochs=1, selected_by="val/offset_acc (max)")
+def _candidate(setup: dict, uri: str, state: dict, source: str, cfg=None) -> Candidate:  # type: ignore[no-untyped-def]
+    cfg = cfg or setup["cfg"]
+    run_id = start_run(uri, "lc", source, params={}, tags={}, config_yaml=cfg.to_yaml())
+    return Candidate(model_state=state, cfg=cfg, run_id=run_id, source=source, epoch=1,
+                     epochs=1, selected_by="val/shift_acc (max)")
 
 
-def _publish(setup: dict, uri: str, name: str, state: dict, source: str) -> dict:
-    return publish(uri, _candidate(setup, uri, state, source), register=name,
-                   data_dir=setup["data"], metric="val/offset_acc", mode="max")
+def _publish(setup: dict, uri: str, name: str, state: dict, source: str, cfg=None,  # type: ignore[no-untyped-def]
+             data: str | None = None) -> dict:
+    return publish(uri, _candidate(setup, uri, state, source, cfg), register=name,
+                   data_dir=data or setup["data"])
+
+
+def test_content_blind_baselines_sit_at_the_floor_a_trained_encoder_clears_it(
+        setup: dict) -> None:
+    """A constant answer, a random-init encoder and the trained encoder on shuffled audio all
+    score at or below the floor; the trained encoder's lower bound is above it."""
+    cfg = setup["cfg"]
+    vset = ValidationSet.load(setup["data"], cfg)
+    trained = score_state(setup["trained"], cfg, vset)
+    cand = Candidate(model_state=setup["trained"], cfg=cfg, run_id="", source="", epoch=1,
+                     epochs=1, selected_by="")
+    floor = content_blind_floor(cand, vset, trained)
+    assert floor["constant"] == 0.0  # shifts -3, 0, +3: no one offset is right at all three
+    constant = score_state(setup["constant"], cfg, vset).metrics
+    random_init = score_state(setup["random"], cfg, vset).metrics
+    shuffled = score_shuffled(model_from_state(setup["trained"], cfg), cfg, vset)
+    for blind in (constant, random_init, shuffled):
+        assert blind["val/units"] == VAL_CLIPS
+        assert blind["val/shift_acc"] <= floor["floor"], (blind, floor)
+    # The zero model answers one offset whatever the audio: the old per-trial score could not
+    # tell that from sync when the answer sits inside the shifts, the shift-consistent one can.
+    assert constant["val/shift_acc"] == 0.0
+    assert trained.metrics["val/shift_acc_ci_low"] > floor["floor"], (trained.metrics, floor)
+    assert trained.metrics["val/units"] == VAL_CLIPS
+    # Intervals count clips: 12 units, not 36 (clip, shift) trials.
+    lo, hi = wilson_interval(trained.metrics["val/shift_acc"] * VAL_CLIPS, VAL_CLIPS)
+    assert (trained.metrics["val/shift_acc_ci_low"], trained.metrics["val/shift_acc_ci_high"]) \
+        == pytest.approx((lo, hi))
 
 
 def test_champion_then_an_equal_version_stays_challenger(setup: dict, store: tuple) -> None:
@@ -100,12 +149,13 @@ def test_champion_then_an_equal_version_stays_challenger(setup: dict, store: tup
     first = _publish(setup, uri, name, setup["trained"], "a")
     assert (first["version"], first["alias"]) == (1, CHAMPION), first
     assert "no champion yet" in first["reason"]
-    assert first["scores"]["val/offset_acc_ci_low"] > first["chance"]
-    # The same weights again: a tie on every score is not "better".
+    assert first["scores"]["val/shift_acc_ci_low"] > first["floor"]["floor"]
+    # The same weights again: equal evidence never flips the champion.
     second = _publish(setup, uri, name, setup["trained"], "b")
     assert (second["version"], second["alias"]) == (2, CHALLENGER), second
-    assert "not better than champion v1" in second["reason"]
-    assert second["champion"]["version"] == 1
+    assert "not significantly better than champion v1" in second["reason"]
+    assert "0 won and 0 lost" in second["reason"]
+    assert second["champion"]["version"] == 1 and second["champion"]["p_value"] == 1.0
     assert second["champion"]["scores"] == second["scores"]
     assert champion_version(uri, name) == 1
 
@@ -113,20 +163,85 @@ def test_champion_then_an_equal_version_stays_challenger(setup: dict, store: tup
     mv = client.get_model_version(name, "2")
     assert mv.tags["gate.decision"] == CHALLENGER and mv.tags["gate.champion_version"] == "1"
     assert mv.tags["gate.protocol"] and "clips" in mv.tags["gate.protocol_text"]
+    assert "gate.pending" not in mv.tags
     assert mv.description.startswith(f"**{CHALLENGER}**")
+    assert "promoted" not in mv.description.splitlines()[0]
     assert client.get_registered_model(name).description
 
 
-def test_chance_level_model_is_never_promoted(setup: dict, store: tuple) -> None:
+def test_a_significantly_better_version_is_promoted(setup: dict, store: tuple) -> None:
+    """The promoted branch: a champion put there by hand loses to a version that wins on
+    enough of the same clips."""
     uri, name = store
-    alone = _publish(setup, uri, name, setup["random"], "r1")
-    assert alone["alias"] == CHALLENGER and "at chance level" in alone["reason"], alone
-    assert champion_version(uri, name) is None  # even with no champion at all
+    blind = _publish(setup, uri, name, setup["random"], "blind")
+    assert blind["alias"] == CHALLENGER
+    promote(name, blind["version"], tracking_uri=uri)
+    better = _publish(setup, uri, name, setup["trained"], "better")
+    assert better["alias"] == CHAMPION, better
+    assert better["reason"].startswith(f"significantly better than champion v{blind['version']}")
+    assert better["reason"].endswith("; promoted")
+    assert better["champion"]["p_value"] < setup["cfg"].train.gate_alpha
+    assert champion_version(uri, name) == better["version"]
+
+
+def test_content_blind_models_are_never_promoted(setup: dict, store: tuple) -> None:
+    uri, name = store
+    for state in ("constant", "random"):
+        res = _publish(setup, uri, name, setup[state], state)
+        assert res["alias"] == CHALLENGER, res
+        assert "not above the content-blind floor" in res["reason"], res["reason"]
+        assert f"does not exceed {format_score(res['floor']['floor'])}" in res["reason"]
+        assert "shuffled audio" in res["reason"] and "random-init encoder" in res["reason"]
+        assert champion_version(uri, name) is None  # even with no champion at all
     good = _publish(setup, uri, name, setup["trained"], "g")
     assert good["alias"] == CHAMPION
     again = _publish(setup, uri, name, setup["random"], "r2")
-    assert again["alias"] == CHALLENGER and "at chance level" in again["reason"]
+    assert again["alias"] == CHALLENGER and "content-blind floor" in again["reason"]
     assert champion_version(uri, name) == good["version"]
+
+
+def test_thin_evidence_is_not_promoted(setup: dict, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    few = setup["cfg"].override({"train.val_max_clips": 3})
+    res = _publish(setup, uri, "enc", setup["trained"], "thin", cfg=few)
+    assert res["alias"] == CHALLENGER
+    assert res["reason"].startswith("evidence too thin: 3 held-out units (the gate needs 8")
+    assert champion_version(uri, "enc") is None
+
+
+def test_the_champion_is_scored_only_on_frames_it_never_trained_on(setup: dict,
+                                                                   tmp_path: Path) -> None:
+    """Same shards, another split: a champion trained with a time split saw the heads of this
+    version's validation clips, so both are scored on the tails it held out."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    timed = setup["cfg"].override({"train.split": "time", "train.val_fraction": 0.5})
+    first = _publish(setup, uri, "enc", setup["trained"], "timed", cfg=timed)
+    assert first["alias"] == CHAMPION, first
+    second = _publish(setup, uri, "enc", setup["trained"], "by-clip")
+    assert second["alias"] == CHALLENGER, second
+    assert "units held out for both (champion v1 trained on the rest" in second["reason"]
+    assert second["champion"]["units"] == VAL_CLIPS  # every clip keeps its tail
+    tags = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version("enc", "2").tags
+    # Its own score (the floor check) is on all of its held-out frames.
+    assert "only frames" not in tags["gate.protocol_text"]
+
+
+def test_a_champion_whose_data_cannot_be_read_is_not_compared_blindly(setup: dict,
+                                                                       tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    other = tmp_path / "other-shards"
+    write_synthetic_shards(other, n_clips=30, n_frames=40, val_clips=VAL_CLIPS,
+                           clips_per_shard=6, seed=7)
+    first = _publish(setup, uri, "enc", setup["trained"], "other", data=str(other))
+    assert first["alias"] == CHAMPION, first
+    shutil.rmtree(other)
+    second = _publish(setup, uri, "enc", setup["trained"], "here")
+    assert second["alias"] == CHALLENGER
+    assert "no like-for-like comparison with champion v1" in second["reason"]
+    assert f"{other}" in second["reason"] and "cannot be read" in second["reason"]
+    assert champion_version(uri, "enc") == 1
 
 
 def test_publish_once_per_source_and_regate_after_a_failure(setup: dict, tmp_path: Path) -> None:
@@ -135,10 +250,8 @@ def test_publish_once_per_source_and_regate_after_a_failure(setup: dict, tmp_pat
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cand = _candidate(setup, uri, setup["trained"], "once")
-    a = publish(uri, cand, register="enc", data_dir=setup["data"], metric="val/offset_acc",
-                mode="max")
-    b = publish(uri, cand, register="enc", data_dir=setup["data"], metric="val/offset_acc",
-                mode="max")
+    a = publish(uri, cand, register="enc", data_dir=setup["data"])
+    b = publish(uri, cand, register="enc", data_dir=setup["data"])
     assert a["version"] == b["version"] == 1 and a["model_uri"] == b["model_uri"]
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     assert len(client.search_model_versions("name = 'enc'")) == 1
@@ -150,15 +263,13 @@ def test_publish_once_per_source_and_regate_after_a_failure(setup: dict, tmp_pat
     cand2 = _candidate(setup, uri, setup["random"], "second")
     cand2.model_state = setup["trained"]
     with pytest.raises(GateError, match="quality gate failed") as err:
-        publish(uri, cand2, register="enc", data_dir=setup["data"], metric="val/offset_acc",
-                mode="max")
+        publish(uri, cand2, register="enc", data_dir=setup["data"])
     assert "--resume" in str(err.value)
     mv = client.get_model_version("enc", "2")
     assert mv.tags["gate.decision"] == "error" and not mv.aliases
     assert champion_version(uri, "enc") == 1
     shutil.move(str(hidden), champ_dir)
-    redone = publish(uri, cand2, register="enc", data_dir=setup["data"],
-                     metric="val/offset_acc", mode="max")
+    redone = publish(uri, cand2, register="enc", data_dir=setup["data"])
     assert redone["version"] == 2 and redone["alias"] == CHALLENGER
     assert len(client.search_model_versions("name = 'enc'")) == 2
 
@@ -177,7 +288,7 @@ def test_models_compare_prints_the_numbers_the_tags_hold(setup: dict, store: tup
     from typer.testing import CliRunner
 
     from se4lip_dist.cli import app
-    from se4lip_dist.lifecycle import SCORE_KEYS, format_score
+    from se4lip_dist.lifecycle import SCORE_KEYS
 
     uri, name = store
     _publish(setup, uri, name, setup["trained"], "a")
@@ -194,6 +305,11 @@ def test_models_compare_prints_the_numbers_the_tags_hold(setup: dict, store: tup
         assert k in SCORE_KEYS
         assert format_score(row["v2"]) == tags["2"][f"gate.{k}"], k
         assert format_score(row["v1"]) == tags["2"][f"gate.champion.{k}"], k
+    paired = out["paired"]
+    assert paired["units"] == VAL_CLIPS
+    hits = {v: round(float(tags[v]["gate.val/shift_acc"]) * VAL_CLIPS) for v in ("1", "2")}
+    assert hits["2"] - hits["1"] == paired["only"]["v2"] - paired["only"]["v1"]
+    assert 0 < paired["p_value"]["v2 better"] <= 1
     shown = CliRunner().invoke(app, ["models", "show", name, "--tracking-uri", uri])
     assert shown.exit_code == 0 and "champion" in shown.output
 
@@ -216,3 +332,121 @@ def test_loading_from_a_missing_store_creates_nothing(tmp_path: Path) -> None:
     with pytest.raises(RegistryError, match="no MLflow store"):
         load_encoder("models:/se4lip@champion", tracking_uri=uri)
     assert not (tmp_path / "none").exists()
+
+
+# ---------------------------------------------------------------- concurrency, interruption
+
+_GATE_SCRIPT = r"""
+import os, sys, time
+from pathlib import Path
+
+import mlflow
+import torch
+import yaml
+
+from se4lip_dist import lifecycle
+from se4lip_dist.config import Config
+from se4lip_dist.tracking import start_run
+
+uri, name, data, state_path, cfg_path, source, fault = sys.argv[1:8]
+cfg = Config.from_dict(yaml.safe_load(Path(cfg_path).read_text()))
+state = torch.load(state_path, weights_only=True)
+
+if fault.startswith("barrier:"):
+    # Both gates read the champion only once both have scored: the race a gate must survive.
+    folder = Path(fault.split(":", 1)[1])
+    read_champion = lifecycle.champion_version
+    calls = []
+
+    def champion_version(*args, **kwargs):
+        if not calls:
+            (folder / source).touch()
+            deadline = time.monotonic() + 300
+            while len(list(folder.iterdir())) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        calls.append(1)
+        return read_champion(*args, **kwargs)
+
+    lifecycle.champion_version = champion_version
+elif fault in ("exit-before-alias", "exit-after-alias"):
+    set_alias = mlflow.MlflowClient.set_registered_model_alias
+
+    def killed(self, *args, **kwargs):
+        if fault == "exit-after-alias":
+            set_alias(self, *args, **kwargs)
+        os._exit(3)
+
+    mlflow.MlflowClient.set_registered_model_alias = killed
+
+run_id = start_run(uri, "lc", source, params={}, tags={}, config_yaml=cfg.to_yaml())
+cand = lifecycle.Candidate(model_state=state, cfg=cfg, run_id=run_id, source=source, epoch=1,
+                           epochs=1, selected_by="val/shift_acc (max)")
+print(lifecycle.publish(uri, cand, register=name, data_dir=data)["alias"])
+"""
+
+
+def _gate_process(setup: dict, tmp_path: Path, uri: str, name: str, source: str,
+                  fault: str) -> subprocess.Popen:
+    state_path, cfg_path = tmp_path / "state.pt", tmp_path / "cfg.yaml"
+    if not state_path.exists():
+        torch.save(setup["trained"], state_path)
+        cfg_path.write_text(setup["cfg"].to_yaml())
+    return subprocess.Popen(
+        [sys.executable, "-c", _GATE_SCRIPT, uri, name, setup["data"], str(state_path),
+         str(cfg_path), source, fault], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+
+
+def test_two_gates_at_once_leave_one_champion_and_honest_tags(setup: dict, tmp_path: Path,
+                                                              mlflow_sqlite_server) -> None:  # type: ignore[no-untyped-def]
+    """Two equally good versions gated at once: both read "no champion" after scoring. One is
+    promoted; the other sees the champion moved, scores against it and stays challenger."""
+    import uuid
+
+    from mlflow import MlflowClient
+
+    uri, name = mlflow_sqlite_server.url, f"race-{uuid.uuid4().hex[:8]}"
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    procs = [_gate_process(setup, tmp_path, uri, name, src, f"barrier:{barrier}")
+             for src in ("p1", "p2")]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert sorted(o[0].split()[-1] for o in outs) == [CHALLENGER, CHAMPION]
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    winner = champion_version(uri, name)
+    loser = 3 - winner
+    tags = {v: client.get_model_version(name, str(v)).tags for v in (1, 2)}
+    assert tags[winner]["gate.decision"] == CHAMPION
+    assert tags[loser]["gate.decision"] == CHALLENGER
+    assert tags[loser]["gate.champion_version"] == str(winner)
+    assert tags[loser]["gate.reason"].startswith(
+        f"not significantly better than champion v{winner}")
+    assert "promoted" not in client.get_model_version(name, str(loser)).description
+    assert not [m.name for m in client.search_registered_models() if "gate-lock" in m.name]
+
+
+@pytest.mark.parametrize("fault", ["exit-before-alias", "exit-after-alias"])
+def test_a_gate_killed_around_the_alias_write_is_completed_on_resume(
+        setup: dict, tmp_path: Path, fault: str) -> None:
+    """The process dies just before or just after it points the alias: the tags never claim
+    an alias the version lacks, and the same command again completes the decision."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = _gate_process(setup, tmp_path, uri, "enc", "killed", fault)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 3, err[-2000:]
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    tags = client.get_model_version("enc", "1").tags
+    assert tags.get("gate.decision") != CHAMPION or champion_version(uri, "enc") == 1
+
+    run_id = client.get_model_version("enc", "1").run_id
+    cand = Candidate(model_state=setup["trained"], cfg=setup["cfg"], run_id=run_id,
+                     source="killed", epoch=1, epochs=1, selected_by="val/shift_acc (max)")
+    resumed = publish(uri, cand, register="enc", data_dir=setup["data"])
+    assert (resumed["version"], resumed["alias"]) == (1, CHAMPION), resumed
+    assert champion_version(uri, "enc") == 1
+    tags = client.get_model_version("enc", "1").tags
+    assert tags["gate.decision"] == CHAMPION and "gate.pending" not in tags
+    assert len(client.search_model_versions("name = 'enc'")) == 1

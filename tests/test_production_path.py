@@ -29,9 +29,10 @@ from shard_fixtures import TINY_MODEL
 pytestmark = pytest.mark.slow
 
 DATA, RESULTS = "se4lip-data", "se4lip-ray"
-CLIPS, SECONDS = 16, 3.0
+# About ten clips held out: enough units for the gate to promote (train.val_min_units).
+CLIPS, SECONDS = 32, 3.0
 TRAIN_SET = [*TINY_MODEL, "train.lr=0.002", "train.pairs_per_segment=64",
-             "train.val_fraction=0.25"]
+             "train.val_fraction=0.3"]
 # One rank of 0.5 CPU and a 0.25-CPU trial driver: a 1-CPU worker node holds one trial and a
 # Ray Data task; the 0-CPU head holds only the job's driver.
 TRIAL_FLAGS = ["--cpus-per-trial", "0.75", "--num-workers-per-trial", "1",

@@ -65,6 +65,13 @@ def _upload(local: Path, url: str) -> str:
     return url
 
 
+def _boto():  # type: ignore[no-untyped-def]
+    """A boto3 client on the loopback S3 (endpoint and credentials from the environment)."""
+    import boto3
+
+    return boto3.client("s3")
+
+
 def _shard_objects(out: str) -> set[str]:
     return {storage.basename(u) for u in storage.glob(storage.join(out, SHARD_GLOB))}
 
@@ -86,10 +93,17 @@ def test_prepare_into_s3_resumes_refuses_and_cleans_orphans(clips: Path, prefix:
     assert storage.read_bytes(png)[:8] == b"\x89PNG\r\n\x1a\n"
     before = storage.stat(url)
 
-    # A killed run's shard that no manifest names is removed; finished clips are skipped.
+    # A killed run's shard that no manifest names is removed, and so is the incomplete multipart
+    # upload of a shard it was killed uploading (what test_storage's
+    # test_s3_writer_killed_after_its_first_part sees a SIGKILL leave); finished clips are skipped.
     storage.write_atomic(f"{out}/shard-orphan-00000.parquet", b"from a killed run")
+    s3, out_key = _boto(), out.split("/", 3)[3]
+    up = s3.create_multipart_upload(Bucket=BUCKET, Key=f"{out_key}/shard-killed-00000.parquet")
+    s3.upload_part(Bucket=BUCKET, Key=up["Key"], UploadId=up["UploadId"], PartNumber=1,
+                   Body=b"part 1 of a killed run")
     again = run_prepare([str(clips)], out, FIXED, workers=0, preview_dir=prev)
     assert (again.prepared, again.skipped, again.total_clips) == (2, 1, 3)
+    assert s3.list_multipart_uploads(Bucket=BUCKET, Prefix=out_key).get("Uploads", []) == []
     assert storage.stat(url) == before, "an existing shard was rewritten"
     assert _shard_objects(out) == {s.file for s in Manifest.load(out).shards}
     assert len(storage.list_files(prev)) == 3

@@ -3,16 +3,22 @@ loopback (moto server) and an fsspec-only scheme (memory://)."""
 
 from __future__ import annotations
 
+import _thread
 import hashlib
+import http.client
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -203,8 +209,11 @@ _KILLED_WRITER = textwrap.dedent("""
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_killed_writer_leaves_nothing_visible(where: str, tmp_path: Path,
                                               request: pytest.FixtureRequest) -> None:
-    """SIGKILL mid-write: the destination keeps its old content (local: a hidden temp file at
-    most, which the next run removes; S3: no new object, no marker objects)."""
+    """SIGKILL while the writer is still producing its bytes: the destination keeps its old
+    content (local: a hidden temp file at most, which the next run removes; S3: the bytes are
+    still being staged locally, no S3 call has been made, so no new object and no marker
+    objects). A kill in the middle of the S3 upload itself is
+    ``test_s3_writer_killed_after_its_first_part``."""
     if where == "s3":
         s3 = request.getfixturevalue("s3_env")
         s3.create_bucket(BUCKET)
@@ -228,6 +237,262 @@ def test_killed_writer_leaves_nothing_visible(where: str, tmp_path: Path,
         assert left and all(storage.is_temp_name(n) for n in left)
         storage.remove_temp_files(str(tmp_path / "out"))
         assert [p.name for p in (tmp_path / "out").iterdir()] == ["manifest.json"]
+
+
+# ---------------------------------------------------------------- S3 multipart uploads
+
+_BIG = 25 << 20
+"""More than two of pyarrow's 10 MiB upload parts: a multipart upload of three parts."""
+
+_UPLOADER = textwrap.dedent("""
+    import sys
+    from se4lip_dist import storage
+
+    storage.write_atomic(sys.argv[1], b"n" * int(sys.argv[2]))
+""")
+
+
+class _PartGate:
+    """An HTTP proxy in front of the loopback S3 that fails or holds one part of every upload.
+
+    Requests pass through unchanged, except ``UploadPart`` number ``part``: ``"fail"`` answers it
+    with S3's 500 ``InternalError`` (the client retries, then gives up, as with a real server
+    error); ``"hold"`` reads its body a trickle at a time (fast enough that the client does not
+    time out) until :meth:`release`, then forwards it. The parts before it reach the server.
+    """
+
+    def __init__(self, upstream: str, mode: str, part: int = 2) -> None:
+        self.upstream = urlsplit(upstream)
+        self.mode, self.part = mode, part
+        self.released = threading.Event()
+        self.forwarded: list[tuple[str, int, int]] = []  # (key, part number, status) of parts
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.server.handle_error = lambda *_: None  # a killed client's connection: not an error
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def release(self) -> None:
+        self.released.set()
+
+    def close(self) -> None:
+        self.release()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        gate = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def read(self, n: int, held: bool) -> bytes:
+                out = b""
+                while len(out) < n:
+                    trickle = held and not gate.released.is_set()
+                    got = self.rfile.read(min(16 << 10, n - len(out)) if trickle else n - len(out))
+                    if not got:
+                        raise ConnectionError("the client went away (killed)")
+                    out += got
+                    if trickle:
+                        gate.released.wait(0.2)
+                return out
+
+            def body(self, held: bool) -> bytes:
+                if self.headers.get("Content-Length") is not None:
+                    return self.read(int(self.headers["Content-Length"]), held)
+                if (self.headers.get("Transfer-Encoding") or "").lower() != "chunked":
+                    return b""
+                raw = []  # forwarded as sent: the S3 client signs its aws-chunked framing
+                while True:
+                    line = self.rfile.readline()
+                    if not line:
+                        raise ConnectionError("the client went away (killed)")
+                    raw.append(line)
+                    size = int(line.split(b";")[0], 16)
+                    if size == 0:
+                        while (trailer := self.rfile.readline()) not in (b"\r\n", b""):
+                            raw.append(trailer)
+                        raw.append(trailer)
+                        return b"".join(raw)
+                    raw.append(self.read(size + 2, held))
+
+            def answer(self, status: int, headers: list[tuple[str, str]], data: bytes) -> None:
+                self.send_response_only(status)
+                length = str(len(data))
+                for k, v in headers:
+                    if k.lower() == "content-length" and self.command == "HEAD":
+                        length = v  # the object's size, not the empty body's
+                    elif k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", length)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            def any(self) -> None:
+                url = urlsplit(self.path)
+                query = dict(parse_qsl(url.query, keep_blank_values=True))
+                part = int(query["partNumber"]) if "partNumber" in query else 0
+                gated = self.command == "PUT" and part == gate.part
+                body = self.body(held=gated and gate.mode == "hold")
+                if gated and gate.mode == "fail":
+                    self.answer(500, [("Content-Type", "application/xml")],
+                                b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>"
+                                b"InternalError</Code><Message>We encountered an internal "
+                                b"error. Please try again.</Message></Error>")
+                    return
+                up = http.client.HTTPConnection(gate.upstream.hostname, gate.upstream.port,
+                                                timeout=60)
+                try:
+                    up.putrequest(self.command, self.path, skip_host=True,
+                                  skip_accept_encoding=True)
+                    for k, v in self.headers.items():
+                        if k.lower() != "expect":  # the body is already here
+                            up.putheader(k, v)
+                    up.endheaders(body)
+                    resp = up.getresponse()
+                    data = resp.read()
+                finally:
+                    up.close()
+                if part:
+                    gate.forwarded.append((url.path.split("/", 2)[2], part, resp.status))
+                self.answer(resp.status, resp.getheaders(), data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = any
+
+        return Handler
+
+
+@pytest.fixture
+def part_gate(s3_env):  # type: ignore[no-untyped-def]
+    """``make(mode)`` -> a started :class:`_PartGate` in front of the loopback S3."""
+    gates: list[_PartGate] = []
+
+    def make(mode: str) -> _PartGate:
+        gates.append(_PartGate(s3_env.endpoint, mode))
+        return gates[-1]
+
+    yield make
+    for g in gates:
+        g.close()
+
+
+def _uploads(s3, prefix: str) -> list[dict]:  # type: ignore[no-untyped-def]
+    """Incomplete multipart uploads under ``prefix``, as the server lists them."""
+    resp = _boto(s3).list_multipart_uploads(Bucket=BUCKET, Prefix=prefix)  # type: ignore[attr-defined]
+    return resp.get("Uploads", [])
+
+
+def _wait_for_parts(s3, key: str, writer: subprocess.Popen | None = None,  # type: ignore[no-untyped-def]
+                    timeout_s: float = 60.0) -> int:
+    """How many parts of ``key``'s incomplete upload the server holds, once it holds one."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert writer is None or writer.poll() is None, "the writer ended before a part landed"
+        for up in _uploads(s3, key):
+            parts = _boto(s3).list_parts(Bucket=BUCKET, Key=key,  # type: ignore[attr-defined]
+                                         UploadId=up["UploadId"]).get("Parts", [])
+            if parts:
+                return len(parts)
+        time.sleep(0.05)
+    raise AssertionError(f"no part of {key} reached the server in {timeout_s} s")
+
+
+@pytest.mark.timeout(180)
+def test_s3_writer_killed_after_its_first_part(s3_env, part_gate) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL in the middle of a multipart upload, seen from the server: the old object stays,
+    nothing new is visible; no cleanup can run, so the incomplete upload stays too (billed) until
+    a rerun's cleanup (``remove_temp_files``, which prepare and extract call) aborts it."""
+    s3_env.create_bucket(BUCKET)
+    gate = part_gate("hold")
+    prefix = f"u-{uuid.uuid4().hex[:8]}"
+    folder, key = f"s3://{BUCKET}/{prefix}", f"{prefix}/manifest.json"
+    target = f"s3://{BUCKET}/{key}"
+    storage.write_atomic(target, "old")
+    env = {**os.environ, "AWS_ENDPOINT_URL": gate.endpoint}  # the writer goes through the gate
+    proc = subprocess.Popen([sys.executable, "-c", _UPLOADER, target, str(_BIG)], env=env,
+                            start_new_session=True)
+    try:
+        parts = _wait_for_parts(s3_env, key, proc)
+        assert parts >= 1 and proc.poll() is None  # mid-upload: part 2 is still being sent
+        assert 2 not in {n for _, n, _ in gate.forwarded}
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert storage.read_text(target) == "old"
+    assert _keys(s3_env, prefix) == [key]  # no new object, no temp or marker object
+    (left,) = _uploads(s3_env, prefix)
+    assert left["Key"] == key
+    # Only uploads older than older_than go. moto lists every upload as started on 2010-11-10
+    # (a constant in its responses), so the cut-off here is older than that: none.
+    assert storage.abort_stale_uploads(folder, older_than=time.time()) == 0
+    assert _uploads(s3_env, prefix)
+    assert storage.remove_temp_files(folder) == 1  # what the rerun does
+    assert _uploads(s3_env, prefix) == []
+    assert storage.read_text(target) == "old"
+
+
+@pytest.mark.timeout(180)
+def test_s3_failed_part_upload_raises_and_aborts_the_upload(  # type: ignore[no-untyped-def]
+        s3_env, part_gate, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server fails part 2 after part 1 landed: the write raises (it does not report a
+    success it did not publish), the old object stays and no incomplete upload is left."""
+    s3_env.create_bucket(BUCKET)
+    gate = part_gate("fail")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", gate.endpoint)
+    prefix = f"f-{uuid.uuid4().hex[:8]}"
+    key = f"{prefix}/shard-00000.parquet"
+    target = f"s3://{BUCKET}/{key}"
+    storage.write_atomic(target, "old")
+    with pytest.raises(storage.StorageError, match=rf"{re.escape(target)}: .*internal error"):
+        storage.write_atomic(target, b"n" * _BIG)
+    assert (key, 1, 200) in gate.forwarded  # part 1 reached the server before the failure
+    assert storage.read_text(target) == "old"
+    assert _keys(s3_env, prefix) == [key]
+    assert _uploads(s3_env, prefix) == []
+
+
+@pytest.mark.timeout(180)
+def test_s3_interrupted_upload_is_aborted(  # type: ignore[no-untyped-def]
+        s3_env, part_gate, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (KeyboardInterrupt) after part 1 landed: the upload is aborted, not completed with
+    what was sent, and none is left; the old object stays."""
+    s3_env.create_bucket(BUCKET)
+    gate = part_gate("hold")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", gate.endpoint)
+    prefix = f"i-{uuid.uuid4().hex[:8]}"
+    key = f"{prefix}/manifest.json"
+    target = f"s3://{BUCKET}/{key}"
+    storage.write_atomic(target, "old")
+    seen: list[int] = []
+
+    def interrupt() -> None:
+        try:
+            seen.append(_wait_for_parts(s3_env, key))
+            _thread.interrupt_main()
+            deadline = time.monotonic() + 20
+            while _uploads(s3_env, key) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            gate.release()  # the held part goes on (and fails if the upload was aborted)
+
+    helper = threading.Thread(target=interrupt, daemon=True)
+    helper.start()
+    with pytest.raises(KeyboardInterrupt):
+        storage.write_atomic(target, b"n" * _BIG)
+    helper.join(timeout=60)
+    assert seen and seen[0] >= 1
+    assert storage.read_text(target) == "old"
+    assert _keys(s3_env, prefix) == [key]
+    assert _uploads(s3_env, prefix) == []
 
 
 # ---------------------------------------------------------------- S3 specifics

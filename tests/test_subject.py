@@ -25,7 +25,7 @@ def test_subject_config_takes_the_general_encoders_architecture() -> None:
     general = load_config("cpu-small", overrides=[*TINY_MODEL, "train.window_frames=7"])
     cfg = subject_config("paper", ["train.epochs=3"], general)
     assert cfg.model == general.model and cfg.train.window_frames == 7
-    assert cfg.train.split == "time" and cfg.train.val_fraction == pytest.approx(1 / 11)
+    assert cfg.train.split == "time" and cfg.train.val_fraction == pytest.approx(0.2)
     assert cfg.train.epochs == 3 and cfg.train.steps_per_epoch == 100
 
 

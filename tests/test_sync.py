@@ -11,11 +11,15 @@ import torch
 from se4lip_dist.config import load_config
 from se4lip_dist.models import build_model
 from se4lip_dist.sync import (
+    ClipSync,
     audio_windows,
+    bootstrap_interval,
     chance_offset_accuracy,
     clip_sync,
+    constant_floor,
     embedding_distance,
     lip_windows,
+    mcnemar_p,
     offset_distances,
     predict_offset,
     shift_audio,
@@ -104,6 +108,34 @@ def test_wilson_interval_and_chance() -> None:
     assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
     assert all(math.isnan(x) for x in wilson_interval(0, 0))
     assert chance_offset_accuracy(15) == pytest.approx(3 / 31)
+
+
+def test_a_constant_answer_is_never_shift_consistent() -> None:
+    """Under shifts -3, 0, +3 the best constant hits one shift in three (the old headline's
+    1/3) and no unit at every shift; shifts within the tolerance of one offset would allow it."""
+    assert constant_floor((-3, 0, 3), 15) == {"consistent": 0.0, "offset": pytest.approx(1 / 3)}
+    assert constant_floor((0, 1), 15) == {"consistent": 1.0, "offset": 1.0}
+    unit = ClipSync("c", 40, 36, [-3, 0, 3], [0, 0, 0], [0.0] * 3, [0.0] * 3)
+    assert unit.hits == [False, True, False] and not unit.consistent
+    assert ClipSync("c", 40, 36, [-3, 0, 3], [-2, 1, 3], [0.0] * 3, [0.0] * 3).consistent
+
+
+def test_mcnemar_exact_one_sided() -> None:
+    assert mcnemar_p(0, 0) == 1.0  # no discordant unit: never evidence for the newcomer
+    assert mcnemar_p(5, 0) == pytest.approx(1 / 32)
+    assert mcnemar_p(4, 0) == pytest.approx(1 / 16)  # 4 wins and no loss is not enough at 0.05
+    assert mcnemar_p(6, 2) == pytest.approx(37 / 256)
+    assert mcnemar_p(0, 5) == 1.0
+    assert mcnemar_p(17, 1) < 1e-4
+
+
+def test_bootstrap_interval_over_units() -> None:
+    lo, hi = bootstrap_interval([1.0] * 10)
+    assert lo == hi == 1.0
+    lo, hi = bootstrap_interval([0.0, 1 / 3, 2 / 3, 1.0] * 5)
+    assert lo < 0.5 < hi and hi - lo < 0.5
+    assert bootstrap_interval([0.0, 1.0] * 5) == bootstrap_interval([0.0, 1.0] * 5)  # seeded
+    assert all(math.isnan(x) for x in bootstrap_interval([]))
 
 
 def _tiny_model():  # type: ignore[no-untyped-def]

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelInput, Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -117,8 +118,16 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
         # Keep artifacts next to the sqlite store instead of MLflow's ./mlruns default.
         db = Path(tracking_uri[len("sqlite:///"):])
         artifact_location = (db.parent / "artifacts" / name).resolve().as_uri()
-    return client.create_experiment(name, artifact_location=artifact_location,
-                                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location,
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    except MlflowException:
+        # Another process created it between the lookup and here (two commands starting on a
+        # fresh store); a server reports that as a constraint error, not always as "exists".
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def _create_sqlite_store(tracking_uri: str) -> None:

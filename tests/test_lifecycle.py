@@ -411,7 +411,7 @@ def test_two_gates_at_once_leave_one_champion_and_honest_tags(setup: dict, tmp_p
     procs = [_gate_process(setup, tmp_path, uri, name, src, f"barrier:{barrier}")
              for src in ("p1", "p2")]
     outs = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1].splitlines()[-3:] for o in outs]
     assert sorted(o[0].split()[-1] for o in outs) == [CHALLENGER, CHAMPION]
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     winner = champion_version(uri, name)
@@ -450,3 +450,29 @@ def test_a_gate_killed_around_the_alias_write_is_completed_on_resume(
     tags = client.get_model_version("enc", "1").tags
     assert tags["gate.decision"] == CHAMPION and "gate.pending" not in tags
     assert len(client.search_model_versions("name = 'enc'")) == 1
+
+
+def test_an_experiment_created_meanwhile_by_another_process_is_used(
+        mlflow_sqlite_server, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Two commands starting on a fresh server: the other one creates the experiment between
+    this one's lookup and its create, which the server refuses; the existing one is used."""
+    import uuid
+
+    from mlflow import MlflowClient
+
+    from se4lip_dist.tracking import ensure_experiment
+
+    uri, name = mlflow_sqlite_server.url, f"exp-{uuid.uuid4().hex[:8]}"
+    lookup = MlflowClient.get_experiment_by_name
+    calls: list[str] = []
+
+    def racing_lookup(self, experiment_name):  # type: ignore[no-untyped-def]
+        if not calls:
+            calls.append("other process")
+            MlflowClient(tracking_uri=uri).create_experiment(experiment_name)
+            return None
+        return lookup(self, experiment_name)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", racing_lookup)
+    got = ensure_experiment(uri, name)
+    assert got == lookup(MlflowClient(tracking_uri=uri), name).experiment_id

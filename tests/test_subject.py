@@ -44,7 +44,7 @@ def test_subject_flow_end_to_end(tmp_path: Path) -> None:
                                     "se4lip")
     promote("se4lip", int(general.rsplit("/", 1)[1]), tracking_uri=uri)
     video = tmp_path / "Test Person.mp4"
-    make_synthetic_clip(video, 20.0, seed=5)  # 500 frames: 45 held out after a 13-frame gap
+    make_synthetic_clip(video, 20.0, seed=5)  # 500 frames: the last 100 held out
     res = CliRunner().invoke(app, [
         "subject", str(video), "--out", str(tmp_path / "out"), "--tracking-uri", uri,
         "--face-backend", "none", "--json",
@@ -55,11 +55,15 @@ def test_subject_flow_end_to_end(tmp_path: Path) -> None:
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["subject"] == "test-person" and out["init"].startswith("warm start from")
     assert out["registered"]["name"] == "se4lip-test-person"
+    # 100 held-out frames are three 30-frame pieces (the last one 40): too few units to promote.
+    assert out["registered"]["alias"] == "challenger"
+    assert out["registered"]["reason"].startswith("evidence too thin: 3 held-out units")
     feats = np.load(tmp_path / "out" / "features" / "Test_Person" / "aud_se4lip.npy")
     windows = np.load(tmp_path / "out" / "features" / "Test_Person" / "aud_se4lip_w16.npy")
     assert feats.shape == (500, 32) and windows.shape == (500, 16, 32)
     report = json.loads((tmp_path / "out" / "report" / "report.json").read_text())
-    assert report["heldout"]["val/windows"] == 45 - 5 + 1
+    assert report["heldout"]["val/units"] == 3
+    assert report["heldout"]["val/windows"] == (30 - 5 + 1) * 2 + (40 - 5 + 1)
     assert report["split"].startswith("time")
     assert (tmp_path / "out" / "report" / "heldout_offset_curve.png").stat().st_size > 0
     run = MlflowClient(tracking_uri=uri).get_run(out["run_id"])

@@ -104,16 +104,16 @@ def test_train_resume_track_register_best_epoch(tmp_path, ray_session) -> None:
     exp = client.get_experiment(run.info.experiment_id)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
 
-    # Resume for 2 more epochs on clips whose training audio is 6 frames late (the validation
+    # Resume for 4 more epochs on clips whose training audio is 6 frames late (the validation
     # clips are the same, in sync): the model unlearns sync. Then register.
     shifted = tmp_path / "shifted"
     write_synthetic_shards(shifted, n_clips=28, n_frames=40, val_clips=8, clips_per_shard=7,
                            train_audio_shift=6)
-    wreck = load_config("cpu-small", overrides=[*TINY_TRAIN, "train.epochs=5"])
+    wreck = load_config("cpu-small", overrides=[*TINY_TRAIN, "train.epochs=7"])
     second = run_train(wreck, str(shifted), run_name="tiny", register="se4lip-it", resume=True,
                        **common)
     assert second["run_id"] == first["run_id"]
-    assert [h["epoch"] for h in second["history"]] == [1, 2, 3, 4, 5]
+    assert [h["epoch"] for h in second["history"]] == [1, 2, 3, 4, 5, 6, 7]
     assert second["history"][:3] == first["history"]
     hist = second["history"]
     best = max(hist, key=lambda h: (h["val/shift_acc"], -h["val/loss"]))
@@ -121,7 +121,7 @@ def test_train_resume_track_register_best_epoch(tmp_path, ray_session) -> None:
         (h["epoch"], h["val/shift_acc"], h["val/loss"]) for h in hist]
     assert hist[-1]["val/shift_acc"] < best["val/shift_acc"]
     assert [m.step for m in client.get_metric_history(first["run_id"], "train/loss")] == [
-        1, 2, 3, 4, 5]
+        1, 2, 3, 4, 5, 6, 7]
     reg = second["registered"]
     assert (reg["name"], reg["version"], reg["alias"]) == ("se4lip-it", 1, "champion"), reg
     # The gate scored the registered weights in-process: exactly the best epoch's validation.
@@ -134,9 +134,9 @@ def test_train_resume_track_register_best_epoch(tmp_path, ray_session) -> None:
     # Restoring a finished run trains nothing but reports its final result and checkpoint once
     # more: a tune driver killed after a trial's last epoch gets the trial's result this way.
     assert _reports_of_restored_run(wreck, data, storage, uri, first["run_id"], tmp_path) == [
-        {"epoch": 5, "checkpoint": True}]
+        {"epoch": 7, "checkpoint": True}]
     assert [m.step for m in client.get_metric_history(first["run_id"], "train/loss")] == [
-        1, 2, 3, 4, 5]
+        1, 2, 3, 4, 5, 6, 7]
 
     enc, cfg_back = load_encoder("models:/se4lip-it@champion", tracking_uri=uri)
     assert cfg_back.model == wreck.model

@@ -440,18 +440,26 @@ def test_s3_writer_killed_after_its_first_part(s3_env, part_gate) -> None:  # ty
     assert storage.read_text(target) == "old"
 
 
+def _old_object_behind(s3_env, gate, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+                       name: str) -> tuple:
+    """An object ``name`` holding "old" in a fresh prefix, with this process's S3 calls sent
+    through ``gate``: returns ``(gate, prefix, key, url)``."""
+    s3_env.create_bucket(BUCKET)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", gate.endpoint)
+    prefix = f"g-{uuid.uuid4().hex[:8]}"
+    key = f"{prefix}/{name}"
+    target = f"s3://{BUCKET}/{key}"
+    storage.write_atomic(target, "old")
+    return gate, prefix, key, target
+
+
 @pytest.mark.timeout(180)
 def test_s3_failed_part_upload_raises_and_aborts_the_upload(  # type: ignore[no-untyped-def]
         s3_env, part_gate, monkeypatch: pytest.MonkeyPatch) -> None:
     """The server fails part 2 after part 1 landed: the write raises (it does not report a
     success it did not publish), the old object stays and no incomplete upload is left."""
-    s3_env.create_bucket(BUCKET)
-    gate = part_gate("fail")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", gate.endpoint)
-    prefix = f"f-{uuid.uuid4().hex[:8]}"
-    key = f"{prefix}/shard-00000.parquet"
-    target = f"s3://{BUCKET}/{key}"
-    storage.write_atomic(target, "old")
+    gate, prefix, key, target = _old_object_behind(s3_env, part_gate("fail"), monkeypatch,
+                                                   "shard-00000.parquet")
     with pytest.raises(storage.StorageError, match=rf"{re.escape(target)}: .*internal error"):
         storage.write_atomic(target, b"n" * _BIG)
     assert (key, 1, 200) in gate.forwarded  # part 1 reached the server before the failure
@@ -465,13 +473,8 @@ def test_s3_interrupted_upload_is_aborted(  # type: ignore[no-untyped-def]
         s3_env, part_gate, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C (KeyboardInterrupt) after part 1 landed: the upload is aborted, not completed with
     what was sent, and none is left; the old object stays."""
-    s3_env.create_bucket(BUCKET)
-    gate = part_gate("hold")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", gate.endpoint)
-    prefix = f"i-{uuid.uuid4().hex[:8]}"
-    key = f"{prefix}/manifest.json"
-    target = f"s3://{BUCKET}/{key}"
-    storage.write_atomic(target, "old")
+    gate, prefix, key, target = _old_object_behind(s3_env, part_gate("hold"), monkeypatch,
+                                                   "manifest.json")
     seen: list[int] = []
 
     def interrupt() -> None:

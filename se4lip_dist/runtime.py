@@ -6,11 +6,15 @@ of :data:`QUIET_ENV` through it, and Ray Data reads them when it is first import
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +176,23 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
         log_to_driver=_log_to_driver,
         **kwargs,
     )
+
+
+@contextlib.contextmanager
+def own_sigint() -> Iterator[None]:
+    """Give the process its Ctrl-C handler back after a Ray Train or Tune ``fit``.
+
+    ``TorchTrainer.fit`` installs a SIGINT handler that aborts its controller actor and never
+    removes it: a later Ctrl-C (while the gate uploads, say) would then raise "Can't find actor"
+    instead of KeyboardInterrupt.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        yield
+    finally:
+        if main and before is not None:
+            signal.signal(signal.SIGINT, before)
 
 
 def _free_port() -> int:

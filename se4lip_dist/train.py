@@ -44,7 +44,7 @@ from se4lip_dist.manifest import Manifest
 from se4lip_dist.models import build_model, lip_input
 from se4lip_dist.placement import DEFAULT_TIMEOUT_S, PlacementError, wait_placeable
 from se4lip_dist.registry import RegistryError, load_model_state, load_weights, pin_model
-from se4lip_dist.runtime import cluster_cpus, init_ray, worker_env
+from se4lip_dist.runtime import cluster_cpus, init_ray, own_sigint, worker_env
 from se4lip_dist.splits import SplitRule, clip_frames
 from se4lip_dist.stream import PairSpec, iter_pair_batches, pair_seed, row_dataset
 from se4lip_dist.tracking import (
@@ -655,7 +655,8 @@ def _fit(cfg: Config, data_dir: str, uri: str, run_id: str, name: str, store: st
             datasets=training_datasets(data_dir, cfg),
             dataset_config=training_data_config(),
         )
-        result = trainer.fit()
+        with own_sigint():
+            result = trainer.fit()
         if result.error is not None:
             raise TrainError(f"training failed: {result.error}") from result.error
         out = dict(result.return_value or {})

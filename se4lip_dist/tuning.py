@@ -41,7 +41,7 @@ from se4lip_dist.config import Config, flatten
 from se4lip_dist.lifecycle import Candidate, GateError, publish
 from se4lip_dist.manifest import Manifest
 from se4lip_dist.placement import DEFAULT_TIMEOUT_S, PlacementError, check_feasible, wait_placeable
-from se4lip_dist.runtime import cluster_cpus, init_ray, worker_env
+from se4lip_dist.runtime import cluster_cpus, init_ray, own_sigint, worker_env
 from se4lip_dist.spaces import load_space
 from se4lip_dist.splits import SplitRule, clip_frames
 from se4lip_dist.storage import redact_uri
@@ -424,7 +424,8 @@ def run_tune(
                 ),
                 run_config=run_config,
             )
-        grid = tuner.fit()
+        with own_sigint():
+            grid = tuner.fit()
         unfinished = len(grid) - grid.num_terminated - grid.num_errors
         if unfinished > 0:
             # Ctrl-C / SIGTERM: Tune saved its state and returned early. Registering now would

@@ -487,10 +487,15 @@ def test_s3_interrupted_upload_is_aborted(  # type: ignore[no-untyped-def]
         finally:
             gate.release()  # the held part goes on (and fails if the upload was aborted)
 
+    # Python's own Ctrl-C handler, whatever an earlier test in this process installed.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     helper = threading.Thread(target=interrupt, daemon=True)
     helper.start()
-    with pytest.raises(KeyboardInterrupt):
-        storage.write_atomic(target, b"n" * _BIG)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            storage.write_atomic(target, b"n" * _BIG)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     helper.join(timeout=60)
     assert seen and seen[0] >= 1
     assert storage.read_text(target) == "old"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import pytest
 from shard_fixtures import TINY_TRAIN, write_synthetic_shards
@@ -68,7 +70,10 @@ def test_train_resume_track_register_best_epoch(tmp_path, ray_session) -> None:
                   storage_path=storage)
 
     cfg = load_config("cpu-small", overrides=[*TINY_TRAIN, "train.epochs=3"])
+    ctrl_c = signal.getsignal(signal.SIGINT)
     first = run_train(cfg, str(data), run_name="tiny", register=None, resume=False, **common)
+    # Ray Train's fit installs its own SIGINT handler; a later Ctrl-C must interrupt us again.
+    assert signal.getsignal(signal.SIGINT) is ctrl_c
     assert first["epochs"] == 3 and len(first["history"]) == 3
     assert first["run_name"] == "tiny" and first["registered"] is None
     last = first["last"]

@@ -205,7 +205,7 @@ def _global_options(
 
 
 def _print_traceback(text: str) -> None:
-    from se4lip_dist.runtime import redact_secrets
+    from se4lip_dist.credentials import redact_secrets
 
     console.print(redact_secrets(text.rstrip()), markup=False, highlight=False)
 
@@ -216,7 +216,7 @@ def _fail(message: str, code: int = 2, exc: BaseException | None = None) -> None
     With ``exc``: under --debug its traceback comes first; otherwise an error that is not one of
     ours (torch, Ray, a bug) names its type and how to see where it came from.
     """
-    from se4lip_dist.runtime import redact_secrets
+    from se4lip_dist.credentials import redact_secrets
 
     if exc is not None and _debug():
         _print_traceback("".join(traceback.format_exception(exc)))
@@ -1008,14 +1008,23 @@ def submit(
 
     Exits with the job's status (0 when it SUCCEEDED).
 
-    MLflow and S3 credentials in this environment (MLFLOW_TRACKING_*, AWS_*) are passed to the job.
+    Non-secret settings in this environment (MLFLOW_TRACKING_URI, AWS_ENDPOINT_URL, AWS_REGION, ...)
+    go with the job; credentials never do: the cluster's nodes have their own (cluster/README.md).
     """
+    from se4lip_dist.credentials import SecretInJobError, left_behind
     from se4lip_dist.remote import build_runtime_env, exit_code, submit_job
 
     extra = dict(kv.split("=", 1) for kv in env or [] if "=" in kv)
     if env and len(extra) != len(env):
         _fail("--env takes K=V")
-    runtime_env = build_runtime_env(working_dir, env_vars=extra)
+    try:
+        runtime_env = build_runtime_env(working_dir, env_vars=extra)
+    except SecretInJobError as e:
+        _fail(str(e))
+    if stay := left_behind():
+        console.print(f"not sent to the cluster: {', '.join(stay)} (its nodes use their own "
+                      "credentials: cluster/README.md, \"Credentials\")", markup=False,
+                      highlight=False)
     try:
         jid, status = _remote_call(
             submit_job, address, command, runtime_env, wait=wait, submission_id=job_id,

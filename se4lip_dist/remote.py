@@ -1,9 +1,10 @@
 """Running ``se4lip-dist`` commands on a Ray cluster through the Ray Jobs API.
 
 ``submit_job`` wraps ``ray.job_submission.JobSubmissionClient``: it uploads the project folder
-as the job's ``working_dir`` (without virtualenvs, runs and data), passes MLflow/S3 credentials
-from the caller's environment as job env vars (never printed), follows the job's logs and maps
-its final status to an exit code. ``list_jobs``, ``job_logs`` and ``stop_job`` complete the set.
+as the job's ``working_dir`` (without virtualenvs, runs and data), passes the caller's non-secret
+MLflow/S3 settings as job env vars (never a secret: see :mod:`se4lip_dist.credentials`), follows
+the job's logs and maps its final status to an exit code. ``list_jobs``, ``job_logs`` and
+``stop_job`` complete the set.
 
 Ray 2.60 turns token authentication on by default; the dashboard then wants
 ``Authorization: Bearer <token>``. Ray's own client only sends it when ``RAY_AUTH_MODE=token``
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray.exceptions import AuthenticationError
 
-from se4lip_dist.runtime import CREDENTIAL_ENV
+from se4lip_dist.credentials import SETTINGS_ENV, check_command, check_shippable
 from se4lip_dist.storage import redact_uri
 
 if TYPE_CHECKING:
@@ -52,8 +53,8 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
 )
 """Paths left out of the uploaded ``working_dir`` (on top of ``.gitignore``/``.rayignore``)."""
 
-PASSTHROUGH_ENV: tuple[str, ...] = CREDENTIAL_ENV
-"""Caller env vars copied into the job's runtime env when set (values are never printed)."""
+PASSTHROUGH_ENV: tuple[str, ...] = SETTINGS_ENV
+"""Caller env vars copied into the job's runtime env when set: settings, never secrets."""
 
 ADDRESS_COMMANDS: frozenset[str] = frozenset({"prepare", "train", "tune", "extract", "subject"})
 """Commands with ``--address``: a submitted one gets ``--address auto`` unless it names one."""
@@ -201,9 +202,13 @@ def build_runtime_env(
 
     Returns:
         A dict for ``JobSubmissionClient.submit_job(runtime_env=...)``.
+
+    Raises:
+        SecretInJobError: a variable would carry a secret into Ray's job records.
     """
     env = {k: os.environ[k] for k in passthrough if os.environ.get(k)}
     env.update(env_vars or {})
+    check_shippable(env)
     runtime_env: dict[str, Any] = {}
     wd = project_root() if working_dir is None else (Path(working_dir) if working_dir else None)
     if wd is not None:
@@ -263,11 +268,15 @@ def submit_job(
 
     Raises:
         RemoteError: the cluster is unreachable, refuses the job, or ``timeout_s`` passed.
+        SecretInJobError: the command line or the env would carry a secret.
     """
+    args = job_argv(argv)
+    check_command(args)
     client = job_client(address, token)
     had_token = resolve_auth_token(token) is not None
-    entrypoint = shlex.join([ENTRYPOINT, *job_argv(argv)])
+    entrypoint = shlex.join([ENTRYPOINT, *args])
     env = dict(build_runtime_env() if runtime_env is None else runtime_env)
+    check_shippable(env.get("env_vars", {}))
     job_id = _call(address, had_token, lambda: client.submit_job(
         entrypoint=entrypoint, runtime_env=env, submission_id=submission_id,
         entrypoint_num_cpus=entrypoint_num_cpus,

@@ -18,26 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from se4lip_dist.credentials import job_env
+
 OBJECT_STORE_BYTES = 512 * 1024 * 1024
-CREDENTIAL_ENV: tuple[str, ...] = (
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-    "MLFLOW_TRACKING_INSECURE_TLS",
-    "MLFLOW_TRACKING_SERVER_CERT_PATH",
-    "MLFLOW_S3_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-    "AWS_PROFILE",
-)
-"""Tracking and object-storage settings that every process of a job needs (and that are never
-logged): passed to submitted jobs, to the processes of a joined cluster and to Train workers."""
 _log_to_driver = True
 
 
@@ -148,8 +131,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         if not inside_job and "runtime_env" not in kwargs:
-            # Tasks and actors on other nodes do not inherit this shell's environment.
-            kwargs["runtime_env"] = {"env_vars": credential_env()}
+            # Tasks and actors on other nodes do not inherit this shell's environment; they get
+            # its settings, never its secrets (the nodes have their own credentials).
+            kwargs["runtime_env"] = {"env_vars": job_env()}
         ray.init(address=address, log_to_driver=_log_to_driver, **kwargs)
         pin_ray_data_actors()
         return
@@ -230,27 +214,8 @@ def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 1.0))
 
 
-SECRET_ENV: tuple[str, ...] = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                               "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
-
-
-def redact_secrets(text: str) -> str:
-    """``text`` with the values of this process's secret variables replaced by ``REDACTED``
-    (library errors sometimes quote a runtime env verbatim)."""
-    for k in SECRET_ENV:
-        value = os.environ.get(k)
-        if value and len(value) >= 4:
-            text = text.replace(value, "REDACTED")
-    return text
-
-
-def credential_env() -> dict[str, str]:
-    """The :data:`CREDENTIAL_ENV` variables set in this process."""
-    return {k: os.environ[k] for k in CREDENTIAL_ENV if os.environ.get(k)}
-
-
 def worker_env() -> dict[str, str]:
-    """Env for Ray Train workers: credentials (passed, never logged), quiet defaults."""
-    env = credential_env()
+    """Env for Ray Train workers: the job's settings (no secrets), quiet defaults."""
+    env = job_env()
     env.setdefault("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
     return env

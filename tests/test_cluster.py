@@ -107,6 +107,20 @@ def test_cluster_yaml_pins_package_and_token_auth() -> None:
     assert any(k.endswith(".ray/auth_token") for k in cfg["file_mounts"])
 
 
+def test_cluster_yaml_nodes_bring_their_own_credentials() -> None:
+    """Nodes get S3 from an instance profile and MLflow's basic auth from its credentials file;
+    no secret rides in the docker env or the start commands."""
+    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    for name, node_type in cfg["available_node_types"].items():
+        assert node_type["node_config"].get("IamInstanceProfile"), name
+    assert any(k.endswith(".mlflow/credentials") for k in cfg["file_mounts"])
+    text = json.dumps([cfg["docker"], cfg["setup_commands"], cfg["head_start_ray_commands"],
+                       cfg["worker_start_ray_commands"]])
+    from se4lip_dist.credentials import SECRET_ENV
+
+    assert not [k for k in SECRET_ENV if k in text]
+
+
 @pytest.mark.parametrize("where", ["top", "node_type", "docker"])
 def test_cluster_yaml_typo_is_rejected(where: str) -> None:
     import jsonschema
@@ -140,6 +154,7 @@ def test_expected_manifests_exist() -> None:
     assert ("raycluster.yaml", "RayCluster") in kinds
     assert {("rayjob-tune.yaml", "RayJob"), ("rayjob-extract.yaml", "RayJob")} <= kinds
     assert {("mlflow.yaml", "Deployment"), ("mlflow.yaml", "Service")} <= kinds
+    assert ("storage.yaml", "ServiceAccount") in kinds
 
 
 @pytest.mark.parametrize("name,spec", _ray_cluster_specs(),
@@ -152,6 +167,8 @@ def test_ray_pods(name: str, spec: dict[str, Any]) -> None:
     assert head["rayStartParams"]["num-cpus"] == "0"
     groups = [("head", head)] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
     for gname, group in groups:
+        # Credentials from the pod's identity and Secrets, never from a job.
+        assert group["template"]["spec"]["serviceAccountName"] == "se4lip-ray", gname
         for c in group["template"]["spec"]["containers"]:
             assert re.search(rf"ray{re.escape(RAY_VERSION)}-py311-gpu$", c["image"]), c["image"]
             res = c["resources"]
@@ -307,17 +324,62 @@ def test_documented_commands_cover_submit_and_jobs() -> None:
 # --- remote.py units --------------------------------------------------------------------------
 
 
-def test_runtime_env_passes_credentials_and_excludes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://u:p@mlflow:5000")
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret")
-    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+def test_runtime_env_passes_settings_never_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://s3:9000")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "se4lip")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-pw")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAXYZ")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret-key")
     env = remote.build_runtime_env(env_vars={"X": "1"})
     assert env["working_dir"] == str(ROOT)
     assert {"/.venv", "/se4lip-runs", "/data"} <= set(env["excludes"])
-    assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://u:p@mlflow:5000",
-                               "MLFLOW_TRACKING_PASSWORD": "s3cret", "X": "1"}
+    assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000",
+                               "AWS_ENDPOINT_URL": "http://s3:9000", "X": "1"}
     assert "working_dir" not in remote.build_runtime_env("")
     assert remote.redact_uri("http://u:p@mlflow:5000/x") == "http://mlflow:5000/x"
+
+
+@pytest.mark.parametrize("env_vars, named", [
+    ({"AWS_SECRET_ACCESS_KEY": "anything"}, "AWS_SECRET_ACCESS_KEY"),
+    ({"MLFLOW_TRACKING_TOKEN": "tok-123"}, "MLFLOW_TRACKING_TOKEN"),
+    ({"DB": "postgresql://u:pw@db/mlflow"}, "DB"),
+    ({"X": "key=s3cret-key"}, "X"),  # a secret value of this shell under another name
+])
+def test_runtime_env_refuses_a_secret(env_vars: dict[str, str], named: str,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from se4lip_dist.credentials import SecretInJobError
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret-key")
+    with pytest.raises(SecretInJobError, match=f"refusing to send {named} .*instance profile"):
+        remote.build_runtime_env("", env_vars=env_vars)
+
+
+def test_a_tracking_uri_with_a_password_is_not_carried(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Joined drivers and Train workers get the same settings as a submitted job."""
+    from se4lip_dist.credentials import SecretInJobError
+    from se4lip_dist.runtime import worker_env
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://u:pw-123@mlflow:5000")
+    with pytest.raises(SecretInJobError, match="MLFLOW_TRACKING_URI"):
+        worker_env()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw-123")
+    assert worker_env()["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert "pw-123" not in repr(worker_env())
+
+
+def test_submit_refuses_a_secret_before_contacting_the_cluster(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    port = standin.free_port()
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret-key")
+    for args in (["--env", "AWS_SECRET_ACCESS_KEY=s3cret-key", "--", "presets"],
+                 ["--", "train", "--tracking-uri", "http://u:s3cret-key@mlflow:5000"]):
+        res = CliRunner().invoke(app, ["submit", "--address", f"http://127.0.0.1:{port}",
+                                       "--working-dir", "", *args])
+        assert res.exit_code == 2, res.output
+        assert "refusing to send" in res.output and "cannot reach" not in res.output
+        assert "s3cret-key" not in res.output
 
 
 def test_job_argv_joins_the_cluster() -> None:

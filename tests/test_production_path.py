@@ -81,11 +81,49 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
             "heldout": make_synthetic_dataset(root / "heldout", 2, SECONDS, seed=10_000)}
 
 
+# The caller's own secrets: a job must carry none of them (the nodes have their own).
+CALLER_SECRETS = {"MLFLOW_TRACKING_USERNAME": "se4lip",
+                  "MLFLOW_TRACKING_PASSWORD": f"caller-pw-{os.getpid()}-9f3c"}
+
+
+def _node_env(s3_server: Any) -> dict[str, str]:
+    """What every node starts with, as an instance profile or a pod's Secret gives it."""
+    return {**s3_server.env(), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
+
+
 def _client_env(s3_server: Any, cluster: Any, mlflow_url: str) -> dict[str, str]:
     env = {**os.environ, **s3_server.env(), **cluster.env(), "MLFLOW_TRACKING_URI": mlflow_url,
-           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", **CALLER_SECRETS}
     env.pop("RAY_ADDRESS", None)  # the client submits through the Jobs API, never joins
     return env
+
+
+def _ray_records(dashboard: str) -> str:
+    """Everything Ray shows about jobs, tasks and actors to whoever reaches its dashboard."""
+    import urllib.request
+
+    from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_actors, list_jobs, list_tasks
+
+    parts = [repr(JobSubmissionClient(dashboard).list_jobs())]
+    with urllib.request.urlopen(f"{dashboard}/api/jobs/", timeout=60) as r:
+        parts.append(r.read().decode())
+    cli = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "list", "--address",
+                          dashboard], capture_output=True, text=True, timeout=120, check=False)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    parts.append(cli.stdout)
+    for listing in (list_jobs, list_tasks, list_actors):
+        parts.append(repr(listing(address=dashboard, detail=True, limit=10_000,
+                                  raise_on_missing_output=False)))
+    return "\n".join(parts)
+
+
+def _assert_no_secret_in_records(dashboard: str, secrets: dict[str, str]) -> None:
+    records = _ray_records(dashboard)
+    # The scan sees runtime envs: the job's non-secret settings are there.
+    assert "AWS_ENDPOINT_URL" in records and "MLFLOW_TRACKING_URI" in records
+    leaked = sorted(k for k, v in secrets.items() if v in records)
+    assert not leaked, f"Ray's records show {leaked}"
 
 
 def _space(path: Path) -> Path:
@@ -122,12 +160,60 @@ def _submit(cluster: Any, env: dict[str, str], command: list[str], timeout: floa
                 cwd=work)
 
 
+@pytest.mark.timeout(900)
+def test_submitted_job_carries_no_secret(s3_server, mlflow_server, autoscaling_ray_factory,
+                                         tmp_path: Path) -> None:
+    """A real ``submit -- train`` from a shell holding S3 and MLflow secrets: the job reads its
+    shards from S3 and logs to MLflow with the nodes' own credentials, and neither the Jobs API
+    (``ray job list``, the dashboard's job API) nor the State API's job, task and actor records
+    hold a secret value. A command line with a password in a URL is refused before it leaves."""
+    import boto3
+    from mlflow import MlflowClient
+    from shard_fixtures import write_synthetic_shards
+
+    cluster = autoscaling_ray_factory(idle_timeout_minutes=0.2, env_vars=_node_env(s3_server))
+    env = _client_env(s3_server, cluster, mlflow_server.url)
+    secrets = {k: env[k] for k in ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD")}
+    for b in (DATA, RESULTS):
+        s3_server.create_bucket(b)
+    local = tmp_path / "shards"
+    write_synthetic_shards(local, n_clips=10, n_frames=40, val_clips=2, clips_per_shard=5)
+    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint,
+                      aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                      region_name=env["AWS_DEFAULT_REGION"])
+    for f in local.rglob("*"):
+        if f.is_file():
+            s3.upload_file(str(f), DATA, f"leak/{f.relative_to(local)}")
+
+    train = ["train", "--data", f"s3://{DATA}/leak", "--storage-path", f"s3://{RESULTS}/leak",
+             "--tracking-uri", mlflow_server.url, "--experiment", "leak", "--name", "leak",
+             "--epochs", "1", "--max-steps", "2", "--json"]
+    for o in [*TINY_MODEL, "train.num_workers=1", "train.cpus_per_worker=0.5"]:
+        train += ["--set", o]
+    done = _submit(cluster, env, train, timeout=600, work=tmp_path)
+    assert done.returncode == 0, (done.stdout[-6000:], done.stderr[-6000:])
+    _assert_no_secret_in_records(cluster.dashboard_url, secrets)
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    (run,) = client.search_runs([client.get_experiment_by_name("leak").experiment_id])
+    assert run.info.status == "FINISHED" and "val/loss" in run.data.metrics
+    assert "not sent to the cluster: " in done.stderr and "MLFLOW_TRACKING_PASSWORD" in done.stderr
+
+    # A password in a URL on the command line would sit in the job's entrypoint: refused.
+    host = mlflow_server.url.split("://", 1)[1]
+    refused = _submit(cluster, env, ["train", "--data", f"s3://{DATA}/leak", "--tracking-uri",
+                                     f"http://se4lip:{secrets['MLFLOW_TRACKING_PASSWORD']}@{host}"],
+                      timeout=60, work=tmp_path)
+    assert refused.returncode == 2 and "refusing to send argument" in refused.stderr
+    assert secrets["MLFLOW_TRACKING_PASSWORD"] not in refused.stderr + refused.stdout
+
+
 @pytest.mark.timeout(2400)
 def test_tune_on_autoscaling_cluster_with_s3_and_mlflow_server(
         videos, s3_server, mlflow_server, autoscaling_ray_factory, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    cluster = autoscaling_ray_factory(idle_timeout_minutes=0.2)
+    cluster = autoscaling_ray_factory(idle_timeout_minutes=0.2, env_vars=_node_env(s3_server))
     env = _client_env(s3_server, cluster, mlflow_server.url)
     assert cluster.alive_worker_nodes() == []  # the cluster starts with no worker at all
     _prepare_to_s3(videos, s3_server, env, tmp_path)
@@ -189,6 +275,10 @@ def test_tune_on_autoscaling_cluster_with_s3_and_mlflow_server(
         marker = s3.get_object(Bucket=DATA, Key=f"features/{v.stem}/_SUCCESS.json")["Body"]
         assert json.loads(marker.read())["model"]["version"] == 1
 
+    _assert_no_secret_in_records(
+        cluster.dashboard_url, {k: env[k] for k in ("AWS_SECRET_ACCESS_KEY",
+                                                    "MLFLOW_TRACKING_PASSWORD")})
+
     # Idle workers go away again.
     cluster.wait_for_workers(0, timeout_s=240, at_least=False)
     print(f"\nproduction path: tune job {tune_wall:.0f} s, at most {most} worker nodes")
@@ -213,7 +303,7 @@ def test_node_loss_mid_trial_resumes_from_its_s3_checkpoint(
 
     from se4lip_dist.remote import job_client, wait_for_job
 
-    cluster = autoscaling_ray_factory(idle_timeout_minutes=0.5)
+    cluster = autoscaling_ray_factory(idle_timeout_minutes=0.5, env_vars=_node_env(s3_server))
     env = _client_env(s3_server, cluster, mlflow_server.url)
     _prepare_to_s3(videos, s3_server, env, tmp_path)
     space = tmp_path / "one.yaml"

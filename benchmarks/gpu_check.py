@@ -83,8 +83,9 @@ def main() -> int:
     steps = 20 if args.quick else args.steps
     size = ["model.gru_layers=1", "model.embed_dim=32", "model.lip_channels=[8,16,16,32,32]",
             "model.lip_height=32", "model.lip_width=32"] if args.cpu else []
+    # A GPU rank takes train.cpus_per_gpu_worker CPUs (default); CPU ranks this share.
     common = [*size, "face.backend=none", "train.num_workers=1", "train.val_fraction=0.25",
-              "train.cpus_per_worker=1" if gpu else "train.cpus_per_worker=0.5"]
+              "train.cpus_per_worker=0.5"]
     results: list[dict[str, Any]] = []
     info: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if gpu else "cpu",
                             "torch": torch.__version__, "work": str(work)}

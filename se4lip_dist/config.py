@@ -211,7 +211,13 @@ class TrainConfig:
     num_workers: int = 2
     """Ray Train workers (DDP ranks)."""
     cpus_per_worker: float = 0.5
-    """Fractional CPUs leave room for Ray Data: reserving every CPU on 2 cores hangs Ray."""
+    """CPUs of a rank that trains on CPUs. Fractional CPUs leave room for Ray Data: reserving
+    every CPU on 2 cores hangs Ray."""
+    cpus_per_gpu_worker: float = 2.0
+    """CPUs of a rank that trains on a GPU (``train``/``subject --use-gpu``, ``tune
+    --gpus-per-trial`` without ``--cpus-per-trial``). Each rank decodes its JPEG frames and
+    samples its pairs in its own collate threads; benchmarks/README.md ("What a GPU node needs")
+    puts a rank that keeps a GPU busy at 2-3 cores."""
 
     def __post_init__(self) -> None:
         _check(self.window_frames >= 1, "train.window_frames must be >= 1")
@@ -240,6 +246,7 @@ class TrainConfig:
                "train.val_chunk_frames must exceed window_frames + max_offset")
         _check(self.num_workers >= 1, "train.num_workers must be >= 1")
         _check(self.cpus_per_worker > 0, "train.cpus_per_worker must be positive")
+        _check(self.cpus_per_gpu_worker > 0, "train.cpus_per_gpu_worker must be positive")
 
 
 @dataclass(frozen=True)

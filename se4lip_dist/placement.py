@@ -5,8 +5,10 @@ pools wait for their actors without limit by default (``DataContext.wait_for_min
 -1). On a cluster without a GPU and no autoscaler that could add one, ``extract --use-gpu`` would
 wait forever. :func:`wait_placeable` runs before a pool starts:
 
-1. When no alive node has enough of some resource and no autoscaler can add nodes (a local Ray,
-   a hand-assembled or KubeRay cluster without autoscaling), it fails at once.
+1. When the alive nodes cannot hold the whole group (``count`` actors: no node has enough of
+   some resource for one, or all of them together do not fit, as with two GPU ranks on a
+   one-GPU machine) and no autoscaler can add nodes (a local Ray, a hand-assembled or KubeRay
+   cluster without autoscaling), it fails at once.
 2. Otherwise it reserves the pool's resources with a placement group (which the autoscaler sees
    as demand and scales for), fails as soon as autoscaler v2 reports the demand infeasible, and
    fails after ``timeout_s`` when the resources never became free; then it releases them for
@@ -46,13 +48,28 @@ def _nodes() -> list[dict[str, float]]:
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
-def missing_everywhere(request: dict[str, float],
-                       nodes: list[dict[str, float]]) -> list[str]:
-    """Resources of ``request`` that no single node in ``nodes`` has enough of."""
-    if any(all(n.get(k, 0.0) + 1e-9 >= v for k, v in request.items()) for n in nodes):
+def copies_held(request: dict[str, float], node: dict[str, float]) -> int:
+    """How many actors of ``request`` one node's resources hold at once."""
+    return min((math.floor(node.get(k, 0.0) / v + 1e-9) for k, v in request.items() if v > 0),
+               default=0)
+
+
+def missing_everywhere(request: dict[str, float], nodes: list[dict[str, float]],
+                       count: int = 1) -> list[str]:
+    """Resources that keep ``count`` actors of ``request`` from fitting on ``nodes`` together.
+
+    Empty when they fit. Else the resources no node has enough of for one actor; else those
+    the group needs more of than all nodes have together; else (the totals would do, but no
+    split over the nodes does) every resource of ``request``.
+    """
+    # The actors are alike, so filling each node with as many as it holds is an exact packing.
+    if sum(copies_held(request, n) for n in nodes) >= count:
         return []
-    return [k for k, v in sorted(request.items())
-            if not any(n.get(k, 0.0) + 1e-9 >= v for n in nodes)] or sorted(request)
+    lacking = [k for k, v in sorted(request.items())
+               if not any(n.get(k, 0.0) + 1e-9 >= v for n in nodes)]
+    short = [k for k, v in sorted(request.items())
+             if sum(n.get(k, 0.0) for n in nodes) + 1e-9 < v * count]
+    return lacking or short or sorted(request)
 
 
 def _status_reply() -> Any | None:
@@ -122,12 +139,15 @@ def _free_summary(request: dict[str, float]) -> str:
                      for k in sorted(request))
 
 
-def check_feasible(request: dict[str, float], what: str) -> None:
-    """Raise :class:`PlacementError` at once when no node can ever hold ``request``.
+def check_feasible(request: dict[str, float], what: str, count: int = 1) -> None:
+    """Raise :class:`PlacementError` at once when the cluster can never hold ``count`` actors
+    of ``request`` together.
 
-    That is: no alive node has enough of some resource, and no autoscaler can add a node.
+    That is: the alive nodes cannot hold the whole group (:func:`missing_everywhere`), and no
+    autoscaler can add a node.
     """
-    missing = missing_everywhere(request, _nodes())
+    nodes = _nodes()
+    missing = missing_everywhere(request, nodes, count)
     if not missing:
         return
     mode = autoscaler_mode()
@@ -135,10 +155,20 @@ def check_feasible(request: dict[str, float], what: str) -> None:
         return
     shapes = "; ".join(sorted({describe({k: v for k, v in n.items() if k in ("CPU", "GPU")
                                          or k in request}) or "nothing"
-                               for n in _nodes()}))
+                               for n in nodes}))
+    if missing_everywhere(request, nodes):
+        raise PlacementError(
+            f"{what}: each needs {describe(request)}, but no node of this Ray cluster has "
+            f"enough {', '.join(missing)} (nodes offer: {shapes}) and no autoscaler can add one"
+        )
+    need = {k: request[k] * count for k in missing}
+    have = {k: sum(n.get(k, 0.0) for n in nodes) for k in missing}
+    held = sum(copies_held(request, n) for n in nodes)
     raise PlacementError(
-        f"{what}: each needs {describe(request)}, but no node of this Ray cluster has enough "
-        f"{', '.join(missing)} (nodes offer: {shapes}) and no autoscaler can add one"
+        f"{what}: each needs {describe(request)}, so the {count} need {describe(need)} "
+        f"together, but this Ray cluster has {describe(have)} in all and its nodes hold {held} "
+        f"of them (nodes offer: {shapes}); no autoscaler can add nodes: ask for fewer workers "
+        "or less per worker, or add nodes"
     )
 
 
@@ -157,7 +187,7 @@ def wait_placeable(request: dict[str, float], count: int, what: str,
     """
     start = time.monotonic()
     request = {k: float(v) for k, v in request.items() if v}
-    check_feasible(request, what)
+    check_feasible(request, what, count)
     pg = placement_group([dict(request) for _ in range(count)], strategy="PACK")
     try:
         ready = pg.ready()
@@ -186,6 +216,7 @@ __all__ = [
     "PlacementError",
     "autoscaler_mode",
     "check_feasible",
+    "copies_held",
     "describe",
     "missing_everywhere",
     "wait_placeable",

@@ -94,7 +94,8 @@ def run_subject(
         overrides: ``--set key=value`` items (``face.*`` for detection, ``train.*``...).
         tracking_uri: MLflow URI (default: ``MLFLOW_TRACKING_URI`` or the local store).
         address: Ray cluster address (default: a local Ray).
-        use_gpu: train and extract on one GPU per worker.
+        use_gpu: train and extract on one GPU per worker; a training rank also takes
+            ``train.cpus_per_gpu_worker`` CPUs (:func:`se4lip_dist.resources.train_plan`).
         on_step: called with a title before each step.
 
     Returns:

@@ -44,6 +44,7 @@ from se4lip_dist.manifest import Manifest
 from se4lip_dist.models import build_model, lip_input
 from se4lip_dist.placement import DEFAULT_TIMEOUT_S, PlacementError, wait_placeable
 from se4lip_dist.registry import RegistryError, load_model_state, load_weights, pin_model
+from se4lip_dist.resources import train_plan
 from se4lip_dist.runtime import cluster_cpus, init_ray, own_sigint, worker_env
 from se4lip_dist.splits import SplitRule, clip_frames
 from se4lip_dist.stream import PairSpec, iter_pair_batches, pair_seed, row_dataset
@@ -518,7 +519,8 @@ def run_train(
     """Train SE4Lip encoders on prepared shards with Ray Train, tracked in MLflow.
 
     Args:
-        cfg: resolved config (``train.num_workers``/``cpus_per_worker`` size the worker group,
+        cfg: resolved config (``train.num_workers`` and ``cpus_per_worker``, or
+            ``cpus_per_gpu_worker`` with ``use_gpu``, size the worker group;
             ``train.select_metric`` picks the epoch that is logged and registered).
         data_dir: prepared-shards folder (``manifest.json`` + shards), readable by every node.
         tracking_uri: MLflow tracking URI; None: ``MLFLOW_TRACKING_URI`` or the local store.
@@ -530,7 +532,8 @@ def run_train(
             (:mod:`se4lip_dist.lifecycle`).
         resume: continue the named (else the most recent) run from its last checkpoint, in the
             same MLflow run. ``train.epochs`` may be raised to train longer.
-        use_gpu: one GPU per worker (nccl, autocast when ``train.amp``).
+        use_gpu: one GPU and ``train.cpus_per_gpu_worker`` CPUs per worker (nccl, autocast
+            when ``train.amp``).
         address: Ray cluster address; None starts a local Ray (stopped again at the end).
         storage_path: where Ray Train keeps run folders and checkpoints (default
             ``<cwd>/se4lip-runs/ray``); use shared storage (NFS, S3) on a multi-node cluster.
@@ -623,21 +626,20 @@ def _fit(cfg: Config, data_dir: str, uri: str, run_id: str, name: str, store: st
     started = not ray.is_initialized()
     init_ray(address)
     try:
-        if address is None and not use_gpu:
-            free = cluster_cpus() - tc.num_workers * tc.cpus_per_worker
-            if free < 0.5:
-                raise TrainError(
-                    f"{tc.num_workers} workers x {tc.cpus_per_worker} CPU leave {free:g} of "
-                    f"{cluster_cpus():g} CPUs for Ray Data, which then hangs; lower "
-                    "train.cpus_per_worker or train.num_workers")
-        resources = {"CPU": tc.cpus_per_worker}
-        if use_gpu:
-            resources["GPU"] = 1
-        try:
+        plan = train_plan(tc, use_gpu)
+        resources = plan.worker_bundle()
+        try:  # first: a group this cluster can never hold names the resource it lacks
             wait_placeable(resources, tc.num_workers, f"{tc.num_workers} training workers",
                            timeout_s=placement_timeout_s or DEFAULT_TIMEOUT_S)
         except PlacementError as e:
             raise TrainError(str(e)) from e
+        if address is None:
+            free = cluster_cpus() - tc.num_workers * plan.worker_cpus
+            if free < 0.5:
+                raise TrainError(
+                    f"{tc.num_workers} workers x {plan.worker_cpus:g} CPU leave {free:g} of "
+                    f"{cluster_cpus():g} CPUs for Ray Data, which then hangs; lower "
+                    f"{plan.cpu_key} or train.num_workers")
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"cfg": cfg.to_dict(), "data_dir": str(data_dir),

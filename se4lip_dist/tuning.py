@@ -11,8 +11,9 @@ epoch; the trial whose best epoch is best goes through :mod:`se4lip_dist.lifecyc
 register, gate, alias), the same path ``train --register`` takes.
 
 Resources: a trial's driver holds a small CPU slice and its workers share the rest of
-``cpus_per_trial``; concurrent trials are capped so at least one CPU stays free for Ray Data
-(on 2 cores, reserving every CPU hangs Ray Data forever).
+``cpus_per_trial`` (GPU ranks, without it, get ``train.cpus_per_gpu_worker`` each, as in
+``train``: :mod:`se4lip_dist.resources`); locally, concurrent trials are capped so at least one
+CPU stays free for Ray Data (on 2 cores, reserving every CPU hangs Ray Data forever).
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from se4lip_dist import storage
-from se4lip_dist.config import Config, flatten
+from se4lip_dist.config import Config, TrainConfig, flatten
 from se4lip_dist.lifecycle import Candidate, GateError, publish
 from se4lip_dist.manifest import Manifest
 from se4lip_dist.placement import DEFAULT_TIMEOUT_S, PlacementError, check_feasible, wait_placeable
+from se4lip_dist.resources import Resources
 from se4lip_dist.runtime import cluster_cpus, init_ray, own_sigint, worker_env
 from se4lip_dist.spaces import load_space
 from se4lip_dist.splits import SplitRule, clip_frames
@@ -119,28 +121,9 @@ class TrialRow:
     run_id: str | None = None
 
 
-@dataclass(frozen=True)
-class Resources:
-    """What one trial reserves: a driver slice plus ``num_workers`` DDP ranks."""
-
-    driver_cpus: float
-    worker_cpus: float
-    worker_gpus: int
-    """0, or 1: a DDP rank never shares a GPU (NCCL refuses two ranks on one device)."""
-    num_workers: int
-    max_concurrent: int | None
-    """None: no cap; Tune starts trials as the cluster (and its autoscaler) makes room."""
-
-    def worker_bundle(self) -> dict[str, float]:
-        """One rank's Ray resources."""
-        bundle = {"CPU": self.worker_cpus}
-        if self.worker_gpus:
-            bundle["GPU"] = float(self.worker_gpus)
-        return bundle
-
-
 CLUSTER_WORKER_CPUS = 1.0
-"""CPUs of a rank on a cluster when not given: the rest of a node's CPUs feed Ray Data."""
+"""CPUs of a CPU-only rank on a cluster when not given: the rest of a node's CPUs feed Ray
+Data. A GPU rank gets ``train.cpus_per_gpu_worker`` (see :mod:`se4lip_dist.resources`)."""
 
 
 def plan_resources(
@@ -151,6 +134,7 @@ def plan_resources(
     max_concurrent: int | None,
     local_cpus: float | None = None,
     local_gpus: float = 0.0,
+    gpu_worker_cpus: float = TrainConfig.cpus_per_gpu_worker,
 ) -> Resources:
     """Per-trial resources from the flags (and, on a local machine only, its size).
 
@@ -159,12 +143,15 @@ def plan_resources(
 
     Args:
         num_workers: DDP ranks per trial (default: ``gpus_per_trial``, or 2 on CPUs).
-        cpus_per_trial: CPUs a trial reserves, driver included (default: a local share, or
-            ``CLUSTER_WORKER_CPUS`` per rank on a cluster).
+        cpus_per_trial: CPUs a trial reserves, driver included (default: ``gpu_worker_cpus``
+            per rank on GPUs; on CPUs a local share, or ``CLUSTER_WORKER_CPUS`` per rank on a
+            cluster).
         gpus_per_trial: whole GPUs per trial: that many ranks with one GPU each.
         max_concurrent: trials at once (default: what fits locally; unbounded on a cluster).
         local_cpus: CPUs of the local Ray (None: a cluster); one is kept free for Ray Data.
         local_gpus: GPUs of the local Ray.
+        gpu_worker_cpus: CPUs of a GPU rank when ``cpus_per_trial`` is not given
+            (``train.cpus_per_gpu_worker``).
 
     Raises:
         TuneError: a request that cannot work, with the reason.
@@ -184,6 +171,13 @@ def plan_resources(
     n = num_workers or 2
     if n < 1:
         raise TuneError("--num-workers-per-trial must be >= 1")
+    # Where the trial's CPUs came from, for the messages that ask to lower them.
+    source = "--cpus-per-trial"
+    if gpus and cpus_per_trial is None:
+        cpus_per_trial = DRIVER_CPUS + gpu_worker_cpus * n
+        source = (f"train.cpus_per_gpu_worker ({n} rank(s) x {gpu_worker_cpus:g} + the trial "
+                  f"driver's {DRIVER_CPUS:g}; --set train.cpus_per_gpu_worker=... or pass "
+                  "--cpus-per-trial)")
     if local_cpus is None:
         per = cpus_per_trial if cpus_per_trial is not None else \
             DRIVER_CPUS + CLUSTER_WORKER_CPUS * n
@@ -217,7 +211,7 @@ def plan_resources(
         raise TuneError(
             f"{concurrent} concurrent trials x {cpus_per_trial:g} CPUs exceed the "
             f"{usable:g} CPUs left after keeping {DATA_CPUS:g} for Ray Data; lower "
-            "--max-concurrent-trials or --cpus-per-trial")
+            f"--max-concurrent-trials or {source}")
     return Resources(DRIVER_CPUS, worker_cpus, 1 if gpus else 0, n, concurrent)
 
 
@@ -234,9 +228,8 @@ def tune_trial(config: dict[str, Any]) -> None:
     trial = ray.tune.get_context().get_trial_name()
     run_id = _child_run(job, trial, cfg, params)
     data_dir = job["data_dir"]
-    resources = {"CPU": job["worker_cpus"]}
-    if job["worker_gpus"]:
-        resources["GPU"] = job["worker_gpus"]
+    resources = Resources(DRIVER_CPUS, job["worker_cpus"], job["worker_gpus"],
+                          job["num_workers"], None).worker_bundle()
     # Bounded: a cluster that never makes room fails this trial with the reason instead of
     # leaving it pending; the autoscaler sees the reservation as demand meanwhile.
     wait_placeable(resources, job["num_workers"], f"trial {trial}'s {job['num_workers']} ranks",
@@ -376,10 +369,12 @@ def run_tune(
             gpus_per_trial=opts.gpus_per_trial, max_concurrent=opts.max_concurrent_trials,
             local_cpus=cluster_cpus() if local else None,
             local_gpus=float(ray.cluster_resources().get("GPU", 0.0)),
+            gpu_worker_cpus=base.train.cpus_per_gpu_worker,
         )
         base = base.override({"train.num_workers": res.num_workers})
         try:  # a rank no node (or node type the autoscaler can launch) can hold: fail now
-            check_feasible(res.worker_bundle(), f"tune trials' {res.num_workers} DDP ranks")
+            check_feasible(res.worker_bundle(), f"tune trials' {res.num_workers} DDP ranks",
+                           count=res.num_workers)
         except PlacementError as e:
             raise TuneError(str(e)) from e
         if state is None:

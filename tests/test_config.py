@@ -54,3 +54,15 @@ def test_bad_overrides_are_clear(override: str, message: str) -> None:
 def test_unknown_preset() -> None:
     with pytest.raises(ConfigError, match="unknown preset"):
         load_config("nope")
+
+
+def test_cpus_per_gpu_worker_defaults_to_two_cores_and_must_be_positive() -> None:
+    """A GPU rank decodes and samples in its own collate threads (benchmarks/README.md, "What
+    a GPU node needs"): it gets its own key, apart from the fractional CPU-rank share."""
+    assert load_config("paper").train.cpus_per_gpu_worker == 2.0
+    assert load_config("cpu-small").train.cpus_per_worker == 0.5
+    cfg = load_config("cpu-small", overrides=["train.cpus_per_gpu_worker=3"])
+    assert cfg.train.cpus_per_gpu_worker == 3.0
+    for bad in ("0", "-1"):
+        with pytest.raises(ConfigError, match=r"train\.cpus_per_gpu_worker must be positive"):
+            load_config("paper", overrides=[f"train.cpus_per_gpu_worker={bad}"])

@@ -29,6 +29,19 @@ def test_subject_config_takes_the_general_encoders_architecture() -> None:
     assert cfg.train.epochs == 3 and cfg.train.steps_per_epoch == 100
 
 
+def test_subject_gpu_ranks_take_cpus_per_gpu_worker() -> None:
+    """subject trains through train's plan: --use-gpu ranks get train.cpus_per_gpu_worker CPUs,
+    which --set changes like any other key."""
+    from se4lip_dist.resources import train_plan
+    from se4lip_dist.subject import subject_config
+
+    cfg = subject_config("cpu-small", [], None)
+    assert train_plan(cfg.train, use_gpu=True).worker_bundle() == {"CPU": 2.0, "GPU": 1.0}
+    cfg = subject_config("cpu-small", ["train.cpus_per_gpu_worker=2.5"], None)
+    assert train_plan(cfg.train, use_gpu=True).worker_bundle() == {"CPU": 2.5, "GPU": 1.0}
+    assert train_plan(cfg.train, use_gpu=False).worker_bundle() == {"CPU": 0.5}
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_subject_flow_end_to_end(tmp_path: Path) -> None:

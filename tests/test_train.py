@@ -204,6 +204,25 @@ def test_run_label_says_what_the_run_is() -> None:
         "paper-mel-cnn-w5-lr5e-5"
 
 
+def test_train_plan_gives_gpu_ranks_cpus_per_gpu_worker() -> None:
+    """--use-gpu ranks reserve train.cpus_per_gpu_worker CPUs and one GPU each; CPU ranks keep
+    the fractional train.cpus_per_worker."""
+    from se4lip_dist.resources import train_plan
+
+    cfg = load_config("cpu-small")
+    gpu = train_plan(cfg.train, use_gpu=True)
+    assert gpu.worker_bundle() == {"CPU": 2.0, "GPU": 1.0}
+    assert (gpu.num_workers, gpu.driver_cpus, gpu.cpu_key) == (2, 0.0, "train.cpus_per_gpu_worker")
+    cpu = train_plan(cfg.train, use_gpu=False)
+    assert cpu.worker_bundle() == {"CPU": 0.5} and cpu.cpu_key == "train.cpus_per_worker"
+    tuned = load_config("cpu-small", overrides=["train.cpus_per_gpu_worker=3",
+                                                "train.cpus_per_worker=0.25",
+                                                "train.num_workers=4"]).train
+    assert train_plan(tuned, use_gpu=True).worker_bundle() == {"CPU": 3.0, "GPU": 1.0}
+    assert train_plan(tuned, use_gpu=False).worker_bundle() == {"CPU": 0.25}
+    assert train_plan(tuned, use_gpu=True).num_workers == 4
+
+
 def test_unreachable_tracking_server_fails_fast() -> None:
     import time
 

@@ -51,7 +51,7 @@ def test_plan_resources_never_splits_a_gpu_across_ranks() -> None:
     one = plan_resources(num_workers=None, cpus_per_trial=None, gpus_per_trial=1,
                          max_concurrent=None, local_cpus=None)
     assert (one.num_workers, one.worker_gpus) == (1, 1)
-    assert one.worker_bundle() == {"CPU": 1.0, "GPU": 1.0}
+    assert one.worker_bundle() == {"CPU": 2.0, "GPU": 1.0}  # train.cpus_per_gpu_worker
     four = plan_resources(num_workers=None, cpus_per_trial=None, gpus_per_trial=4,
                           max_concurrent=2, local_cpus=None)
     assert (four.num_workers, four.worker_gpus) == (4, 1)
@@ -64,6 +64,34 @@ def test_plan_resources_never_splits_a_gpu_across_ranks() -> None:
     local = plan_resources(num_workers=None, cpus_per_trial=None, gpus_per_trial=1,
                            max_concurrent=None, local_cpus=16.0, local_gpus=2.0)
     assert (local.num_workers, local.worker_gpus, local.max_concurrent) == (1, 1, 2)
+
+
+def test_plan_resources_gives_gpu_ranks_cpus_per_gpu_worker() -> None:
+    """A GPU trial's ranks decode and sample in their own collate threads: without
+    --cpus-per-trial each gets train.cpus_per_gpu_worker CPUs, on a cluster and locally;
+    --cpus-per-trial still wins, and CPU trials keep their plan."""
+    cluster = plan_resources(num_workers=None, cpus_per_trial=None, gpus_per_trial=2,
+                             max_concurrent=None, local_cpus=None)
+    assert cluster.worker_bundle() == {"CPU": 2.0, "GPU": 1.0} and cluster.num_workers == 2
+    assert cluster.driver_cpus == 0.25
+    three = plan_resources(num_workers=None, cpus_per_trial=None, gpus_per_trial=1,
+                           max_concurrent=None, local_cpus=None, gpu_worker_cpus=3.0)
+    assert three.worker_bundle() == {"CPU": 3.0, "GPU": 1.0}
+    given = plan_resources(num_workers=None, cpus_per_trial=4.25, gpus_per_trial=1,
+                           max_concurrent=None, local_cpus=None, gpu_worker_cpus=3.0)
+    assert given.worker_bundle() == {"CPU": 4.0, "GPU": 1.0}
+    # 8 CPUs, 4 GPUs: 7 CPUs after Ray Data's hold 3 trials of 0.25 + 2 CPUs.
+    local = plan_resources(num_workers=None, cpus_per_trial=None, gpus_per_trial=1,
+                           max_concurrent=None, local_cpus=8.0, local_gpus=4.0)
+    assert (local.worker_cpus, local.max_concurrent) == (2.0, 3)
+    with pytest.raises(TuneError, match=r"2\.25 CPUs exceed the 1 CPUs left .* lower "
+                                        r"--max-concurrent-trials or train\.cpus_per_gpu_worker"
+                                        r".*--cpus-per-trial"):
+        plan_resources(num_workers=None, cpus_per_trial=None, gpus_per_trial=1,
+                       max_concurrent=None, local_cpus=2.0, local_gpus=1.0)
+    cpu = plan_resources(num_workers=2, cpus_per_trial=None, gpus_per_trial=0,
+                         max_concurrent=None, local_cpus=None, gpu_worker_cpus=3.0)
+    assert cpu.worker_bundle() == {"CPU": 1.0}
 
 
 def _space(path: Path, params: dict, metric: str = "val/offset_acc") -> Path:

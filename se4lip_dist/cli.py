@@ -490,12 +490,15 @@ def tune(
         live.update(_trials_table(rows, metric or HEADLINE, "trials (live)",
                                   epochs=epochs, mode=mode or "max"))
 
+    def waiting(line: str) -> None:  # on stderr, so --json's stdout stays one document
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
     try:
         if as_json:
-            result = run_tune(str(space), str(data), opts)
+            result = run_tune(str(space), str(data), opts, on_wait=waiting)
         else:
             with live:
-                result = run_tune(str(space), str(data), opts, on_update=show)
+                result = run_tune(str(space), str(data), opts, on_update=show, on_wait=waiting)
     except (ValueError, RuntimeError, FileNotFoundError, ConnectionError) as e:
         _fail(str(e), exc=e)
     if as_json:

@@ -13,6 +13,9 @@ wait forever. :func:`wait_placeable` runs before a pool starts:
    as demand and scales for), fails as soon as autoscaler v2 reports the demand infeasible, and
    fails after ``timeout_s`` when the resources never became free; then it releases them for
    the pool's actors.
+3. With ``queue`` (tune trials), a group the alive nodes could hold once other work frees them
+   waits behind that work without a deadline, saying so through ``on_wait``; only waiting for
+   nodes that do not come counts against ``timeout_s``.
 
 Autoscaler detection reads what Ray's monitor publishes in the GCS (v2: the autoscaling state;
 v1: the ``__autoscaling_status`` record, where a monitor without a cluster config, the
@@ -24,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -33,6 +37,8 @@ DEFAULT_TIMEOUT_S = 600.0
 """Default bound on waiting for a pool's resources (autoscalers may need minutes for a node)."""
 _STATUS_WAIT_S = 10.0
 _POLL_S = 1.0
+_FIRST_NOTE_S = 2.0
+"""Seconds of waiting before the first ``on_wait`` line (a free cluster places at once)."""
 
 
 class PlacementError(RuntimeError):
@@ -173,7 +179,9 @@ def check_feasible(request: dict[str, float], what: str, count: int = 1) -> None
 
 
 def wait_placeable(request: dict[str, float], count: int, what: str,
-                   timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+                   timeout_s: float = DEFAULT_TIMEOUT_S, *, queue: bool = False,
+                   on_wait: Callable[[str], None] | None = None,
+                   wait_every_s: float = 30.0) -> None:
     """Wait until ``count`` actors of ``request`` fit the cluster together, or raise.
 
     Args:
@@ -181,14 +189,21 @@ def wait_placeable(request: dict[str, float], count: int, what: str,
         count: actors the pool starts.
         what: names the actors in messages (``"2 encoder actors"``).
         timeout_s: how long to wait for the resources to become free.
+        queue: wait behind other work: while the alive nodes could hold the group once that
+            work frees them (a trial behind other trials), the wait has no deadline;
+            ``timeout_s`` counts only the time spent waiting for nodes that are not there.
+        on_wait: called with a line saying what the group waits for, once it has waited
+            :data:`_FIRST_NOTE_S`, then every ``wait_every_s``.
+        wait_every_s: seconds between ``on_wait`` lines.
 
     Raises:
         PlacementError: impossible on this cluster, reported infeasible, or not free in time.
     """
-    start = time.monotonic()
+    began = start = time.monotonic()
     request = {k: float(v) for k, v in request.items() if v}
     check_feasible(request, what, count)
     pg = placement_group([dict(request) for _ in range(count)], strategy="PACK")
+    note_at = began + _FIRST_NOTE_S
     try:
         ready = pg.ready()
         while True:
@@ -201,7 +216,17 @@ def wait_placeable(request: dict[str, float], count: int, what: str,
                     f"{what}: each needs {describe(request)}, and the autoscaler reports that "
                     "no node type it can launch holds that"
                 )
-            if left <= 0:
+            now = time.monotonic()
+            behind_others = queue and not missing_everywhere(request, _nodes(), count)
+            if behind_others:
+                start = now  # the nodes are there; other work holds them and will end
+            if on_wait is not None and now >= note_at:
+                on_wait(f"{what} waiting for capacity ({now - began:.0f} s): {count} x "
+                        f"{describe(request)}; {_free_summary(request)}; "
+                        + ("held by other work" if behind_others
+                           else "waiting for nodes (the autoscaler sees the demand)"))
+                note_at = now + wait_every_s
+            if timeout_s - (now - start) <= 0:
                 raise PlacementError(
                     f"{what} ({describe(request)} each) could not be placed within "
                     f"{timeout_s:g} s: {_free_summary(request)} (raise the placement timeout, "

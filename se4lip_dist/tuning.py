@@ -230,10 +230,21 @@ def tune_trial(config: dict[str, Any]) -> None:
     data_dir = job["data_dir"]
     resources = Resources(DRIVER_CPUS, job["worker_cpus"], job["worker_gpus"],
                           job["num_workers"], None).worker_bundle()
-    # Bounded: a cluster that never makes room fails this trial with the reason instead of
-    # leaving it pending; the autoscaler sees the reservation as demand meanwhile.
-    wait_placeable(resources, job["num_workers"], f"trial {trial}'s {job['num_workers']} ranks",
-                   timeout_s=job["placement_timeout_s"])
+    # A trial behind other trials waits (and says so); one whose ranks no node can hold fails
+    # at once, and one waiting for nodes that never come fails after the placement timeout.
+    # The autoscaler sees the reservation as demand meanwhile.
+    key = _waiting_key(job["name"], trial)
+
+    def waiting(line: str) -> None:
+        print(line, flush=True)
+        _kv(lambda kv: kv._internal_kv_put(key, line, overwrite=True, namespace=_KV_NS))
+
+    try:
+        wait_placeable(resources, job["num_workers"],
+                       f"trial {trial}'s {job['num_workers']} ranks",
+                       timeout_s=job["placement_timeout_s"], queue=True, on_wait=waiting)
+    finally:
+        _kv(lambda kv: kv._internal_kv_del(key, namespace=_KV_NS))
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.to_dict(), "data_dir": data_dir,
@@ -258,6 +269,38 @@ def tune_trial(config: dict[str, Any]) -> None:
         raise result.error
 
     end_run(job["tracking_uri"], run_id, "FINISHED")
+
+
+_KV_NS = "se4lip"
+"""Ray internal-KV namespace of the lines trials leave while they wait for capacity."""
+
+
+def _waiting_key(tune_name: str, trial: str = "") -> str:
+    return f"waiting:{tune_name}:{trial}"
+
+
+def _kv(call: Callable[[Any], Any]) -> Any:
+    """``call(ray.experimental.internal_kv)``; None when the KV cannot be reached (the lines
+    it carries are for people, never for decisions)."""
+    try:
+        from ray.experimental import internal_kv
+
+        return call(internal_kv)
+    except Exception:
+        return None
+
+
+def waiting_trials(tune_name: str) -> dict[str, str]:
+    """Trial name -> the line it left while waiting for capacity, for one tune."""
+    prefix = _waiting_key(tune_name)
+    keys = _kv(lambda kv: kv._internal_kv_list(prefix, namespace=_KV_NS)) or []
+    out: dict[str, str] = {}
+    for key in keys:
+        key = key.decode() if isinstance(key, bytes) else str(key)
+        line = _kv(lambda kv, k=key: kv._internal_kv_get(k, namespace=_KV_NS))
+        if line:
+            out[key.removeprefix(prefix)] = line.decode() if isinstance(line, bytes) else line
+    return out
 
 
 def _child_run(job: dict[str, Any], trial: str, cfg: Config, params: dict[str, Any]) -> str:
@@ -317,6 +360,7 @@ def run_tune(
     opts: TuneOptions,
     *,
     on_update: Callable[[list[TrialRow]], None] | None = None,
+    on_wait: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Search, then log, register and gate the best encoder.
 
@@ -325,6 +369,8 @@ def run_tune(
         data_dir: prepared shards.
         opts: resources, tracking and naming options.
         on_update: called with all trial rows whenever a trial reports or ends (live table).
+        on_wait: called with a line whenever a trial waits for capacity (say, more trials
+            than the cluster holds at once), then every half minute while it waits.
 
     Returns:
         ``name``, ``parent_run_id``, ``best`` (trial, params, metrics), ``trials`` (ranked rows),
@@ -397,7 +443,7 @@ def run_tune(
         # The new Tune console output ignores verbose=0; we draw our own live table instead.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         trainable = tune.with_resources(tune_trial, {"cpu": res.driver_cpus})
-        live = _LiveTable(metric, on_update)
+        live = _LiveTable(metric, on_update, opts.name, on_wait)
         run_config = tune.RunConfig(
             name=opts.name, storage_path=store, callbacks=[live], verbose=0,
             failure_config=tune.FailureConfig(max_failures=1),
@@ -643,6 +689,10 @@ def _log_parent(uri: str, parent: str, rows: list[TrialRow], result: dict[str, A
     end_run(uri, parent, "FINISHED")
 
 
+_WAIT_POLL_S = 5.0
+"""How often the driver reads the lines of trials waiting for capacity."""
+
+
 class _LiveTable:
     """Tune callback that keeps one :class:`TrialRow` per trial and reports changes.
 
@@ -650,14 +700,35 @@ class _LiveTable:
     with locks) is left out of that state, so a restored experiment simply has none.
     """
 
-    def __new__(cls, metric: str, on_update: Callable[[list[TrialRow]], None] | None) -> Any:
+    def __new__(cls, metric: str, on_update: Callable[[list[TrialRow]], None] | None,
+                tune_name: str = "", on_wait: Callable[[str], None] | None = None) -> Any:
         class Live(Callback):
             def __init__(self) -> None:
                 self.rows: dict[str, TrialRow] = {}
                 self.on_update: Callable[[list[TrialRow]], None] | None = None
+                self.on_wait: Callable[[str], None] | None = None
+                self.tune_name = tune_name
+                self.waiting: dict[str, str] = {}
+                self.polled = 0.0
 
             def __getstate__(self) -> dict[str, Any]:
-                return {**self.__dict__, "on_update": None}
+                return {**self.__dict__, "on_update": None, "on_wait": None}
+
+            def on_step(self, iteration, trials, **info):  # type: ignore[no-untyped-def]
+                if time.monotonic() - self.polled < _WAIT_POLL_S:
+                    return
+                self.polled = time.monotonic()
+                now = waiting_trials(self.tune_name)
+                for name, line in now.items():
+                    if self.waiting.get(name) != line and self.on_wait:
+                        self.on_wait(line)
+                changed = set(now) != set(self.waiting)
+                for name, row in self.rows.items():
+                    if row.status in ("RUNNING", "WAITING"):
+                        row.status = "WAITING" if name in now else "RUNNING"
+                self.waiting = now
+                if changed:
+                    self._emit()
 
             def _row(self, trial: Any) -> TrialRow:
                 name = str(trial)
@@ -696,4 +767,5 @@ class _LiveTable:
         # any closure it references: the hook is set on the instance, never seen by the class.
         live = Live()
         live.on_update = on_update
+        live.on_wait = on_wait
         return live

@@ -71,3 +71,31 @@ def test_train_with_more_gpu_ranks_than_gpus_fails_at_once(tmp_path, one_gpu_ray
         run_train(cfg, str(data), tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", use_gpu=True,
                   storage_path=str(tmp_path / "ray"), placement_timeout_s=120)
     assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.timeout(150)
+def test_a_group_behind_other_work_waits_and_says_so(one_gpu_ray) -> None:
+    """queue=True (a tune trial): while the nodes could hold the group once other work frees
+    them, it waits past timeout_s, saying what it waits for; without queue it fails then."""
+    import threading
+
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    other = placement_group([{"GPU": 1.0}])  # another trial's rank holds the only GPU
+    assert other.wait(30)
+    try:
+        with pytest.raises(PlacementError, match="could not be placed within 2 s"):
+            wait_placeable({"CPU": 0.5, "GPU": 1}, 1, "trial b's 1 ranks", timeout_s=2)
+        lines: list[str] = []
+        freed = threading.Timer(8.0, remove_placement_group, args=(other,))
+        freed.start()
+        t0 = time.monotonic()
+        wait_placeable({"CPU": 0.5, "GPU": 1}, 1, "trial b's 1 ranks", timeout_s=2,
+                       queue=True, on_wait=lines.append, wait_every_s=2)
+        assert time.monotonic() - t0 >= 7  # placed once the other work ended, not before
+        freed.join()
+    finally:
+        remove_placement_group(other)
+    assert lines and all("trial b's 1 ranks waiting for capacity" in line for line in lines)
+    assert "GPU 0 of 1 free" in lines[0] and "held by other work" in lines[0]
+    assert 2 <= len(lines) <= 5  # every wait_every_s, not every poll

@@ -127,11 +127,20 @@ def _assert_no_secret_in_records(dashboard: str, secrets: dict[str, str]) -> Non
 
 
 def _space(path: Path) -> Path:
+    """Four trials (two samples of a two-point grid)."""
     path.write_text(yaml.safe_dump({
-        "preset": "cpu-small", "metric": "val/offset_acc", "num_samples": 1,
+        "preset": "cpu-small", "metric": "val/offset_acc", "num_samples": 2,
         "scheduler": "asha", "params": {"model.gru_layers": {"grid": [1, 2]}},
     }))
     return path
+
+
+# Two DDP ranks of 0.25 CPU and a 0.25-CPU driver per trial, all four trials started at once on
+# at most two 1.25-CPU nodes: two trials' ranks fit (a quarter CPU per node stays for Ray
+# Data's reads), the other two wait for capacity.
+QUEUE_NODES = {"cpu_node": {"resources": {"CPU": 1.25}, "min_workers": 0, "max_workers": 2}}
+QUEUE_FLAGS = ["--cpus-per-trial", "0.75", "--num-workers-per-trial", "2",
+               "--max-concurrent-trials", "4"]
 
 
 def _prepare_to_s3(videos: dict[str, list[Path]], s3_server: Any, env: dict[str, str],
@@ -208,12 +217,13 @@ def test_submitted_job_carries_no_secret(s3_server, mlflow_server, autoscaling_r
     assert secrets["MLFLOW_TRACKING_PASSWORD"] not in refused.stderr + refused.stdout
 
 
-@pytest.mark.timeout(2400)
+@pytest.mark.timeout(3000)
 def test_tune_on_autoscaling_cluster_with_s3_and_mlflow_server(
         videos, s3_server, mlflow_server, autoscaling_ray_factory, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    cluster = autoscaling_ray_factory(idle_timeout_minutes=0.2, env_vars=_node_env(s3_server))
+    cluster = autoscaling_ray_factory(idle_timeout_minutes=0.2, env_vars=_node_env(s3_server),
+                                      node_types=QUEUE_NODES)
     env = _client_env(s3_server, cluster, mlflow_server.url)
     assert cluster.alive_worker_nodes() == []  # the cluster starts with no worker at all
     _prepare_to_s3(videos, s3_server, env, tmp_path)
@@ -224,14 +234,20 @@ def test_tune_on_autoscaling_cluster_with_s3_and_mlflow_server(
     tune_cmd = ["tune", "--data", f"s3://{DATA}/shards", "--space", str(space),
                 "--storage-path", f"s3://{RESULTS}/results", "--tracking-uri", mlflow_server.url,
                 "--epochs", "3", "--register", "se4lip-e2e", "--name", "e2e",
-                "--experiment", "e2e", *TRIAL_FLAGS, "--json"]
+                "--experiment", "e2e", *QUEUE_FLAGS, "--json"]
     for o in TRAIN_SET:
         tune_cmd += ["--set", o]
-    done = _submit(cluster, env, tune_cmd, timeout=1200, work=tmp_path)
+    done = _submit(cluster, env, tune_cmd, timeout=2100, work=tmp_path)
     tune_wall = time.perf_counter() - t0
     most = watch.stop()
     assert done.returncode == 0, (done.stdout[-6000:], done.stderr[-6000:])
     assert most >= 1, "the autoscaler never added a worker node"
+    # More trials than the cluster holds: the extra ones said they waited, none failed on it.
+    job_log = done.stdout + done.stderr
+    waited = sorted({line.split("'s ")[0] for line in job_log.splitlines()
+                     if "waiting for capacity" in line})
+    assert waited, job_log[-6000:]
+    assert "WorkerGroupStartupTimeoutError" not in job_log and "PlacementError" not in job_log
 
     client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
     champion = client.get_model_version_by_alias("se4lip-e2e", "champion")
@@ -239,9 +255,11 @@ def test_tune_on_autoscaling_cluster_with_s3_and_mlflow_server(
     assert float(champion.tags["gate.val/offset_acc"]) >= 0.5, champion.tags
     exp = client.get_experiment_by_name("e2e")
     runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs), [
+    assert len(runs) == 5 and all(r.info.status == "FINISHED" for r in runs), [
         (r.info.run_name, r.info.status) for r in runs]
     assert any(r.data.tags.get("se4lip.kind") == "tune" for r in runs)
+    trials = [r for r in runs if r.data.tags.get("se4lip.trial")]
+    assert len(trials) == 4 and all(r.data.params["train.num_workers"] == "2" for r in trials)
 
     import boto3
 
@@ -281,7 +299,8 @@ def test_tune_on_autoscaling_cluster_with_s3_and_mlflow_server(
 
     # Idle workers go away again.
     cluster.wait_for_workers(0, timeout_s=240, at_least=False)
-    print(f"\nproduction path: tune job {tune_wall:.0f} s, at most {most} worker nodes")
+    print(f"\nproduction path: tune job {tune_wall:.0f} s, at most {most} worker nodes, "
+          f"{len(waited)} trials waited for capacity: {waited}")
 
 
 def _train_worker_nodes(cluster: Any) -> dict[str, str]:

@@ -714,7 +714,7 @@ class _LiveTable:
             def __getstate__(self) -> dict[str, Any]:
                 return {**self.__dict__, "on_update": None, "on_wait": None}
 
-            def on_step(self, iteration, trials, **info):  # type: ignore[no-untyped-def]
+            def on_step_end(self, iteration, trials, **info):  # type: ignore[no-untyped-def]
                 if time.monotonic() - self.polled < _WAIT_POLL_S:
                     return
                 self.polled = time.monotonic()

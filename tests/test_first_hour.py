@@ -47,7 +47,7 @@ def _result(tmp_path: Path) -> dict:
         str(deep / "features"), "model_name": "se4lip-quickstart",
         "heldout": [str(deep / "heldout" / f"syn_{i:05d}.mp4") for i in range(4)],
         "evaluate_flags": ["--face-backend", "none"], "tracking_uri": f"sqlite:///{store}",
-        "hits": 4, "evaluated": 4,
+        "consistent": 4, "evaluated": 4,
     }
 
 
@@ -60,7 +60,8 @@ def test_follow_up_commands_split_back_into_their_arguments(tmp_path: Path) -> N
     assert listed == ["/x y/se4lip-dist", "models", "list", *uri]
     assert shown == ["/x y/se4lip-dist", "models", "show", "se4lip-quickstart", *uri]
     assert evaluate == ["/x y/se4lip-dist", "evaluate", *res["heldout"], "--model",
-                        res["model_uri"], *uri, "--face-backend", "none", "--shift", "3"]
+                        res["model_uri"], *uri, "--face-backend", "none", "--shift", "-3",
+                        "--shift", "0", "--shift", "3"]
 
 
 def test_quickstart_summary_is_not_wrapped_when_stdout_is_a_pipe(tmp_path: Path) -> None:

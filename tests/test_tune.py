@@ -240,3 +240,46 @@ def test_live_table_callback_pickles_without_its_display() -> None:
     cb = _LiveTable("val/offset_acc", lambda rows: seen.append(len(rows)) or lock)
     back = cloudpickle.loads(cloudpickle.dumps(cb))
     assert back.on_update is None and back.rows == {}
+
+
+@pytest.mark.timeout(120)
+def test_the_driver_tells_which_trials_wait_for_capacity() -> None:
+    """A trial's waiting line (left in Ray's KV) reaches the tune's on_wait hook through the
+    callback Tune calls every step, and the live table shows the trial as WAITING."""
+    import ray
+    from ray.experimental import internal_kv
+    from ray.tune import Callback
+
+    from se4lip_dist import tuning
+    from se4lip_dist.runtime import init_ray
+
+    started = not ray.is_initialized()
+    init_ray(num_cpus=1)
+    try:
+        lines: list[str] = []
+        rows: list[list[tuning.TrialRow]] = []
+        live = tuning._LiveTable("val/shift_acc", rows.append, "qtest", lines.append)
+        assert type(live).on_step_end is not Callback.on_step_end  # a hook Tune really calls
+
+        class _Trial:
+            config = None
+
+            def __str__(self) -> str:
+                return "trial-b"
+
+        live.on_trial_start(0, [], _Trial())
+        key = tuning._waiting_key("qtest", "trial-b")
+        internal_kv._internal_kv_put(key, "trial trial-b's 2 ranks waiting for capacity",
+                                     namespace=tuning._KV_NS)
+        live.on_step_end(1, [])
+        assert lines == ["trial trial-b's 2 ranks waiting for capacity"]
+        assert rows[-1][0].status == "WAITING"
+        live.on_step_end(2, [])  # polled at most every few seconds, said once per line
+        assert len(lines) == 1
+        internal_kv._internal_kv_del(key, namespace=tuning._KV_NS)
+        live.polled = 0.0
+        live.on_step_end(3, [])
+        assert rows[-1][0].status == "RUNNING" and tuning.waiting_trials("qtest") == {}
+    finally:
+        if started:
+            ray.shutdown()

@@ -268,10 +268,12 @@ def read_shards(data_dir: str, *, shuffle_files: bool = False, seed: int | None 
     use_v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
     shuffle = FileShuffleConfig(seed=seed) if shuffle_files else None
     try:
-        # Fractional read tasks: on 2 cores a 1-CPU read task waits behind the training workers.
+        # 0-CPU read tasks (``concurrency`` bounds them): a read that needs a CPU slice waits
+        # while training ranks and the drivers of trials queued for capacity hold every CPU of
+        # the cluster, and the ranks it feeds never finish.
         return ray.data.read_parquet(
             paths, columns=READ_COLUMNS, shuffle=shuffle,
-            num_cpus=0.25, filesystem=filesystem, concurrency=concurrency, filter=row_filter,
+            num_cpus=0, filesystem=filesystem, concurrency=concurrency, filter=row_filter,
         )
     finally:
         ctx.use_datasource_v2 = use_v2

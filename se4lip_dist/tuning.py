@@ -230,6 +230,9 @@ def tune_trial(config: dict[str, Any]) -> None:
     data_dir = job["data_dir"]
     resources = Resources(DRIVER_CPUS, job["worker_cpus"], job["worker_gpus"],
                           job["num_workers"], None).worker_bundle()
+    # Before the trial queues: Ray Data samples the shards with 1-CPU tasks as it builds them,
+    # which could wait behind the ranks and queued drivers that hold the cluster later on.
+    datasets = training_datasets(data_dir, cfg)
     # A trial behind other trials waits (and says so); one whose ranks no node can hold fails
     # at once, and one waiting for nodes that never come fails after the placement timeout.
     # The autoscaler sees the reservation as demand meanwhile.
@@ -261,7 +264,7 @@ def tune_trial(config: dict[str, Any]) -> None:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": worker_env()},
         ),
-        datasets=training_datasets(data_dir, cfg),
+        datasets=datasets,
         dataset_config=training_data_config(),
     )
     result = trainer.fit()

@@ -135,11 +135,10 @@ def _space(path: Path) -> Path:
     return path
 
 
-# Two DDP ranks of 0.25 CPU and a 0.25-CPU driver per trial, all four trials started at once on
-# at most two 1.25-CPU nodes: two trials' ranks fit (a quarter CPU per node stays for Ray
-# Data's reads), the other two wait for capacity.
-QUEUE_NODES = {"cpu_node": {"resources": {"CPU": 1.25}, "min_workers": 0, "max_workers": 2}}
-QUEUE_FLAGS = ["--cpus-per-trial", "0.75", "--num-workers-per-trial", "2",
+# Four trials at once, each a 0.25-CPU driver and two DDP ranks of 0.5 CPU, on at most two
+# 2-CPU nodes: the drivers and three trials' ranks fit, the fourth trial waits for capacity.
+QUEUE_NODES = {"cpu_node": {"resources": {"CPU": 2}, "min_workers": 0, "max_workers": 2}}
+QUEUE_FLAGS = ["--cpus-per-trial", "1.25", "--num-workers-per-trial", "2",
                "--max-concurrent-trials", "4"]
 
 

@@ -197,3 +197,35 @@ def test_stream_repeats_per_seed_and_epoch(tmp_path, ray_session) -> None:
     assert not np.array_equal(np.stack(a[0]), np.stack(a[1]))
     assert not np.array_equal(np.stack(a[0]), np.stack(c[0]))
 
+
+
+@pytest.mark.timeout(300)
+def test_reads_go_on_when_trials_hold_every_cpu(tmp_path, ray_session) -> None:
+    """On a cluster, trials waiting for capacity hold CPU slices (their drivers) and running
+    trials hold the rest (their ranks): the running trials' shard reads must still run."""
+    import threading
+    import time
+
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from se4lip_dist.stream import read_shards
+
+    data = tmp_path / "shards"
+    write_synthetic_shards(data, n_clips=4, n_frames=20, val_clips=1, clips_per_shard=2)
+    # Built first, as a trial builds it before it queues: Ray Data samples the files then.
+    ds = read_shards(str(data))
+    total = ray.cluster_resources()["CPU"]
+    deadline = time.monotonic() + 60  # the sampling tasks' leases end
+    while ray.available_resources().get("CPU", 0.0) < total and time.monotonic() < deadline:
+        time.sleep(0.2)
+    held = placement_group([{"CPU": total}])
+    assert held.wait(30)
+    rows: list[int] = []
+    try:
+        reader = threading.Thread(target=lambda: rows.append(len(ds.take_all())), daemon=True)
+        reader.start()
+        reader.join(timeout=90)
+        assert rows == [4], "the reads waited for a CPU that trials held"
+    finally:
+        remove_placement_group(held)

@@ -178,8 +178,8 @@ def run_quickstart(
         raise QuickstartError(f"extract failed for {len(ext.failures)} input(s): {ext.failures}")
     report.note(f"{ext.extracted + ext.skipped} inputs, {ext.frames:,} frames -> {features}")
 
-    shown = ", ".join(f"{k:+d}" for k in SHIFTS)
-    report.step(f"5/5 evaluate: the registered encoder follows audio shifts of {shown} frames")
+    shown = ", ".join(f"{k:+d}" if k else "0" for k in SHIFTS)
+    report.step(f"5/5 evaluate: does the encoder follow audio shifts of {shown} frames?")
     evaluated = run_evaluate(
         clips, model_uri, tracking_uri=uri, shift=SHIFTS, plot_dir=work / "plots",
         face_backend="none" if synthetic else None, insightface_root=insightface_root,

@@ -194,12 +194,16 @@ def test_stop_recorded_stops_the_group_and_its_children_and_nothing_else(
 
 
 SCALE_UP = """
-    import json, time, ray
+    import json, os, time, ray
     ray.init(logging_level="ERROR")
 
     @ray.remote(num_cpus=0.5)
     def on_cpu():
         return ray.get_runtime_context().get_node_id()
+
+    @ray.remote(num_cpus=0.5)
+    def state_api():  # what Ray's State API (Train's placement-group cleaner) asks on a node
+        return os.environ.get("RAY_API_SERVER_ADDRESS")
 
     @ray.remote(num_cpus=0.5, num_gpus=1)
     def on_gpu():  # only scheduled on the declared GPU: no CUDA is touched
@@ -211,7 +215,8 @@ SCALE_UP = """
     gpu_node = ray.get(on_gpu.remote(), timeout=150)
     nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
     print(json.dumps({"cpu": cpu_node, "gpu": gpu_node, "t_cpu": t_cpu,
-                      "cpu_res": nodes.get(cpu_node), "gpu_res": nodes.get(gpu_node)}))
+                      "cpu_res": nodes.get(cpu_node), "gpu_res": nodes.get(gpu_node),
+                      "state_api": ray.get(state_api.remote(), timeout=150)}))
 """
 
 
@@ -234,6 +239,8 @@ def test_autoscaling_ray_scales_from_zero_and_back_and_stops_clean(
     assert res["cpu_res"]["CPU"] == 1 and "GPU" not in res["cpu_res"], res
     assert res["gpu_res"]["GPU"] == 1, res
     assert res["cpu"] != res["gpu"]
+    # A worker node's processes reach this cluster's State API, whatever else runs here.
+    assert res["state_api"] == cluster.dashboard_url, res
 
     t = time.monotonic()
     cluster.wait_for_workers(0, 180, at_least=False)  # idle nodes removed after 6 s

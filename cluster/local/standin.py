@@ -743,7 +743,12 @@ class AutoscalingRay:
                # Jobs run `se4lip-dist`: installed on every node, as the cluster images have it.
                "PATH": os.pathsep.join([str(Path(sys.executable).parent),
                                         os.environ.get("PATH", os.defpath)])}
-        unset = ["RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN"]
+        # Every process of this cluster (the fake nodes inherit the head's environment) finds
+        # it through its own dashboard: the State API's guess from the host's raylets fails
+        # beside any other Ray on the machine, and Ray Train's placement-group cleaner (which
+        # removes the ranks' reservations of a trial ASHA stopped) then dies, leaking them.
+        env["RAY_API_SERVER_ADDRESS"] = self.dashboard_url
+        unset = ["RAY_ADDRESS", "RAY_AUTH_TOKEN"]
         if self.auth_mode == "token":
             if not self.token_path.exists():
                 self.token_path.touch(mode=0o600)

@@ -248,6 +248,10 @@ def tune_trial(config: dict[str, Any]) -> None:
                        timeout_s=job["placement_timeout_s"], queue=True, on_wait=waiting)
     finally:
         _kv(lambda kv: kv._internal_kv_del(key, namespace=_KV_NS))
+    # Another queued trial may take the freed ranks in the moment before Train asks for them:
+    # Train then waits for capacity as long as this trial may, instead of failing and
+    # retrying every 60 s (its default).
+    os.environ.setdefault(TRAIN_START_TIMEOUT_ENV, str(max(60.0, job["placement_timeout_s"])))
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.to_dict(), "data_dir": data_dir,
@@ -274,6 +278,9 @@ def tune_trial(config: dict[str, Any]) -> None:
     end_run(job["tracking_uri"], run_id, "FINISHED")
 
 
+TRAIN_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+"""Ray Train's bound on waiting for a worker group's resources (the trial's env reaches its
+controller)."""
 _KV_NS = "se4lip"
 """Ray internal-KV namespace of the lines trials leave while they wait for capacity."""
 
@@ -692,7 +699,7 @@ def _log_parent(uri: str, parent: str, rows: list[TrialRow], result: dict[str, A
     end_run(uri, parent, "FINISHED")
 
 
-_WAIT_POLL_S = 5.0
+_WAIT_POLL_S = 2.0
 """How often the driver reads the lines of trials waiting for capacity."""
 
 

@@ -3,7 +3,8 @@
 Shards and Ray results on a real S3 API, an ``mlflow server`` with a PostgreSQL store and S3
 artifacts, and a Ray cluster that starts with zero workers and autoscales:
 
-prepare to S3 -> ``se4lip-dist submit -- tune`` (2 trials, ASHA) on the autoscaling cluster ->
+prepare to S3 -> ``se4lip-dist submit -- tune`` (4 trials of 2 DDP ranks, more than the cluster
+holds at once) on the autoscaling cluster ->
 best encoder registered on the MLflow server -> ``extract`` from ``models:/...@champion`` on the
 worker nodes, features written to S3 -> every frame accounted for; the cluster scales up and back
 down, and nothing is left running. A second test kills the node running a trial mid-epoch.
@@ -127,10 +128,11 @@ def _assert_no_secret_in_records(dashboard: str, secrets: dict[str, str]) -> Non
 
 
 def _space(path: Path) -> Path:
-    """Four trials (two samples of a two-point grid)."""
+    """Four trials (two samples of a two-point grid), each to its last epoch: the one that
+    queues waits for a whole trial (ASHA's early stops are tests/test_tuning_asha.py's)."""
     path.write_text(yaml.safe_dump({
         "preset": "cpu-small", "metric": "val/offset_acc", "num_samples": 2,
-        "scheduler": "asha", "params": {"model.gru_layers": {"grid": [1, 2]}},
+        "scheduler": "fifo", "params": {"model.gru_layers": {"grid": [1, 2]}},
     }))
     return path
 

@@ -137,9 +137,9 @@ def _space(path: Path) -> Path:
     return path
 
 
-# Four trials at once, each a 0.25-CPU driver and two DDP ranks of 0.5 CPU, on at most two
-# 2-CPU nodes: the drivers and three trials' ranks fit, the fourth trial waits for capacity.
-QUEUE_NODES = {"cpu_node": {"resources": {"CPU": 2}, "min_workers": 0, "max_workers": 2}}
+# Four trials at once, each a 0.25-CPU driver and two DDP ranks of 0.5 CPU, on one 2-CPU node:
+# the four drivers and one trial's ranks fit, the other trials queue for capacity in turn.
+QUEUE_NODES = {"cpu_node": {"resources": {"CPU": 2}, "min_workers": 0, "max_workers": 1}}
 QUEUE_FLAGS = ["--cpus-per-trial", "1.25", "--num-workers-per-trial", "2",
                "--max-concurrent-trials", "4"]
 

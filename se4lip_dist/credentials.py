@@ -116,6 +116,19 @@ def left_behind() -> list[str]:
     return [k for k in (*NODE_ENV, *SECRET_ENV) if os.environ.get(k)]
 
 
+def keep_secrets_out_of_tune() -> None:
+    """Stop Ray Tune from copying this process's AWS keys into every trial actor's runtime env.
+
+    Tune does that by default (``ray.tune.execution.class_cache``), and the State API then
+    shows them; trials on the cluster's nodes use the nodes' own credentials instead.
+    """
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = frozenset(
+        k for k in class_cache.ENV_VARS_TO_PROPAGATE
+        if k not in (*SECRET_ENV, *NODE_ENV) and not k.startswith("AWS_"))
+
+
 def redact_secrets(text: str) -> str:
     """``text`` with this process's secret values replaced by ``REDACTED`` (library errors
     sometimes quote a runtime env verbatim)."""

@@ -39,6 +39,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from se4lip_dist import storage
 from se4lip_dist.config import Config, TrainConfig, flatten
+from se4lip_dist.credentials import keep_secrets_out_of_tune
 from se4lip_dist.lifecycle import Candidate, GateError, publish
 from se4lip_dist.manifest import Manifest
 from se4lip_dist.placement import DEFAULT_TIMEOUT_S, PlacementError, check_feasible, wait_placeable
@@ -450,6 +451,7 @@ def run_tune(
             "num_workers": res.num_workers, "worker_cpus": res.worker_cpus,
             "worker_gpus": res.worker_gpus, "placement_timeout_s": opts.placement_timeout_s,
         }
+        keep_secrets_out_of_tune()
         # The new Tune console output ignores verbose=0; we draw our own live table instead.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         trainable = tune.with_resources(tune_trial, {"cpu": res.driver_cpus})

@@ -616,3 +616,27 @@ def test_local_mlflow_server_helper(tmp_path: Path) -> None:
         assert _group_members(pid)
     assert not _group_members(pid)
     assert urllib.parse.urlsplit(server.url).hostname == "127.0.0.1"
+
+
+def test_tune_trials_do_not_carry_the_drivers_aws_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Tune copies the driver's AWS keys into every trial actor's runtime env (the State API
+    shows them); tune turns that off, and the trials use their nodes' own credentials."""
+    from ray.tune.execution import class_cache
+
+    from se4lip_dist.credentials import keep_secrets_out_of_tune
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAXYZ")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret-key")
+    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", class_cache.ENV_VARS_TO_PROPAGATE)
+
+    def trial_env() -> dict[str, str]:
+        class Trainable:
+            pass
+
+        actor = class_cache._ActorClassCache().get(Trainable)
+        return actor._default_options["runtime_env"]["env_vars"]
+
+    assert trial_env()["AWS_SECRET_ACCESS_KEY"] == "s3cret-key"  # Tune's default
+    keep_secrets_out_of_tune()
+    env = trial_env()
+    assert not [k for k in env if k.startswith("AWS_")], env

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,12 +28,12 @@ N_CLIPS = 96
 
 def shard_bytes_per_minute(data_dir: str | Path) -> dict[str, Any]:
     """Bytes of shards per minute of 25 fps video, from a prepared folder's manifest."""
-    m = json.loads((Path(data_dir) / "manifest.json").read_text())
-    fps = m["config"]["data"]["fps"]
-    frames = sum(c["frames"] for c in m["clips"].values())
-    total = sum(s["bytes"] for s in m["shards"])
-    minutes = frames / fps / 60
-    return {"clips": len(m["clips"]), "frames": frames, "bytes": total,
+    from se4lip_dist.manifest import Manifest
+
+    m = Manifest.load(data_dir)
+    frames, total = m.total_frames, m.total_bytes
+    minutes = frames / m.config["data"]["fps"] / 60
+    return {"clips": m.total_clips, "frames": frames, "bytes": total,
             "video_minutes": round(minutes, 2), "mib_per_video_minute":
             round(total / minutes / 2**20, 2)}
 

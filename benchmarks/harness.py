@@ -325,11 +325,11 @@ def grid_shards(n_clips: int, *, preset: str = "cpu-small", shard_mib: int = 4) 
 
 def shard_sizes(data_dir: str | Path) -> dict[str, Any]:
     """Clips, rows, frames, shard files and bytes of a prepared folder (from its manifest)."""
-    m = json.loads((Path(data_dir) / "manifest.json").read_text())
-    return {"clips": len(m["clips"]),
-            "rows": sum(c.get("segments", 1) for c in m["clips"].values()),
-            "frames": sum(c["frames"] for c in m["clips"].values()),
-            "shards": len(m["shards"]), "bytes": sum(s["bytes"] for s in m["shards"])}
+    from se4lip_dist.manifest import Manifest
+
+    m = Manifest.load(data_dir)
+    return {"clips": m.total_clips, "rows": sum(s.rows for s in m.shards),
+            "frames": m.total_frames, "shards": len(m.shards), "bytes": m.total_bytes}
 
 
 def grid_subset(out_dir: str | Path, n_rows: int) -> Path:

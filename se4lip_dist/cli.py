@@ -245,8 +245,8 @@ def presets_cmd(
 
 @app.command()
 def prepare(
-    inputs: Annotated[list[str], typer.Argument(help="Videos, folders of videos, or CSV/JSONL manifests.")],
     out_dir: Annotated[str, typer.Option("--out", help="Shard folder or s3://bucket/prefix (resumes if it exists).")],
+    inputs: Annotated[list[str] | None, typer.Argument(help="Videos, folders of videos, or CSV/JSONL manifests (none: only bring --out's index up to date).")] = None,
     preset: PresetOpt = "paper",
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -255,8 +255,14 @@ def prepare(
     detect_every: Annotated[int | None, _key_opt("face.detect_every")] = None,
     refine_motion: Annotated[float | None, _key_opt("face.refine_motion")] = None,
     workers: Annotated[
-        int | None, typer.Option("--workers", help="Parallel clip workers (0: no Ray, in-process).")
+        int | None, typer.Option("--workers", help="Most clip workers at once; the pool grows to it as the cluster allows (default: no bound; 0: no Ray, in-process).")
     ] = None,
+    min_workers: Annotated[
+        int, typer.Option("--min-workers", help="Clip workers the cluster must hold before the run starts.")
+    ] = 1,
+    clips_per_shard: Annotated[
+        int, typer.Option("--clips-per-shard", min=1, help="Most clips per shard: the block one worker prepares (and a lost one redoes).")
+    ] = 64,
     address: AddressOpt = None,
     preview: Annotated[
         str | None, typer.Option("--preview", help="Write a PNG contact sheet of lip crops per clip here (folder or URL).")
@@ -298,7 +304,8 @@ def prepare(
     with progress:
         try:
             summary = run_prepare(
-                inputs, out_dir, cfg, workers=workers, address=address, preview_dir=preview,
+                inputs or [], out_dir, cfg, workers=workers, min_workers=min_workers,
+                clips_per_shard=clips_per_shard, address=address, preview_dir=preview,
                 placement_timeout_s=placement_timeout,
                 on_start=lambda n: progress.update(task, total=n), on_result=on_result,
             )

@@ -1,9 +1,12 @@
 """``extract``: per-video-frame speech features from a registered encoder, as a Ray Data job.
 
-One row per input (video or audio file) flows through an actor pool; each actor loads the encoder
-once, decodes 16 kHz mono audio on the video's clock, embeds one ``train.window_frames`` window
-centred on every video frame (:func:`se4lip_dist.sync.centred_audio_windows`: frame ``c`` gets
-training window ``c - (T - 1) // 2``), and writes the outputs itself, atomically
+One row per input (video or audio file) flows through a streaming Ray Data job: planning tasks
+read each input's ``_SUCCESS.json`` marker in parallel (:func:`plan_job`), then an autoscaling
+pool of encoder actors (``concurrency`` at most) takes the inputs with work left. Each actor
+loads the encoder once, decodes 16 kHz mono audio on the video's clock, embeds one
+``train.window_frames`` window centred on every video frame
+(:func:`se4lip_dist.sync.centred_audio_windows`: frame ``c`` gets training window
+``c - (T - 1) // 2``), and writes the outputs itself, atomically
 (:func:`se4lip_dist.storage.write_atomic_with`), into ``out_dir/<name>/``. Inputs and ``out_dir``
 may be local or URLs (``s3://bucket/prefix``); a remote input is downloaded by its actor.
 
@@ -71,6 +74,9 @@ FORMATS = ("frame", "window", "both")
 MARKER_VERSION = 1
 ACTOR_CPUS = 0.5
 """Fractional on purpose: actors reserving whole CPUs starve Ray Data on small machines."""
+PLAN_CPUS = 0.1
+"""Planning tasks only read markers."""
+JOBS_PER_BLOCK = 16
 PRECISIONS = ("fp32", "int8")
 INT8_MIN_COSINE = 0.999
 """``--precision int8`` is refused for an encoder whose int8 embeddings drift further than this."""
@@ -303,6 +309,20 @@ def plan_input(path: str, folder: str | Path, identity: dict[str, Any],
     return missing
 
 
+def plan_job(job: dict[str, Any]) -> dict[str, Any]:
+    """``job`` with ``todo`` (:func:`plan_input`), ``complete`` (nothing to do: skipped) and
+    ``fresh`` (no usable marker: every output is rewritten) filled in; runs in the pipeline's
+    planning tasks."""
+    folder = storage.join(storage.absolute(job["out_dir"]), job["name"])
+    todo = plan_input(job["path"], folder, job["identity"], job["settings"], job["wanted"])
+    return {**job, "todo": todo, "complete": not todo,
+            "fresh": bool(todo) and (todo == job["wanted"] or _read_marker(folder) is None)}
+
+
+def _plan_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"job": np.asarray([json.dumps(plan_job(json.loads(str(j)))) for j in batch["job"]])}
+
+
 def _npy_writer(array: np.ndarray) -> Callable[[Any], None]:
     return lambda f: np.save(f, array, allow_pickle=False)
 
@@ -368,14 +388,18 @@ def process_input(encoder: Any, cfg: Any, job: dict[str, Any]) -> dict[str, Any]
             ``settings``, ``model`` (resolved info), ``batch_size``.
 
     Returns:
-        ``name``, ``path``, ``status`` (``done``/``failed``), ``error``, ``traceback`` (of a
-        failure), ``frames``, ``dim``, ``audio_seconds``, ``seconds``.
+        ``name``, ``path``, ``status`` (``done``/``failed``, or ``skipped`` for a job planned
+        ``complete``), ``error``, ``traceback`` (of a failure), ``frames``, ``dim``,
+        ``audio_seconds``, ``seconds``.
     """
     t0 = time.perf_counter()
     path, name = job["path"], job["name"]
     folder = storage.join(storage.absolute(job["out_dir"]), name)
     out: dict[str, Any] = {"name": name, "path": path, "status": "done", "error": "",
                            "traceback": "", "frames": 0, "dim": 0, "audio_seconds": 0.0}
+    if job.get("complete"):
+        out.update(status="skipped", seconds=time.perf_counter() - t0)
+        return out
     local = path
     try:
         st = storage.stat(path)
@@ -483,6 +507,7 @@ def run_extract(
     parquet: bool = False,
     batch_size: int = 256,
     concurrency: int = 1,
+    min_concurrency: int = 1,
     use_gpu: bool = False,
     precision: str = "fp32",
     address: str | None = None,
@@ -503,7 +528,9 @@ def run_extract(
         fmt: ``frame`` ([N, D]), ``window`` ([N, 16, D]) or ``both``.
         parquet: also write ``aud_se4lip.parquet`` (``clip, frame, feature``).
         batch_size: windows per encoder forward pass.
-        concurrency: encoder actors (each takes 0.5 CPU, and 1 GPU with ``use_gpu``).
+        concurrency: most encoder actors at once (each takes 0.5 CPU, and 1 GPU with
+            ``use_gpu``); the pool grows to it while inputs wait and the cluster has room.
+        min_concurrency: encoder actors the cluster must hold before the job starts.
         use_gpu: run the encoder on a GPU per actor.
         precision: ``fp32``, or ``int8`` (CPU only): GRU and linear weights quantized
             dynamically, faster for the paper's GRU (see ``benchmarks/``); refused when the
@@ -511,11 +538,12 @@ def run_extract(
             float32.
         address: Ray cluster address; None starts a local Ray (stopped again at the end).
         experiment: MLflow experiment of the run that records this job.
-        placement_timeout_s: how long the encoder actors may wait for the cluster to hold them;
-            a request no node can ever hold (``use_gpu`` without GPUs or an autoscaler that
-            adds them) fails at once.
-        on_start: called with the number of inputs to extract (after skipping complete ones).
-        on_result: called with each extracted or failed input's result row.
+        placement_timeout_s: how long the first ``min_concurrency`` encoder actors may wait
+            for the cluster to hold them; a request no node can ever hold (``use_gpu`` without
+            GPUs or an autoscaler that adds them) fails at once.
+        on_start: called with the number of inputs.
+        on_result: called with each input's result row (``status`` ``done``, ``skipped``: its
+            outputs were complete, or ``failed``).
 
     Returns:
         The summary; ``exit_code`` is 1 when any input failed.
@@ -526,7 +554,7 @@ def run_extract(
     """
     t0 = time.perf_counter()
     wanted = wanted_outputs(fmt, parquet)
-    if fps <= 0 or batch_size < 1 or concurrency < 1:
+    if fps <= 0 or batch_size < 1 or concurrency < 1 or min_concurrency < 1:
         raise ExtractError("fps, batch_size and concurrency must be positive")
     if precision not in PRECISIONS:
         raise ExtractError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -564,22 +592,16 @@ def run_extract(
                              inputs=len(paths) + len(failures), dim=cfg.model.embed_dim,
                              outputs=wanted)
     names = output_names(paths)
-    jobs = []
+    # Which outputs each input still needs is found out in the pipeline (plan_job), in parallel.
+    jobs = [{"path": p, "name": names[p], "out_dir": out, "wanted": wanted,
+             "identity": identity, "settings": settings, "model": model,
+             "batch_size": batch_size} for p in paths]
     try:
-        for p in paths:
-            folder = storage.join(out, names[p])
-            todo = plan_input(p, folder, identity, settings, wanted)
-            if not todo:
-                summary.skipped += 1
-                continue
-            jobs.append({"path": p, "name": names[p], "out_dir": out, "todo": todo,
-                         "identity": identity, "settings": settings, "model": model,
-                         "batch_size": batch_size,
-                         "fresh": _read_marker(folder) is None or todo == wanted})
         if on_start:
             on_start(len(jobs))
-        pool = _EncoderPool(model["pinned_uri"], uri, min(concurrency, max(1, len(jobs))),
-                            use_gpu, precision, address, placement_timeout_s)
+        pool = _EncoderPool(model["pinned_uri"], uri, min(min_concurrency, concurrency),
+                            min(concurrency, max(1, len(jobs))), use_gpu, precision, address,
+                            placement_timeout_s)
         with pool if jobs else nullcontext():
             # Only now, with the actors placeable: a bad model, server or cluster leaves nothing.
             storage.makedirs(out)
@@ -589,7 +611,9 @@ def run_extract(
             status = "FAILED"
             try:
                 for row in pool.run(jobs):
-                    if row["status"] == "failed":
+                    if row["status"] == "skipped":
+                        summary.skipped += 1
+                    elif row["status"] == "failed":
                         failures.append(Failure(row["path"], row["error"], "extract",
                                                 row.get("traceback") or None))
                     else:
@@ -610,29 +634,33 @@ def run_extract(
 
 
 class _EncoderPool:
-    """The Ray Data actor pool that runs :class:`EncoderActor` over the jobs, with bounded waits.
+    """The Ray Data job that plans the inputs and runs :class:`EncoderActor` over them, in an
+    autoscaling actor pool of ``min_size`` to ``max_size`` actors, with bounded waits.
 
-    Entering it joins or starts Ray and checks, before anything is written, that the
-    cluster can hold the actors (:func:`se4lip_dist.placement.wait_placeable`); Ray Data's own
-    wait for the pool's actors to start and load the model (``DataContext.wait_for_min_actors_s``,
-    unbounded by default) is then bounded by ``timeout_s`` as well.
+    Entering it joins or starts Ray and checks, before anything is written, that the cluster
+    can hold the first ``min_size`` actors (:func:`se4lip_dist.placement.wait_placeable`); Ray
+    Data's own wait for them to start and load the model (``DataContext.wait_for_min_actors_s``,
+    unbounded by default) is then bounded by ``timeout_s`` as well. More actors are added while
+    inputs wait and the cluster (or its autoscaler) has room.
     """
 
-    def __init__(self, model_uri: str, tracking_uri: str, size: int, use_gpu: bool,
-                 precision: str, address: str | None, timeout_s: float) -> None:
+    def __init__(self, model_uri: str, tracking_uri: str, min_size: int, max_size: int,
+                 use_gpu: bool, precision: str, address: str | None, timeout_s: float) -> None:
         self.model_uri, self.tracking_uri = model_uri, tracking_uri
-        self.size, self.use_gpu, self.precision = size, use_gpu, precision
+        self.max_size = max(1, max_size)
+        self.min_size = max(1, min(min_size, self.max_size))
+        self.use_gpu, self.precision = use_gpu, precision
         self.address, self.timeout_s = address, timeout_s
         self.request = {"CPU": ACTOR_CPUS, **({"GPU": 1.0} if use_gpu else {})}
-        self.what = f"{size} encoder actor{'s' if size > 1 else ''}"
+        self.what = f"{self.min_size} encoder actor{'s' if self.min_size > 1 else ''}"
         self._started = False
 
     def __enter__(self) -> _EncoderPool:
-        """Join or start Ray, then wait until the cluster can hold the actors (or raise)."""
+        """Join or start Ray, then wait until the cluster can hold the first actors (or raise)."""
         self._started = not ray.is_initialized()
         init_ray(self.address)
         try:
-            wait_placeable(self.request, self.size, self.what, self.timeout_s)
+            wait_placeable(self.request, self.min_size, self.what, self.timeout_s)
         except PlacementError as e:
             self.__exit__()
             raise ExtractError(str(e)) from e
@@ -651,15 +679,21 @@ class _EncoderPool:
         ctx = ray.data.DataContext.get_current()
         wait_before = ctx.wait_for_min_actors_s
         ctx.wait_for_min_actors_s = max(1, math.ceil(self.timeout_s))
+        # Blocks are the unit an actor takes: a few per actor spread the work; many small ones
+        # for a large job keep a lost actor's share small.
+        blocks = min(len(jobs), max(4 * self.max_size, len(jobs) // JOBS_PER_BLOCK))
         try:
             ds = ray.data.from_items([{"job": json.dumps(j)} for j in jobs],
-                                     override_num_blocks=len(jobs))
+                                     override_num_blocks=blocks)
+            # Marker reads are I/O: light tasks, in parallel, ahead of the encoder actors.
+            ds = ds.map_batches(_plan_batch, batch_size=None, batch_format="numpy",
+                                num_cpus=PLAN_CPUS)
             ds = ds.map_batches(
                 EncoderActor,
                 fn_constructor_kwargs={"model_uri": self.model_uri,
                                        "tracking_uri": self.tracking_uri,
                                        "use_gpu": self.use_gpu, "precision": self.precision},
-                compute=ActorPoolStrategy(size=self.size),
+                compute=ActorPoolStrategy(min_size=self.min_size, max_size=self.max_size),
                 batch_size=1,
                 batch_format="numpy",
                 num_cpus=self.request["CPU"],
@@ -734,6 +768,7 @@ __all__ = [
     "frame_windows",
     "output_names",
     "plan_input",
+    "plan_job",
     "process_input",
     "resolve_model",
     "run_extract",

@@ -1,31 +1,41 @@
 """``prepare``: videos -> 25 fps frames + 16 kHz audio -> mouth tracking -> lip crops -> shards.
 
-The per-clip work (:func:`process_clip`) is a pure function of one input file; Ray actors run it
-in parallel (each actor loads the face detector once), and the driver alone writes shards and the
-manifest, so a crash or Ctrl-C never leaves a half-written shard or a manifest naming one.
+The per-clip work (:func:`process_clip`) is a pure function of one input file. With Ray, a run
+is a streaming Ray Data pipeline: read tasks list the inputs page by page, and an autoscaling
+pool of :class:`ClipWorker` actors (each loads the face detector once) fetches, hashes, prepares
+and writes every block of inputs as one shard plus its index file; the driver only commits index
+files into ``manifest.json`` (:mod:`se4lip_dist.manifest`) and counts outcomes, so it never
+touches a video or a crop. Every file is published atomically, and a shard is named by the
+clips it holds, so a crash, a Ctrl-C or a lost worker never leaves a half-written shard nor a
+clip twice; a rerun adopts what a killed run published and redoes only the rest.
 
 Inputs, ``--out`` and ``--preview`` may be local paths or URLs (``s3://bucket/prefix``; see
-:mod:`se4lip_dist.storage`): a remote video is downloaded by the worker that decodes it.
+:mod:`se4lip_dist.storage`): a remote video is downloaded by the worker that prepares it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import json
+import math
 import os
 import re
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import ray
 import torch
-from ray.util import ActorPool
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
 
 from se4lip_dist import faces, media, storage
 from se4lip_dist.config import Config
@@ -34,18 +44,26 @@ from se4lip_dist.manifest import (
     FAILURES,
     MANIFEST,
     ClipRecord,
+    IndexedShardWriter,
     Manifest,
+    ManifestCommitter,
     ManifestError,
     append_failures,
+    recover,
 )
 from se4lip_dist.media import MediaError, MediaInfo
 from se4lip_dist.placement import DEFAULT_TIMEOUT_S, PlacementError, wait_placeable
 from se4lip_dist.runtime import cluster_cpus, init_ray
-from se4lip_dist.shards import SHARD_GLOB, Segment, ShardWriter, encode_jpeg, segments_to_table
+from se4lip_dist.shards import Segment, ShardInfo, encode_jpeg, segments_to_table
 
 VIDEO_EXTS = {".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".flv", ".mpg", ".mpeg", ".ts"}
 MANIFEST_EXTS = {".csv", ".jsonl"}
 PREVIEW_TILES = 16
+LIST_PAGE = 1000
+"""Inputs listed per page (an S3 ListObjectsV2 page)."""
+CLIPS_PER_SHARD = 64
+"""Default most clips per shard: a block of inputs one worker prepares and a lost one redoes."""
+WORKER_CPUS = 1.0
 
 
 class PrepareError(RuntimeError):
@@ -59,6 +77,13 @@ class PrepareInput:
     path: str
     speaker: str | None = None
     split: str | None = None
+    origin: str | None = None
+    """``manifest.csv:3`` when the input is a manifest line (failures name both)."""
+
+    @property
+    def name(self) -> str:
+        """How failures name the input: the path, with its manifest line if it has one."""
+        return f"{self.origin} ({self.path})" if self.origin else self.path
 
 
 @dataclass
@@ -107,6 +132,9 @@ class PrepareSummary:
     bytes_written: int = 0
     total_clips: int = 0
     total_frames: int = 0
+    first_dispatch_s: float = 0.0
+    """Seconds from the start until a worker took up the first input."""
+    manifest_saves: int = 0
 
     @property
     def frames_per_s(self) -> float:
@@ -131,6 +159,7 @@ class PrepareSummary:
             "bytes_per_video_minute": round(self.bytes_per_video_minute),
             "total_clips": self.total_clips,
             "total_frames": self.total_frames,
+            "first_dispatch_s": round(self.first_dispatch_s, 2),
         }
 
 
@@ -141,36 +170,66 @@ def _ext(url: str) -> str:
     return os.path.splitext(storage.basename(url))[1].lower()
 
 
-def collect_inputs(items: Iterable[str]) -> tuple[list[PrepareInput], list[Failure]]:
-    """Expand files, folders (recursively) and CSV/JSONL manifests into inputs.
+def iter_input_pages(item: str, page_size: int = LIST_PAGE
+                     ) -> Iterator[tuple[list[PrepareInput], list[Failure]]]:
+    """The inputs of one command-line item, a page at a time.
 
-    Each item may be local or a URL (``s3://bucket/prefix`` is searched like a folder). Bad
-    entries (missing paths, unreachable buckets, malformed manifest lines) become
-    :class:`Failure` records so the rest of the run goes on.
+    ``item`` may be local or a URL: a video, a folder or prefix (searched recursively, listed
+    page by page, so the first videos are known before the last page is listed), or a CSV/JSONL
+    manifest. Bad entries (missing paths, unreachable buckets, malformed manifest lines) become
+    :class:`Failure` records so the rest of the run goes on. Whether a manifest line's video
+    exists is found out by the worker that fetches it (one request per video, in parallel).
     """
+    try:
+        kind = storage.kind(item)
+        if kind == "dir":
+            found = 0
+            for page in storage.iter_files(item, page_size):
+                videos = [PrepareInput(f) for f in page if _ext(f) in VIDEO_EXTS]
+                found += len(videos)
+                if videos:
+                    yield videos, []
+            if not found:
+                yield [], [Failure(item, "no video files in this folder", "input")]
+            return
+    except storage.StorageError as e:
+        yield [], [Failure(item, str(e), "input")]
+        return
+    if _ext(item) in MANIFEST_EXTS:
+        got, bad = _read_input_manifest(item)
+        yield got[:page_size], bad
+        for i in range(page_size, len(got), page_size):
+            yield got[i:i + page_size], []
+    elif kind == "file":
+        yield [PrepareInput(item)], []
+    else:
+        yield [], [Failure(item, "no such file or folder", "input")]
+
+
+def collect_inputs(items: Iterable[str]) -> tuple[list[PrepareInput], list[Failure]]:
+    """Every input of ``items`` (see :func:`iter_input_pages`), with the failures of listing;
+    a manifest line naming no file is a failure here (one request per line, in turn)."""
     inputs: list[PrepareInput] = []
     failures: list[Failure] = []
     for item in items:
-        try:
-            kind = storage.kind(item)
-            if kind == "dir":
-                found = [f for f in storage.list_files(item) if _ext(f) in VIDEO_EXTS]
-                if not found:
-                    failures.append(Failure(item, "no video files in this folder", "input"))
-                inputs.extend(PrepareInput(f) for f in found)
-                continue
-        except storage.StorageError as e:
-            failures.append(Failure(item, str(e), "input"))
-            continue
-        if _ext(item) in MANIFEST_EXTS:
-            got, bad = _read_input_manifest(item)
-            inputs.extend(got)
+        for got, bad in iter_input_pages(item):
             failures.extend(bad)
-        elif kind == "file":
-            inputs.append(PrepareInput(item))
-        else:
-            failures.append(Failure(item, "no such file or folder", "input"))
+            for inp in got:
+                problem = _missing(inp) if inp.origin else None
+                if problem is None:
+                    inputs.append(inp)
+                else:
+                    failures.append(problem)
     return inputs, failures
+
+
+def _missing(inp: PrepareInput) -> Failure | None:
+    """The failure of a manifest line whose file is not there, or None."""
+    try:
+        found = storage.is_file(inp.path)
+    except storage.StorageError as e:
+        return Failure(inp.name, str(e), "input")
+    return None if found else Failure(inp.name, "no such file", "input")
 
 
 def _read_input_manifest(path: str) -> tuple[list[PrepareInput], list[Failure]]:
@@ -214,21 +273,13 @@ def _read_input_manifest(path: str) -> tuple[list[PrepareInput], list[Failure]]:
             failures.append(Failure(where, "missing 'path'", "input"))
             continue
         video = raw if storage.is_absolute(raw) else storage.join(base, raw)
-        try:
-            found = storage.is_file(video)
-        except storage.StorageError as e:
-            failures.append(Failure(f"{where} ({video})", str(e), "input"))
-            continue
-        if not found:
-            failures.append(Failure(f"{where} ({video})", "no such file", "input"))
-            continue
         split = (row.get("split") or None) and str(row["split"]).strip()
         if split not in (None, "", "train", "val", "test"):
             failures.append(Failure(where, f"split must be train|val|test, got {split!r}",
                                     "input"))
             continue
         inputs.append(PrepareInput(video, (row.get("speaker") or None) and
-                                   str(row["speaker"]).strip(), split or None))
+                                   str(row["speaker"]).strip(), split or None, where))
     return inputs, failures
 
 
@@ -241,7 +292,11 @@ def clip_id_for(path: str | Path) -> str:
     Raises:
         OSError: the file cannot be read (a :class:`~se4lip_dist.storage.StorageError`).
     """
-    digest = storage.sha256(str(path))
+    return clip_id_from(str(path), storage.sha256(str(path)))
+
+
+def clip_id_from(path: str, digest: str) -> str:
+    """The clip id of ``path`` whose content has SHA-256 ``digest`` (:func:`clip_id_for`)."""
     stem = os.path.splitext(storage.basename(str(path)))[0]
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:48] or "clip"
     return f"{stem}-{digest[:10]}"
@@ -260,13 +315,21 @@ def process_clip(inp: PrepareInput, clip_id: str, cfg: Config, detector: Any) ->
         detector: a ``se4lip_dist.faces.FaceDetector``.
     """
     start = time.perf_counter()
-    result = ClipResult(inp, clip_id)
     try:
         with storage.local_copy(inp.path) as local:
-            _process_local(result, local, cfg, detector)
+            return prepare_local(inp, clip_id, local, cfg, detector)
     except OSError as e:  # the download (a local file needs none)
         msg = str(e) if inp.path in str(e) else f"{inp.path}: cannot download: {e}"
-        result.failure = Failure(inp.path, msg, "download")
+        return ClipResult(inp, clip_id, failure=Failure(inp.path, msg, "download"),
+                          seconds=time.perf_counter() - start)
+
+
+def prepare_local(inp: PrepareInput, clip_id: str, local: str, cfg: Config,
+                  detector: Any) -> ClipResult:
+    """:func:`process_clip` of ``inp`` whose content is at the local path ``local``."""
+    start = time.perf_counter()
+    result = ClipResult(inp, clip_id)
+    _process_local(result, local, cfg, detector)
     if result.failure:
         result.segments, result.record, result.preview = [], None, None
     result.seconds = time.perf_counter() - start
@@ -408,20 +471,294 @@ def _contact_sheet(tiles: list[np.ndarray]) -> np.ndarray | None:
     return np.concatenate(rows, axis=0)
 
 
-# ---------------------------------------------------------------- the run
+# ---------------------------------------------------------------- what becomes of an input
 
 
-class _ClipWorker:
-    """Ray actor body: loads the detector once and prepares clips."""
+@dataclass
+class ClipOutcome:
+    """What became of one input (what ``on_result`` receives): small, so it crosses from a
+    worker to the driver at a constant cost per clip."""
 
-    def __init__(self, cfg_dict: dict[str, Any]) -> None:
+    input: str
+    status: str
+    """``prepared``, ``skipped`` (already in the folder), ``duplicate`` or ``failed``."""
+    clip_id: str = ""
+    frames: int = 0
+    duplicate_of: str = ""
+    failure: Failure | None = None
+    seconds: float = 0.0
+    started: float = 0.0
+    """Wall-clock time (``time.time()``) at which a worker took the input up."""
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["failure"] = asdict(self.failure) if self.failure else None
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ClipOutcome:
+        f = d.get("failure")
+        return cls(**{**d, "failure": Failure(**f) if f else None})
+
+
+@dataclass(frozen=True)
+class PrepareBackend:
+    """Where inputs come from and how one becomes shard rows.
+
+    The real media path by default; ``benchmarks/scale_sim.py`` swaps in fakes to measure
+    everything around it (listing, planning, index writing and reading) at corpus scale. The
+    functions run in the workers, so they must be picklable.
+    """
+
+    list_pages: Callable[[str, int], Iterator[tuple[list[PrepareInput], list[Failure]]]] = \
+        iter_input_pages
+    """``(item, page_size)`` -> pages of ``(inputs, failures)``."""
+    fetch: Callable[[str], Any] = storage.local_copy
+    """``path`` -> a context manager holding a local copy of its content."""
+    digest: Callable[[str], str] = storage.sha256
+    """Local copy -> hex SHA-256 of the content (the clip id's hash)."""
+    process: Callable[[PrepareInput, str, str, Config, Any], ClipResult] = prepare_local
+    """``(input, clip id, local path, cfg, detector)`` -> :class:`ClipResult`."""
+
+
+class ClipRegistry:
+    """The run's one view of which clips are done or taken, shared by every worker (a Ray actor
+    beside the driver, or a plain object in-process).
+
+    Done: the clip ids of the folder's committed index, held as one sorted byte-string array.
+    Taken: content digests claimed by an input of this run, so a second input with the same
+    bytes is a duplicate. A claim is keyed by the input's place in the listing, so a retried
+    task gets the same answer for the same input. Workers claim in parallel: of two identical
+    inputs, the one claimed first is kept (in-process, the first in listing order).
+    """
+
+    def __init__(self, manifest: Manifest) -> None:
+        ids = manifest.clips_table(["clip_id"])["clip_id"].to_numpy(zero_copy_only=False)
+        self.done = np.sort(ids.astype(bytes)) if len(ids) else np.array([], dtype="S1")
+        self.taken: dict[str, tuple[str, str]] = {}
+
+    def claim(self, entries: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
+        """``(listing key, clip id, path)`` per input -> ``(status, first path)``: ``new``,
+        ``done`` or ``duplicate`` (of the input that first claimed the same content)."""
+        out = []
+        for key, cid, path in entries:
+            digest = cid.rsplit("-", 1)[1]
+            first_key, first_path = self.taken.setdefault(digest, (key, path))
+            if first_key != key:
+                out.append(("duplicate", first_path))
+            elif self._is_done(cid):
+                out.append(("done", ""))
+            else:
+                out.append(("new", ""))
+        return out
+
+    def _is_done(self, cid: str) -> bool:
+        b = cid.encode()
+        i = int(np.searchsorted(self.done, b))
+        return i < len(self.done) and self.done[i] == b
+
+
+def listing_rows(item_index: int, item: str, page_size: int, block_rows: Callable[[int], int],
+                 list_pages: Callable[[str, int], Iterator[tuple[list[PrepareInput],
+                                                                list[Failure]]]],
+                 ) -> Iterator[list[dict[str, Any]]]:
+    """Blocks of listing rows of one command-line item (``block_rows(page length)`` rows each).
+
+    A row is an input (``path``, ``speaker``, ``split``, ``origin``) or a listing failure
+    (``error`` set, ``path`` naming what failed); ``key`` is ``"<item>:<row>"``, the row's place
+    in the listing, stable when a listing is retried.
+    """
+    n = 0
+    for inputs, failures in list_pages(item, page_size):
+        rows = [{"key": "", "path": f.input, "speaker": None, "split": None, "origin": None,
+                 "error": f.error} for f in failures]
+        rows += [{"key": "", "path": i.path, "speaker": i.speaker, "split": i.split,
+                  "origin": i.origin, "error": None} for i in inputs]
+        for r in rows:
+            r["key"] = f"{item_index}:{n}"
+            n += 1
+        size = block_rows(len(rows))
+        for i in range(0, len(rows), size):
+            yield rows[i:i + size]
+
+
+class _Listing(Datasource):
+    """Ray Data source of the listing: one read task per command-line item, yielding blocks as
+    pages are listed (so clips are dispatched before a large prefix is listed to the end)."""
+
+    def __init__(self, items: list[str], clips_per_block: int, workers_hint: int,
+                 list_pages: Callable[..., Any]) -> None:
+        self.items = items
+        self.clips_per_block = clips_per_block
+        self.workers_hint = workers_hint
+        self.list_pages = list_pages
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context: Any = None) -> list[ReadTask]:
+        meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
+        return [ReadTask(functools.partial(_read_item, i, item, self), meta)
+                for i, item in enumerate(self.items)]
+
+    def block_rows(self, page: int) -> int:
+        # Blocks are the unit of work (one actor task, one shard): small pages are spread over
+        # the workers instead of queued behind one of them.
+        return max(1, min(self.clips_per_block, -(-page // (2 * self.workers_hint))))
+
+
+def _read_item(i: int, item: str, source: _Listing) -> Iterator[pa.Table]:
+    # One row per block of inputs: Ray Data merges a read task's rows into blocks by bytes,
+    # so a row per input would reach the workers as a few huge blocks.
+    for rows in listing_rows(i, item, LIST_PAGE, source.block_rows, source.list_pages):
+        yield pa.table({"block": [json.dumps(rows)]})
+
+
+def count_listing(items: list[str], list_pages: Callable[..., Any]) -> int:
+    """How many listing rows (inputs and listing failures) ``items`` give: the progress total.
+
+    Its own pass over the listing: the pipeline's read tasks pause while the workers are busy
+    (Ray Data's backpressure), so they finish listing only near the end of a run.
+    """
+    return sum(len(got) + len(bad) for item in items for got, bad in list_pages(item, LIST_PAGE))
+
+
+class ClipWorker:
+    """Prepares blocks of listed inputs: fetch, hash, claim, decode, detect, crop, and write
+    the shard and its index itself. A Ray Data actor (one detector load per actor), or called
+    in-process with ``workers=0``.
+
+    A block's shard is named by its clips' content (:func:`se4lip_dist.shards.content_name`),
+    so when Ray Data retries a block on another actor after a worker or node was lost, the same
+    shard and index are published again, never a second copy.
+    """
+
+    def __init__(self, cfg_dict: dict[str, Any], out: str, preview: str | None, registry: Any,
+                 clips_per_shard: int, backend: PrepareBackend, detector: Any = None) -> None:
         _single_thread()
-
         self.cfg = Config.from_dict(cfg_dict)
-        self.detector = build_detector(self.cfg.face)
+        self.detector = detector if detector is not None else build_detector(self.cfg.face)
+        self.out, self.preview = out, preview
+        self.registry = registry
+        self.clips_per_shard = clips_per_shard
+        self.backend = backend
 
-    def process(self, inp: PrepareInput, clip_id: str) -> ClipResult:
-        return process_clip(inp, clip_id, self.cfg, self.detector)
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Ray Data's entry point: one block of inputs in (a row of the listing), one row out
+        (its shards and outcomes)."""
+        shards: list[ShardInfo] = []
+        outcomes: list[ClipOutcome] = []
+        rows = [r for block in batch["block"].to_pylist() for r in json.loads(block)]
+        self.run(rows, outcomes.append, shards.append, keep_partial=False)
+        return pa.table({"shards": [json.dumps([asdict(s) for s in shards])],
+                         "outcomes": [json.dumps([o.to_json() for o in outcomes])]})
+
+    def run(self, rows: list[dict[str, Any]], on_outcome: Callable[[ClipOutcome], None],
+            on_shard: Callable[[ShardInfo], None], *, keep_partial: bool) -> None:
+        """Prepare ``rows``; ``on_shard`` gets each shard right after its index is published.
+
+        With ``keep_partial`` the clips finished before an exception (Ctrl-C) are written as a
+        shard on the way out; a Ray task leaves that to its retry instead (a shard of part of a
+        block would duplicate those clips once the retry writes the whole block).
+        """
+        writer = IndexedShardWriter(self.out, self.cfg.data.shard_bytes, self.clips_per_shard)
+        ok = False
+        try:
+            with contextlib.ExitStack() as stack:
+                staged = [self._stage(r, stack) for r in rows]
+                todo = [s for s in staged if isinstance(s, _Staged)]
+                claims = self._claim([(s.key, s.clip_id, s.inp.path) for s in todo])
+                verdicts = iter(claims)
+                for s in staged:
+                    if isinstance(s, ClipOutcome):
+                        on_outcome(s)
+                        continue
+                    status, first = next(verdicts)
+                    if status == "new":
+                        on_outcome(self._prepare(s, writer, on_shard))
+                    else:
+                        on_outcome(ClipOutcome(s.inp.path, "skipped" if status == "done" else
+                                               "duplicate", s.clip_id, duplicate_of=first,
+                                               started=s.started))
+                    s.release()
+            ok = True
+        finally:
+            if ok or keep_partial:
+                info = writer.flush()
+                if info is not None:
+                    on_shard(info)
+
+    def _claim(self, entries: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
+        if not entries:
+            return []
+        if isinstance(self.registry, ClipRegistry):
+            return self.registry.claim(entries)
+        return ray.get(self.registry.claim.remote(entries))
+
+    def _stage(self, row: dict[str, Any], stack: contextlib.ExitStack) -> _Staged | ClipOutcome:
+        """Fetch and hash one input (or say why it cannot be)."""
+        started = time.time()
+        if row["error"] is not None:
+            return ClipOutcome(row["path"], "failed",
+                               failure=Failure(row["path"], row["error"], "input"),
+                               started=started)
+        inp = PrepareInput(row["path"], row["speaker"], row["split"], row["origin"])
+        own = stack.enter_context(contextlib.ExitStack())
+        local = None
+        try:
+            local = own.enter_context(self.backend.fetch(inp.path))
+            digest = self.backend.digest(local)
+        except OSError as e:
+            own.close()
+            return ClipOutcome(inp.path, "failed", failure=_fetch_failure(inp, e, local),
+                               started=started)
+        return _Staged(row["key"], inp, clip_id_from(inp.path, digest), local, own, started)
+
+    def _prepare(self, s: _Staged, writer: IndexedShardWriter,
+                 on_shard: Callable[[ShardInfo], None]) -> ClipOutcome:
+        res = self.backend.process(s.inp, s.clip_id, s.local, self.cfg, self.detector)
+        if res.failure is not None:
+            return ClipOutcome(s.inp.path, "failed", s.clip_id, failure=res.failure,
+                               seconds=res.seconds, started=s.started)
+        assert res.record is not None
+        info = writer.add(s.clip_id, segments_to_table(res.segments), res.record)
+        if info is not None:
+            on_shard(info)
+        if self.preview and res.preview is not None:
+            _write_png(storage.join(self.preview, f"{s.clip_id}.png"), res.preview)
+        return ClipOutcome(s.inp.path, "prepared", s.clip_id, frames=res.record.frames,
+                           seconds=res.seconds, started=s.started)
+
+
+@dataclass
+class _Staged:
+    """An input fetched and hashed, waiting for its claim."""
+
+    key: str
+    inp: PrepareInput
+    clip_id: str
+    local: str
+    copy: contextlib.ExitStack
+    started: float
+
+    def release(self) -> None:
+        """Remove the local copy (a downloaded video) now rather than at the end of the block."""
+        self.copy.close()
+
+
+def _fetch_failure(inp: PrepareInput, e: OSError, local: str | None) -> Failure:
+    """The failure record of an input that could not be downloaded (``local`` None) or read."""
+    if inp.origin and isinstance(e, storage.StorageNotFoundError) and not isinstance(
+            e, storage.BucketNotFoundError):
+        return Failure(inp.name, "no such file", "input")
+    if inp.origin:
+        return Failure(inp.name, str(e), "input")
+    if local is not None or storage.is_local(inp.path):
+        msg = str(e) if inp.path in str(e) else f"{inp.path}: cannot read: {e}"
+        return Failure(inp.path, msg, "input")
+    msg = str(e) if inp.path in str(e) else f"{inp.path}: cannot download: {e}"
+    return Failure(inp.path, msg, "download")
 
 
 def _single_thread() -> None:
@@ -430,41 +767,122 @@ def _single_thread() -> None:
     torch.set_num_threads(1)
 
 
+# ---------------------------------------------------------------- the run
+
+
+class _Driver:
+    """The driver's side of a run: commits shards, counts outcomes, calls back. Constant work
+    per outcome and (amortised) per shard; it never sees clip data."""
+
+    def __init__(self, out: str, manifest: Manifest, summary: PrepareSummary, fps: int,
+                 on_start: Callable[[int], None] | None,
+                 on_result: Callable[[ClipOutcome], None] | None) -> None:
+        self.out = out
+        self.committer = ManifestCommitter(manifest, out)
+        self.summary = summary
+        self.fps = fps
+        self.on_start, self.on_result = on_start, on_result
+        self.total: int | None = None
+        self.waiting: list[ClipOutcome] = []
+        self.first_started = 0.0
+
+    def start(self, total: int) -> None:
+        """The number of inputs is known: ``on_start``, then the outcomes that waited for it."""
+        if self.total is not None:
+            return
+        self.total = total
+        if self.on_start:
+            self.on_start(total)
+        waiting, self.waiting = self.waiting, []
+        for o in waiting:
+            self._report(o)
+
+    def shard(self, info: ShardInfo) -> None:
+        self.committer.add(info)
+        self.summary.bytes_written += info.bytes
+
+    def outcome(self, o: ClipOutcome) -> None:
+        s = self.summary
+        s.inputs += 1
+        if o.started and (not self.first_started or o.started < self.first_started):
+            self.first_started = o.started
+        if o.status == "prepared":
+            s.prepared += 1
+            s.frames += o.frames
+            s.video_seconds += o.frames / self.fps
+        elif o.status == "skipped":
+            s.skipped += 1
+        elif o.status == "duplicate":
+            s.duplicates.append(f"{o.input} (same content as {o.duplicate_of})")
+        elif o.failure is not None:
+            s.failures.append(o.failure)
+        if self.on_result is None:
+            return
+        if self.total is None:
+            self.waiting.append(o)
+        else:
+            self._report(o)
+
+    def _report(self, o: ClipOutcome) -> None:
+        if self.on_result:
+            self.on_result(o)
+
+    def finish(self) -> None:
+        """Commit what is left and record the failures (also after an exception)."""
+        self.committer.flush()
+        append_failures(self.out, [{**f.to_json(), "time": time.time()}
+                                   for f in self.summary.failures])
+
+
 def run_prepare(
     items: list[str],
     out_dir: str | Path,
     cfg: Config,
     *,
     workers: int | None = None,
+    min_workers: int = 1,
+    clips_per_shard: int = CLIPS_PER_SHARD,
     address: str | None = None,
     preview_dir: str | Path | None = None,
     placement_timeout_s: float = DEFAULT_TIMEOUT_S,
     on_start: Callable[[int], None] | None = None,
-    on_result: Callable[[ClipResult], None] | None = None,
+    on_result: Callable[[ClipOutcome], None] | None = None,
+    backend: PrepareBackend | None = None,
 ) -> PrepareSummary:
     """Prepare videos into shards under ``out_dir``; resumes an existing folder.
+
+    With Ray, a streaming Ray Data pipeline: the inputs are listed in read tasks, and an
+    autoscaling pool of clip workers (:class:`ClipWorker`) fetches, hashes, prepares and writes
+    each block of inputs as one shard plus its index; the driver only commits index files into
+    ``manifest.json`` and counts outcomes. A rerun skips the clips the folder's index holds.
 
     Args:
         items: video files, folders, or CSV/JSONL manifests (local or URLs).
         out_dir: shard folder or URL prefix (an existing one must have the same data/face
             config); nothing is written there before the first clip is done.
         cfg: resolved config.
-        workers: parallel clip workers; 0 runs in this process without Ray; None = Ray CPUs.
+        workers: most clip workers at once (the pool grows to it while there is work and the
+            cluster has room); 0 runs in this process without Ray; None: no bound but the
+            cluster's.
+        min_workers: clip workers the cluster must hold before the run starts.
+        clips_per_shard: most clips in one shard (also the unit of work a lost worker redoes).
         address: Ray cluster address (None starts a local Ray).
         preview_dir: where to write one PNG contact sheet of lip crops per clip (local or URL).
-        placement_timeout_s: how long the clip workers may wait for the cluster to hold them.
-        on_start: called with the number of clips to process.
-        on_result: called after each clip (for progress bars).
+        placement_timeout_s: how long the first ``min_workers`` may wait for the cluster.
+        on_start: called with the number of inputs, before the first ``on_result``.
+        on_result: called with each input's :class:`ClipOutcome` (for progress bars).
+        backend: where inputs come from and how they are processed (the real media path).
 
     Raises:
         PrepareError: the output folder is unreachable or incompatible, the face detector cannot
             load while some input is a usable video (when none is, the inputs' failures are
             reported instead), or the cluster cannot hold the clip workers.
     """
-    t0 = time.perf_counter()
+    t0, t0_wall = time.perf_counter(), time.time()
     out = storage.absolute(str(out_dir))
     summary = PrepareSummary(out_dir=out)
     preview = storage.absolute(str(preview_dir)) if preview_dir else None
+    backend = backend or PrepareBackend()
     try:
         for where in (out, preview):
             if where:
@@ -473,89 +891,133 @@ def run_prepare(
     except storage.StorageError as e:
         raise PrepareError(str(e)) from e
 
-    inputs, failures = collect_inputs(items)
-    summary.inputs = len(inputs) + len(failures)
-    todo: list[tuple[PrepareInput, str]] = []
-    seen: dict[str, str] = {}
-    for inp in inputs:
-        try:
-            cid = clip_id_for(inp.path)
-        except OSError as e:
-            msg = str(e) if inp.path in str(e) else f"{inp.path}: cannot read: {e}"
-            failures.append(Failure(inp.path, msg, "input"))
-            continue
-        digest = cid.rsplit("-", 1)[1]
-        if digest in seen:
-            summary.duplicates.append(f"{inp.path} (same content as {seen[digest]})")
-            continue
-        seen[digest] = inp.path
-        if cid in manifest.clips:
-            summary.skipped += 1
-            continue
-        todo.append((inp, cid))
-
     # Fail the whole run early, with one message, when the detector itself cannot load, unless
     # no input could be prepared anyway: then the inputs are the problem to report.
+    try:
+        detector = build_detector(cfg.face)
+    except FaceModelError as e:
+        inputs, failures = collect_inputs(items)
+        unusable = [f for inp in inputs if (f := input_problem(inp)) is not None]
+        if len(unusable) < len(inputs):
+            raise PrepareError(str(e)) from e
+        summary.failures = failures + unusable
+        summary.inputs = len(summary.failures)
+        append_failures(out, [{**f.to_json(), "time": time.time()} for f in summary.failures])
+        summary.wall_seconds = time.perf_counter() - t0
+        return summary
 
-    detector: Any = None
-    if todo:
+    on_ray = workers != 0 and bool(items)
+    if on_ray:
+        max_workers = workers
+        min_workers = max(1, min(min_workers, workers or min_workers))
+        # Before anything is written: a cluster that cannot hold the workers fails here.
+        init_ray(address)
+        what = f"{min_workers} clip worker{'s' if min_workers > 1 else ''}"
         try:
-            detector = build_detector(cfg.face)
-        except FaceModelError as e:
-            unusable = [f for inp, _ in todo if (f := input_problem(inp)) is not None]
-            if len(unusable) < len(todo):
-                raise PrepareError(str(e)) from e
-            failures.extend(unusable)
-            todo = []
-    # Before anything is written: a cluster that cannot hold the workers fails here.
-    pool = _ClipPool.start(todo, cfg, workers, address, placement_timeout_s) \
-        if todo and workers != 0 else None
-    _remove_orphans(out, manifest)
-
-    writer = ShardWriter(out, cfg.data.shard_bytes, prefix=f"shard-{int(time.time()):x}")
-    pending: dict[str, ClipRecord] = {}
-
-    def commit(info: Any) -> None:
-        if info is None:
-            return
-        for cid in info.clips:
-            pending[cid].shard = info.file
-        manifest.add_shard(info, {cid: pending.pop(cid) for cid in info.clips})
-        # The manifest only ever names published shards, and exists only once one does.
-        manifest.save(out)
-        summary.bytes_written += info.bytes
-
-    if on_start:
-        on_start(len(todo))
-    results = pool.results() if pool else (process_clip(inp, cid, cfg, detector)
-                                           for inp, cid in todo)
+            wait_placeable({"CPU": WORKER_CPUS}, min_workers, what, placement_timeout_s)
+        except PlacementError as e:
+            raise PrepareError(str(e)) from e
+    try:
+        _ready_folder(out, manifest)
+    except storage.StorageError as e:
+        raise PrepareError(str(e)) from e
+    driver = _Driver(out, manifest, summary, cfg.data.fps, on_start, on_result)
     try:
         try:
-            for res in results:
-                if res.failure:
-                    failures.append(res.failure)
-                else:
-                    assert res.record is not None
-                    pending[res.clip_id] = res.record
-                    summary.prepared += 1
-                    summary.frames += res.record.frames
-                    summary.video_seconds += res.record.frames / cfg.data.fps
-                    commit(writer.add(res.clip_id, segments_to_table(res.segments)))
-                    if preview and res.preview is not None:
-                        _write_png(storage.join(preview, f"{res.clip_id}.png"), res.preview)
-                if on_result:
-                    on_result(res)
+            if on_ray:
+                _run_on_ray(items, out, preview, cfg, manifest, driver, backend,
+                            min_workers, max_workers, clips_per_shard, placement_timeout_s)
+            else:
+                _run_in_process(items, out, preview, cfg, manifest, driver, backend,
+                                clips_per_shard, detector)
         finally:
-            # On Ctrl-C or a crash, keep every clip that finished: flush them as one shard.
-            commit(writer.flush())
-            append_failures(out, [{**f.to_json(), "time": time.time()} for f in failures])
+            # On Ctrl-C or a crash, every shard whose index is published stays committed.
+            driver.finish()
     except storage.StorageError as e:  # --out or --preview cannot be written
         raise PrepareError(str(e)) from e
-    summary.failures = failures
     summary.wall_seconds = time.perf_counter() - t0
-    summary.total_clips = len(manifest.clips)
+    summary.first_dispatch_s = driver.first_started - t0_wall if driver.first_started else 0.0
+    summary.total_clips = manifest.total_clips
     summary.total_frames = manifest.total_frames
+    summary.manifest_saves = driver.committer.saves
     return summary
+
+
+def _run_in_process(items: list[str], out: str, preview: str | None, cfg: Config,
+                    manifest: Manifest, driver: _Driver, backend: PrepareBackend,
+                    clips_per_shard: int, detector: Any) -> None:
+    rows = [r for i, item in enumerate(items)
+            for block in listing_rows(i, item, LIST_PAGE, lambda n: max(1, n), backend.list_pages)
+            for r in block]
+    driver.start(len(rows))
+    worker = ClipWorker(cfg.to_dict(), out, preview, ClipRegistry(manifest), clips_per_shard,
+                        backend, detector=detector)
+    for i in range(0, len(rows), clips_per_shard):
+        worker.run(rows[i:i + clips_per_shard], driver.outcome, driver.shard, keep_partial=True)
+
+
+def _run_on_ray(items: list[str], out: str, preview: str | None, cfg: Config,
+                manifest: Manifest, driver: _Driver, backend: PrepareBackend,
+                min_workers: int, max_workers: int | None, clips_per_shard: int,
+                timeout_s: float) -> None:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # Beside the driver: it lives and dies with the run.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    registry = ray.remote(ClipRegistry).options(num_cpus=0, scheduling_strategy=here).remote(
+        manifest)
+    hint = max_workers or max(1, int(cluster_cpus()))
+    # Start with what the cluster holds now (no more than the bound): a fixed machine is busy
+    # at once, an autoscaling cluster with no worker node yet starts from min_workers.
+    free = int(ray.available_resources().get("CPU", 0) // WORKER_CPUS)
+    initial = max(min_workers, min(max_workers or free, free))
+    # Listing tasks take no CPU: on a small node the clip workers hold every core, and a read
+    # task waiting for one would stall the whole pipeline. One block per read task asked for,
+    # or Ray Data splits the listing's blocks (which are the shards) to reach its minimum.
+    ds = ray.data.read_datasource(
+        _Listing(items, clips_per_shard, hint, backend.list_pages), num_cpus=0,
+        override_num_blocks=len(items))
+    # Every listing row (a block of inputs) its own Ray Data block: the unit a worker takes.
+    ds.context.target_max_block_size = 1
+    ds = ds.map_batches(
+        ClipWorker, batch_size=None, batch_format="pyarrow", num_cpus=WORKER_CPUS,
+        compute=ray.data.ActorPoolStrategy(min_size=min_workers, max_size=max_workers,
+                                           initial_size=initial),
+        fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "out": out, "preview": preview,
+                               "registry": registry, "clips_per_shard": clips_per_shard,
+                               "backend": backend},
+    )
+    count = ray.remote(num_cpus=0)(count_listing).remote(items, backend.list_pages)
+    ctx = ray.data.DataContext.get_current()
+    wait_before = ctx.wait_for_min_actors_s
+    # The first workers were placeable; loading the detector gets a bounded wait as well.
+    ctx.wait_for_min_actors_s = max(1, math.ceil(timeout_s))
+    try:
+        for row in ds.iter_rows():
+            for d in json.loads(row["shards"]):
+                driver.shard(ShardInfo(**d))
+            for o in json.loads(row["outcomes"]):
+                driver.outcome(ClipOutcome.from_json(o))
+            if driver.total is None and ray.wait([count], timeout=0)[0]:
+                driver.start(_count_or(count, driver.summary.inputs))
+        driver.start(_count_or(count, driver.summary.inputs))
+    except ray.exceptions.GetTimeoutError as e:
+        raise PrepareError(f"{min_workers} clip worker(s) did not start within {timeout_s:g} s: "
+                           f"{e}") from e
+    except ray.exceptions.RayError as e:
+        raise PrepareError(f"the prepare job failed: {e}") from e
+    finally:
+        ctx.wait_for_min_actors_s = wait_before
+        ray.kill(registry)
+        ray.cancel(count)
+
+
+def _count_or(count: Any, fallback: int) -> int:
+    """The listing count, or ``fallback`` when counting failed (it only feeds progress)."""
+    try:
+        return int(ray.get(count))
+    except ray.exceptions.RayError:
+        return fallback
 
 
 _LEGACY_VALUES = {"face.refine_motion": 0.0}
@@ -599,56 +1061,12 @@ def _open_manifest(out: str, cfg: Config) -> Manifest:
     return Manifest(config=wanted)
 
 
-def _remove_orphans(out: str, manifest: Manifest) -> None:
-    """Delete temp files and shards no manifest names (left by a killed run; their clips redo)."""
-    named = {s.file for s in manifest.shards}
-    storage.remove_temp_files(out)
-    for f in storage.glob(storage.join(out, SHARD_GLOB)):
-        if storage.basename(f) not in named:
-            storage.delete(f)
-
-
-class _ClipPool:
-    """Ray actors that prepare clips, started only once the cluster can hold them."""
-
-    def __init__(self, pool: Any, todo: list[tuple[PrepareInput, str]]) -> None:
-        self.pool = pool
-        self.todo = todo
-
-    @classmethod
-    def start(cls, todo: list[tuple[PrepareInput, str]], cfg: Config, workers: int | None,
-              address: str | None, timeout_s: float) -> _ClipPool:
-        """Start the actors; :class:`PrepareError` when the cluster cannot hold them in time."""
-        init_ray(address)
-        n = min(workers or max(1, int(cluster_cpus())), len(todo))
-        request = {"CPU": 1.0}
-        what = f"{n} clip worker{'s' if n > 1 else ''}"
-        try:
-            wait_placeable(request, n, what, timeout_s)
-        except PlacementError as e:
-            raise PrepareError(str(e)) from e
-        actor_cls = ray.remote(num_cpus=request["CPU"])(_ClipWorker)
-        cfg_dict = cfg.to_dict()
-        actors = [actor_cls.remote(cfg_dict) for _ in range(n)]
-        ready = [a.__ray_ready__.remote() for a in actors]
-        # Placeable now; start-up (loading the detector) gets its own bounded wait.
-        done, _ = ray.wait(ready, num_returns=n, timeout=max(1.0, timeout_s))
-        if len(done) < n:
-            for a in actors:
-                ray.kill(a)
-            raise PrepareError(f"only {len(done)} of {what} started within {timeout_s:g} s "
-                               "(raise the placement timeout or lower --workers)")
-        try:
-            ray.get(done)  # a worker whose constructor failed raises here
-        except ray.exceptions.RayActorError as e:
-            for a in actors:
-                ray.kill(a)
-            raise PrepareError(f"a clip worker could not start: {e}") from e
-        return cls(ActorPool(actors), todo)
-
-    def results(self) -> Iterator[ClipResult]:
-        """Results in completion order."""
-        yield from self.pool.map_unordered(lambda a, v: a.process.remote(*v), self.todo)
+def _ready_folder(out: str, manifest: Manifest) -> None:
+    """Before writing: an old-layout manifest is rewritten with index files, what a killed run
+    left is adopted or removed (:func:`se4lip_dist.manifest.recover`)."""
+    adopted, _ = recover(manifest, out)
+    if manifest.legacy or adopted:
+        manifest.save(out)
 
 
 def _write_png(url: str, rgb: np.ndarray) -> None:
@@ -659,15 +1077,25 @@ def _write_png(url: str, rgb: np.ndarray) -> None:
 
 
 __all__ = [
+    "CLIPS_PER_SHARD",
     "FAILURES",
+    "ClipOutcome",
+    "ClipRegistry",
     "ClipResult",
+    "ClipWorker",
     "Failure",
+    "PrepareBackend",
     "PrepareError",
     "PrepareInput",
     "PrepareSummary",
     "clip_id_for",
+    "clip_id_from",
     "collect_inputs",
+    "count_listing",
     "input_problem",
+    "iter_input_pages",
+    "listing_rows",
+    "prepare_local",
     "process_clip",
     "run_prepare",
     "segment_bounds",

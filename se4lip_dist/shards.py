@@ -12,8 +12,9 @@ column-name constants, never positional guesses.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -174,14 +175,25 @@ def sha256_file(path: str | Path) -> str:
 
 @dataclass
 class ShardInfo:
-    """What the manifest records about one written shard."""
+    """What the manifest records about one written shard (its clips' records are in its index
+    file, see :mod:`se4lip_dist.manifest`)."""
 
     file: str
     rows: int
     frames: int
     bytes: int
     sha256: str
-    clips: list[str] = field(default_factory=list)
+    clips: int = 0
+    """How many clips the shard holds."""
+    index: str = ""
+    """The shard's index file, beside it (empty until one is written)."""
+
+
+def content_name(prefix: str, clip_ids: list[str]) -> str:
+    """``prefix-<hash>.parquet`` from the clips a shard holds: writing the same clips again
+    (a retried task) publishes the same file instead of a second copy."""
+    digest = hashlib.sha256("\n".join(sorted(clip_ids)).encode()).hexdigest()[:20]
+    return f"{prefix}-{digest}.parquet"
 
 
 class ShardWriter:
@@ -190,14 +202,22 @@ class ShardWriter:
     Each shard is published with :func:`se4lip_dist.storage.write_atomic_with` (local: temp file,
     fsync, rename; object stores: one upload to the final key), and a clip's rows always land in
     one shard, so a shard that exists is complete for every clip it holds. Call :meth:`add` per
-    clip and :meth:`flush` at the end; each write returns its :class:`ShardInfo` so the caller
-    can update the manifest right after the shard is published.
+    clip and :meth:`flush` at the end; each write returns its :class:`ShardInfo` (holding every
+    clip added since the previous write) so the caller can record it right after it is
+    published.
+
+    Names are ``prefix-00000.parquet`` counting up, never overwriting a file; with
+    ``by_content`` they are :func:`content_name` of the clips, so a rewrite of the same clips
+    replaces the file with the same content.
     """
 
-    def __init__(self, out_dir: str | Path, shard_bytes: int, prefix: str) -> None:
+    def __init__(self, out_dir: str | Path, shard_bytes: int, prefix: str, *,
+                 max_clips: int | None = None, by_content: bool = False) -> None:
         self.out_dir = storage.absolute(str(out_dir))
         self.shard_bytes = shard_bytes
+        self.max_clips = max_clips
         self.prefix = prefix
+        self.by_content = by_content
         self._tables: list[pa.Table] = []
         self._clips: list[str] = []
         self._bytes = 0
@@ -210,7 +230,8 @@ class ShardWriter:
         self._tables.append(table)
         self._clips.append(clip_id)
         self._bytes += table.nbytes
-        if self._bytes >= self.shard_bytes:
+        if self._bytes >= self.shard_bytes or (self.max_clips is not None
+                                               and len(self._clips) >= self.max_clips):
             return self.flush()
         return None
 
@@ -219,10 +240,13 @@ class ShardWriter:
         if not self._tables:
             return None
         table = pa.concat_tables(self._tables)
-        name = f"{self.prefix}-{self._count:05d}.parquet"
-        while storage.exists(storage.join(self.out_dir, name)):  # never overwrite a shard
-            self._count += 1
+        if self.by_content:
+            name = content_name(self.prefix, self._clips)
+        else:
             name = f"{self.prefix}-{self._count:05d}.parquet"
+            while storage.exists(storage.join(self.out_dir, name)):  # never overwrite a shard
+                self._count += 1
+                name = f"{self.prefix}-{self._count:05d}.parquet"
         # Small row groups keep Ray Data's read blocks small enough to stream.
         written = storage.write_atomic_with(
             storage.join(self.out_dir, name),
@@ -234,7 +258,7 @@ class ShardWriter:
             frames=int(pa.compute.sum(table["n_frames"]).as_py() or 0),
             bytes=written.size,
             sha256=written.sha256,
-            clips=list(self._clips),
+            clips=len(self._clips),
         )
         self._tables, self._clips, self._bytes = [], [], 0
         self._count += 1

@@ -41,6 +41,10 @@ def stable_unit(text: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
+SPLIT_COLUMNS = ["clip_id", "split", "speaker", "frames"]
+"""The clip-record columns (:meth:`se4lip_dist.manifest.Manifest.clips_table`) a split reads."""
+
+
 @dataclass(frozen=True)
 class SplitRule:
     """How frames are divided between training and validation (picklable into Ray tasks).
@@ -66,7 +70,8 @@ class SplitRule:
             tc.window_frames + tc.max_offset)
         if tc.split != "speaker":
             return cls(tc.split, tc.val_fraction, guard)
-        speakers = sorted({c.speaker or "" for c in manifest.clips.values()})
+        speakers = sorted({s or "" for s in manifest.clips_table(["speaker"])["speaker"]
+                           .unique().to_pylist()})
         if len(speakers) < 2:
             raise SplitError(f"train.split=speaker needs clips of at least two speakers; the "
                              f"manifest names {speakers or ['none']}: use train.split=clip or "
@@ -117,10 +122,15 @@ class SplitRule:
 
 
 def clip_frames(manifest: Any, rule: SplitRule) -> dict[str, dict[str, int]]:
-    """Frames per role for every clip of a manifest: ``{"train": {id: n}, "val": {id: n}}``."""
+    """Frames per role for every clip of a manifest: ``{"train": {id: n}, "val": {id: n}}``.
+
+    Reads only the ``clip_id``, ``split``, ``speaker`` and ``frames`` columns of its index.
+    """
     out: dict[str, dict[str, int]] = {role: {} for role in ROLES}
-    for cid, rec in sorted(manifest.clips.items()):
-        for role, (a, b) in rule.ranges(cid, rec.split, rec.speaker, rec.frames).items():
+    table = manifest.clips_table(SPLIT_COLUMNS).sort_by("clip_id")
+    for cid, split, speaker, frames in zip(*(table[c].to_pylist() for c in SPLIT_COLUMNS),
+                                           strict=True):
+        for role, (a, b) in rule.ranges(cid, split, speaker, frames).items():
             if b > a:
                 out[role][cid] = b - a
     return out
@@ -169,6 +179,7 @@ def crop_rows(batch: dict[str, Any], rule: SplitRule, role: str) -> dict[str, np
 __all__ = [
     "ROLES",
     "SPLITS",
+    "SPLIT_COLUMNS",
     "SplitError",
     "SplitRule",
     "clip_frames",

@@ -464,6 +464,62 @@ def list_files(url: str, recursive: bool = True) -> list[str]:
     return sorted(files, key=lambda u: u.split("/"))
 
 
+def iter_files(url: str, page_size: int = 1000) -> Iterator[list[str]]:
+    """Locations of the files under a folder/prefix (recursively), a page at a time, in the
+    order of :func:`list_files`.
+
+    Nothing beyond one page is held: S3 prefixes are read with ListObjectsV2 pages, local folders
+    are walked; other schemes are listed whole and then paged.
+    """
+    if is_local(url):
+        yield from _pages(_walk_sorted(absolute(url), url), page_size)
+        return
+    fs, path = resolve(url)
+    client = _s3_client(fs) if scheme(url) == "s3" else None
+    if client is None:
+        yield from _pages(iter(list_files(url)), page_size)
+        return
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, prefix = path.partition("/")
+    prefix = f"{prefix.rstrip('/')}/" if prefix else ""
+    pages = client.get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size})
+    try:
+        for page in pages:
+            keys = [c["Key"] for c in page.get("Contents", []) if not c["Key"].endswith("/")]
+            if keys:
+                yield [f"{scheme(url)}://{bucket}/{k}" for k in keys]
+    except (ClientError, BotoCoreError) as e:
+        raise translate_error(url, e, fs) from e
+
+
+def _walk_sorted(folder: str, url: str) -> Iterator[str]:
+    """Files under a local folder, depth first, entries by name (``list_files``' order)."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise translate_error(url, e) from e
+    for e in entries:
+        if e.is_dir():
+            yield from _walk_sorted(e.path, url)
+        elif e.is_file():
+            yield e.path
+
+
+def _pages(items: Iterator[str], size: int) -> Iterator[list[str]]:
+    page: list[str] = []
+    for item in items:
+        page.append(item)
+        if len(page) >= size:
+            yield page
+            page = []
+    if page:
+        yield page
+
+
 def glob(pattern: str) -> list[str]:
     """Locations in one folder whose names match ``pattern``'s last component (fnmatch)."""
     folder, pat = parent(pattern), basename(pattern)
@@ -813,6 +869,7 @@ __all__ = [
     "is_file",
     "is_local",
     "is_temp_name",
+    "iter_files",
     "join",
     "kind",
     "list_files",

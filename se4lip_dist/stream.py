@@ -34,7 +34,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from se4lip_dist.config import Config
 from se4lip_dist.manifest import Manifest, ManifestError
 from se4lip_dist.shards import decode_audio, decode_lips
-from se4lip_dist.splits import SplitRule, crop_rows
+from se4lip_dist.splits import SplitRule, clip_frames, crop_rows
 from se4lip_dist.storage import fs_and_paths
 
 POSITIVE, HARD, FAR, CROSS = 0, 1, 2, 3
@@ -295,8 +295,7 @@ def row_dataset(data_dir: str, cfg: Config) -> ray.data.Dataset:
     """
     manifest = Manifest.load(data_dir)
     rule = SplitRule.for_manifest(manifest, cfg)
-    train = sorted(cid for cid, rec in manifest.clips.items()
-                   if "train" in rule.ranges(cid, rec.split, rec.speaker, rec.frames))
+    train = sorted(clip_frames(manifest, rule)["train"])
     ds = read_shards(data_dir, shuffle_files=True, seed=cfg.train.seed,
                      concurrency=cfg.train.num_workers,
                      row_filter=pc.field("clip_id").isin(train))

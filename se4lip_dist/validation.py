@@ -153,13 +153,8 @@ class HeldOut:
     @classmethod
     def of(cls, name: str, manifest: Manifest, cfg: Config) -> HeldOut:
         """What a model trained with ``cfg`` on ``manifest`` held out."""
-        rule = SplitRule.for_manifest(manifest, cfg)
-        ends = {}
-        for cid, rec in manifest.clips.items():
-            a, b = rule.ranges(cid, rec.split, rec.speaker, rec.frames).get("train", (0, 0))
-            if b > a:
-                ends[cid] = b
-        return cls(name, ends)
+        # A model's training range is a head [0, end) of each clip, so its length is the end.
+        return cls(name, clip_frames(manifest, SplitRule.for_manifest(manifest, cfg))["train"])
 
     def ranges(self, clip_id: str, split: Any, speaker: Any,
                clip_frames: int) -> dict[str, tuple[int, int]]:
@@ -246,8 +241,10 @@ def _read_rows(data_dir: str, manifest: Manifest, clip_ids: set[str],
     """The rows of ``clip_ids`` cut to their validation frames, sorted by (clip, segment);
     only the shards that hold them are read."""
     by_shard: dict[str, list[str]] = {}
-    for c in clip_ids:
-        by_shard.setdefault(manifest.clips[c].shard, []).append(c)
+    index = manifest.clips_table(["clip_id", "shard"])
+    for c, shard in zip(index["clip_id"].to_pylist(), index["shard"].to_pylist(), strict=True):
+        if c in clip_ids:
+            by_shard.setdefault(shard, []).append(c)
     paths = dict(zip([s.file for s in manifest.shards], manifest.shard_paths(data_dir),
                      strict=True))
     rows: list[dict[str, Any]] = []

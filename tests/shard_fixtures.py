@@ -8,11 +8,13 @@ which is all a sync model needs to learn.
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from se4lip_dist.manifest import ClipRecord, Manifest
+from se4lip_dist.manifest import INDEX_GLOB, MANIFEST, ClipRecord, Manifest
 from se4lip_dist.shards import Segment, ShardWriter, encode_jpeg, segments_to_table
 
 FPS = 25
@@ -139,3 +141,22 @@ def write_synthetic_shards(
             pending = {}
     manifest.save(out)
     return manifest
+
+
+def downgrade_to_layout1(out_dir: str | Path) -> dict:
+    """Rewrite a prepared folder the way se4lip-dist wrote it before per-shard index files:
+    every clip record inside ``manifest.json`` (``clips``, and clip ids per shard), no index
+    files. Returns the JSON written."""
+    out = Path(out_dir)
+    m = Manifest.load(out)
+    clips = m.clips
+    d = m.to_json()
+    del d["layout"]
+    d["shards"] = [{k: v for k, v in asdict(s).items() if k != "index"}
+                   | {"clips": sorted(c for c, r in clips.items() if r.shard == s.file)}
+                   for s in m.shards]
+    d["clips"] = {k: asdict(v) for k, v in sorted(clips.items())}
+    for p in out.glob(INDEX_GLOB):
+        p.unlink()
+    (out / MANIFEST).write_text(json.dumps(d, indent=1))
+    return d

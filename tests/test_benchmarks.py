@@ -300,3 +300,28 @@ def _run_quick(name: str, tmp_path: Path) -> None:
     assert rec["inputs"], "every record says what it measured"
     for key in EXPECTED[name]:
         assert key in rec["metrics"], key
+
+
+def test_scale_sim_table_shows_per_clip_ratios() -> None:
+    import scale_sim
+
+    row = {"clips": 1000, "shards": 16, "cpu_s": 1.0, "peak_mib": 1.0, "index_bytes": 40_000,
+           "manifest_bytes": 4000, "first_dispatch_s": 2.0, "wall_s": 4.0,
+           "resume_cpu_s": 0.5, "read_cpu_s": 0.1, "read_peak_mib": 2.0}
+    big = {**row, "clips": 10_000, "shards": 157, "cpu_s": 5.0}
+    lines = scale_sim.table([row, big]).splitlines()
+    assert len(lines) == 4 and lines[1].startswith("| --- |")
+    assert "| 10,000 | 157 | 0.500 (0.50x) |" in lines[3]  # 1.0 vs 0.5 ms per clip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_scale_sim_runs_the_real_pipeline_on_fake_media(tmp_path: Path) -> None:
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "scale_sim.py"), "--sizes", "200", "600",
+                           "--clips-per-shard", "16", "--json", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["clips"] for r in rows] == [200, 600] and rows[1]["shards"] >= 600 // 16
+    assert "| 600 |" in proc.stdout

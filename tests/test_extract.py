@@ -213,6 +213,42 @@ def test_extract_resume_idempotent_bad_inputs(tmp_path, registered, media_dir,
 
 
 @pytest.mark.timeout(300)
+def test_extract_plans_in_the_pipeline_with_an_autoscaling_pool(
+        tmp_path, registered, media_dir, ray_session, monkeypatch) -> None:
+    """Marker reads run in Ray tasks, not one after another on the driver; the encoder pool is
+    autoscaling (1 to ``concurrency`` actors); complete inputs come back as ``skipped`` rows."""
+    from ray.data import ActorPoolStrategy
+
+    from se4lip_dist import extract
+
+    uri, model_uri = registered
+    clips = [str(media_dir / "talk.mp4"), str(media_dir / "voice.wav")]
+    out = tmp_path / "feats"
+    run_extract(clips[:1], model_uri, out, tracking_uri=uri, fmt="frame")
+
+    def on_driver(*a, **k):  # type: ignore[no-untyped-def]
+        raise AssertionError("the driver read a marker")
+
+    pools: list[ActorPoolStrategy] = []
+    real_pool = extract.ActorPoolStrategy
+
+    def recording_pool(**kw):  # type: ignore[no-untyped-def]
+        pools.append(real_pool(**kw))
+        return pools[-1]
+
+    monkeypatch.setattr(extract, "plan_input", on_driver)
+    monkeypatch.setattr(extract, "_read_marker", on_driver)
+    monkeypatch.setattr(extract, "ActorPoolStrategy", recording_pool)
+    rows: list[dict] = []
+    s = run_extract(clips, model_uri, out, tracking_uri=uri, fmt="frame", concurrency=2,
+                    on_result=rows.append)
+    assert (s.extracted, s.skipped, s.exit_code) == (1, 1, 0)
+    assert sorted(r["status"] for r in rows) == ["done", "skipped"]
+    (pool,) = pools
+    assert (pool.min_size, pool.max_size) == (1, 2)
+
+
+@pytest.mark.timeout(300)
 def test_extract_int8_close_to_fp32_and_kept_apart(tmp_path, registered, media_dir,
                                                    ray_session) -> None:
     uri, _ = registered
@@ -262,7 +298,7 @@ def test_gpu_actors_on_a_cluster_without_gpus_fail_fast(tmp_path, registered, me
 
     uri, model_uri = registered
     t0 = time.monotonic()
-    with pytest.raises(ExtractError, match=r"2 encoder actors: each needs CPU 0.5, GPU 1, but no "
+    with pytest.raises(ExtractError, match=r"1 encoder actor: each needs CPU 0.5, GPU 1, but no "
                                            r"node of this Ray cluster has enough GPU"):
         run_extract([str(media_dir / "talk.mp4"), str(media_dir / "voice.wav")], model_uri,
                     tmp_path / "feats", tracking_uri=uri, use_gpu=True, concurrency=2)

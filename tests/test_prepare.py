@@ -250,17 +250,61 @@ def test_parallel_on_ray_matches_in_process(clips, tmp_path: Path) -> None:
     import ray
 
     d, _ = clips
+    events: list = []
     try:
-        s = run_prepare([str(d)], tmp_path / "ray", FIXED, workers=2)
+        s = run_prepare([str(d)], tmp_path / "ray", FIXED, workers=2,
+                        on_start=lambda n: events.append(n), on_result=events.append)
     finally:
         ray.shutdown()
     local = run_prepare([str(d)], tmp_path / "local", FIXED, workers=0)
     assert s.prepared == local.prepared == 3
+    assert events[0] == 3 and [o.status for o in events[1:]] == ["prepared"] * 3
     a, b = _rows_by_clip(tmp_path / "ray"), _rows_by_clip(tmp_path / "local")
     assert a.keys() == b.keys()
     for cid in a:
         assert a[cid][0]["audio"] == b[cid][0]["audio"]
         assert a[cid][0]["lips"] == b[cid][0]["lips"]
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_lost_mid_block_costs_only_its_clips(tmp_path: Path) -> None:
+    """A clip worker's process dies in the middle of a block (after preparing part of it): Ray
+    Data retries the block on a restarted worker, every clip ends up in exactly one shard."""
+    import functools
+
+    import prepare_faults
+    import ray
+    from ray import cloudpickle
+
+    from se4lip_dist.prepare import PrepareBackend
+    from se4lip_dist.runtime import init_ray
+
+    d = tmp_path / "clips"
+    d.mkdir()
+    for i in range(6):
+        make_synthetic_clip(d / f"c{i}.mp4", 1.0, seed=i, size=(64, 64))
+    marker = tmp_path / "died"
+    cloudpickle.register_pickle_by_value(prepare_faults)
+    # Blocks of 3: c4 is the 2nd input of the 2nd block, so c3 (its 1st) is prepared and lost.
+    backend = PrepareBackend(process=functools.partial(prepare_faults.die_once, str(marker),
+                                                       "c4.mp4"))
+    init_ray(num_cpus=2)
+    try:
+        s = run_prepare([str(d)], tmp_path / "out", FIXED, workers=1, clips_per_shard=3,
+                        backend=backend)
+    finally:
+        ray.shutdown()
+        cloudpickle.unregister_pickle_by_value(prepare_faults)
+    assert marker.exists(), "the worker never died: the test proved nothing"
+    assert (s.prepared, len(s.failures), s.total_clips) == (6, 0, 6)
+    calls = [p.name.rsplit(".", 1)[0] for p in Path(f"{marker}.calls").iterdir()]
+    # Only the lost block's work is redone: c3 (done before the death) and c4 (its victim).
+    assert {c for c in calls if calls.count(c) > 1} == {"c3.mp4", "c4.mp4"}, sorted(calls)
+    rows = _rows_by_clip(tmp_path / "out")
+    assert len(rows) == 6 and all(len(v) == 1 for v in rows.values())
+    out = tmp_path / "out"
+    assert {p.name for p in out.glob("shard-*.parquet")} == {
+        sh.file for sh in Manifest.load(out).shards}
 
 
 @pytest.mark.timeout(180)

@@ -144,24 +144,38 @@ def _text(p: Path) -> Path:
 
 
 @pytest.mark.timeout(300)
-def test_prepare_s3_inputs_on_ray_workers(clips: Path, prefix: str, s3_ray) -> None:  # type: ignore[no-untyped-def]
-    """Workers download S3 videos themselves; a labelled S3 manifest and bad URLs work too."""
-    for i in range(3):
+def test_prepare_s3_inputs_on_ray_workers(clips: Path, prefix: str, s3_ray,  # type: ignore[no-untyped-def]
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers download and hash S3 videos themselves (the driver never reads one); a labelled
+    S3 manifest and bad URLs work too."""
+    import pyarrow.fs as pafs
+    # Which of two identical inputs a parallel run keeps is whichever is claimed first: the
+    # labelled clip is given once, the duplicate is one path given twice.
+    _upload(clips / "syn_0.mp4", f"{prefix}/labelled/syn_0.mp4")
+    for i in (1, 2):
         _upload(clips / f"syn_{i}.mp4", f"{prefix}/videos/syn_{i}.mp4")
-    listing = f"{prefix}/videos/list.csv"
+    listing = f"{prefix}/labelled/list.csv"
     storage.write_atomic(listing, "path,speaker,split\nsyn_0.mp4,spk,val\nmissing.mp4,spk,train\n")
-    items = [listing, f"{prefix}/videos", f"{prefix}/nope.mp4", "s3://no-such-bucket-y/x.mp4"]
+    items = [listing, f"{prefix}/videos", f"{prefix}/videos/syn_2.mp4", f"{prefix}/nope.mp4",
+             "s3://no-such-bucket-y/x.mp4"]
     out = f"{prefix}/shards"
-    s = run_prepare(items, out, FIXED, workers=1)
+
+    def driver_reads_video(*a, **k):  # type: ignore[no-untyped-def]
+        raise AssertionError("the driver downloaded or hashed a video")
+
+    with monkeypatch.context() as mp:  # in this (the driver's) process only
+        mp.setattr(storage, "sha256", driver_reads_video)
+        mp.setattr(pafs, "copy_files", driver_reads_video)
+        s = run_prepare(items, out, FIXED, workers=1)
     assert (s.prepared, len(s.duplicates)) == (3, 1)
     errors = {f.input: f.error for f in s.failures}
     assert errors[f"{prefix}/nope.mp4"] == "no such file or folder"
     assert "bucket 'no-such-bucket-y' does not exist" in errors["s3://no-such-bucket-y/x.mp4"]
     assert any("missing.mp4" in i and e == "no such file" for i, e in errors.items())
     m = Manifest.load(out)
-    assert {c.source for c in m.clips.values()} == {f"{prefix}/videos/syn_{i}.mp4"
-                                                   for i in range(3)}
-    assert {c.split for c in m.clips.values()} == {"val", None}
+    assert {c.source: c.split for c in m.clips.values()} == {
+        f"{prefix}/labelled/syn_0.mp4": "val", f"{prefix}/videos/syn_1.mp4": None,
+        f"{prefix}/videos/syn_2.mp4": None}
     local = run_prepare([str(clips)], Path(str(clips.parent / f"local-{uuid.uuid4().hex}")),
                         FIXED, workers=0)
     rows_s3 = {r["clip_id"]: r["audio"] for u in m.shard_paths(out) for r in iter_rows(u)}

@@ -132,6 +132,18 @@ def test_failed_writer_publishes_nothing_and_keeps_the_old_content(root: str) ->
     assert storage.listdir(root) == ["manifest.json"]  # no temp file left behind
 
 
+def test_paged_listing_matches_list_files(root: str) -> None:
+    """Folders and prefixes are listed a page at a time (S3: ListObjectsV2 pages), in the
+    order of list_files, nested folders included."""
+    names = ["a.mp4", "b/c.mp4", "b/d/e.mp4", "b0.mp4", "z.mp4"]
+    for n in names:
+        storage.write_atomic(storage.join(root, "in", n), n)
+    pages = list(storage.iter_files(storage.join(root, "in"), page_size=2))
+    assert [len(p) for p in pages] == [2, 2, 1]
+    assert [u for p in pages for u in p] == storage.list_files(storage.join(root, "in"))
+    assert list(storage.iter_files(storage.join(root, "nothing-here"))) == []
+
+
 def test_local_copy(root: str, tmp_path: Path) -> None:
     src = storage.join(root, "clips", "talk.mp4")
     storage.write_atomic(src, b"video bytes")

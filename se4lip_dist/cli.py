@@ -328,6 +328,9 @@ def _render_prepare(summary) -> None:  # type: ignore[no-untyped-def]
     t.add_row("failed", f"[red]{len(summary.failures)}[/]" if summary.failures else "0")
     t.add_row("frames prepared", f"{summary.frames:,}")
     t.add_row("wall time", f"{summary.wall_seconds:.1f} s ({summary.frames_per_s:.0f} frames/s)")
+    if summary.worker_cpu_seconds:
+        t.add_row("clip workers", f"{summary.workers_used}, {summary.worker_cpu_seconds:.1f} CPU s "
+                  f"({summary.frames_per_worker_cpu_s:.0f} frames per CPU s)")
     if summary.video_seconds:
         t.add_row("shard bytes / video minute", f"{summary.bytes_per_video_minute / 1e6:.2f} MB")
     t.add_row("folder total", f"{summary.total_clips} clips, {summary.total_frames:,} frames")

@@ -62,6 +62,9 @@ PREVIEW_TILES = 16
 LIST_PAGE = 1000
 """Inputs listed per page (an S3 ListObjectsV2 page)."""
 CLIPS_PER_SHARD = 64
+LISTING_TASKS = 4
+"""Most read tasks that list the inputs: each is a Ray worker process (they take no CPU, so
+nothing else bounds how many run), and ``prepare *.mp4`` may name thousands of items."""
 """Default most clips per shard: a block of inputs one worker prepares and a lost one redoes."""
 WORKER_CPUS = 1.0
 
@@ -135,6 +138,14 @@ class PrepareSummary:
     first_dispatch_s: float = 0.0
     """Seconds from the start until a worker took up the first input."""
     manifest_saves: int = 0
+    worker_cpu_seconds: float = 0.0
+    """CPU seconds of the clip workers' processes (start-up and Ray's threads included)."""
+    workers_used: int = 0
+
+    @property
+    def frames_per_worker_cpu_s(self) -> float:
+        """Frames prepared per CPU second of the clip workers: the cost that sizes a cluster."""
+        return self.frames / self.worker_cpu_seconds if self.worker_cpu_seconds > 0 else 0.0
 
     @property
     def frames_per_s(self) -> float:
@@ -160,6 +171,9 @@ class PrepareSummary:
             "total_clips": self.total_clips,
             "total_frames": self.total_frames,
             "first_dispatch_s": round(self.first_dispatch_s, 2),
+            "workers_used": self.workers_used,
+            "worker_cpu_seconds": round(self.worker_cpu_seconds, 2),
+            "frames_per_worker_cpu_s": round(self.frames_per_worker_cpu_s, 1),
         }
 
 
@@ -583,8 +597,9 @@ def listing_rows(item_index: int, item: str, page_size: int, block_rows: Callabl
 
 
 class _Listing(Datasource):
-    """Ray Data source of the listing: one read task per command-line item, yielding blocks as
-    pages are listed (so clips are dispatched before a large prefix is listed to the end)."""
+    """Ray Data source of the listing: up to :data:`LISTING_TASKS` read tasks, each listing a
+    contiguous run of the command-line items and yielding blocks as pages are listed (so clips
+    are dispatched before a large prefix is listed to the end)."""
 
     def __init__(self, items: list[str], clips_per_block: int, workers_hint: int,
                  list_pages: Callable[..., Any]) -> None:
@@ -599,8 +614,13 @@ class _Listing(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: Any = None) -> list[ReadTask]:
         meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
-        return [ReadTask(functools.partial(_read_item, i, item, self), meta)
-                for i, item in enumerate(self.items)]
+        return [ReadTask(functools.partial(_read_items, run.tolist(), self), meta)
+                for run in np.array_split(np.arange(len(self.items)), self.tasks) if len(run)]
+
+    @property
+    def tasks(self) -> int:
+        """How many read tasks list the items."""
+        return max(1, min(len(self.items), LISTING_TASKS))
 
     def block_rows(self, page: int) -> int:
         # Blocks are the unit of work (one actor task, one shard): small pages are spread over
@@ -608,11 +628,13 @@ class _Listing(Datasource):
         return max(1, min(self.clips_per_block, -(-page // (2 * self.workers_hint))))
 
 
-def _read_item(i: int, item: str, source: _Listing) -> Iterator[pa.Table]:
+def _read_items(indices: list[int], source: _Listing) -> Iterator[pa.Table]:
     # One row per block of inputs: Ray Data merges a read task's rows into blocks by bytes,
     # so a row per input would reach the workers as a few huge blocks.
-    for rows in listing_rows(i, item, LIST_PAGE, source.block_rows, source.list_pages):
-        yield pa.table({"block": [json.dumps(rows)]})
+    for i in indices:
+        for rows in listing_rows(i, source.items[i], LIST_PAGE, source.block_rows,
+                                 source.list_pages):
+            yield pa.table({"block": [json.dumps(rows)]})
 
 
 def count_listing(items: list[str], list_pages: Callable[..., Any]) -> int:
@@ -652,7 +674,9 @@ class ClipWorker:
         rows = [r for block in batch["block"].to_pylist() for r in json.loads(block)]
         self.run(rows, outcomes.append, shards.append, keep_partial=False)
         return pa.table({"shards": [json.dumps([asdict(s) for s in shards])],
-                         "outcomes": [json.dumps([o.to_json() for o in outcomes])]})
+                         "outcomes": [json.dumps([o.to_json() for o in outcomes])],
+                         "worker": [f"{ray.get_runtime_context().get_node_id()}:{os.getpid()}"],
+                         "cpu_s": [time.process_time()]})
 
     def run(self, rows: list[dict[str, Any]], on_outcome: Callable[[ClipOutcome], None],
             on_shard: Callable[[ShardInfo], None], *, keep_partial: bool) -> None:
@@ -785,6 +809,7 @@ class _Driver:
         self.total: int | None = None
         self.waiting: list[ClipOutcome] = []
         self.first_started = 0.0
+        self.cpu: dict[str, float] = {}
 
     def start(self, total: int) -> None:
         """The number of inputs is known: ``on_start``, then the outcomes that waited for it."""
@@ -796,6 +821,12 @@ class _Driver:
         waiting, self.waiting = self.waiting, []
         for o in waiting:
             self._report(o)
+
+    def worker_cpu(self, worker: str, cpu_s: float) -> None:
+        """A clip worker's process CPU time so far (the latest report of each counts)."""
+        self.cpu[worker] = max(cpu_s, self.cpu.get(worker, 0.0))
+        self.summary.worker_cpu_seconds = sum(self.cpu.values())
+        self.summary.workers_used = len(self.cpu)
 
     def shard(self, info: ShardInfo) -> None:
         self.committer.add(info)
@@ -952,8 +983,10 @@ def _run_in_process(items: list[str], out: str, preview: str | None, cfg: Config
     driver.start(len(rows))
     worker = ClipWorker(cfg.to_dict(), out, preview, ClipRegistry(manifest), clips_per_shard,
                         backend, detector=detector)
+    cpu0 = time.process_time()
     for i in range(0, len(rows), clips_per_shard):
         worker.run(rows[i:i + clips_per_shard], driver.outcome, driver.shard, keep_partial=True)
+        driver.worker_cpu("in-process", time.process_time() - cpu0)
 
 
 def _run_on_ray(items: list[str], out: str, preview: str | None, cfg: Config,
@@ -974,9 +1007,8 @@ def _run_on_ray(items: list[str], out: str, preview: str | None, cfg: Config,
     # Listing tasks take no CPU: on a small node the clip workers hold every core, and a read
     # task waiting for one would stall the whole pipeline. One block per read task asked for,
     # or Ray Data splits the listing's blocks (which are the shards) to reach its minimum.
-    ds = ray.data.read_datasource(
-        _Listing(items, clips_per_shard, hint, backend.list_pages), num_cpus=0,
-        override_num_blocks=len(items))
+    listing = _Listing(items, clips_per_shard, hint, backend.list_pages)
+    ds = ray.data.read_datasource(listing, num_cpus=0, override_num_blocks=listing.tasks)
     # Every listing row (a block of inputs) its own Ray Data block: the unit a worker takes.
     ds.context.target_max_block_size = 1
     ds = ds.map_batches(
@@ -998,6 +1030,7 @@ def _run_on_ray(items: list[str], out: str, preview: str | None, cfg: Config,
                 driver.shard(ShardInfo(**d))
             for o in json.loads(row["outcomes"]):
                 driver.outcome(ClipOutcome.from_json(o))
+            driver.worker_cpu(row["worker"], row["cpu_s"])
             if driver.total is None and ray.wait([count], timeout=0)[0]:
                 driver.start(_count_or(count, driver.summary.inputs))
         driver.start(_count_or(count, driver.summary.inputs))

@@ -314,6 +314,18 @@ def test_scale_sim_table_shows_per_clip_ratios() -> None:
     assert "| 10,000 | 157 | 0.500 (0.50x) |" in lines[3]  # 1.0 vs 0.5 ms per clip
 
 
+def test_scale_out_table_compares_each_run_per_worker_cpu_with_one_node() -> None:
+    import scale_out
+
+    one = {"nodes": 1, "clips": 10, "frames": 750, "wall_s": 10.0, "workers_used": 1,
+           "worker_cpu_s": 1.0, "frames_per_worker_cpu_s": 750.0, "driver_cpu_s": 2.0}
+    two = {**one, "nodes": 2, "wall_s": 6.0, "workers_used": 2, "worker_cpu_s": 1.25,
+           "frames_per_worker_cpu_s": 600.0}
+    lines = scale_out.table([one, two]).splitlines()
+    assert len(lines) == 4 and lines[1].startswith("| --- |")
+    assert "| 600 | 0.80x | 1.67x |" in lines[3]  # 600 vs 750 per CPU s; 10 s vs 6 s
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_scale_sim_runs_the_real_pipeline_on_fake_media(tmp_path: Path) -> None:

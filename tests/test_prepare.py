@@ -259,6 +259,10 @@ def test_parallel_on_ray_matches_in_process(clips, tmp_path: Path) -> None:
     local = run_prepare([str(d)], tmp_path / "local", FIXED, workers=0)
     assert s.prepared == local.prepared == 3
     assert events[0] == 3 and [o.status for o in events[1:]] == ["prepared"] * 3
+    # The clip workers' own CPU (their processes, start-up included), not the driver's.
+    assert 1 <= s.workers_used <= 2 and s.worker_cpu_seconds > 0.5, s.to_json()
+    assert s.frames_per_worker_cpu_s == pytest.approx(s.frames / s.worker_cpu_seconds)
+    assert local.workers_used == 1 and local.worker_cpu_seconds > 0
     a, b = _rows_by_clip(tmp_path / "ray"), _rows_by_clip(tmp_path / "local")
     assert a.keys() == b.keys()
     for cid in a:
@@ -450,3 +454,20 @@ def test_failures_table_shows_the_file_name_of_a_long_path(tmp_path: Path) -> No
     assert "take (1).mp4" in first_cells, table
     assert "gone.mp4 (clips.csv:2)" in first_cells, table  # a manifest line's missing file
     assert "…" not in table
+
+
+def test_many_items_are_listed_by_a_bounded_number_of_read_tasks(tmp_path: Path) -> None:
+    """``prepare a.mp4 b.mp4 ...`` (a shell glob) lists every item once, in order, from a few
+    read tasks: each is a Ray worker process that takes no CPU, so one per item would start
+    as many processes as the command line names files."""
+    from se4lip_dist.prepare import LISTING_TASKS, _Listing, iter_input_pages
+
+    items = []
+    for i in range(50):
+        (tmp_path / f"v{i:02d}.mp4").write_bytes(b"x")
+        items.append(str(tmp_path / f"v{i:02d}.mp4"))
+    tasks = _Listing(items, 64, 2, iter_input_pages).get_read_tasks(200)
+    assert 1 <= len(tasks) <= LISTING_TASKS
+    rows = [r for t in tasks for block in t() for r in json.loads(block["block"][0].as_py())]
+    assert [r["path"] for r in rows] == items
+    assert [r["key"] for r in rows] == [f"{i}:0" for i in range(50)]

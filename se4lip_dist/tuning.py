@@ -32,7 +32,6 @@ import ray.train
 import ray.tune
 from mlflow import MlflowClient
 from ray import tune
-from ray.train.torch import TorchTrainer
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -44,7 +43,7 @@ from se4lip_dist.lifecycle import Candidate, GateError, publish
 from se4lip_dist.manifest import Manifest
 from se4lip_dist.placement import DEFAULT_TIMEOUT_S, PlacementError, check_feasible, wait_placeable
 from se4lip_dist.resources import Resources
-from se4lip_dist.runtime import cluster_cpus, init_ray, own_sigint, worker_env
+from se4lip_dist.runtime import cluster_cpus, init_ray, own_sigint
 from se4lip_dist.spaces import load_space
 from se4lip_dist.splits import SplitRule, clip_frames
 from se4lip_dist.storage import redact_uri
@@ -63,9 +62,8 @@ from se4lip_dist.tracking import (
 )
 from se4lip_dist.train import (
     BEST_PREFIX,
+    build_trainer,
     load_checkpoint_dir,
-    train_loop,
-    training_data_config,
     training_datasets,
 )
 from se4lip_dist.validation import METRICS, TIE_BREAK, metric_name
@@ -229,8 +227,7 @@ def tune_trial(config: dict[str, Any]) -> None:
     trial = ray.tune.get_context().get_trial_name()
     run_id = _child_run(job, trial, cfg, params)
     data_dir = job["data_dir"]
-    resources = Resources(DRIVER_CPUS, job["worker_cpus"], job["worker_gpus"],
-                          job["num_workers"], None).worker_bundle()
+    resources = trial_plan(job).worker_bundle()
     # Before the trial queues: Ray Data samples the shards with 1-CPU tasks as it builds them,
     # which could wait behind the ranks and queued drivers that hold the cluster later on.
     datasets = training_datasets(data_dir, cfg)
@@ -253,30 +250,37 @@ def tune_trial(config: dict[str, Any]) -> None:
     # Train then waits for capacity as long as this trial may, instead of failing and
     # retrying every 60 s (its default).
     os.environ.setdefault(TRAIN_START_TIMEOUT_ENV, str(max(60.0, job["placement_timeout_s"])))
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "data_dir": data_dir,
-                           "tracking_uri": job["tracking_uri"], "run_id": run_id},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=job["num_workers"], use_gpu=bool(job["worker_gpus"]),
-            resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            # Stable per trial: a resumed tune resumes each unfinished trial's Train run.
-            name=f"{job['name']}-{trial}",
-            storage_path=job["storage"],
-            callbacks=[TuneReportCallback()],
-            failure_config=ray.train.FailureConfig(max_failures=1),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": worker_env()},
-        ),
-        datasets=datasets,
-        dataset_config=training_data_config(),
-    )
-    result = trainer.fit()
+    result = trial_trainer(job, trial, cfg, run_id, datasets).fit()
     if result.error is not None:
         raise result.error
 
     end_run(job["tracking_uri"], run_id, "FINISHED")
+
+
+def trial_plan(job: dict[str, Any]) -> Resources:
+    """One trial's reservation, as planned by :func:`plan_resources` for the whole job."""
+    return Resources(DRIVER_CPUS, job["worker_cpus"], job["worker_gpus"], job["num_workers"],
+                     None)
+
+
+def trial_trainer(job: dict[str, Any], trial: str, cfg: Config, run_id: str | None,
+                  datasets: dict[str, Any] | None = None) -> Any:
+    """The trial's ``TorchTrainer``: :func:`se4lip_dist.train.build_trainer` with the trial's
+    ranks and names, reporting each epoch to Tune.
+
+    Args:
+        job: the tune job's settings (``base`` config, data, store, ranks per trial).
+        trial: the Tune trial name (its Train run is ``<tune name>-<trial>``).
+        cfg: the trial's config (the base with the trial's parameters).
+        run_id: the trial's MLflow child run.
+        datasets: built already (default: built here).
+    """
+    return build_trainer(
+        cfg, job["data_dir"], trial_plan(job),
+        # Stable per trial: a resumed tune resumes each unfinished trial's Train run.
+        name=f"{job['name']}-{trial}", storage_path=job["storage"],
+        tracking_uri=job["tracking_uri"], run_id=run_id, datasets=datasets,
+        callbacks=[TuneReportCallback()])
 
 
 TRAIN_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"

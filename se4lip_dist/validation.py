@@ -21,6 +21,7 @@ What is scored (all settings are in :class:`Protocol`, recorded with every score
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable
@@ -30,9 +31,9 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-import torch.distributed as dist
 
 from se4lip_dist import storage
+from se4lip_dist.collectives import all_gather, all_reduce_sum
 from se4lip_dist.config import HEADLINE, Config
 from se4lip_dist.losses import sync_bce_loss, sync_cosine
 from se4lip_dist.manifest import Manifest
@@ -296,26 +297,6 @@ class ValidationResult:
         return {k: [r.get(k) for r in rows] for k in keys}
 
 
-def _reducer(device: torch.device) -> Callable[[list[float]], list[float]]:
-    """Sum across ranks under torch.distributed (on ``device``: NCCL reduces CUDA tensors only)."""
-    def reduce(values: list[float]) -> list[float]:
-        if not (dist.is_available() and dist.is_initialized()):
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-    return reduce
-
-
-def _default_gather(obj: Any) -> list[Any]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _units(vset: ValidationSet, cfg: Config) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """``(unit name, lips, audio)`` of every unit this rank searches: whole clips, or the
     ``chunk_frames`` pieces of each (named ``clip#k``)."""
@@ -410,7 +391,7 @@ def score(
     *,
     keep_curve: bool = False,
     reduce: Callable[[list[float]], list[float]] | None = None,
-    gather: Callable[[Any], list[Any]] = _default_gather,
+    gather: Callable[[Any], list[Any]] = all_gather,
 ) -> ValidationResult:
     """Score a whole :class:`~se4lip_dist.models.SE4Lip` (unwrapped, any device) on ``vset``.
 
@@ -422,7 +403,7 @@ def score(
         offset searches.
     """
     device = torch.device(device)
-    reduce = reduce or _reducer(device)
+    reduce = reduce or functools.partial(all_reduce_sum, device=device)
     p = vset.protocol
     spec = PairSpec(window_frames=cfg.train.window_frames,
                     samples_per_frame=cfg.data.samples_per_frame,

@@ -19,8 +19,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from mlflow import MlflowClient
@@ -31,6 +32,8 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 from se4lip_dist.plots import offset_curve_figure, pyplot, save_figure
 from se4lip_dist.storage import redact_uri
+
+T = TypeVar("T")
 
 RUNS_DIR = "se4lip-runs"
 """Folder under the working directory that holds the embedded store, artifacts and checkpoints."""
@@ -341,6 +344,17 @@ class RunLogger:
         self.client.log_table(self.run_id, data=columns, artifact_file=artifact_file)
 
 
+def none_if_missing(call: Callable[[], T]) -> T | None:
+    """``call()``, or None where MLflow answers that the thing asked for does not exist; every
+    other error is raised (a caller must not read a failing store as "none")."""
+    try:
+        return call()
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
 __all__ = [
     "RUNS_DIR",
     "RunLogger",
@@ -354,6 +368,7 @@ __all__ = [
     "git_revision",
     "log_datasets",
     "log_parent_model",
+    "none_if_missing",
     "reopen_run",
     "resolve_tracking_uri",
     "run_context_tags",

@@ -133,14 +133,6 @@ def log_model(
 
         build_model(cfg.model, sample_rate=cfg.data.sample_rate,
                     window_frames=cfg.train.window_frames).lips.load_state_dict(lips_state)
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1), name=INPUT_NAME)]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, encoder.embed_dim),
-                                   name=OUTPUT_NAME)]),
-    )
-    # One lip window's worth of audio: what the encoder embeds per video frame.
-    window = cfg.train.window_frames * cfg.data.samples_per_frame
-    example = {INPUT_NAME: np.zeros((1, window), np.float32)}
     client = MlflowClient(tracking_uri=tracking_uri)
     run = client.get_run(run_id)
     logged = client.create_logged_model(
@@ -148,29 +140,8 @@ def log_model(
         tags={k: str(v) for k, v in (tags or {}).items()}, model_type="se4lip-speech-encoder")
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            src = Path(tmp) / "src"
-            src.mkdir()
-            torch.save({k: v.detach().cpu().contiguous() for k, v in speech_state.items()},
-                       src / WEIGHTS_FILE)
-            (src / CONFIG_FILE).write_text(cfg.to_yaml())
-            artifacts = {"weights": str(src / WEIGHTS_FILE), "config": str(src / CONFIG_FILE)}
-            if lips_state is not None:
-                torch.save({k: v.detach().cpu().contiguous() for k, v in lips_state.items()},
-                           src / LIPS_FILE)
-                artifacts["lips"] = str(src / LIPS_FILE)
-            out = Path(tmp) / "model"
-            mlflow.pyfunc.save_model(
-                path=str(out),
-                python_model=str(CODE_FILE),
-                artifacts=artifacts,
-                signature=signature,
-                input_example=example,
-                pip_requirements=_pip_requirements(),
-                metadata={"embed_dim": encoder.embed_dim, "sample_rate": cfg.data.sample_rate,
-                          "window_frames": cfg.train.window_frames, "preset": cfg.preset},
-                mlflow_model=Model(artifact_path=logged.artifact_location, run_id=run_id,
-                                   model_id=logged.model_id),
-            )
+            out = _save_pyfunc(Path(tmp), cfg, speech_state, lips_state, encoder.embed_dim,
+                               logged, run_id)
             client.log_model_artifacts(logged.model_id, str(out))
         client.finalize_logged_model(logged.model_id, "READY")
         client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step)])
@@ -178,6 +149,43 @@ def log_model(
         client.finalize_logged_model(logged.model_id, "FAILED")
         raise
     return f"models:/{logged.model_id}"
+
+
+def _save_pyfunc(tmp: Path, cfg: Config, speech_state: dict[str, torch.Tensor],
+                 lips_state: dict[str, torch.Tensor] | None, embed_dim: int, logged: Any,
+                 run_id: str) -> Path:
+    """Write the pyfunc model folder (weights, config, signature, example) under ``tmp``."""
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1), name=INPUT_NAME)]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, embed_dim), name=OUTPUT_NAME)]),
+    )
+    # One lip window's worth of audio: what the encoder embeds per video frame.
+    window = cfg.train.window_frames * cfg.data.samples_per_frame
+    example = {INPUT_NAME: np.zeros((1, window), np.float32)}
+    src = tmp / "src"
+    src.mkdir()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in speech_state.items()},
+               src / WEIGHTS_FILE)
+    (src / CONFIG_FILE).write_text(cfg.to_yaml())
+    artifacts = {"weights": str(src / WEIGHTS_FILE), "config": str(src / CONFIG_FILE)}
+    if lips_state is not None:
+        torch.save({k: v.detach().cpu().contiguous() for k, v in lips_state.items()},
+                   src / LIPS_FILE)
+        artifacts["lips"] = str(src / LIPS_FILE)
+    out = tmp / "model"
+    mlflow.pyfunc.save_model(
+        path=str(out),
+        python_model=str(CODE_FILE),
+        artifacts=artifacts,
+        signature=signature,
+        input_example=example,
+        pip_requirements=_pip_requirements(),
+        metadata={"embed_dim": embed_dim, "sample_rate": cfg.data.sample_rate,
+                  "window_frames": cfg.train.window_frames, "preset": cfg.preset},
+        mlflow_model=Model(artifact_path=logged.artifact_location, run_id=run_id,
+                           model_id=logged.model_id),
+    )
+    return out
 
 
 def register_model(

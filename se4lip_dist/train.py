@@ -707,15 +707,7 @@ def run_train(
     """
     metric_name(cfg.train.select_metric)  # an unknown metric fails before anything starts
     data_dir = storage.absolute(data_dir)  # workers run elsewhere: an absolute path or URL
-    manifest = Manifest.load(data_dir)
-    manifest.check_shards(data_dir)  # another schema version fails here, before any run exists
-    rule = SplitRule.for_manifest(manifest, cfg)
-    frames = clip_frames(manifest, rule)
-    if not frames["train"] or not frames["val"]:
-        raise TrainError(f"{data_dir}: need frames to train on and to validate on; "
-                         f"{rule.describe()} gives {len(frames['train'])} training and "
-                         f"{len(frames['val'])} validation clips")
-    splits = {role: sorted(frames[role]) for role in frames}
+    manifest, rule, frames = _training_frames(data_dir, cfg)
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)  # before Ray starts: a wrong URI fails in seconds, not after training
     if address or os.environ.get("RAY_ADDRESS"):
@@ -727,32 +719,9 @@ def run_train(
     data_hash = manifest.content_hash()
 
     if saved is not None:
-        saved_cfg = Config.from_dict(saved["config"])
-        if saved_cfg.model != cfg.model or saved_cfg.train.window_frames != cfg.train.window_frames:
-            raise TrainError(f"--resume {name}: the model config differs from the saved run's; "
-                             "resume with the same preset/--config/--set model.*")
-        run_id = saved["run_id"]
-        reopen_run(uri, run_id)
+        run_id = _reopen(cfg, saved, name, uri)
     else:
-        params = flatten(cfg.to_dict())
-        params.update({"data.dir": redact_uri(str(data_dir)), "data.manifest_hash": data_hash,
-                       "data.train_clips": len(splits["train"]),
-                       "data.val_clips": len(splits["val"]),
-                       "data.train_frames": sum(frames["train"].values()),
-                       "data.val_frames": sum(frames["val"].values()),
-                       "data.split": rule.describe(), "ray.run_name": name,
-                       "ray.storage_path": redact_uri(store)})
-        tags = {"se4lip.preset": cfg.preset, "se4lip.data_manifest_hash": data_hash,
-                "se4lip.ray_run_name": name, "se4lip.kind": "train"}
-        run_id = start_run(
-            uri, experiment, name, params=params, tags=tags, config_yaml=cfg.to_yaml(),
-            command="train",
-            description=(f"Training run: preset `{cfg.preset}`, {run_label(cfg)}, on "
-                         f"{len(splits['train'])} train / {len(splits['val'])} validation clips "
-                         f"of data `{data_hash}`. The best epoch by `{cfg.train.select_metric}` "
-                         "is the logged model."))
-        log_datasets(uri, run_id, data_hash=data_hash, source=str(data_dir),
-                     splits={"training": splits["train"], "validation": splits["val"]})
+        run_id = _start(cfg, data_dir, uri, experiment, name, store, rule, frames, data_hash)
         if init_info is not None:
             log_parent_model(uri, run_id, init_info)
         _write_run_state(store, name, {"run_id": run_id, "experiment": experiment,
@@ -762,14 +731,63 @@ def run_train(
         out = _fit(cfg, data_dir, uri, run_id, name, store, use_gpu, address, max_failures,
                    placement_timeout_s, init_state)
     except BaseException:
-        from se4lip_dist.tracking import end_run
-
         end_run(uri, run_id, status="FAILED")
         raise
     result = _finish(cfg, out, uri, run_id, register, data_dir, data_hash)
     result.update({"run_name": name, "experiment": experiment,
                    "tracking_uri": redact_uri(uri), "storage_path": redact_uri(store)})
     return result
+
+
+def _training_frames(data_dir: str, cfg: Config) -> tuple[Manifest, SplitRule,
+                                                           dict[str, dict[str, int]]]:
+    """The manifest, split rule and frames per clip of each split; fails (before any run
+    exists) on another schema version or a split without frames."""
+    manifest = Manifest.load(data_dir)
+    manifest.check_shards(data_dir)  # another schema version fails here, before any run exists
+    rule = SplitRule.for_manifest(manifest, cfg)
+    frames = clip_frames(manifest, rule)
+    if not frames["train"] or not frames["val"]:
+        raise TrainError(f"{data_dir}: need frames to train on and to validate on; "
+                         f"{rule.describe()} gives {len(frames['train'])} training and "
+                         f"{len(frames['val'])} validation clips")
+    return manifest, rule, frames
+
+
+def _reopen(cfg: Config, saved: dict[str, Any], name: str, uri: str) -> str:
+    """The MLflow run of a resumed Ray Train run, reopened; the model must not have changed."""
+    saved_cfg = Config.from_dict(saved["config"])
+    if saved_cfg.model != cfg.model or saved_cfg.train.window_frames != cfg.train.window_frames:
+        raise TrainError(f"--resume {name}: the model config differs from the saved run's; "
+                         "resume with the same preset/--config/--set model.*")
+    reopen_run(uri, saved["run_id"])
+    return saved["run_id"]
+
+
+def _start(cfg: Config, data_dir: str, uri: str, experiment: str, name: str, store: str,
+           rule: SplitRule, frames: dict[str, dict[str, int]], data_hash: str) -> str:
+    """A fresh MLflow run with its config, data and datasets logged; its id."""
+    splits = {role: sorted(frames[role]) for role in frames}
+    params = flatten(cfg.to_dict())
+    params.update({"data.dir": redact_uri(str(data_dir)), "data.manifest_hash": data_hash,
+                   "data.train_clips": len(splits["train"]),
+                   "data.val_clips": len(splits["val"]),
+                   "data.train_frames": sum(frames["train"].values()),
+                   "data.val_frames": sum(frames["val"].values()),
+                   "data.split": rule.describe(), "ray.run_name": name,
+                   "ray.storage_path": redact_uri(store)})
+    tags = {"se4lip.preset": cfg.preset, "se4lip.data_manifest_hash": data_hash,
+            "se4lip.ray_run_name": name, "se4lip.kind": "train"}
+    run_id = start_run(
+        uri, experiment, name, params=params, tags=tags, config_yaml=cfg.to_yaml(),
+        command="train",
+        description=(f"Training run: preset `{cfg.preset}`, {run_label(cfg)}, on "
+                     f"{len(splits['train'])} train / {len(splits['val'])} validation clips "
+                     f"of data `{data_hash}`. The best epoch by `{cfg.train.select_metric}` "
+                     "is the logged model."))
+    log_datasets(uri, run_id, data_hash=data_hash, source=str(data_dir),
+                 splits={"training": splits["train"], "validation": splits["val"]})
+    return run_id
 
 
 def _fit(cfg: Config, data_dir: str, uri: str, run_id: str, name: str, store: str,

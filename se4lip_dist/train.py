@@ -1,10 +1,12 @@
 """``se4lip-dist train``: Ray Data pairs -> Ray Train ``TorchTrainer`` (DDP) -> MLflow run + model.
 
 The driver (:func:`run_train`) validates the data, resolves tracking, opens (or reopens) the MLflow
-run, starts or joins Ray, and fits a ``TorchTrainer`` whose workers run :func:`train_loop`. Every
-epoch each worker trains on its streamed share of the pairs, all workers score their share of the
-validation clips (:mod:`se4lip_dist.validation`, sums reduced across ranks), and rank 0 logs to
-MLflow and reports a checkpoint. The best validated epoch (``train.select_metric``) is kept in
+run, starts or joins Ray, and fits the ``TorchTrainer`` of :func:`build_trainer` (the one ``tune``
+trials and the benchmarks use too), whose workers run :func:`train_loop`. A worker's state and
+the parts of an epoch are a :class:`TrainRecipe`: every epoch each worker trains on its streamed
+share of the pairs, all workers score their share of the validation clips
+(:mod:`se4lip_dist.validation`, sums reduced across ranks), and rank 0 logs to MLflow and
+reports a checkpoint. The best validated epoch (``train.select_metric``) is kept in
 every checkpoint; after the fit the driver hands it to :mod:`se4lip_dist.lifecycle` (log,
 register, gate, alias).
 
@@ -433,7 +435,7 @@ def _report(recipe: TrainRecipe, metrics: dict[str, Any], config: dict[str, Any]
 
 
 def epoch_batches(train_ds: Any, cfg: Config, rule: Any, epoch: int, device: Any,
-             world: int) -> Iterator[dict[str, Any]]:
+                  world: int) -> Iterator[dict[str, Any]]:
     """Training batches of one epoch: one pass over the rows, or, with
     ``train.steps_per_epoch``, as many fresh passes as the steps need. Pairs are drawn from
     ``(train.seed, epoch, pass)`` (and the rows), so a run with the same seed repeats them.

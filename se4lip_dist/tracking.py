@@ -344,6 +344,16 @@ class RunLogger:
         self.client.log_table(self.run_id, data=columns, artifact_file=artifact_file)
 
 
+def job_tracking_uri(uri: str | None, address: str | None, command: str) -> str:
+    """The tracking URI a job logs to, checked before Ray starts: a server that does not answer
+    fails in seconds, and a node-local store is refused for a job on a Ray cluster."""
+    uri = resolve_tracking_uri(uri)
+    check_reachable(uri)
+    if address or os.environ.get("RAY_ADDRESS"):
+        check_cluster_store(uri, command)
+    return uri
+
+
 def none_if_missing(call: Callable[[], T]) -> T | None:
     """``call()``, or None where MLflow answers that the thing asked for does not exist; every
     other error is raised (a caller must not read a failing store as "none")."""
@@ -366,6 +376,7 @@ __all__ = [
     "ensure_experiment",
     "existing_store",
     "git_revision",
+    "job_tracking_uri",
     "log_datasets",
     "log_parent_model",
     "none_if_missing",

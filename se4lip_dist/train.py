@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import tempfile
 import time
 import uuid
@@ -53,14 +52,12 @@ from se4lip_dist.stream import PairSpec, iter_pair_batches, pair_seed, row_datas
 from se4lip_dist.tracking import (
     RUNS_DIR,
     RunLogger,
-    check_cluster_store,
-    check_reachable,
     end_run,
+    job_tracking_uri,
     log_datasets,
     log_parent_model,
     redact_uri,
     reopen_run,
-    resolve_tracking_uri,
     set_description,
     start_run,
 )
@@ -710,10 +707,7 @@ def run_train(
     metric_name(cfg.train.select_metric)  # an unknown metric fails before anything starts
     data_dir = storage.absolute(data_dir)  # workers run elsewhere: an absolute path or URL
     manifest, rule, frames = _training_frames(data_dir, cfg)
-    uri = resolve_tracking_uri(tracking_uri)
-    check_reachable(uri)  # before Ray starts: a wrong URI fails in seconds, not after training
-    if address or os.environ.get("RAY_ADDRESS"):
-        check_cluster_store(uri, "train")
+    uri = job_tracking_uri(tracking_uri, address, "train")  # fails before Ray starts
     init_state, init_info = (load_init(cfg, uri) if cfg.train.init and not resume
                              else (None, None))
     store = storage.absolute(storage_path or default_storage_path())

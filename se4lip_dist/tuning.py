@@ -50,13 +50,11 @@ from se4lip_dist.storage import redact_uri
 from se4lip_dist.tracking import (
     RUNS_DIR,
     RunLogger,
-    check_cluster_store,
-    check_reachable,
     end_run,
     ensure_experiment,
+    job_tracking_uri,
     log_datasets,
     reopen_run,
-    resolve_tracking_uri,
     set_description,
     start_run,
 )
@@ -412,10 +410,7 @@ def run_tune(
     manifest = Manifest.load(data_dir)
     manifest.check_shards(data_dir)  # old-schema shards fail here, not inside every trial
     data_hash = manifest.content_hash()
-    uri = resolve_tracking_uri(opts.tracking_uri)
-    check_reachable(uri)
-    if opts.address or os.environ.get("RAY_ADDRESS"):
-        check_cluster_store(uri, "tune")
+    uri = job_tracking_uri(opts.tracking_uri, opts.address, "tune")
     # Checked before Ray starts: a bad space, data folder or server fails in a second.
     store = storage.absolute(opts.storage_path or default_storage_path())
     exp_dir = storage.join(store, opts.name)

@@ -19,9 +19,11 @@ Bounds: the JPEG-decode floor (decoding ``window_frames`` crops, single thread) 
 floor (``make_pair_batch`` on the same rows in this process, no pipeline at all), both per
 window. With ``py-spy`` installed, the full run profiles the coordinator and the consumer.
 
-Training: the same loop (cpu-small model, 1 torch thread, batch 32) inside a 1-worker
-TorchTrainer, fed by ``stream.iter_pair_batches`` on the Ray dataset shard or by the DataLoader,
-for ``TRAIN_STEPS`` steps; samples/s, data-wait fraction and CPU per window of all processes.
+Training: the product's own loop (``se4lip_dist.train.TrainRecipe.train_epoch``; cpu-small
+model, 1 torch thread, batch 32) inside a 1-worker TorchTrainer built by
+``se4lip_dist.train.build_trainer``, fed by ``train.epoch_batches`` on the Ray dataset shard or by
+the DataLoader, for ``TRAIN_STEPS`` steps; samples/s, data-wait fraction and CPU per window of
+all processes.
 """
 
 from __future__ import annotations
@@ -434,75 +436,48 @@ def _module(file: str) -> str:
 
 
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
-    """``config["steps"]`` cpu-small steps in a Ray Train worker, fed by ``config["feed"]``."""
+    """``config["steps"]`` steps of the product's loop (``TrainRecipe.train_epoch``, the loop
+    ``se4lip_dist.train.train_loop`` runs each epoch) in a Ray Train worker, fed by
+    ``config["feed"]``: the product's ``epoch_batches`` on the Ray dataset shard, or the
+    DataLoader."""
     import ray.train
+    import ray.train.torch
     import torch
 
     from se4lip_dist.config import Config
-    from se4lip_dist.losses import sync_bce_loss
-    from se4lip_dist.models import build_model, lip_input
-    from se4lip_dist.stream import PairSpec, iter_pair_batches, pair_seed
+    from se4lip_dist.train import TrainRecipe, epoch_batches
 
     torch.set_num_threads(1)
     cfg = Config.from_dict(config["cfg"])
     rule = _rule(config["data_dir"], cfg)
-
-    def batches() -> Iterator[dict[str, Any]]:
-        shard = ray.train.get_dataset_shard("train") if config["feed"] == "ray" else None
-        spec = PairSpec.from_config(cfg)
-        for epoch in range(10_000):
-            if shard is None:
-                yield from dataloader_batches(config["paths"], cfg, rule)
-            else:
-                yield from iter_pair_batches(shard, spec=spec, rule=rule,
-                                             seed=pair_seed(cfg.train.seed, epoch),
-                                             batch_size=BATCH, rows_per_batch=ROWS_PER_TASK)
-
-    torch.manual_seed(0)
-    model = build_model(cfg.model, sample_rate=cfg.data.sample_rate,
-                        window_frames=cfg.train.window_frames)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-    it = batches()
+    recipe = TrainRecipe(cfg, device=ray.train.torch.get_device())
+    recipe.setup(place=ray.train.torch.prepare_model)
+    if config["feed"] == "ray":  # train.steps_per_epoch: as many passes as the steps need
+        it = epoch_batches(ray.train.get_dataset_shard("train"), cfg, rule, 0, recipe.device, 1)
+    else:
+        it = (b for _ in range(10_000) for b in dataloader_batches(config["paths"], cfg, rule))
     next(it)  # first batch: stream start-up is not a training step
-    wait = 0.0
-    done = seen = 0
-    t_wall, t_start = time.time(), time.perf_counter()
-    while done < config["steps"]:
-        t0 = time.perf_counter()
-        batch = next(it)
-        wait += time.perf_counter() - t0
-        a, v = model(batch["wav"], lip_input(batch["lips"], cfg.model))
-        loss = sync_bce_loss(a, v, batch["label"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        done += 1
-        seen += len(batch["label"])
-    total = time.perf_counter() - t_start
-    return {"steps": done, "windows": seen, "samples_per_s": seen / total,
-            "data_wait_fraction": wait / total, "t0": t_wall, "t1": time.time()}
+    t_wall = time.time()
+    stats = recipe.train_epoch(it)
+    return {"steps": recipe.step, "windows": int(stats.seen),
+            "samples_per_s": stats.seen / stats.elapsed,
+            "data_wait_fraction": stats.wait / stats.elapsed, "t0": t_wall, "t1": time.time()}
 
 
 def train_side(feed: str, data: Path, paths: list[str], cfg: Any, steps: int,
                timeline: CpuTimeline) -> dict[str, Any]:
-    """One 1-worker TorchTrainer run of :func:`train_loop`; its numbers and CPU per window."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    """One 1-worker run of :func:`train_loop`, in the trainer ``train`` and ``tune`` build
+    (``se4lip_dist.train.build_trainer``); its numbers and CPU per window."""
+    from se4lip_dist.resources import Resources
+    from se4lip_dist.train import build_trainer
 
-    from se4lip_dist.stream import row_dataset
-    from se4lip_dist.train import training_data_config
-
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "feed": feed, "data_dir": str(data),
-                           "paths": paths, "steps": steps},
-        scaling_config=ray.train.ScalingConfig(num_workers=1,
-                                               resources_per_worker={"CPU": 0.5}),
-        run_config=ray.train.RunConfig(name=f"bench-pipeline-{feed}",
-                                       storage_path=tempfile.mkdtemp(prefix="se4lip-bp-")),
-        datasets={"train": row_dataset(str(data), cfg)} if feed == "ray" else {},
-        dataset_config=training_data_config(),
-    )
+    cfg = cfg.override({"train.batch_size": BATCH, "train.steps_per_epoch": steps,
+                        "train.max_steps": None, "train.epochs": 1})
+    trainer = build_trainer(
+        cfg, str(data), Resources(0.0, 0.5, 0, 1, 1), name=f"bench-pipeline-{feed}",
+        storage_path=tempfile.mkdtemp(prefix="se4lip-bp-"),
+        datasets=None if feed == "ray" else {}, loop=train_loop,
+        extra_config={"feed": feed, "paths": paths, "steps": steps})
     result = trainer.fit()
     if result.error is not None:
         raise result.error

@@ -1,10 +1,11 @@
 """Ray overhead: a 1-worker TorchTrainer vs a plain single-process PyTorch loop.
 
 Both run :func:`train_steps`: the cpu-small model, the same fixed batches (seeded random waveforms
-and lip crops, so no data pipeline is measured), the same optimizer step as ``train.py``, with
-the same torch thread count. The plain loop runs before and after the trainer; the trainer's
-samples/s is timed inside its worker, so Ray start-up (cluster, controller, worker group) is left
-out of the ratio and reported separately.
+and lip crops, so no data pipeline is measured), the product's own optimizer step
+(``train.TrainRecipe.train_step``), with the same torch thread count; the trainer is the one
+``train`` and ``tune`` build (``train.build_trainer``). The plain loop runs before and after the
+trainer; the trainer's samples/s is timed inside its worker, so Ray start-up (cluster,
+controller, worker group) is left out of the ratio and reported separately.
 """
 
 from __future__ import annotations
@@ -23,21 +24,19 @@ def train_steps(config: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from se4lip_dist.config import Config
-    from se4lip_dist.losses import sync_bce_loss
-    from se4lip_dist.models import build_model, lip_input
+    from se4lip_dist.train import TrainRecipe
 
     t_enter = time.time()
     cfg = Config.from_dict(config["cfg"])
     torch.set_num_threads(config["threads"])
-    torch.manual_seed(0)
-    model = build_model(cfg.model, sample_rate=cfg.data.sample_rate,
-                        window_frames=cfg.train.window_frames)
+    recipe = TrainRecipe(cfg)
     in_ray = config.get("ray", False)
     if in_ray:
         import ray.train.torch
 
-        model = ray.train.torch.prepare_model(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+        recipe.setup(place=ray.train.torch.prepare_model)
+    else:
+        recipe.setup()
     g = torch.Generator().manual_seed(1)
     b, t, spf = cfg.train.batch_size, cfg.train.window_frames, cfg.data.samples_per_frame
     c = cfg.data.crop_size
@@ -47,14 +46,7 @@ def train_steps(config: dict[str, Any]) -> dict[str, Any]:
          "label": (torch.rand(b, generator=g) > 0.5).float()}
         for _ in range(4)
     ]
-
-    def step(batch: dict[str, Any]) -> None:
-        a, v = model(batch["wav"], lip_input(batch["lips"], cfg.model))
-        loss = sync_bce_loss(a, v, batch["label"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.step()
+    step = recipe.train_step  # the product's optimizer step
 
     for i in range(3):  # warm-up
         step(batches[i % len(batches)])
@@ -87,10 +79,10 @@ def run(quick: bool) -> dict[str, Any]:
     import tempfile
 
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from se4lip_dist.config import load_config
+    from se4lip_dist.resources import Resources
+    from se4lip_dist.train import build_trainer
 
     cfg = load_config("cpu-small")
     steps, rounds = (3, 1) if quick else (15, 3)
@@ -101,15 +93,10 @@ def run(quick: bool) -> dict[str, Any]:
         harness.start_ray()
     try:
         t_fit0 = time.time()
-        trainer = TorchTrainer(
-            train_steps,
-            train_loop_config={**base, "ray": True},
-            scaling_config=ray.train.ScalingConfig(num_workers=1,
-                                                   resources_per_worker={"CPU": 0.5}),
-            run_config=ray.train.RunConfig(
-                name="bench-ray-overhead",
-                storage_path=tempfile.mkdtemp(prefix="se4lip-bench-ray-")),
-        )
+        trainer = build_trainer(
+            cfg, "", Resources(0.0, 0.5, 0, 1, 1), name="bench-ray-overhead",
+            storage_path=tempfile.mkdtemp(prefix="se4lip-bench-ray-"), datasets={},
+            loop=train_steps, extra_config={**base, "ray": True})
         with harness.Timer() as t_fit:
             res = trainer.fit()
         if res.error is not None:

@@ -17,7 +17,7 @@ import bisect
 import math
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -391,30 +391,192 @@ class _Anchor:
     score: float
 
 
-class MouthTracker:
-    """Detect every k-th frame and where the face moved, smooth, interpolate (streaming).
+class DetectionSchedule:
+    """Which frames the detector runs on, and the smoothed keypoints its detections settle.
 
-    With ``refine_motion`` > 0, two consecutive detections whose keypoints moved by more than
-    that fraction of the face size (:func:`face_size`), or of which one found no face, get a
-    detection midway between them, and so on recursively down to a few frames apart: a still
-    head costs one detection per k frames, a moving one is followed closely, and where a face
-    leaves or comes back is found to within a frame or two.
+    The detector runs on every k-th frame and the last (the *regular* detections). With
+    ``refine_motion`` > 0, two consecutive detections whose keypoints moved by more than that
+    fraction of the face size (:func:`face_size`), or of which one found no face, get a
+    detection midway between them, and so on recursively down to a few frames apart.
 
     Smoothing fits a straight line per keypoint coordinate to the valid detections within
     ``smooth_window`` detections centred on each one and evaluates it there: in the interior
     with no gaps this is exactly the centred moving average, and unlike a plain average it
-    stays unbiased at clip edges, across gaps and at the irregular last detection.
+    stays unbiased at clip edges, across gaps and at the irregular last detection. A detection
+    becomes an *anchor* (:meth:`anchors`) once the detections its smoothing window needs have
+    run.
 
-    A detection becomes an *anchor* once the detections its smoothing window needs have run;
-    the buffered frames up to it are then emitted, interpolated from the previous anchor. So
-    about ``detect_every * (smooth_window // 2 + 1)`` frames are buffered. A gap of missed
-    detections longer than ``max_buffer`` frames carries the last keypoints forward (score 0.0)
-    instead of waiting; a clip whose first ``max_buffer`` frames hold no face at all raises
-    :class:`NoFaceError`.
+    State of one pass (:meth:`reset`): the counts, the detections a future smoothing window can
+    still reach, the next detection to anchor, the last selected face and the frames where a
+    face was found and that are not emitted yet (``found``).
+    """
 
-    State of a :meth:`track` pass (reset at its start): the frames not yet emitted, the
-    detections a future smoothing window can still reach, the next detection to anchor, the last
-    anchor and the last selected face.
+    def __init__(self, detector: FaceDetector, detect_every: int, smooth_window: int,
+                 refine_motion: float) -> None:
+        self.detector = detector
+        self.k = int(detect_every)
+        self.refine_motion = float(refine_motion)
+        self.half = int(smooth_window) // 2
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the last pass."""
+        self.n_detections = 0
+        self.n_missing = 0
+        self.missing_frames: list[int] = []
+        self.regular = 0  # detections on every k-th frame and the last
+        self.regular_missing = 0
+        self.found: set[int] = set()  # frames where a face was detected, until emitted
+        self._dets: list[_Det] = []  # detections a future smoothing window can still reach
+        self._first = 0  # detection number of _dets[0]
+        self._next = 0  # next detection number to turn into an anchor
+        self._face: Detection | None = None  # the face selected at the last detection
+
+    @property
+    def missing_fraction(self) -> float:
+        """Share of the regular detections that found no face, 0.0 before any."""
+        return self.regular_missing / self.regular if self.regular else 0.0
+
+    def due(self, i: int, is_last: bool) -> bool:
+        """True when frame ``i`` gets a regular detection."""
+        return i % self.k == 0 or is_last
+
+    def detect(self, i: int, frame: Frame, frame_at: Callable[[int], Frame | None]) -> None:
+        """Detect on frame ``i``, then between it and the previous detection if needed
+        (``frame_at(t)``: a frame not yet emitted, None once it is)."""
+        det = self._run_detector(i, frame)
+        self.regular += 1
+        self.regular_missing += det.kps is None
+        self._face = det.face or self._face
+        if self.refine_motion > 0 and self._dets:
+            self._refine(self._dets[-1], det, frame_at)
+        self._dets.append(det)
+
+    def _run_detector(self, i: int, frame: Frame) -> _Det:
+        face = select_face(self.detector.detect(np.asarray(frame)), self._face, frame.shape[:2])
+        self.n_detections += 1
+        if face is None:
+            self.n_missing += 1
+            bisect.insort(self.missing_frames, i)
+            return _Det(i, None, 0.0)
+        self.found.add(i)
+        return _Det(i, np.asarray(face.kps, dtype=np.float64).reshape(5, 2), float(face.score),
+                    face)
+
+    def _refine(self, a: _Det, b: _Det, frame_at: Callable[[int], Frame | None]) -> None:
+        """Append detections strictly between ``a`` and ``b``, in time order, while the face
+        moved more than ``refine_motion`` of its size between two of them, or was found at one
+        and missed at the other (where it left or came back)."""
+        if b.t - a.t < _REFINE_MIN_GAP or (a.kps is None and b.kps is None):
+            return
+        if a.kps is not None and b.kps is not None:
+            size = (face_size(a.kps) + face_size(b.kps)) / 2
+            if np.linalg.norm(b.kps - a.kps, axis=1).max() <= self.refine_motion * size:
+                return
+        t = (a.t + b.t) // 2
+        frame = frame_at(t)
+        if frame is None:
+            return  # already emitted (a long gap was carried over)
+        mid = self._run_detector(t, frame)
+        self._refine(a, mid, frame_at)
+        self._dets.append(mid)
+        self._refine(mid, b, frame_at)
+
+    def anchors(self, ended: bool) -> list[_Anchor]:
+        """Every detection with a face whose smoothing window is complete (all at the end),
+        as an anchor, in time order."""
+        out: list[_Anchor] = []
+        total = self._first + len(self._dets)
+        while self._next < total and (ended or self._next + self.half < total):
+            d = self._dets[self._next - self._first]
+            if d.kps is not None:
+                out.append(_Anchor(float(d.t), self._smoothed(self._next), d.score))
+            self._next += 1
+        # Keep the newest detection: the next one may refine towards it.
+        drop = max(0, min(self._next - self.half, total - 1) - self._first)
+        del self._dets[:drop]
+        self._first += drop
+        return out
+
+    def _smoothed(self, j: int) -> np.ndarray:
+        """Line fit over the valid detections within ``half`` of detection ``j``, at its frame."""
+        lo = max(0, j - self.half - self._first)
+        window = [d for d in self._dets[lo : j + self.half + 1 - self._first]
+                  if d.kps is not None]
+        ts = np.array([d.t for d in window], dtype=np.float64)
+        ks = np.stack([d.kps for d in window]).astype(np.float64).reshape(len(window), -1)
+        t0 = self._dets[j - self._first].t
+        if len(window) == 1 or np.ptp(ts) == 0:
+            return ks.mean(axis=0).reshape(5, 2)
+        tc = ts - ts.mean()
+        slope = (tc[:, None] * (ks - ks.mean(axis=0))).sum(axis=0) / (tc**2).sum()
+        return (ks.mean(axis=0) + slope * (t0 - ts.mean())).reshape(5, 2)
+
+
+class KeypointInterpolator:
+    """The frames not yet emitted, emitted with keypoints interpolated between two anchors.
+
+    State: the pending frames (in order) and the last anchor emitted.
+    """
+
+    def __init__(self) -> None:
+        self.pending: deque[tuple[int, Frame]] = deque()
+        self.anchor: _Anchor | None = None
+
+    def push(self, i: int, frame: Frame) -> None:
+        """Hold frame ``i`` until the anchor after it is known."""
+        self.pending.append((i, frame))
+
+    def frame_at(self, t: int) -> Frame | None:
+        """Pending frame ``t``; None when it was emitted already."""
+        if not self.pending or not self.pending[0][0] <= t <= self.pending[-1][0]:
+            return None
+        return self.pending[t - self.pending[0][0]][1]
+
+    def emit_until(self, t_end: float, anchor: _Anchor | None,
+                   found: set[int]) -> list[TrackedFrame]:
+        """Emit pending frames up to ``t_end``, interpolated from the last anchor to ``anchor``.
+
+        Without a last anchor the frames take ``anchor``'s keypoints, without ``anchor`` the last
+        one's (carried over, score 0.0). ``found``: frames where a face was detected (emitted
+        ones are removed from it).
+        """
+        last = self.anchor
+        out = []
+        while self.pending and self.pending[0][0] <= t_end:
+            i, frame = self.pending.popleft()
+            kps, score = _interpolate(last, anchor, i)
+            out.append(TrackedFrame(index=i, frame=frame, kps=np.asarray(kps, dtype=np.float32),
+                                    score=float(score), detected=i in found))
+            found.discard(i)
+        if anchor is not None:
+            self.anchor = anchor
+        return out
+
+    def carry_oldest(self, found: set[int]) -> list[TrackedFrame]:
+        """Emit the oldest pending frame with the last keypoints (a long gap: stop waiting);
+        there must be a last anchor."""
+        assert self.anchor is not None
+        t_old = self.pending[0][0]
+        kps = self.anchor.kps
+        out = self.emit_until(t_old, None, found)
+        self.anchor = _Anchor(float(t_old), kps, 0.0)
+        return out
+
+
+class MouthTracker:
+    """Detect every k-th frame and where the face moved, smooth, interpolate (streaming).
+
+    Detection scheduling and smoothing are a :class:`DetectionSchedule`; buffering and
+    interpolation between its anchors a :class:`KeypointInterpolator`. A still head costs one
+    detection per k frames, a moving one is followed closely, and where a face leaves or comes
+    back is found to within a frame or two.
+
+    A detection's buffered frames are emitted once it is an anchor, interpolated from the
+    previous anchor, so about ``detect_every * (smooth_window // 2 + 1)`` frames are buffered.
+    A gap of missed detections longer than ``max_buffer`` frames carries the last keypoints
+    forward (score 0.0) instead of waiting; a clip whose first ``max_buffer`` frames hold no
+    face at all raises :class:`NoFaceError`.
     """
 
     def __init__(
@@ -441,34 +603,38 @@ class MouthTracker:
         if refine_motion < 0:
             raise ValueError("refine_motion must be >= 0")
         self.detector = detector
-        self.k = int(detect_every)
-        self.refine_motion = float(refine_motion)
-        self.half = int(smooth_window) // 2
+        self.schedule = DetectionSchedule(detector, detect_every, smooth_window, refine_motion)
         self.max_missing_fraction = float(max_missing_fraction)
-        self.max_buffer = max(int(max_buffer), self.k * (self.half + 1) + 2)
+        self.max_buffer = max(int(max_buffer), self.schedule.k * (self.schedule.half + 1) + 2)
         self._reset()
 
     def _reset(self) -> None:
+        """A fresh pass: no detections, no frames held, zero counts."""
+        self.schedule.reset()
+        self.frames = KeypointInterpolator()
         self.n_frames = 0
-        self.n_detections = 0
-        self.n_missing = 0
         self.max_buffered = 0
-        self.missing_frames: list[int] = []
-        self._regular = 0  # detections on every k-th frame and the last
-        self._regular_missing = 0
-        self._pending: deque[tuple[int, Frame]] = deque()  # frames not yet emitted
-        self._dets: list[_Det] = []  # detections a future smoothing window can still reach
-        self._first = 0  # detection number of _dets[0]
-        self._next = 0  # next detection number to turn into an anchor
-        self._anchor: _Anchor | None = None  # the last anchor emitted
-        self._face: Detection | None = None  # the face selected at the last detection
-        self._detected: set[int] = set()  # pending frames where a face was detected
+
+    @property
+    def n_detections(self) -> int:
+        """Detector runs of the pass (regular and refining)."""
+        return self.schedule.n_detections
+
+    @property
+    def n_missing(self) -> int:
+        """Detector runs that found no face."""
+        return self.schedule.n_missing
+
+    @property
+    def missing_frames(self) -> list[int]:
+        """Frames whose detection found no face, in order."""
+        return self.schedule.missing_frames
 
     @property
     def missing_fraction(self) -> float:
         """Share of the regular detections (every k-th frame and the last) that found no face,
         0.0 before any: an even sample of the clip, unlike refinement's detections."""
-        return self._regular_missing / self._regular if self._regular else 0.0
+        return self.schedule.missing_fraction
 
     def track(self, frames: Iterable[Frame]) -> Iterator[TrackedFrame]:
         """Yield a :class:`TrackedFrame` per input frame, in order.
@@ -478,130 +644,40 @@ class MouthTracker:
                 or ``missing_fraction > max_missing_fraction`` (raised at the end).
         """
         self._reset()
+        sched, buf = self.schedule, self.frames
         for i, frame, is_last in _with_last(frames):
-            self._pending.append((i, frame))
+            buf.push(i, frame)
             self.n_frames = i + 1
-            self.max_buffered = max(self.max_buffered, len(self._pending))
-            if i % self.k == 0 or is_last:
-                self._detect(i, frame)
+            self.max_buffered = max(self.max_buffered, len(buf.pending))
+            if sched.due(i, is_last):
+                sched.detect(i, frame, buf.frame_at)
                 if not is_last:
-                    yield from self._anchor_ready(ended=False)
-            if len(self._pending) > self.max_buffer and not is_last:
-                yield from self._carry_oldest()
+                    yield from self._emit_anchored(ended=False)
+            if len(buf.pending) > self.max_buffer and not is_last:
+                if buf.anchor is None:
+                    raise NoFaceError(f"no face in the first {len(buf.pending)} frames "
+                                      f"({self.n_missing}/{self.n_detections} detections missed)")
+                yield from buf.carry_oldest(sched.found)
         self._check_faces()
-        yield from self._anchor_ready(ended=True)
-        yield from self._emit_until(math.inf, None)
+        yield from self._emit_anchored(ended=True)
+        yield from buf.emit_until(math.inf, None, sched.found)
 
-    def _detect(self, i: int, frame: Frame) -> None:
-        """Detect on frame ``i``, then between it and the previous detection if needed."""
-        det = self._run_detector(i, frame)
-        self._regular += 1
-        self._regular_missing += det.kps is None
-        self._face = det.face or self._face
-        if self.refine_motion > 0 and self._dets:
-            self._refine(self._dets[-1], det)
-        self._dets.append(det)
-
-    def _run_detector(self, i: int, frame: Frame) -> _Det:
-        face = select_face(self.detector.detect(np.asarray(frame)), self._face, frame.shape[:2])
-        self.n_detections += 1
-        if face is None:
-            self.n_missing += 1
-            bisect.insort(self.missing_frames, i)
-            return _Det(i, None, 0.0)
-        self._detected.add(i)
-        return _Det(i, np.asarray(face.kps, dtype=np.float64).reshape(5, 2), float(face.score),
-                    face)
-
-    def _refine(self, a: _Det, b: _Det) -> None:
-        """Append detections strictly between ``a`` and ``b``, in time order, while the face
-        moved more than ``refine_motion`` of its size between two of them, or was found at one
-        and missed at the other (where it left or came back)."""
-        if b.t - a.t < _REFINE_MIN_GAP or (a.kps is None and b.kps is None):
-            return
-        if a.kps is not None and b.kps is not None:
-            size = (face_size(a.kps) + face_size(b.kps)) / 2
-            if np.linalg.norm(b.kps - a.kps, axis=1).max() <= self.refine_motion * size:
-                return
-        t = (a.t + b.t) // 2
-        if not self._pending or not self._pending[0][0] <= t <= self._pending[-1][0]:
-            return  # already emitted (a long gap was carried over)
-        mid = self._run_detector(t, self._pending[t - self._pending[0][0]][1])
-        self._refine(a, mid)
-        self._dets.append(mid)
-        self._refine(mid, b)
-
-    def _anchor_ready(self, ended: bool) -> list[TrackedFrame]:
-        """Anchor every detection whose smoothing window is complete (all of them at the end)."""
+    def _emit_anchored(self, ended: bool) -> list[TrackedFrame]:
+        """Emit the frames up to every anchor the schedule has settled."""
         out: list[TrackedFrame] = []
-        total = self._first + len(self._dets)
-        while self._next < total and (ended or self._next + self.half < total):
-            d = self._dets[self._next - self._first]
-            if d.kps is not None:
-                out += self._emit_until(d.t, _Anchor(float(d.t), self._smoothed(self._next),
-                                                     d.score))
-            self._next += 1
-        # Keep the newest detection: the next one may refine towards it.
-        drop = max(0, min(self._next - self.half, total - 1) - self._first)
-        del self._dets[:drop]
-        self._first += drop
-        return out
-
-    def _smoothed(self, j: int) -> np.ndarray:
-        """Line fit over the valid detections within ``half`` of detection ``j``, at its frame."""
-        lo = max(0, j - self.half - self._first)
-        window = [d for d in self._dets[lo : j + self.half + 1 - self._first]
-                  if d.kps is not None]
-        ts = np.array([d.t for d in window], dtype=np.float64)
-        ks = np.stack([d.kps for d in window]).astype(np.float64).reshape(len(window), -1)
-        t0 = self._dets[j - self._first].t
-        if len(window) == 1 or np.ptp(ts) == 0:
-            return ks.mean(axis=0).reshape(5, 2)
-        tc = ts - ts.mean()
-        slope = (tc[:, None] * (ks - ks.mean(axis=0))).sum(axis=0) / (tc**2).sum()
-        return (ks.mean(axis=0) + slope * (t0 - ts.mean())).reshape(5, 2)
-
-    def _emit_until(self, t_end: float, anchor: _Anchor | None) -> list[TrackedFrame]:
-        """Emit pending frames up to ``t_end``, interpolated from the last anchor to ``anchor``.
-
-        Without a last anchor the frames take ``anchor``'s keypoints, without ``anchor`` the last
-        one's (carried over, score 0.0).
-        """
-        last = self._anchor
-        out = []
-        while self._pending and self._pending[0][0] <= t_end:
-            i, frame = self._pending.popleft()
-            kps, score = _interpolate(last, anchor, i)
-            out.append(TrackedFrame(index=i, frame=frame, kps=np.asarray(kps, dtype=np.float32),
-                                    score=float(score), detected=i in self._detected))
-            self._detected.discard(i)
-        if anchor is not None:
-            self._anchor = anchor
-        return out
-
-    def _carry_oldest(self) -> list[TrackedFrame]:
-        """Emit the oldest pending frame with the last keypoints (a long gap: stop waiting)."""
-        if self._anchor is None:
-            raise NoFaceError(
-                f"no face in the first {len(self._pending)} frames "
-                f"({self.n_missing}/{self.n_detections} detections missed)"
-            )
-        t_old = self._pending[0][0]
-        kps = self._anchor.kps
-        out = self._emit_until(t_old, None)
-        self._anchor = _Anchor(float(t_old), kps, 0.0)
+        for anchor in self.schedule.anchors(ended):
+            out += self.frames.emit_until(anchor.t, anchor, self.schedule.found)
         return out
 
     def _check_faces(self) -> None:
-        if self.n_detections == 0:
+        s = self.schedule
+        if s.n_detections == 0:
             raise NoFaceError("no frames")
-        if self.n_missing == self.n_detections or self.missing_fraction > (
-            self.max_missing_fraction
-        ):
+        if s.n_missing == s.n_detections or s.missing_fraction > self.max_missing_fraction:
             raise NoFaceError(
-                f"no face in {self._regular_missing}/{self._regular} detections "
-                f"({self.missing_fraction:.0%} > {self.max_missing_fraction:.0%}) over "
-                f"{self.n_frames} frames; missed at frames {self.missing_frames[:20]}"
+                f"no face in {s.regular_missing}/{s.regular} detections "
+                f"({s.missing_fraction:.0%} > {self.max_missing_fraction:.0%}) over "
+                f"{self.n_frames} frames; missed at frames {s.missing_frames[:20]}"
             )
 
 
@@ -634,10 +710,12 @@ def _with_last(frames: Iterable[Frame]) -> Iterator[tuple[int, Frame, bool]]:
 __all__ = [
     "INSIGHTFACE_ROOT_ENV",
     "Detection",
+    "DetectionSchedule",
     "FaceDetector",
     "FaceModelError",
     "FixedMouthDetector",
     "InsightFaceDetector",
+    "KeypointInterpolator",
     "MouthTracker",
     "NoFaceError",
     "TrackedFrame",

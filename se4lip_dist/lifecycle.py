@@ -57,7 +57,7 @@ from se4lip_dist.registry import (
 from se4lip_dist.splits import SplitRule
 from se4lip_dist.storage import redact_uri
 from se4lip_dist.sync import mcnemar_p
-from se4lip_dist.tracking import existing_store, resolve_tracking_uri
+from se4lip_dist.tracking import existing_store, none_if_missing, resolve_tracking_uri
 from se4lip_dist.validation import (
     HEADLINE,
     METRICS,
@@ -235,12 +235,8 @@ def champion_version(tracking_uri: str, name: str) -> int | None:
         Any registry error other than "no such model" (the gate must not read it as "none").
     """
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    try:
-        aliases = client.get_registered_model(name).aliases or {}
-    except MlflowException as e:
-        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise
+    model = none_if_missing(lambda: client.get_registered_model(name))
+    aliases = (model.aliases or {}) if model is not None else {}
     return int(aliases[CHAMPION]) if CHAMPION in aliases else None
 
 
@@ -444,11 +440,7 @@ def _holder_gone(lock: Any, host: str) -> bool:
 
 
 def _delete_lock(client: MlflowClient, lock: str) -> None:
-    try:
-        client.delete_registered_model(lock)
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
+    none_if_missing(lambda: client.delete_registered_model(lock))
 
 
 def _previous_champion(client: MlflowClient, name: str, version: int,

@@ -512,8 +512,34 @@ def decode_audio(
     info = info or probe(name)
     if not info.has_audio:
         raise MediaError(f"{name}: no audio stream")
-    src_sr = info.src_sample_rate
     start = Fraction(info.start_s).limit_denominator(10**7)
+    chunks, expected, src_sr, packets, bad = _audio_chunks(name, start, info.src_sample_rate)
+    if not chunks or not src_sr:
+        raise MediaError(f"{name}: no audio could be decoded")
+    if bad > MAX_BAD_FRACTION * packets:
+        # Skipped packets become silence: past a few, the audio no longer matches the lips.
+        raise MediaError(f"{name}: {bad} of {packets} audio packets are corrupt")
+    if bad:
+        log.warning("%s: skipped %d undecodable audio packet(s) (silence there)", name, bad)
+
+    end = expected or 0
+    if info.audio_end_s is not None:
+        # Cuts AAC trailing padding: the stream's declared end, not the last decoded frame's.
+        declared = round((Fraction(info.audio_end_s) - start) * src_sr)
+        end = min(end, declared) if declared > 0 else end
+    out = _place(chunks, end)
+    if src_sr != sample_rate:
+        out = _resample(out, src_sr, sample_rate)
+    if n_samples is not None:
+        out = _fit(out, n_samples)
+    return out
+
+
+def _audio_chunks(name: str, start: Fraction, src_sr: int | None
+                  ) -> tuple[list[tuple[int, np.ndarray]], int | None, int | None, int, int]:
+    """Decode every audio packet: ``(chunks, end, sample rate, packets, corrupt packets)``,
+    each chunk ``(source-rate offset from t=0, mono samples)`` placed by its pts where that
+    disagrees with the running position by more than the tolerance."""
     chunks: list[tuple[int, np.ndarray]] = []  # (source-rate offset from t=0, mono samples)
     expected: int | None = None
     packets = bad = 0
@@ -544,28 +570,16 @@ def decode_audio(
                     expected = pos + len(mono)
     except av.error.FFmpegError as e:
         raise MediaError(f"{name}: cannot decode audio ({e})") from e
-    if not chunks or not src_sr:
-        raise MediaError(f"{name}: no audio could be decoded")
-    if bad > MAX_BAD_FRACTION * packets:
-        # Skipped packets become silence: past a few, the audio no longer matches the lips.
-        raise MediaError(f"{name}: {bad} of {packets} audio packets are corrupt")
-    if bad:
-        log.warning("%s: skipped %d undecodable audio packet(s) (silence there)", name, bad)
+    return chunks, expected, src_sr, packets, bad
 
-    end = expected or 0
-    if info.audio_end_s is not None:
-        # Cuts AAC trailing padding: the stream's declared end, not the last decoded frame's.
-        declared = round((Fraction(info.audio_end_s) - start) * src_sr)
-        end = min(end, declared) if declared > 0 else end
+
+def _place(chunks: list[tuple[int, np.ndarray]], end: int) -> np.ndarray:
+    """The chunks written into ``end`` samples of silence (overlaps: the later chunk wins)."""
     out = np.zeros(max(end, 0), dtype=np.float32)
     for pos, mono in chunks:
         lo, hi = max(pos, 0), min(pos + len(mono), len(out))
         if hi > lo:
             out[lo:hi] = mono[lo - pos : hi - pos]
-    if src_sr != sample_rate:
-        out = _resample(out, src_sr, sample_rate)
-    if n_samples is not None:
-        out = _fit(out, n_samples)
     return out
 
 

@@ -13,7 +13,7 @@ import mlflow.pyfunc
 import numpy as np
 from mlflow.models import set_model
 
-from se4lip_dist.registry import embed_waveforms, load_files
+from se4lip_dist.weights import embed_waveforms, load_files
 
 
 class SpeechEmbedder(mlflow.pyfunc.PythonModel):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import yaml
 
-from se4lip_dist.config import load_config
+from se4lip_dist.config import Config, load_config
 from se4lip_dist.evaluate import run_evaluate
 from se4lip_dist.extract import run_extract
 from se4lip_dist.prepare import run_prepare
@@ -122,61 +122,16 @@ def run_quickstart(
     work.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or default_tracking_uri(work)
     synthetic = video_dir is None
-    if synthetic:
-        report.step(f"1/5 writing {N_SYNTHETIC} synthetic talking-mouth clips")
-        videos_dir = work / "videos"
-        _synthetic_clips(videos_dir, N_SYNTHETIC, 0, report)
-        report.note(f"{N_SYNTHETIC} clips of {SYNTHETIC_SECONDS:g} s in {videos_dir}")
-    else:
-        videos_dir = Path(video_dir)
-        if not videos_dir.is_dir():
-            raise QuickstartError(f"{videos_dir}: not a folder of videos")
+    videos_dir = _videos(video_dir, work, report)
     face = ["face.backend=none"] if synthetic else (
         [f"face.insightface_root={insightface_root}"] if insightface_root else [])
     cfg = load_config("cpu-small", overrides=[*face, *TINY])
-
-    report.step("2/5 prepare: videos -> lip crops + audio -> Parquet shards")
-    shards = work / "shards"
-    summary = run_prepare([str(videos_dir)], shards, cfg, workers=0 if synthetic else None,
-                          on_start=report.items, on_result=lambda _res: report.advance())
-    if summary.total_clips < 4:
-        raise QuickstartError(f"prepare: only {summary.total_clips} usable clips in {videos_dir} "
-                              f"({len(summary.failures)} failed; see {shards}/failures.jsonl)")
-    failed = f", {len(summary.failures)} failed" if summary.failures else ""
-    report.note(f"{summary.total_clips} clips, {summary.total_frames:,} frames{failed} "
-                f"-> {shards}")
-
-    report.step("3/5 tune: 2 trials on Ray Train workers, best encoder registered in MLflow")
-    space = work / "quickstart-space.yaml"
-    space.write_text(yaml.safe_dump(SPACE, sort_keys=False))
+    shards = _prepare(videos_dir, work, cfg, synthetic, report)
     overrides = [o for o in [*face, *TINY] if not o.startswith("face.")]
-    tuned = run_tune(str(space), str(shards), TuneOptions(
-        register=MODEL_NAME, tracking_uri=uri, experiment=MODEL_NAME,
-        name="quickstart", storage_path=str(work / "ray"), overrides=tuple(overrides),
-        resume=(work / "ray" / "quickstart").exists(),
-    ), on_update=report.trials)
+    tuned = _tune(shards, work, uri, overrides, report)
     reg = tuned["registered"]
     model_uri = reg["model_uri"]
-    metric = tuned["metric"]
-    for row in tuned["trials"]:
-        params = " ".join(f"{k.split('.')[-1]}={v}" for k, v in row["params"].items())
-        report.note(f"{row['trial']} {params}: {metric} {_num(row.get(metric))} at its best "
-                    f"epoch ({row.get('best_epoch')} of {row.get('epoch')})")
-    report.note(f"registered {reg['name']} v{reg['version']} as {reg['alias']}")
-
-    report.step("4/5 extract: per-frame speech features for renderers (Ray Data batch job)")
-    if synthetic:
-        # Clips the encoder never saw, with seeds after the training clips'.
-        _synthetic_clips(work / "heldout", N_HELDOUT, 10_000, report)
-        clips = [str(work / "heldout")]
-    else:
-        clips = [str(videos_dir)]
-    features = work / "features"
-    ext = run_extract(clips, model_uri, features, tracking_uri=uri, concurrency=1,
-                      on_start=report.items, on_result=lambda _row: report.advance())
-    if ext.exit_code:
-        raise QuickstartError(f"extract failed for {len(ext.failures)} input(s): {ext.failures}")
-    report.note(f"{ext.extracted + ext.skipped} inputs, {ext.frames:,} frames -> {features}")
+    clips, features = _extract(videos_dir, work, uri, model_uri, synthetic, report)
 
     shown = ", ".join(f"{k:+d}" if k else "0" for k in SHIFTS)
     report.step(f"5/5 evaluate: does the encoder follow audio shifts of {shown} frames?")
@@ -202,6 +157,77 @@ def run_quickstart(
             ["--insightface-root", insightface_root] if insightface_root else []),
         "tracking_uri": redact_uri(uri if "://" in uri else default_tracking_uri(work)),
     }
+
+
+def _videos(video_dir: str | Path | None, work: Path, report: Reporter) -> Path:
+    """Step 1: the folder of videos, synthetic clips written into ``work`` when none is given."""
+    if video_dir is None:
+        report.step(f"1/5 writing {N_SYNTHETIC} synthetic talking-mouth clips")
+        videos_dir = work / "videos"
+        _synthetic_clips(videos_dir, N_SYNTHETIC, 0, report)
+        report.note(f"{N_SYNTHETIC} clips of {SYNTHETIC_SECONDS:g} s in {videos_dir}")
+        return videos_dir
+    videos_dir = Path(video_dir)
+    if not videos_dir.is_dir():
+        raise QuickstartError(f"{videos_dir}: not a folder of videos")
+    return videos_dir
+
+
+def _prepare(videos_dir: Path, work: Path, cfg: Config, synthetic: bool,
+             report: Reporter) -> Path:
+    """Step 2: the videos prepared into ``work/shards``."""
+    report.step("2/5 prepare: videos -> lip crops + audio -> Parquet shards")
+    shards = work / "shards"
+    summary = run_prepare([str(videos_dir)], shards, cfg, workers=0 if synthetic else None,
+                          on_start=report.items, on_result=lambda _res: report.advance())
+    if summary.total_clips < 4:
+        raise QuickstartError(f"prepare: only {summary.total_clips} usable clips in {videos_dir} "
+                              f"({len(summary.failures)} failed; see {shards}/failures.jsonl)")
+    failed = f", {len(summary.failures)} failed" if summary.failures else ""
+    report.note(f"{summary.total_clips} clips, {summary.total_frames:,} frames{failed} "
+                f"-> {shards}")
+    return shards
+
+
+def _tune(shards: Path, work: Path, uri: str, overrides: list[str],
+          report: Reporter) -> dict[str, Any]:
+    """Step 3: a 2-trial tune whose best encoder is registered; the tune's result."""
+    report.step("3/5 tune: 2 trials on Ray Train workers, best encoder registered in MLflow")
+    space = work / "quickstart-space.yaml"
+    space.write_text(yaml.safe_dump(SPACE, sort_keys=False))
+    tuned = run_tune(str(space), str(shards), TuneOptions(
+        register=MODEL_NAME, tracking_uri=uri, experiment=MODEL_NAME,
+        name="quickstart", storage_path=str(work / "ray"), overrides=tuple(overrides),
+        resume=(work / "ray" / "quickstart").exists(),
+    ), on_update=report.trials)
+    reg = tuned["registered"]
+    metric = tuned["metric"]
+    for row in tuned["trials"]:
+        params = " ".join(f"{k.split('.')[-1]}={v}" for k, v in row["params"].items())
+        report.note(f"{row['trial']} {params}: {metric} {_num(row.get(metric))} at its best "
+                    f"epoch ({row.get('best_epoch')} of {row.get('epoch')})")
+    report.note(f"registered {reg['name']} v{reg['version']} as {reg['alias']}")
+    return tuned
+
+
+def _extract(videos_dir: Path, work: Path, uri: str, model_uri: str, synthetic: bool,
+             report: Reporter) -> tuple[list[str], Path]:
+    """Step 4: features of the held-out clips (synthetic ones written now); the clips and the
+    features folder."""
+    report.step("4/5 extract: per-frame speech features for renderers (Ray Data batch job)")
+    if synthetic:
+        # Clips the encoder never saw, with seeds after the training clips'.
+        _synthetic_clips(work / "heldout", N_HELDOUT, 10_000, report)
+        clips = [str(work / "heldout")]
+    else:
+        clips = [str(videos_dir)]
+    features = work / "features"
+    ext = run_extract(clips, model_uri, features, tracking_uri=uri, concurrency=1,
+                      on_start=report.items, on_result=lambda _row: report.advance())
+    if ext.exit_code:
+        raise QuickstartError(f"extract failed for {len(ext.failures)} input(s): {ext.failures}")
+    report.note(f"{ext.extracted + ext.skipped} inputs, {ext.frames:,} frames -> {features}")
+    return clips, features
 
 
 def _synthetic_clips(out_dir: Path, n: int, seed: int, report: Reporter) -> list[Path]:

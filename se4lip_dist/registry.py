@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import pickle
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -40,7 +39,14 @@ from mlflow.types import Schema, TensorSpec
 from se4lip_dist.config import Config
 from se4lip_dist.models import SpeechEncoder, build_model
 from se4lip_dist.storage import redact_uri
-from se4lip_dist.tracking import existing_store, resolve_tracking_uri
+from se4lip_dist.tracking import existing_store, none_if_missing, resolve_tracking_uri
+from se4lip_dist.weights import (
+    RegistryError,
+    build_speech_encoder,
+    embed_waveforms,
+    load_files,
+    load_weights,
+)
 
 WEIGHTS_FILE = "speech_encoder.pt"
 LIPS_FILE = "lip_encoder.pt"
@@ -52,10 +58,6 @@ CODE_FILE = Path(__file__).with_name("pyfunc_model.py")
 """The pyfunc's code (models from code): MLflow runs it on load instead of unpickling a class."""
 INPUT_NAME = "waveform_16k"
 OUTPUT_NAME = "embedding"
-
-
-class RegistryError(RuntimeError):
-    """A model that cannot be logged, registered or loaded."""
 
 
 def _quiet() -> None:
@@ -71,13 +73,6 @@ def _pip_requirements() -> list[str]:
         except PackageNotFoundError:
             reqs.append(pkg)
     return reqs
-
-
-def build_speech_encoder(cfg: Config, state_dict: dict[str, torch.Tensor]) -> SpeechEncoder:
-    """A speech encoder in eval mode with ``state_dict`` loaded (strict)."""
-    enc = SpeechEncoder(cfg.model, cfg.data.sample_rate)
-    enc.load_state_dict(state_dict)
-    return enc.eval()
 
 
 def speech_state_dict(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -96,24 +91,6 @@ def _is_whole_model(state: dict[str, Any]) -> bool:
     return any(k.startswith("speech.") for k in state) and any(k.startswith("lips.") for k in state)
 
 
-def load_weights(path: str | Path, source: str | None = None) -> dict[str, Any]:
-    """A ``weights_only`` ``torch.load`` (tensor state_dicts, optimizer states); anything else
-    (pickled code) is refused with a :class:`RegistryError` naming ``source``, never run."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        reason = (str(e) or type(e).__name__).splitlines()[0]
-        raise RegistryError(f"{source or path}: refused to load {Path(path).name}: not a plain "
-                            f"tensor state_dict (weights_only load failed: {reason})") from e
-
-
-def load_files(weights: str | Path, config: str | Path,
-               source: str | None = None) -> tuple[SpeechEncoder, Config]:
-    """A speech encoder and its config from a weights file and a config YAML."""
-    cfg = Config.from_dict(yaml.safe_load(Path(config).read_text()))
-    return build_speech_encoder(cfg, load_weights(weights, source)), cfg
-
-
 def __getattr__(name: str) -> Any:
     # Models logged by earlier versions pickled ``se4lip_dist.registry.SpeechEmbedder``.
     if name == "SpeechEmbedder":
@@ -121,35 +98,6 @@ def __getattr__(name: str) -> Any:
 
         return SpeechEmbedder
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def embed_waveforms(encoder: Any, wav: Any, cfg: Config) -> np.ndarray:
-    """Embed a batch of waveforms with a speech encoder (torch, no grad, CPU or its device).
-
-    Args:
-        encoder: a :class:`~se4lip_dist.models.SpeechEncoder` (or any ``[B,S] -> [B,D]`` module).
-        wav: array-like ``[batch, samples]`` or ``[samples]`` float waveform at 16 kHz.
-        cfg: its config (waveforms shorter than ``n_fft`` are zero-padded to it).
-
-    Returns:
-        float32 ``[batch, D]``.
-    """
-    if isinstance(wav, dict):  # a named-tensor pyfunc input
-        if len(wav) != 1:
-            raise ValueError(f"expected one waveform tensor, got inputs {sorted(wav)}")
-        wav = next(iter(wav.values()))
-    if hasattr(wav, "to_numpy"):  # pandas
-        wav = wav.to_numpy()
-    x = np.asarray(wav, dtype=np.float32)
-    if x.ndim == 1:
-        x = x[None]
-    if x.ndim != 2:
-        raise ValueError(f"expected waveforms [batch, samples], got shape {x.shape}")
-    if x.shape[1] < cfg.model.n_fft:
-        x = np.pad(x, ((0, 0), (0, cfg.model.n_fft - x.shape[1])))
-    device = next(encoder.parameters()).device
-    with torch.no_grad():
-        return encoder(torch.from_numpy(x).to(device)).float().cpu().numpy()
 
 
 def log_model(
@@ -185,14 +133,6 @@ def log_model(
 
         build_model(cfg.model, sample_rate=cfg.data.sample_rate,
                     window_frames=cfg.train.window_frames).lips.load_state_dict(lips_state)
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1), name=INPUT_NAME)]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, encoder.embed_dim),
-                                   name=OUTPUT_NAME)]),
-    )
-    # One lip window's worth of audio: what the encoder embeds per video frame.
-    window = cfg.train.window_frames * cfg.data.samples_per_frame
-    example = {INPUT_NAME: np.zeros((1, window), np.float32)}
     client = MlflowClient(tracking_uri=tracking_uri)
     run = client.get_run(run_id)
     logged = client.create_logged_model(
@@ -200,29 +140,8 @@ def log_model(
         tags={k: str(v) for k, v in (tags or {}).items()}, model_type="se4lip-speech-encoder")
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            src = Path(tmp) / "src"
-            src.mkdir()
-            torch.save({k: v.detach().cpu().contiguous() for k, v in speech_state.items()},
-                       src / WEIGHTS_FILE)
-            (src / CONFIG_FILE).write_text(cfg.to_yaml())
-            artifacts = {"weights": str(src / WEIGHTS_FILE), "config": str(src / CONFIG_FILE)}
-            if lips_state is not None:
-                torch.save({k: v.detach().cpu().contiguous() for k, v in lips_state.items()},
-                           src / LIPS_FILE)
-                artifacts["lips"] = str(src / LIPS_FILE)
-            out = Path(tmp) / "model"
-            mlflow.pyfunc.save_model(
-                path=str(out),
-                python_model=str(CODE_FILE),
-                artifacts=artifacts,
-                signature=signature,
-                input_example=example,
-                pip_requirements=_pip_requirements(),
-                metadata={"embed_dim": encoder.embed_dim, "sample_rate": cfg.data.sample_rate,
-                          "window_frames": cfg.train.window_frames, "preset": cfg.preset},
-                mlflow_model=Model(artifact_path=logged.artifact_location, run_id=run_id,
-                                   model_id=logged.model_id),
-            )
+            out = _save_pyfunc(Path(tmp), cfg, speech_state, lips_state, encoder.embed_dim,
+                               logged, run_id)
             client.log_model_artifacts(logged.model_id, str(out))
         client.finalize_logged_model(logged.model_id, "READY")
         client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step)])
@@ -230,6 +149,43 @@ def log_model(
         client.finalize_logged_model(logged.model_id, "FAILED")
         raise
     return f"models:/{logged.model_id}"
+
+
+def _save_pyfunc(tmp: Path, cfg: Config, speech_state: dict[str, torch.Tensor],
+                 lips_state: dict[str, torch.Tensor] | None, embed_dim: int, logged: Any,
+                 run_id: str) -> Path:
+    """Write the pyfunc model folder (weights, config, signature, example) under ``tmp``."""
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1), name=INPUT_NAME)]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, embed_dim), name=OUTPUT_NAME)]),
+    )
+    # One lip window's worth of audio: what the encoder embeds per video frame.
+    window = cfg.train.window_frames * cfg.data.samples_per_frame
+    example = {INPUT_NAME: np.zeros((1, window), np.float32)}
+    src = tmp / "src"
+    src.mkdir()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in speech_state.items()},
+               src / WEIGHTS_FILE)
+    (src / CONFIG_FILE).write_text(cfg.to_yaml())
+    artifacts = {"weights": str(src / WEIGHTS_FILE), "config": str(src / CONFIG_FILE)}
+    if lips_state is not None:
+        torch.save({k: v.detach().cpu().contiguous() for k, v in lips_state.items()},
+                   src / LIPS_FILE)
+        artifacts["lips"] = str(src / LIPS_FILE)
+    out = tmp / "model"
+    mlflow.pyfunc.save_model(
+        path=str(out),
+        python_model=str(CODE_FILE),
+        artifacts=artifacts,
+        signature=signature,
+        input_example=example,
+        pip_requirements=_pip_requirements(),
+        metadata={"embed_dim": embed_dim, "sample_rate": cfg.data.sample_rate,
+                  "window_frames": cfg.train.window_frames, "preset": cfg.preset},
+        mlflow_model=Model(artifact_path=logged.artifact_location, run_id=run_id,
+                           model_id=logged.model_id),
+    )
+    return out
 
 
 def register_model(
@@ -278,12 +234,9 @@ MODEL_DESCRIPTION = (
 def find_version(tracking_uri: str, name: str, source: str) -> int | None:
     """The version of ``name`` registered from ``source`` (tag ``se4lip.source``), if any."""
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    try:
-        versions = client.search_model_versions(f"name = '{name}'")
-    except MlflowException as e:
-        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise
+    versions = none_if_missing(lambda: client.search_model_versions(f"name = '{name}'"))
+    if versions is None:
+        return None
     found = [int(v.version) for v in versions if (v.tags or {}).get(SOURCE_TAG) == source]
     return max(found) if found else None
 
@@ -297,6 +250,29 @@ SOURCE_TAG = "se4lip.source"
 """Version tag naming the run (and epoch) a version came from: registration is idempotent."""
 
 
+def resolve_version(client: MlflowClient, model_uri: str) -> tuple[Any, Any]:
+    """The one reading of a ``models:/`` URI: ``(LoggedModel, None)`` for ``models:/m-...``,
+    ``(None, ModelVersion)`` for ``models:/NAME@ALIAS``, ``NAME/VERSION`` or ``NAME/latest``.
+
+    Raises:
+        RegistryError: ``NAME/latest`` of a model without versions.
+        MlflowException: the registry does not know the name, alias, version or model.
+    """
+    ref = model_uri[len("models:/"):].rstrip("/")
+    if ref.startswith("m-"):
+        return client.get_logged_model(ref.split("/")[0]), None
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return None, client.get_model_version_by_alias(name, alias)
+    name, _, version = ref.rpartition("/")
+    if version != "latest":
+        return None, client.get_model_version(name, version)
+    versions = client.search_model_versions(f"name = '{name}'")
+    if not versions:
+        raise RegistryError(f"{model_uri}: no versions registered")
+    return None, max(versions, key=lambda v: int(v.version))
+
+
 def resolve_artifacts(model_uri: str, tracking_uri: str) -> str:
     """The artifact location behind a model URI, resolved with a client bound to
     ``tracking_uri`` (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``models:/m-...``);
@@ -304,15 +280,9 @@ def resolve_artifacts(model_uri: str, tracking_uri: str) -> str:
     if not model_uri.startswith("models:/"):
         return model_uri
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    ref = model_uri[len("models:/"):].rstrip("/")
-    if ref.startswith("m-"):
-        return client.get_logged_model(ref).artifact_location
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        mv = client.get_model_version_by_alias(name, alias)
-    else:
-        name, _, version = ref.rpartition("/")
-        mv = client.get_model_version(name, version)
+    logged, mv = resolve_version(client, model_uri)
+    if logged is not None:
+        return logged.artifact_location
     if mv.source.startswith("models:/m-"):
         return client.get_logged_model(mv.source[len("models:/"):]).artifact_location
     return mv.source
@@ -339,31 +309,16 @@ def pin_model(model_uri: str, tracking_uri: str) -> dict[str, Any]:
             info["pinned_uri"] = str(Path(model_uri).resolve())
         return info
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    ref = model_uri[len("models:/"):].rstrip("/")
     try:
-        if ref.startswith("m-"):
-            logged = client.get_logged_model(ref.split("/")[0])
-            info.update(model_id=logged.model_id, run_id=logged.source_run_id)
-            return info
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            mv = client.get_model_version_by_alias(name, alias)
-        else:
-            name, _, version = ref.rpartition("/")
-            if version == "latest":
-                versions = client.search_model_versions(f"name = '{name}'")
-                if not versions:
-                    raise RegistryError(f"{model_uri}: no versions registered")
-                mv = max(versions, key=lambda v: int(v.version))
-            else:
-                mv = client.get_model_version(name, version)
+        logged, mv = resolve_version(client, model_uri)
     except RegistryError:
         raise
     except Exception as e:
-        from se4lip_dist.storage import redact_uri
-
         raise RegistryError(f"cannot resolve {model_uri} on {redact_uri(tracking_uri)}: "
                             f"{e}") from e
+    if logged is not None:
+        info.update(model_id=logged.model_id, run_id=logged.source_run_id)
+        return info
     logged_uri = (mv.tags or {}).get(LOGGED_MODEL_TAG, "")
     info.update(name=mv.name, version=int(mv.version), run_id=mv.run_id,
                 pinned_uri=f"models:/{mv.name}/{mv.version}")
@@ -545,6 +500,7 @@ __all__ = [
     "pin_model",
     "register_model",
     "resolve_artifacts",
+    "resolve_version",
     "show_model",
     "speech_state_dict",
     "version_info",

@@ -214,6 +214,38 @@ def speech_like_audio(
     return audio.astype(np.float32), env.astype(np.float32)
 
 
+def _draw_mouth(img: np.ndarray, mouth: tuple[int, int], style: dict[str, Any],
+                opening: float) -> None:
+    """Draw lips around ``mouth`` (centre), opened by ``opening`` in [0, 1]; teeth when wide."""
+    h, w = img.shape[:2]
+    half_w = int(style["mouth_width"] * w / 2)
+    open_h = round(style["max_open"] * h * opening)
+    lip = max(1, int(style["lip"] * h))
+    cv2.ellipse(img, mouth, (half_w, open_h // 2 + lip), 0, 0, 360, style["lips"], -1, cv2.LINE_AA)
+    if open_h >= 1:
+        inner = (max(1, half_w - lip), max(1, open_h // 2))
+        cv2.ellipse(img, mouth, inner, 0, 0, 360, style["inside"], -1, cv2.LINE_AA)
+        # Teeth show at the top of a wide-open mouth.
+        if open_h > 4 * lip:
+            top = mouth[1] - inner[1]
+            cv2.rectangle(
+                img,
+                (mouth[0] - inner[0] // 2, top),
+                (mouth[0] + inner[0] // 2, top + lip),
+                (235, 235, 225),
+                -1,
+            )
+    else:
+        cv2.line(
+            img,
+            (mouth[0] - half_w + lip, mouth[1]),
+            (mouth[0] + half_w - lip, mouth[1]),
+            style["inside"],
+            1,
+            cv2.LINE_AA,
+        )
+
+
 def _draw_face(
     size: tuple[int, int], style: dict[str, Any], opening: float, jitter: tuple[int, int]
 ) -> np.ndarray:
@@ -248,33 +280,7 @@ def _draw_face(
             cv2.LINE_AA,
         )
         cv2.circle(img, centre, max(1, int(0.025 * w)), style["iris"], -1, cv2.LINE_AA)
-    mouth = (cx, int(0.75 * h) + dy)
-    half_w = int(style["mouth_width"] * w / 2)
-    open_h = round(style["max_open"] * h * opening)
-    lip = max(1, int(style["lip"] * h))
-    cv2.ellipse(img, mouth, (half_w, open_h // 2 + lip), 0, 0, 360, style["lips"], -1, cv2.LINE_AA)
-    if open_h >= 1:
-        inner = (max(1, half_w - lip), max(1, open_h // 2))
-        cv2.ellipse(img, mouth, inner, 0, 0, 360, style["inside"], -1, cv2.LINE_AA)
-        # Teeth show at the top of a wide-open mouth.
-        if open_h > 4 * lip:
-            top = mouth[1] - inner[1]
-            cv2.rectangle(
-                img,
-                (mouth[0] - inner[0] // 2, top),
-                (mouth[0] + inner[0] // 2, top + lip),
-                (235, 235, 225),
-                -1,
-            )
-    else:
-        cv2.line(
-            img,
-            (mouth[0] - half_w + lip, mouth[1]),
-            (mouth[0] + half_w - lip, mouth[1]),
-            style["inside"],
-            1,
-            cv2.LINE_AA,
-        )
+    _draw_mouth(img, (cx, int(0.75 * h) + dy), style, opening)
     return img
 
 

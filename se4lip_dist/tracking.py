@@ -19,8 +19,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from mlflow import MlflowClient
@@ -31,6 +32,8 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 from se4lip_dist.plots import offset_curve_figure, pyplot, save_figure
 from se4lip_dist.storage import redact_uri
+
+T = TypeVar("T")
 
 RUNS_DIR = "se4lip-runs"
 """Folder under the working directory that holds the embedded store, artifacts and checkpoints."""
@@ -341,6 +344,27 @@ class RunLogger:
         self.client.log_table(self.run_id, data=columns, artifact_file=artifact_file)
 
 
+def job_tracking_uri(uri: str | None, address: str | None, command: str) -> str:
+    """The tracking URI a job logs to, checked before Ray starts: a server that does not answer
+    fails in seconds, and a node-local store is refused for a job on a Ray cluster."""
+    uri = resolve_tracking_uri(uri)
+    check_reachable(uri)
+    if address or os.environ.get("RAY_ADDRESS"):
+        check_cluster_store(uri, command)
+    return uri
+
+
+def none_if_missing(call: Callable[[], T]) -> T | None:
+    """``call()``, or None where MLflow answers that the thing asked for does not exist; every
+    other error is raised (a caller must not read a failing store as "none")."""
+    try:
+        return call()
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
 __all__ = [
     "RUNS_DIR",
     "RunLogger",
@@ -352,8 +376,10 @@ __all__ = [
     "ensure_experiment",
     "existing_store",
     "git_revision",
+    "job_tracking_uri",
     "log_datasets",
     "log_parent_model",
+    "none_if_missing",
     "reopen_run",
     "resolve_tracking_uri",
     "run_context_tags",

@@ -1,10 +1,12 @@
 """``se4lip-dist train``: Ray Data pairs -> Ray Train ``TorchTrainer`` (DDP) -> MLflow run + model.
 
 The driver (:func:`run_train`) validates the data, resolves tracking, opens (or reopens) the MLflow
-run, starts or joins Ray, and fits a ``TorchTrainer`` whose workers run :func:`train_loop`. Every
-epoch each worker trains on its streamed share of the pairs, all workers score their share of the
-validation clips (:mod:`se4lip_dist.validation`, sums reduced across ranks), and rank 0 logs to
-MLflow and reports a checkpoint. The best validated epoch (``train.select_metric``) is kept in
+run, starts or joins Ray, and fits the ``TorchTrainer`` of :func:`build_trainer` (the one ``tune``
+trials and the benchmarks use too), whose workers run :func:`train_loop`. A worker's state and
+the parts of an epoch are a :class:`TrainRecipe`: every epoch each worker trains on its streamed
+share of the pairs, all workers score their share of the validation clips
+(:mod:`se4lip_dist.validation`, sums reduced across ranks), and rank 0 logs to MLflow and
+reports a checkpoint. The best validated epoch (``train.select_metric``) is kept in
 every checkpoint; after the fit the driver hands it to :mod:`se4lip_dist.lifecycle` (log,
 register, gate, alias).
 
@@ -18,11 +20,10 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,12 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 from mlflow import MlflowClient
 from ray.train.torch import TorchTrainer
 
 from se4lip_dist import storage
 from se4lip_dist.augment import augment_batch
+from se4lip_dist.collectives import all_gather, all_have, all_reduce_sum, broadcast_buffers
 from se4lip_dist.config import Config, flatten
 from se4lip_dist.lifecycle import Candidate, GateError, publish
 from se4lip_dist.losses import sync_bce_loss, sync_cosine
@@ -44,25 +45,30 @@ from se4lip_dist.manifest import Manifest
 from se4lip_dist.models import build_model, lip_input
 from se4lip_dist.placement import DEFAULT_TIMEOUT_S, PlacementError, wait_placeable
 from se4lip_dist.registry import RegistryError, load_model_state, load_weights, pin_model
-from se4lip_dist.resources import train_plan
+from se4lip_dist.resources import Resources, train_plan
 from se4lip_dist.runtime import cluster_cpus, init_ray, own_sigint, worker_env
 from se4lip_dist.splits import SplitRule, clip_frames
 from se4lip_dist.stream import PairSpec, iter_pair_batches, pair_seed, row_dataset
 from se4lip_dist.tracking import (
     RUNS_DIR,
     RunLogger,
-    check_cluster_store,
-    check_reachable,
     end_run,
+    job_tracking_uri,
     log_datasets,
     log_parent_model,
     redact_uri,
     reopen_run,
-    resolve_tracking_uri,
     set_description,
     start_run,
 )
-from se4lip_dist.validation import METRICS, ValidationSet, is_better, metric_name, score
+from se4lip_dist.validation import (
+    METRICS,
+    ValidationResult,
+    ValidationSet,
+    is_better,
+    metric_name,
+    score,
+)
 
 RUN_STATE_FILE = "se4lip_run.json"
 """Written into ``storage_path/<run name>/``: the MLflow run a Ray Train run logs into."""
@@ -77,33 +83,6 @@ class TrainError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 # Worker side
 # --------------------------------------------------------------------------------------------
-
-
-def _all_reduce_sum(values: list[float], device: Any) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def _all_have(has: bool, world: int, device: Any) -> bool:
-    """True when every rank ``has`` (one MIN all-reduce; no collective on a single rank)."""
-    if world == 1 or not (dist.is_available() and dist.is_initialized()):
-        return has
-    t = torch.tensor([1.0 if has else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
-def _gather_node_ids() -> list[str]:
-    """Ray node id of every worker, in rank order (where the worker group was placed)."""
-    node = ray.get_runtime_context().get_node_id()
-    if not (dist.is_available() and dist.is_initialized()):
-        return [node]
-    ids: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(ids, node)
-    return [str(i) for i in ids]
 
 
 @dataclass
@@ -132,14 +111,6 @@ def load_checkpoint_dir(path: str | Path) -> Restored:
         raise TrainError(str(e)) from e
     state = json.loads((p / "state.json").read_text())
     return Restored(model=model_state, best=best_state, optim=optim_state, state=state)
-
-
-def _save_checkpoint(path: Path, model: Any, best: dict[str, Any], opt: Any,
-                     state: dict[str, Any]) -> None:
-    torch.save(model.state_dict(), path / "model.pt")
-    torch.save(best, path / "best.pt")
-    torch.save(opt.state_dict(), path / "optim.pt")
-    (path / "state.json").write_text(json.dumps(state))
 
 
 def place_model(model: Any, cfg: Config, restored: Restored | None, place: Any,
@@ -191,27 +162,218 @@ def _amp_dtype(cfg: Config, device: Any) -> Any:
     return torch.float16 if cfg.train.amp_dtype == "fp16" else torch.bfloat16
 
 
+@dataclass
+class EpochStats:
+    """One rank's sums over one epoch's training steps (before they are reduced across ranks)."""
+
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    seen: float = 0.0
+    wait: float = 0.0
+    """Seconds spent waiting for the next batch."""
+    started: float = 0.0
+    """``time.perf_counter()`` when the epoch began."""
+    elapsed: float = 0.0
+    """Seconds from the epoch's start to the end of its last step."""
+
+
+class TrainRecipe:
+    """One worker's training state and the parts of an epoch, each callable on its own.
+
+    State lives here and only here: the model (placed, and its unwrapped ``core``), optimizer,
+    AMP scaler, augmentation generator, epochs done, global step, metric history and the best
+    epoch. :func:`train_loop` wires the parts to Ray Train (data shard, reports, checkpoints);
+    without a process group every collective is a no-op, so a test drives the parts directly.
+
+    Args:
+        cfg: the run's config.
+        rank: this worker's rank (seeds its augmentation draws; rank 0 keeps the offset curve).
+        world: the number of workers (agreeing on batches is skipped on one).
+        device: where batches arrive and the placed model lives.
+    """
+
+    def __init__(self, cfg: Config, *, rank: int = 0, world: int = 1,
+                 device: Any = "cpu") -> None:
+        self.cfg = cfg
+        self.rank, self.world = rank, world
+        self.device = torch.device(device)
+        self.amp = _amp_dtype(cfg, self.device)
+        """Autocast dtype (None: full precision)."""
+        self.metric = metric_name(cfg.train.select_metric)
+        self.mode = METRICS[self.metric]
+        self.model: Any = None
+        self.core: Any = None
+        self.opt: Any = None
+        self.scaler: Any = None
+        self.aug_gen: torch.Generator | None = None
+        self.epoch = 0
+        """Epochs done (the next epoch's index)."""
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.best_epoch = 0
+        self.best_metrics: dict[str, float] = {}
+        self.best_state: dict[str, Any] | None = None
+
+    def setup(self, restored: Restored | None = None, init: dict[str, Any] | None = None,
+              place: Callable[[Any], Any] = lambda m: m) -> TrainRecipe:
+        """Build the model (seeded: the same initial weights on every rank), restore or warm
+        start it, place it (see :func:`place_model`) and continue the restored counters."""
+        tc = self.cfg.train
+        torch.manual_seed(tc.seed)  # same init everywhere; DDP also broadcasts rank 0's weights
+        model = build_model(self.cfg.model, sample_rate=self.cfg.data.sample_rate,
+                            window_frames=tc.window_frames)
+        self.model, self.opt, self.scaler = place_model(model, self.cfg, restored, place, init)
+        self.core = getattr(self.model, "module", self.model)  # evaluation must not sync DDP
+        if restored is not None:
+            st = restored.state
+            self.epoch, self.step, self.history = st["epoch"], st["step"], st["history"]
+            self.best_epoch = st.get("best_epoch", self.epoch)
+            self.best_metrics = st.get("best_metrics",
+                                       self.history[-1] if self.history else {})
+            self.best_state = restored.best
+        # Augmentation draws: reproducible per seed, rank and the epoch the worker (re)started at.
+        self.aug_gen = torch.Generator().manual_seed(
+            tc.seed * 1_000_003 + self.rank * 7919 + self.epoch)
+        return self
+
+    def steps_done(self) -> bool:
+        """True once ``train.max_steps`` optimizer steps have been taken."""
+        max_steps = self.cfg.train.max_steps
+        return max_steps is not None and self.step >= max_steps
+
+    def more_epochs(self) -> bool:
+        """True while ``train.epochs`` and ``train.max_steps`` leave training to do."""
+        return self.epoch < self.cfg.train.epochs and not self.steps_done()
+
+    def finished(self) -> bool:
+        """True when a restored run had already trained all it was asked to."""
+        return bool(self.history) and not self.more_epochs()
+
+    def train_step(self, batch: dict[str, Any]) -> EpochStats:
+        """One optimizer step (augmentation, autocast, gradient clipping) on ``batch``; its loss
+        and sync accuracy as sums over the batch."""
+        cfg, tc = self.cfg, self.cfg.train
+        y, wav, lips = batch["label"], batch["wav"], batch["lips"]
+        if cfg.augment.enabled:
+            wav, lips = augment_batch(wav, lips, cfg.augment, cfg.data.sample_rate, self.aug_gen)
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            a, v = self.model(wav, lip_input(lips, cfg.model))
+            loss = sync_bce_loss(a, v, y)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if tc.grad_clip and tc.grad_clip > 0:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.step += 1
+        with torch.no_grad():
+            return EpochStats(loss_sum=float(loss) * len(y), seen=len(y),
+                              correct=float(((sync_cosine(a, v) > 0.5) == (y > 0.5)).sum()))
+
+    def train_epoch(self, batches: Iterator[dict[str, Any]]) -> EpochStats:
+        """Train on ``batches`` until they end, ``train.steps_per_epoch`` or ``train.max_steps``;
+        then close them (every rank stops at the same step, see :func:`epoch_batches`)."""
+        tc = self.cfg.train
+        self.model.train()
+        if tc.freeze_lips:
+            self.core.lips.eval()  # frozen means its BatchNorm statistics too
+        stats = EpochStats(started=time.perf_counter())
+        epoch_steps = 0
+        while not self.steps_done():
+            if tc.steps_per_epoch is not None and epoch_steps >= tc.steps_per_epoch:
+                break
+            t0 = time.perf_counter()
+            batch = next(batches, None)  # None on every rank at once (see epoch_batches)
+            stats.wait += time.perf_counter() - t0
+            if batch is None:
+                break
+            done = self.train_step(batch)
+            epoch_steps += 1
+            stats.loss_sum += done.loss_sum
+            stats.correct += done.correct
+            stats.seen += done.seen
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()  # the pass's split stops streaming
+        stats.elapsed = time.perf_counter() - stats.started
+        return stats
+
+    def validate(self, vset: ValidationSet) -> ValidationResult:
+        """Score the unwrapped model on this rank's share of ``vset`` (rank 0's buffers first)."""
+        broadcast_buffers(self.core)
+        return score(self.core, self.cfg, vset, self.device, keep_curve=self.rank == 0)
+
+    def end_epoch(self, stats: EpochStats, val: ValidationResult) -> dict[str, Any]:
+        """Reduce ``stats`` across ranks, keep the best epoch and append to the history.
+
+        Returns:
+            The epoch's metrics: ``train/...``, ``perf/...``, ``val/...`` and ``best/...``.
+        """
+        loss_sum, correct, seen, wait_all, elapsed_all = all_reduce_sum(
+            [stats.loss_sum, stats.correct, stats.seen, stats.wait, stats.elapsed], self.device)
+        metrics = {
+            "train/loss": loss_sum / seen if seen else float("nan"),
+            "train/sync_acc": correct / seen if seen else float("nan"),
+            "train/steps": self.step,
+            "perf/samples_per_s": seen / stats.elapsed if stats.elapsed else 0.0,
+            "perf/data_wait_fraction": wait_all / elapsed_all if elapsed_all else 0.0,
+            "perf/epoch_time_s": time.perf_counter() - stats.started,
+            **val.metrics,
+        }
+        self.epoch += 1
+        self.keep_best(val.metrics)
+        metrics[f"{BEST_PREFIX}epoch"] = self.best_epoch
+        metrics[f"{BEST_PREFIX}{self.metric}"] = self.best_metrics[self.metric]
+        self.history.append({"epoch": self.epoch, **metrics})
+        return metrics
+
+    def keep_best(self, val_metrics: dict[str, float]) -> bool:
+        """Make the epoch just done the best one if ``train.select_metric`` says it is better
+        (the first epoch always is); True when it became the best."""
+        if self.best_state is not None and not is_better(val_metrics, self.best_metrics,
+                                                         self.metric, self.mode):
+            return False
+        self.best_epoch, self.best_metrics = self.epoch, dict(val_metrics)
+        self.best_state = {k: t.detach().cpu().clone() for k, t in self.core.state_dict().items()}
+        return True
+
+    def state(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint's ``state.json`` (``config``: the run's config dict, as given)."""
+        return {"epoch": self.epoch, "step": self.step, "config": config,
+                "history": self.history, "best_epoch": self.best_epoch,
+                "best_metrics": self.best_metrics,
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
+
+    def save_checkpoint(self, path: str | Path, config: dict[str, Any]) -> None:
+        """Write a checkpoint folder (layout in the module docstring) into ``path``."""
+        p = Path(path)
+        torch.save(self.core.state_dict(), p / "model.pt")
+        torch.save(self.best_state, p / "best.pt")
+        torch.save(self.opt.state_dict(), p / "optim.pt")
+        (p / "state.json").write_text(json.dumps(self.state(config)))
+
+    def result(self, node_ids: list[str]) -> dict[str, Any]:
+        """What rank 0 returns from the fit."""
+        return {"history": self.history,
+                "epochs": self.history[-1]["epoch"] if self.history else self.epoch,
+                "steps": self.step, "best_epoch": self.best_epoch, "worker_node_ids": node_ids}
+
+
 def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     """Per-worker training function (runs inside Ray Train workers).
 
     Args:
         config: ``{"cfg": Config.to_dict(), "data_dir": str, "tracking_uri": str | None,
-            "run_id": str | None}``.
+            "run_id": str | None, "init_state": ObjectRef | None}``.
 
     Returns:
         On rank 0: ``{"history", "epochs", "steps", "best_epoch", "worker_node_ids"}``; None
         elsewhere.
     """
     cfg = Config.from_dict(config["cfg"])
-    tc = cfg.train
-    metric = metric_name(tc.select_metric)
-    mode = METRICS[metric]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(tc.seed)  # same init everywhere; DDP also broadcasts rank 0's weights
-    model = build_model(cfg.model, sample_rate=cfg.data.sample_rate,
-                        window_frames=tc.window_frames)
     ckpt = ray.train.get_checkpoint()
     restored = None
     if ckpt is not None:
@@ -220,120 +382,57 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     init = None
     if restored is None and config.get("init_state") is not None:
         init = ray.get(config["init_state"])  # warm start: the weights of train.init
-    model, opt, scaler = place_model(model, cfg, restored, ray.train.torch.prepare_model, init)
-    core = getattr(model, "module", model)  # unwrapped: evaluation must not sync DDP buffers
-    epoch0, step, history = 0, 0, []
-    best_epoch, best_metrics, best_state = 0, {}, None
-    if restored is not None:
-        st = restored.state
-        epoch0, step, history = st["epoch"], st["step"], st["history"]
-        best_epoch = st.get("best_epoch", epoch0)
-        best_metrics = st.get("best_metrics", history[-1] if history else {})
-        best_state = restored.best
-    amp = _amp_dtype(cfg, device)
-    # Augmentation draws: reproducible per seed, rank and the epoch the worker (re)started at.
-    aug_gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + rank * 7919 + epoch0)
+    recipe = TrainRecipe(cfg, rank=rank, world=world, device=ray.train.torch.get_device())
+    recipe.setup(restored, init, ray.train.torch.prepare_model)
     vset = ValidationSet.load(config["data_dir"], cfg, rank=rank, world=world)
-    node_ids = _gather_node_ids()
+    node_ids = [str(i) for i in all_gather(ray.get_runtime_context().get_node_id())]
     train_ds = ray.train.get_dataset_shard("train")
     rule = SplitRule.for_manifest(Manifest.load(config["data_dir"]), cfg)
     logger = None
-    monitor = None
     if rank == 0 and config.get("run_id"):
         logger = RunLogger(config["tracking_uri"], config["run_id"])
-        monitor = logger.system_metrics(resume=restored is not None)
+    monitor = logger.system_metrics(resume=restored is not None) if logger else None
 
-    if history and (epoch0 >= tc.epochs or (tc.max_steps is not None and step >= tc.max_steps)):
+    if recipe.finished():
         # Restored a run that had already finished (a tune driver killed after the trial's last
         # epoch but before Tune saw it end): report the final result again, or Tune gets none.
-        ray.train.report(history[-1], checkpoint=ckpt if rank == 0 else None)
-
+        ray.train.report(recipe.history[-1], checkpoint=ckpt if rank == 0 else None)
     try:
-        for epoch in range(epoch0, tc.epochs):
-            if tc.max_steps is not None and step >= tc.max_steps:
-                break
-            model.train()
-            if tc.freeze_lips:
-                core.lips.eval()  # frozen means its BatchNorm statistics too
-            loss_sum = correct = seen = wait = 0.0
-            epoch_start = time.perf_counter()
-            epoch_steps = 0
-            batches = _batches(train_ds, cfg, rule, epoch, device, world)
-            while tc.max_steps is None or step < tc.max_steps:
-                if tc.steps_per_epoch is not None and epoch_steps >= tc.steps_per_epoch:
-                    break
-                t0 = time.perf_counter()
-                batch = next(batches, None)  # None on every rank at once (see _batches)
-                wait += time.perf_counter() - t0
-                if batch is None:
-                    break
-                y = batch["label"]
-                wav, lips = batch["wav"], batch["lips"]
-                if cfg.augment.enabled:
-                    wav, lips = augment_batch(wav, lips, cfg.augment, cfg.data.sample_rate,
-                                              aug_gen)
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    a, v = model(wav, lip_input(lips, cfg.model))
-                    loss = sync_bce_loss(a, v, y)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if tc.grad_clip and tc.grad_clip > 0:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                step += 1
-                epoch_steps += 1
-                with torch.no_grad():
-                    loss_sum += float(loss) * len(y)
-                    correct += float(((sync_cosine(a, v) > 0.5) == (y > 0.5)).sum())
-                    seen += len(y)
-            batches.close()  # the pass's split stops streaming; every rank stopped at this step
-            elapsed = time.perf_counter() - epoch_start
-            loss_sum, correct, seen, wait_all, elapsed_all = _all_reduce_sum(
-                [loss_sum, correct, seen, wait, elapsed], device)
-            _sync_buffers(core)
-            val = score(core, cfg, vset, device, keep_curve=rank == 0)
-            metrics = {
-                "train/loss": loss_sum / seen if seen else float("nan"),
-                "train/sync_acc": correct / seen if seen else float("nan"),
-                "train/steps": step,
-                "perf/samples_per_s": seen / elapsed if elapsed else 0.0,
-                "perf/data_wait_fraction": wait_all / elapsed_all if elapsed_all else 0.0,
-                "perf/epoch_time_s": time.perf_counter() - epoch_start,
-                **val.metrics,
-            }
-            if best_state is None or is_better(val.metrics, best_metrics, metric, mode):
-                best_epoch, best_metrics = epoch + 1, dict(val.metrics)
-                best_state = {k: t.detach().cpu().clone() for k, t in core.state_dict().items()}
-            metrics[f"{BEST_PREFIX}epoch"] = best_epoch
-            metrics[f"{BEST_PREFIX}{metric}"] = best_metrics[metric]
-            history.append({"epoch": epoch + 1, **metrics})
+        while recipe.more_epochs():
+            batches = epoch_batches(train_ds, cfg, rule, recipe.epoch, recipe.device, world)
+            stats = recipe.train_epoch(batches)
+            val = recipe.validate(vset)
+            metrics = recipe.end_epoch(stats, val)
             if logger is not None:
-                logger.metrics(metrics, step=epoch + 1)
-                logger.table(val.table(), f"validation/clips_epoch{epoch + 1:03d}.json")
-                logger.plots(history, _curve(val.clips))
-            state = {"epoch": epoch + 1, "step": step, "config": config["cfg"],
-                     "history": history, "best_epoch": best_epoch,
-                     "best_metrics": best_metrics,
-                     "scaler": scaler.state_dict() if scaler.is_enabled() else None}
-            with tempfile.TemporaryDirectory() as tmp:
-                checkpoint = None
-                if rank == 0:
-                    _save_checkpoint(Path(tmp), core, best_state, opt, state)
-                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report({"epoch": epoch + 1, **metrics}, checkpoint=checkpoint)
+                _log_epoch(logger, recipe, metrics, val)
+            _report(recipe, metrics, config["cfg"])
     finally:
         if monitor is not None:
             monitor.finish()
-    if rank != 0:
-        return None
-    return {"history": history, "epochs": history[-1]["epoch"] if history else epoch0,
-            "steps": step, "best_epoch": best_epoch, "worker_node_ids": node_ids}
+    return recipe.result(node_ids) if rank == 0 else None
 
 
-def _batches(train_ds: Any, cfg: Config, rule: Any, epoch: int, device: Any,
-             world: int) -> Iterator[dict[str, Any]]:
+def _log_epoch(logger: RunLogger, recipe: TrainRecipe, metrics: dict[str, Any],
+               val: ValidationResult) -> None:
+    """Rank 0's MLflow record of the epoch just done: metrics, per-clip table, plots."""
+    epoch = recipe.epoch
+    logger.metrics(metrics, step=epoch)
+    logger.table(val.table(), f"validation/clips_epoch{epoch:03d}.json")
+    logger.plots(recipe.history, _curve(val.clips))
+
+
+def _report(recipe: TrainRecipe, metrics: dict[str, Any], config: dict[str, Any]) -> None:
+    """Report the epoch to Ray Train on every rank, with rank 0's checkpoint."""
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if recipe.rank == 0:
+            recipe.save_checkpoint(tmp, config)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({"epoch": recipe.epoch, **metrics}, checkpoint=checkpoint)
+
+
+def epoch_batches(train_ds: Any, cfg: Config, rule: Any, epoch: int, device: Any,
+                  world: int) -> Iterator[dict[str, Any]]:
     """Training batches of one epoch: one pass over the rows, or, with
     ``train.steps_per_epoch``, as many fresh passes as the steps need. Pairs are drawn from
     ``(train.seed, epoch, pass)`` (and the rows), so a run with the same seed repeats them.
@@ -355,7 +454,7 @@ def _batches(train_ds: Any, cfg: Config, rule: Any, epoch: int, device: Any,
             batch_size=tc.batch_size, device=device, shuffle_buffer=tc.shuffle_buffer)
         produced = False
         try:
-            while _all_have((batch := next(stream, None)) is not None, world, device):
+            while all_have((batch := next(stream, None)) is not None, world, device):
                 produced = True
                 yield batch
         finally:
@@ -371,20 +470,12 @@ def _no_batch_error(has: bool, world: int, batch_size: int, device: Any) -> Trai
     if world == 1:
         return TrainError(f"the training pairs give no batch of {batch_size}: raise "
                           "train.pairs_per_segment or lower train.batch_size")
-    lacking = int(_all_reduce_sum([0.0 if has else 1.0], device)[0])
+    lacking = int(all_reduce_sum([0.0 if has else 1.0], device)[0])
     return TrainError(
         f"{lacking} of {world} workers got no batch of {batch_size} training pairs: workers "
         "share the training rows, not the pairs, and a row can give none (e.g. a clip's "
         "validation tail under train.split=time); use fewer workers (train.num_workers), more "
         "pairs (more clips, train.pairs_per_segment) or a smaller train.batch_size")
-
-
-def _sync_buffers(model: Any) -> None:
-    """Give every rank rank 0's buffers (BatchNorm statistics drift apart between DDP's
-    per-forward broadcasts): validation then scores exactly the weights the checkpoint holds."""
-    if dist.is_available() and dist.is_initialized():
-        for buf in model.buffers():
-            dist.broadcast(buf, src=0)
 
 
 def _curve(clips: list[Any]) -> dict[str, Any] | None:
@@ -411,6 +502,68 @@ def training_data_config() -> Any:
     opts = ray.train.DataConfig.default_ingest_options()
     opts.preserve_order = True
     return ray.train.DataConfig(execution_options={"train": opts})
+
+
+MAX_FAILURES = 2
+"""Worker-group restarts (each from the last checkpoint) before a run or a trial fails."""
+CHECKPOINTS_KEPT = 2
+"""Checkpoints Ray Train keeps per run (the last epoch's and the one before)."""
+
+
+def build_trainer(
+    cfg: Config,
+    data_dir: str,
+    plan: Resources,
+    *,
+    name: str,
+    storage_path: str,
+    tracking_uri: str | None = None,
+    run_id: str | None = None,
+    init_state: dict[str, Any] | None = None,
+    datasets: dict[str, Any] | None = None,
+    callbacks: list[Any] | None = None,
+    max_failures: int = MAX_FAILURES,
+    loop: Callable[[dict[str, Any]], Any] = train_loop,
+    extra_config: dict[str, Any] | None = None,
+) -> TorchTrainer:
+    """The ``TorchTrainer`` of a training run: the one construction ``train``, each ``tune``
+    trial and the benchmarks share (failure, checkpoint and dataset settings included).
+
+    Args:
+        cfg: the run's config (sent to the workers as a dict).
+        data_dir: prepared shards, as every node reads them.
+        plan: the worker group (:mod:`se4lip_dist.resources`).
+        name: Ray Train run name (a stable name resumes that run).
+        storage_path: where Ray Train keeps the run's folder and checkpoints.
+        tracking_uri: MLflow tracking URI rank 0 logs to.
+        run_id: MLflow run rank 0 logs to (None: no logging).
+        init_state: warm-start weights, sent through the object store (too big for a config).
+        datasets: the Ray Datasets (default :func:`training_datasets`; a tune trial builds them
+            before it waits for its ranks).
+        callbacks: Ray Train callbacks (a tune trial forwards reports to Tune).
+        max_failures: worker-group restarts before the run fails.
+        loop: the per-worker function (default :func:`train_loop`; a benchmark passes one that
+            times :meth:`TrainRecipe.train_epoch`).
+        extra_config: merged into the workers' ``train_loop_config``.
+    """
+    return TorchTrainer(
+        loop,
+        train_loop_config={"cfg": cfg.to_dict(), "data_dir": str(data_dir),
+                           "tracking_uri": tracking_uri, "run_id": run_id,
+                           "init_state": ray.put(init_state) if init_state else None,
+                           **(extra_config or {})},
+        scaling_config=ray.train.ScalingConfig(num_workers=plan.num_workers,
+                                               use_gpu=bool(plan.worker_gpus),
+                                               resources_per_worker=plan.worker_bundle()),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path, callbacks=callbacks,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+            worker_runtime_env={"env_vars": worker_env()},
+        ),
+        datasets=training_datasets(data_dir, cfg) if datasets is None else datasets,
+        dataset_config=training_data_config(),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -513,7 +666,7 @@ def run_train(
     use_gpu: bool = False,
     address: str | None = None,
     storage_path: str | None = None,
-    max_failures: int = 2,
+    max_failures: int = MAX_FAILURES,
     placement_timeout_s: float | None = None,
 ) -> dict[str, Any]:
     """Train SE4Lip encoders on prepared shards with Ray Train, tracked in MLflow.
@@ -553,19 +706,8 @@ def run_train(
     """
     metric_name(cfg.train.select_metric)  # an unknown metric fails before anything starts
     data_dir = storage.absolute(data_dir)  # workers run elsewhere: an absolute path or URL
-    manifest = Manifest.load(data_dir)
-    manifest.check_shards(data_dir)  # another schema version fails here, before any run exists
-    rule = SplitRule.for_manifest(manifest, cfg)
-    frames = clip_frames(manifest, rule)
-    if not frames["train"] or not frames["val"]:
-        raise TrainError(f"{data_dir}: need frames to train on and to validate on; "
-                         f"{rule.describe()} gives {len(frames['train'])} training and "
-                         f"{len(frames['val'])} validation clips")
-    splits = {role: sorted(frames[role]) for role in frames}
-    uri = resolve_tracking_uri(tracking_uri)
-    check_reachable(uri)  # before Ray starts: a wrong URI fails in seconds, not after training
-    if address or os.environ.get("RAY_ADDRESS"):
-        check_cluster_store(uri, "train")
+    manifest, rule, frames = _training_frames(data_dir, cfg)
+    uri = job_tracking_uri(tracking_uri, address, "train")  # fails before Ray starts
     init_state, init_info = (load_init(cfg, uri) if cfg.train.init and not resume
                              else (None, None))
     store = storage.absolute(storage_path or default_storage_path())
@@ -573,32 +715,9 @@ def run_train(
     data_hash = manifest.content_hash()
 
     if saved is not None:
-        saved_cfg = Config.from_dict(saved["config"])
-        if saved_cfg.model != cfg.model or saved_cfg.train.window_frames != cfg.train.window_frames:
-            raise TrainError(f"--resume {name}: the model config differs from the saved run's; "
-                             "resume with the same preset/--config/--set model.*")
-        run_id = saved["run_id"]
-        reopen_run(uri, run_id)
+        run_id = _reopen(cfg, saved, name, uri)
     else:
-        params = flatten(cfg.to_dict())
-        params.update({"data.dir": redact_uri(str(data_dir)), "data.manifest_hash": data_hash,
-                       "data.train_clips": len(splits["train"]),
-                       "data.val_clips": len(splits["val"]),
-                       "data.train_frames": sum(frames["train"].values()),
-                       "data.val_frames": sum(frames["val"].values()),
-                       "data.split": rule.describe(), "ray.run_name": name,
-                       "ray.storage_path": redact_uri(store)})
-        tags = {"se4lip.preset": cfg.preset, "se4lip.data_manifest_hash": data_hash,
-                "se4lip.ray_run_name": name, "se4lip.kind": "train"}
-        run_id = start_run(
-            uri, experiment, name, params=params, tags=tags, config_yaml=cfg.to_yaml(),
-            command="train",
-            description=(f"Training run: preset `{cfg.preset}`, {run_label(cfg)}, on "
-                         f"{len(splits['train'])} train / {len(splits['val'])} validation clips "
-                         f"of data `{data_hash}`. The best epoch by `{cfg.train.select_metric}` "
-                         "is the logged model."))
-        log_datasets(uri, run_id, data_hash=data_hash, source=str(data_dir),
-                     splits={"training": splits["train"], "validation": splits["val"]})
+        run_id = _start(cfg, data_dir, uri, experiment, name, store, rule, frames, data_hash)
         if init_info is not None:
             log_parent_model(uri, run_id, init_info)
         _write_run_state(store, name, {"run_id": run_id, "experiment": experiment,
@@ -608,8 +727,6 @@ def run_train(
         out = _fit(cfg, data_dir, uri, run_id, name, store, use_gpu, address, max_failures,
                    placement_timeout_s, init_state)
     except BaseException:
-        from se4lip_dist.tracking import end_run
-
         end_run(uri, run_id, status="FAILED")
         raise
     result = _finish(cfg, out, uri, run_id, register, data_dir, data_hash)
@@ -618,65 +735,112 @@ def run_train(
     return result
 
 
+def _training_frames(data_dir: str, cfg: Config) -> tuple[Manifest, SplitRule,
+                                                           dict[str, dict[str, int]]]:
+    """The manifest, split rule and frames per clip of each split; fails (before any run
+    exists) on another schema version or a split without frames."""
+    manifest = Manifest.load(data_dir)
+    manifest.check_shards(data_dir)  # another schema version fails here, before any run exists
+    rule = SplitRule.for_manifest(manifest, cfg)
+    frames = clip_frames(manifest, rule)
+    if not frames["train"] or not frames["val"]:
+        raise TrainError(f"{data_dir}: need frames to train on and to validate on; "
+                         f"{rule.describe()} gives {len(frames['train'])} training and "
+                         f"{len(frames['val'])} validation clips")
+    return manifest, rule, frames
+
+
+def _reopen(cfg: Config, saved: dict[str, Any], name: str, uri: str) -> str:
+    """The MLflow run of a resumed Ray Train run, reopened; the model must not have changed."""
+    saved_cfg = Config.from_dict(saved["config"])
+    if saved_cfg.model != cfg.model or saved_cfg.train.window_frames != cfg.train.window_frames:
+        raise TrainError(f"--resume {name}: the model config differs from the saved run's; "
+                         "resume with the same preset/--config/--set model.*")
+    reopen_run(uri, saved["run_id"])
+    return saved["run_id"]
+
+
+def _start(cfg: Config, data_dir: str, uri: str, experiment: str, name: str, store: str,
+           rule: SplitRule, frames: dict[str, dict[str, int]], data_hash: str) -> str:
+    """A fresh MLflow run with its config, data and datasets logged; its id."""
+    splits = {role: sorted(frames[role]) for role in frames}
+    params = flatten(cfg.to_dict())
+    params.update({"data.dir": redact_uri(str(data_dir)), "data.manifest_hash": data_hash,
+                   "data.train_clips": len(splits["train"]),
+                   "data.val_clips": len(splits["val"]),
+                   "data.train_frames": sum(frames["train"].values()),
+                   "data.val_frames": sum(frames["val"].values()),
+                   "data.split": rule.describe(), "ray.run_name": name,
+                   "ray.storage_path": redact_uri(store)})
+    tags = {"se4lip.preset": cfg.preset, "se4lip.data_manifest_hash": data_hash,
+            "se4lip.ray_run_name": name, "se4lip.kind": "train"}
+    run_id = start_run(
+        uri, experiment, name, params=params, tags=tags, config_yaml=cfg.to_yaml(),
+        command="train",
+        description=(f"Training run: preset `{cfg.preset}`, {run_label(cfg)}, on "
+                     f"{len(splits['train'])} train / {len(splits['val'])} validation clips "
+                     f"of data `{data_hash}`. The best epoch by `{cfg.train.select_metric}` "
+                     "is the logged model."))
+    log_datasets(uri, run_id, data_hash=data_hash, source=str(data_dir),
+                 splits={"training": splits["train"], "validation": splits["val"]})
+    return run_id
+
+
 def _fit(cfg: Config, data_dir: str, uri: str, run_id: str, name: str, store: str,
          use_gpu: bool, address: str | None, max_failures: int,
          placement_timeout_s: float | None,
          init_state: dict[str, Any] | None = None) -> dict[str, Any]:
-    tc = cfg.train
     started = not ray.is_initialized()
     init_ray(address)
     try:
-        plan = train_plan(tc, use_gpu)
-        resources = plan.worker_bundle()
-        try:  # first: a group this cluster can never hold names the resource it lacks
-            wait_placeable(resources, tc.num_workers, f"{tc.num_workers} training workers",
-                           timeout_s=placement_timeout_s or DEFAULT_TIMEOUT_S)
-        except PlacementError as e:
-            raise TrainError(str(e)) from e
-        if address is None:
-            free = cluster_cpus() - tc.num_workers * plan.worker_cpus
-            if free < 0.5:
-                raise TrainError(
-                    f"{tc.num_workers} workers x {plan.worker_cpus:g} CPU leave {free:g} of "
-                    f"{cluster_cpus():g} CPUs for Ray Data, which then hangs; lower "
-                    f"{plan.cpu_key} or train.num_workers")
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config={"cfg": cfg.to_dict(), "data_dir": str(data_dir),
-                               "tracking_uri": uri, "run_id": run_id,
-                               # Through the object store: a model is too big for the config.
-                               "init_state": ray.put(init_state) if init_state else None},
-            scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
-                                                   resources_per_worker=resources),
-            run_config=ray.train.RunConfig(
-                name=name, storage_path=store,
-                failure_config=ray.train.FailureConfig(max_failures=max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                worker_runtime_env={"env_vars": worker_env()},
-            ),
-            datasets=training_datasets(data_dir, cfg),
-            dataset_config=training_data_config(),
-        )
+        plan = train_plan(cfg.train, use_gpu)
+        _check_capacity(plan, address, placement_timeout_s)
+        trainer = build_trainer(cfg, data_dir, plan, name=name, storage_path=store,
+                                tracking_uri=uri, run_id=run_id, init_state=init_state,
+                                max_failures=max_failures)
         with own_sigint():
             result = trainer.fit()
-        if result.error is not None:
-            raise TrainError(f"training failed: {result.error}") from result.error
-        out = dict(result.return_value or {})
-        if result.checkpoint is None:
-            raise TrainError("training finished without a checkpoint (epochs=0 or max_steps=0?)")
-        with result.checkpoint.as_directory() as d:
-            restored = load_checkpoint_dir(d)
-        out["best_state"] = restored.best
-        out["checkpoint"] = (result.checkpoint.path if storage.is_local(store)
-                             else f"{storage.scheme(store)}://{result.checkpoint.path}")
-        out.setdefault("history", restored.state["history"])
-        out.setdefault("epochs", restored.state["epoch"])
-        out.setdefault("steps", restored.state["step"])
-        out.setdefault("best_epoch", restored.state.get("best_epoch", restored.state["epoch"]))
-        return out
+        return _fit_output(result, store)
     finally:
         if started:
             ray.shutdown()
+
+
+def _check_capacity(plan: Resources, address: str | None,
+                    placement_timeout_s: float | None) -> None:
+    """Fail with a reason before fitting when the worker group cannot run here."""
+    n = plan.num_workers
+    try:  # first: a group this cluster can never hold names the resource it lacks
+        wait_placeable(plan.worker_bundle(), n, f"{n} training workers",
+                       timeout_s=placement_timeout_s or DEFAULT_TIMEOUT_S)
+    except PlacementError as e:
+        raise TrainError(str(e)) from e
+    if address is None:
+        free = cluster_cpus() - n * plan.worker_cpus
+        if free < 0.5:
+            raise TrainError(
+                f"{n} workers x {plan.worker_cpus:g} CPU leave {free:g} of "
+                f"{cluster_cpus():g} CPUs for Ray Data, which then hangs; lower "
+                f"{plan.cpu_key} or train.num_workers")
+
+
+def _fit_output(result: Any, store: str) -> dict[str, Any]:
+    """Rank 0's return value completed from the last checkpoint (best weights included)."""
+    if result.error is not None:
+        raise TrainError(f"training failed: {result.error}") from result.error
+    out = dict(result.return_value or {})
+    if result.checkpoint is None:
+        raise TrainError("training finished without a checkpoint (epochs=0 or max_steps=0?)")
+    with result.checkpoint.as_directory() as d:
+        restored = load_checkpoint_dir(d)
+    out["best_state"] = restored.best
+    out["checkpoint"] = (result.checkpoint.path if storage.is_local(store)
+                         else f"{storage.scheme(store)}://{result.checkpoint.path}")
+    out.setdefault("history", restored.state["history"])
+    out.setdefault("epochs", restored.state["epoch"])
+    out.setdefault("steps", restored.state["step"])
+    out.setdefault("best_epoch", restored.state.get("best_epoch", restored.state["epoch"]))
+    return out
 
 
 def _finish(cfg: Config, out: dict[str, Any], uri: str, run_id: str, register: str | None,
@@ -729,9 +893,15 @@ def _finish(cfg: Config, out: dict[str, Any], uri: str, run_id: str, register: s
 
 __all__ = [
     "BEST_PREFIX",
+    "CHECKPOINTS_KEPT",
+    "MAX_FAILURES",
     "RUN_STATE_FILE",
+    "EpochStats",
     "Restored",
     "TrainError",
+    "TrainRecipe",
+    "build_trainer",
+    "epoch_batches",
     "load_checkpoint_dir",
     "place_model",
     "run_label",

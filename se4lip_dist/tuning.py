@@ -32,7 +32,6 @@ import ray.train
 import ray.tune
 from mlflow import MlflowClient
 from ray import tune
-from ray.train.torch import TorchTrainer
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -44,28 +43,25 @@ from se4lip_dist.lifecycle import Candidate, GateError, publish
 from se4lip_dist.manifest import Manifest
 from se4lip_dist.placement import DEFAULT_TIMEOUT_S, PlacementError, check_feasible, wait_placeable
 from se4lip_dist.resources import Resources
-from se4lip_dist.runtime import cluster_cpus, init_ray, own_sigint, worker_env
+from se4lip_dist.runtime import cluster_cpus, init_ray, own_sigint
 from se4lip_dist.spaces import load_space
 from se4lip_dist.splits import SplitRule, clip_frames
 from se4lip_dist.storage import redact_uri
 from se4lip_dist.tracking import (
     RUNS_DIR,
     RunLogger,
-    check_cluster_store,
-    check_reachable,
     end_run,
     ensure_experiment,
+    job_tracking_uri,
     log_datasets,
     reopen_run,
-    resolve_tracking_uri,
     set_description,
     start_run,
 )
 from se4lip_dist.train import (
     BEST_PREFIX,
+    build_trainer,
     load_checkpoint_dir,
-    train_loop,
-    training_data_config,
     training_datasets,
 )
 from se4lip_dist.validation import METRICS, TIE_BREAK, metric_name
@@ -157,21 +153,7 @@ def plan_resources(
     Raises:
         TuneError: a request that cannot work, with the reason.
     """
-    gpus = 0
-    if gpus_per_trial:
-        if gpus_per_trial < 0 or gpus_per_trial != int(gpus_per_trial):
-            raise TuneError(f"--gpus-per-trial {gpus_per_trial:g}: use a whole number; each DDP "
-                            "rank needs a GPU of its own (NCCL refuses two ranks on one GPU)")
-        gpus = int(gpus_per_trial)
-        if num_workers not in (None, gpus):
-            raise TuneError(f"--num-workers-per-trial {num_workers} with --gpus-per-trial "
-                            f"{gpus}: every rank gets one whole GPU, so a trial runs {gpus} "
-                            f"rank(s); pass --num-workers-per-trial {gpus} or --gpus-per-trial "
-                            f"{num_workers}")
-        num_workers = gpus
-    n = num_workers or 2
-    if n < 1:
-        raise TuneError("--num-workers-per-trial must be >= 1")
+    gpus, n = _trial_ranks(num_workers, gpus_per_trial)
     # Where the trial's CPUs came from, for the messages that ask to lower them.
     source = "--cpus-per-trial"
     if gpus and cpus_per_trial is None:
@@ -180,15 +162,7 @@ def plan_resources(
                   f"driver's {DRIVER_CPUS:g}; --set train.cpus_per_gpu_worker=... or pass "
                   "--cpus-per-trial)")
     if local_cpus is None:
-        per = cpus_per_trial if cpus_per_trial is not None else \
-            DRIVER_CPUS + CLUSTER_WORKER_CPUS * n
-        worker_cpus = round((per - DRIVER_CPUS) / n, 3)
-        if worker_cpus <= 0:
-            raise TuneError(f"--cpus-per-trial {per:g} leaves no CPU for the {n} workers after "
-                            f"the trial driver's {DRIVER_CPUS:g}")
-        if max_concurrent is not None and max_concurrent < 1:
-            raise TuneError("--max-concurrent-trials must be >= 1")
-        return Resources(DRIVER_CPUS, worker_cpus, 1 if gpus else 0, n, max_concurrent)
+        return _cluster_plan(n, gpus, cpus_per_trial, max_concurrent)
 
     usable = local_cpus - DATA_CPUS
     if usable < DRIVER_CPUS + 0.1 * n:
@@ -216,6 +190,39 @@ def plan_resources(
     return Resources(DRIVER_CPUS, worker_cpus, 1 if gpus else 0, n, concurrent)
 
 
+def _trial_ranks(num_workers: int | None, gpus_per_trial: float) -> tuple[int, int]:
+    """``(GPUs, DDP ranks)`` of a trial: on GPUs one rank per whole GPU, else 2 by default."""
+    gpus = 0
+    if gpus_per_trial:
+        if gpus_per_trial < 0 or gpus_per_trial != int(gpus_per_trial):
+            raise TuneError(f"--gpus-per-trial {gpus_per_trial:g}: use a whole number; each DDP "
+                            "rank needs a GPU of its own (NCCL refuses two ranks on one GPU)")
+        gpus = int(gpus_per_trial)
+        if num_workers not in (None, gpus):
+            raise TuneError(f"--num-workers-per-trial {num_workers} with --gpus-per-trial "
+                            f"{gpus}: every rank gets one whole GPU, so a trial runs {gpus} "
+                            f"rank(s); pass --num-workers-per-trial {gpus} or --gpus-per-trial "
+                            f"{num_workers}")
+        num_workers = gpus
+    n = num_workers or 2
+    if n < 1:
+        raise TuneError("--num-workers-per-trial must be >= 1")
+    return gpus, n
+
+
+def _cluster_plan(n: int, gpus: int, cpus_per_trial: float | None,
+                  max_concurrent: int | None) -> Resources:
+    """A trial's resources on a cluster, whose size at start says nothing (it may autoscale)."""
+    per = cpus_per_trial if cpus_per_trial is not None else DRIVER_CPUS + CLUSTER_WORKER_CPUS * n
+    worker_cpus = round((per - DRIVER_CPUS) / n, 3)
+    if worker_cpus <= 0:
+        raise TuneError(f"--cpus-per-trial {per:g} leaves no CPU for the {n} workers after "
+                        f"the trial driver's {DRIVER_CPUS:g}")
+    if max_concurrent is not None and max_concurrent < 1:
+        raise TuneError("--max-concurrent-trials must be >= 1")
+    return Resources(DRIVER_CPUS, worker_cpus, 1 if gpus else 0, n, max_concurrent)
+
+
 # --------------------------------------------------------------------------------------------
 # Trial side
 # --------------------------------------------------------------------------------------------
@@ -229,8 +236,7 @@ def tune_trial(config: dict[str, Any]) -> None:
     trial = ray.tune.get_context().get_trial_name()
     run_id = _child_run(job, trial, cfg, params)
     data_dir = job["data_dir"]
-    resources = Resources(DRIVER_CPUS, job["worker_cpus"], job["worker_gpus"],
-                          job["num_workers"], None).worker_bundle()
+    resources = trial_plan(job).worker_bundle()
     # Before the trial queues: Ray Data samples the shards with 1-CPU tasks as it builds them,
     # which could wait behind the ranks and queued drivers that hold the cluster later on.
     datasets = training_datasets(data_dir, cfg)
@@ -253,30 +259,37 @@ def tune_trial(config: dict[str, Any]) -> None:
     # Train then waits for capacity as long as this trial may, instead of failing and
     # retrying every 60 s (its default).
     os.environ.setdefault(TRAIN_START_TIMEOUT_ENV, str(max(60.0, job["placement_timeout_s"])))
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "data_dir": data_dir,
-                           "tracking_uri": job["tracking_uri"], "run_id": run_id},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=job["num_workers"], use_gpu=bool(job["worker_gpus"]),
-            resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            # Stable per trial: a resumed tune resumes each unfinished trial's Train run.
-            name=f"{job['name']}-{trial}",
-            storage_path=job["storage"],
-            callbacks=[TuneReportCallback()],
-            failure_config=ray.train.FailureConfig(max_failures=1),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": worker_env()},
-        ),
-        datasets=datasets,
-        dataset_config=training_data_config(),
-    )
-    result = trainer.fit()
+    result = trial_trainer(job, trial, cfg, run_id, datasets).fit()
     if result.error is not None:
         raise result.error
 
     end_run(job["tracking_uri"], run_id, "FINISHED")
+
+
+def trial_plan(job: dict[str, Any]) -> Resources:
+    """One trial's reservation, as planned by :func:`plan_resources` for the whole job."""
+    return Resources(DRIVER_CPUS, job["worker_cpus"], job["worker_gpus"], job["num_workers"],
+                     None)
+
+
+def trial_trainer(job: dict[str, Any], trial: str, cfg: Config, run_id: str | None,
+                  datasets: dict[str, Any] | None = None) -> Any:
+    """The trial's ``TorchTrainer``: :func:`se4lip_dist.train.build_trainer` with the trial's
+    ranks and names, reporting each epoch to Tune.
+
+    Args:
+        job: the tune job's settings (``base`` config, data, store, ranks per trial).
+        trial: the Tune trial name (its Train run is ``<tune name>-<trial>``).
+        cfg: the trial's config (the base with the trial's parameters).
+        run_id: the trial's MLflow child run.
+        datasets: built already (default: built here).
+    """
+    return build_trainer(
+        cfg, job["data_dir"], trial_plan(job),
+        # Stable per trial: a resumed tune resumes each unfinished trial's Train run.
+        name=f"{job['name']}-{trial}", storage_path=job["storage"],
+        tracking_uri=job["tracking_uri"], run_id=run_id, datasets=datasets,
+        callbacks=[TuneReportCallback()])
 
 
 TRAIN_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
@@ -392,48 +405,24 @@ def run_tune(
     """
     t0 = time.perf_counter()
     space = load_space(space_path, preset=opts.preset)
-    metric = metric_name(opts.metric) if opts.metric else space.metric
-    mode = opts.mode or (space.mode if metric == space.metric else METRICS[metric])
-    base = space.base_config(list(opts.overrides)).override({"train.select_metric": metric})
-    if opts.epochs is not None:
-        base = base.override({"train.epochs": opts.epochs})
+    base, metric, mode = _base_config(space, opts)
     data_dir = storage.absolute(data_dir)  # trials run on other nodes: absolute path or URL
     manifest = Manifest.load(data_dir)
     manifest.check_shards(data_dir)  # old-schema shards fail here, not inside every trial
     data_hash = manifest.content_hash()
-    uri = resolve_tracking_uri(opts.tracking_uri)
-    check_reachable(uri)
-    if opts.address or os.environ.get("RAY_ADDRESS"):
-        check_cluster_store(uri, "tune")
+    uri = job_tracking_uri(opts.tracking_uri, opts.address, "tune")
     # Checked before Ray starts: a bad space, data folder or server fails in a second.
     store = storage.absolute(opts.storage_path or default_storage_path())
     exp_dir = storage.join(store, opts.name)
-    state = _read_state(exp_dir)
-    if opts.resume and state is None:
-        raise TuneError(f"--resume: no tune named {opts.name!r} under {store}")
-    if not opts.resume and state is not None:
-        raise TuneError(f"a tune named {opts.name!r} already exists under {store}: pass "
-                        "--resume to continue it or --name to start another")
+    state = _saved_state(exp_dir, store, opts)
     if state and state.get("registered"):
         return state["result"]  # finished earlier: nothing left to do, never register twice
 
     started = not ray.is_initialized()
     init_ray(opts.address, dashboard=True)  # Train V2's placement-group cleaner needs it
     try:
-        local = not (opts.address or os.environ.get("RAY_ADDRESS"))
-        res = plan_resources(
-            num_workers=opts.num_workers_per_trial, cpus_per_trial=opts.cpus_per_trial,
-            gpus_per_trial=opts.gpus_per_trial, max_concurrent=opts.max_concurrent_trials,
-            local_cpus=cluster_cpus() if local else None,
-            local_gpus=float(ray.cluster_resources().get("GPU", 0.0)),
-            gpu_worker_cpus=base.train.cpus_per_gpu_worker,
-        )
+        res = _plan(opts, base)
         base = base.override({"train.num_workers": res.num_workers})
-        try:  # a rank no node (or node type the autoscaler can launch) can hold: fail now
-            check_feasible(res.worker_bundle(), f"tune trials' {res.num_workers} DDP ranks",
-                           count=res.num_workers)
-        except PlacementError as e:
-            raise TuneError(str(e)) from e
         if state is None:
             parent = _start_parent(uri, opts, space, base, data_hash, data_dir, res)
             state = {"parent_run_id": parent, "space": space.path, "data_dir": str(data_dir),
@@ -441,75 +430,17 @@ def run_tune(
                      "base": base.to_dict()}
             _write_state(exp_dir, state)
         else:
-            from se4lip_dist.tracking import reopen_run
-
             reopen_run(uri, state["parent_run_id"])
-        job = {
-            "base": state["base"], "data_dir": data_dir,
-            "data_hash": data_hash, "tracking_uri": uri, "experiment": opts.experiment,
-            "parent_run_id": state["parent_run_id"], "name": opts.name, "storage": store,
-            "num_workers": res.num_workers, "worker_cpus": res.worker_cpus,
-            "worker_gpus": res.worker_gpus, "placement_timeout_s": opts.placement_timeout_s,
-        }
+        job = _job(opts, state, data_dir, data_hash, uri, store, res)
         keep_secrets_out_of_tune()
         # The new Tune console output ignores verbose=0; we draw our own live table instead.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-        trainable = tune.with_resources(tune_trial, {"cpu": res.driver_cpus})
         live = _LiveTable(metric, on_update, opts.name, on_wait)
-        run_config = tune.RunConfig(
-            name=opts.name, storage_path=store, callbacks=[live], verbose=0,
-            failure_config=tune.FailureConfig(max_failures=1),
-        )
-        if opts.resume and tune.Tuner.can_restore(exp_dir):
-            tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=True)
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space={**space.param_space(), "se4lip": job},
-                tune_config=tune.TuneConfig(
-                    metric=metric, mode=mode,
-                    num_samples=opts.num_samples or space.num_samples,
-                    max_concurrent_trials=res.max_concurrent,
-                    scheduler=_scheduler(space.scheduler, base.train.epochs),
-                    trial_name_creator=lambda t: f"trial-{t.trial_id}",
-                    trial_dirname_creator=lambda t: f"trial-{t.trial_id}",
-                ),
-                run_config=run_config,
-            )
+        tuner = _tuner(opts, space, job, base, res, live, (metric, mode), exp_dir)
         with own_sigint():
             grid = tuner.fit()
-        unfinished = len(grid) - grid.num_terminated - grid.num_errors
-        if unfinished > 0:
-            # Ctrl-C / SIGTERM: Tune saved its state and returned early. Registering now would
-            # pick a winner among unfinished trials and make --resume a no-op.
-            raise TuneError(f"tune {opts.name!r} interrupted with {unfinished} of {len(grid)} "
-                            "trials unfinished; nothing registered. Continue it with --resume "
-                            f"--name {opts.name}")
-        rows = _rank(grid, metric, mode, space)
-        if not any(r.metrics.get(metric) is not None for r in rows):
-            errors = [str(r.error) for r in grid if r.error is not None][:3]
-            raise TuneError(f"no trial reported {metric}; errors: {errors}")
-        best_row = rows[0]
-        best = next(r for r in grid if _trial_name(r) == best_row.name)
-        stopped = sum(1 for r in rows if r.status == "STOPPED EARLY")
-        _finish_children(uri, grid, rows)
-        registered = _register_best(uri, opts, state, best, best_row, metric, mode, data_dir,
-                                    space)
-        result = {
-            "name": opts.name,
-            "parent_run_id": state["parent_run_id"],
-            "metric": metric,
-            "mode": mode,
-            "best": {"trial": best_row.name, "run_id": best_row.run_id,
-                     "params": best_row.params, "epoch": best_row.best_epoch,
-                     "metrics": best_row.metrics, "config": registered.pop("config")},
-            "trials": [_row_json(r) for r in rows],
-            "stopped_early": stopped,
-            "registered": registered,
-            "tracking_uri": redact_uri(uri),
-            "wall_s": round(time.perf_counter() - t0, 1),
-        }
+        rows, result = _conclude(grid, uri, opts, state, space, data_dir, (metric, mode))
+        result["wall_s"] = round(time.perf_counter() - t0, 1)
         _log_parent(uri, state["parent_run_id"], rows, result, metric)
         state.update({"registered": True, "result": result})
         _write_state(exp_dir, state)
@@ -517,6 +448,128 @@ def run_tune(
     finally:
         if started:
             ray.shutdown()
+
+
+def _base_config(space: Any, opts: TuneOptions) -> tuple[Config, str, str]:
+    """The trials' base config, the metric that ranks them and its mode (``min``/``max``)."""
+    metric = metric_name(opts.metric) if opts.metric else space.metric
+    mode = opts.mode or (space.mode if metric == space.metric else METRICS[metric])
+    base = space.base_config(list(opts.overrides)).override({"train.select_metric": metric})
+    if opts.epochs is not None:
+        base = base.override({"train.epochs": opts.epochs})
+    return base, metric, mode
+
+
+def _saved_state(exp_dir: str, store: str, opts: TuneOptions) -> dict[str, Any] | None:
+    """The tune's saved state; there must be one with ``--resume`` and none without."""
+    state = _read_state(exp_dir)
+    if opts.resume and state is None:
+        raise TuneError(f"--resume: no tune named {opts.name!r} under {store}")
+    if not opts.resume and state is not None:
+        raise TuneError(f"a tune named {opts.name!r} already exists under {store}: pass "
+                        "--resume to continue it or --name to start another")
+    return state
+
+
+def _job(opts: TuneOptions, state: dict[str, Any], data_dir: str, data_hash: str, uri: str,
+         store: str, res: Resources) -> dict[str, Any]:
+    """What every trial gets beside its parameters (``config["se4lip"]`` of :func:`tune_trial`)."""
+    return {
+        "base": state["base"], "data_dir": data_dir,
+        "data_hash": data_hash, "tracking_uri": uri, "experiment": opts.experiment,
+        "parent_run_id": state["parent_run_id"], "name": opts.name, "storage": store,
+        "num_workers": res.num_workers, "worker_cpus": res.worker_cpus,
+        "worker_gpus": res.worker_gpus, "placement_timeout_s": opts.placement_timeout_s,
+    }
+
+
+def _plan(opts: TuneOptions, base: Config) -> Resources:
+    """Per-trial resources from the options (and the local Ray's size when it is local); a
+    rank no node (or node type the autoscaler can launch) can hold fails now."""
+    local = not (opts.address or os.environ.get("RAY_ADDRESS"))
+    res = plan_resources(
+        num_workers=opts.num_workers_per_trial, cpus_per_trial=opts.cpus_per_trial,
+        gpus_per_trial=opts.gpus_per_trial, max_concurrent=opts.max_concurrent_trials,
+        local_cpus=cluster_cpus() if local else None,
+        local_gpus=float(ray.cluster_resources().get("GPU", 0.0)),
+        gpu_worker_cpus=base.train.cpus_per_gpu_worker,
+    )
+    try:
+        check_feasible(res.worker_bundle(), f"tune trials' {res.num_workers} DDP ranks",
+                       count=res.num_workers)
+    except PlacementError as e:
+        raise TuneError(str(e)) from e
+    return res
+
+
+def _tuner(opts: TuneOptions, space: Any, job: dict[str, Any], base: Config, res: Resources,
+           live: Any, objective: tuple[str, str], exp_dir: str) -> Any:
+    """The ``Tuner``: restored from ``exp_dir`` on ``--resume``, else a new search whose trials
+    each run :func:`tune_trial` with ``job``."""
+    metric, mode = objective
+    trainable = tune.with_resources(tune_trial, {"cpu": res.driver_cpus})
+    run_config = tune.RunConfig(
+        name=opts.name, storage_path=job["storage"], callbacks=[live], verbose=0,
+        failure_config=tune.FailureConfig(max_failures=1),
+    )
+    if opts.resume and tune.Tuner.can_restore(exp_dir):
+        return tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    return tune.Tuner(
+        trainable,
+        param_space={**space.param_space(), "se4lip": job},
+        tune_config=tune.TuneConfig(
+            metric=metric, mode=mode,
+            num_samples=opts.num_samples or space.num_samples,
+            max_concurrent_trials=res.max_concurrent,
+            scheduler=_scheduler(space.scheduler, base.train.epochs),
+            trial_name_creator=lambda t: f"trial-{t.trial_id}",
+            trial_dirname_creator=lambda t: f"trial-{t.trial_id}",
+        ),
+        run_config=run_config,
+    )
+
+
+def _conclude(grid: Any, uri: str, opts: TuneOptions, state: dict[str, Any], space: Any,
+              data_dir: str, objective: tuple[str, str]) -> tuple[list[TrialRow], dict[str, Any]]:
+    """Rank the finished trials, close their child runs and register the best; the ranked
+    rows and the tune's result (``wall_s`` not yet set).
+
+    Raises:
+        TuneError: trials left unfinished (interrupted), or none reported the metric.
+    """
+    metric, mode = objective
+    unfinished = len(grid) - grid.num_terminated - grid.num_errors
+    if unfinished > 0:
+        # Ctrl-C / SIGTERM: Tune saved its state and returned early. Registering now would
+        # pick a winner among unfinished trials and make --resume a no-op.
+        raise TuneError(f"tune {opts.name!r} interrupted with {unfinished} of {len(grid)} "
+                        "trials unfinished; nothing registered. Continue it with --resume "
+                        f"--name {opts.name}")
+    rows = _rank(grid, metric, mode, space)
+    if not any(r.metrics.get(metric) is not None for r in rows):
+        errors = [str(r.error) for r in grid if r.error is not None][:3]
+        raise TuneError(f"no trial reported {metric}; errors: {errors}")
+    best_row = rows[0]
+    best = next(r for r in grid if _trial_name(r) == best_row.name)
+    stopped = sum(1 for r in rows if r.status == "STOPPED EARLY")
+    _finish_children(uri, grid, rows)
+    registered = _register_best(uri, opts, state, best, best_row, metric, mode, data_dir,
+                                space)
+    result = {
+        "name": opts.name,
+        "parent_run_id": state["parent_run_id"],
+        "metric": metric,
+        "mode": mode,
+        "best": {"trial": best_row.name, "run_id": best_row.run_id,
+                 "params": best_row.params, "epoch": best_row.best_epoch,
+                 "metrics": best_row.metrics, "config": registered.pop("config")},
+        "trials": [_row_json(r) for r in rows],
+        "stopped_early": stopped,
+        "registered": registered,
+        "tracking_uri": redact_uri(uri),
+    }
+    return rows, result
 
 
 def _scheduler(kind: str, epochs: int) -> Any:
@@ -705,79 +758,72 @@ _WAIT_POLL_S = 2.0
 """How often the driver reads the lines of trials waiting for capacity."""
 
 
-class _LiveTable:
+class _LiveTable(Callback):
     """Tune callback that keeps one :class:`TrialRow` per trial and reports changes.
 
-    Tune pickles its callbacks with the experiment state; the ``on_update`` hook (a display,
-    with locks) is left out of that state, so a restored experiment simply has none.
+    Tune pickles its callbacks with the experiment state; the ``on_update`` and ``on_wait``
+    hooks (a display, with locks) are left out of that state, so a restored experiment simply
+    has none.
     """
 
-    def __new__(cls, metric: str, on_update: Callable[[list[TrialRow]], None] | None,
-                tune_name: str = "", on_wait: Callable[[str], None] | None = None) -> Any:
-        class Live(Callback):
-            def __init__(self) -> None:
-                self.rows: dict[str, TrialRow] = {}
-                self.on_update: Callable[[list[TrialRow]], None] | None = None
-                self.on_wait: Callable[[str], None] | None = None
-                self.tune_name = tune_name
-                self.waiting: dict[str, str] = {}
-                self.polled = 0.0
+    def __init__(self, metric: str, on_update: Callable[[list[TrialRow]], None] | None,
+                 tune_name: str = "", on_wait: Callable[[str], None] | None = None) -> None:
+        self.metric = metric
+        self.rows: dict[str, TrialRow] = {}
+        self.on_update = on_update
+        self.on_wait = on_wait
+        self.tune_name = tune_name
+        self.waiting: dict[str, str] = {}
+        self.polled = 0.0
 
-            def __getstate__(self) -> dict[str, Any]:
-                return {**self.__dict__, "on_update": None, "on_wait": None}
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "on_update": None, "on_wait": None}
 
-            def on_step_end(self, iteration, trials, **info):  # type: ignore[no-untyped-def]
-                if time.monotonic() - self.polled < _WAIT_POLL_S:
-                    return
-                self.polled = time.monotonic()
-                now = waiting_trials(self.tune_name)
-                for name, line in now.items():
-                    if self.waiting.get(name) != line and self.on_wait:
-                        self.on_wait(line)
-                changed = set(now) != set(self.waiting)
-                for name, row in self.rows.items():
-                    if row.status in ("RUNNING", "WAITING"):
-                        row.status = "WAITING" if name in now else "RUNNING"
-                self.waiting = now
-                if changed:
-                    self._emit()
+    def on_step_end(self, iteration, trials, **info):  # type: ignore[no-untyped-def]
+        if time.monotonic() - self.polled < _WAIT_POLL_S:
+            return
+        self.polled = time.monotonic()
+        now = waiting_trials(self.tune_name)
+        for name, line in now.items():
+            if self.waiting.get(name) != line and self.on_wait:
+                self.on_wait(line)
+        changed = set(now) != set(self.waiting)
+        for name, row in self.rows.items():
+            if row.status in ("RUNNING", "WAITING"):
+                row.status = "WAITING" if name in now else "RUNNING"
+        self.waiting = now
+        if changed:
+            self._emit()
 
-            def _row(self, trial: Any) -> TrialRow:
-                name = str(trial)
-                if name not in self.rows:
-                    params = {k: v for k, v in (trial.config or {}).items() if k != "se4lip"}
-                    self.rows[name] = TrialRow(name=name, params=params)
-                return self.rows[name]
+    def _row(self, trial: Any) -> TrialRow:
+        name = str(trial)
+        if name not in self.rows:
+            params = {k: v for k, v in (trial.config or {}).items() if k != "se4lip"}
+            self.rows[name] = TrialRow(name=name, params=params)
+        return self.rows[name]
 
-            def _emit(self) -> None:
-                if self.on_update:
-                    self.on_update(list(self.rows.values()))
+    def _emit(self) -> None:
+        if self.on_update:
+            self.on_update(list(self.rows.values()))
 
-            def on_trial_start(self, iteration, trials, trial, **info):  # type: ignore[no-untyped-def]
-                self._row(trial).status = "RUNNING"
-                self._emit()
+    def on_trial_start(self, iteration, trials, trial, **info):  # type: ignore[no-untyped-def]
+        self._row(trial).status = "RUNNING"
+        self._emit()
 
-            def on_trial_result(self, iteration, trials, trial, result, **info):  # type: ignore[no-untyped-def]
-                row = self._row(trial)
-                row.status = "RUNNING"
-                row.epoch = int(result.get("epoch", row.epoch) or 0)
-                row.metrics = {k: float(v) for k, v in result.items()
-                               if k.startswith(("val/", BEST_PREFIX))
-                               and isinstance(v, int | float)}
-                row.best_epoch = int(result.get(f"{BEST_PREFIX}epoch", row.best_epoch) or 0)
-                self._emit()
+    def on_trial_result(self, iteration, trials, trial, result, **info):  # type: ignore[no-untyped-def]
+        row = self._row(trial)
+        row.status = "RUNNING"
+        row.epoch = int(result.get("epoch", row.epoch) or 0)
+        row.metrics = {k: float(v) for k, v in result.items()
+                       if k.startswith(("val/", BEST_PREFIX))
+                       and isinstance(v, int | float)}
+        row.best_epoch = int(result.get(f"{BEST_PREFIX}epoch", row.best_epoch) or 0)
+        self._emit()
 
-            def on_trial_complete(self, iteration, trials, trial, **info):  # type: ignore[no-untyped-def]
-                self._row(trial).status = "TERMINATED"
-                self._emit()
+    def on_trial_complete(self, iteration, trials, trial, **info):  # type: ignore[no-untyped-def]
+        self._row(trial).status = "TERMINATED"
+        self._emit()
 
-            def on_trial_error(self, iteration, trials, trial, **info):  # type: ignore[no-untyped-def]
-                self._row(trial).status = "ERROR"
-                self._emit()
-
-        # Defined here (Ray is imported lazily), so cloudpickle stores the class by value, with
-        # any closure it references: the hook is set on the instance, never seen by the class.
-        live = Live()
-        live.on_update = on_update
-        live.on_wait = on_wait
-        return live
+    def on_trial_error(self, iteration, trials, trial, **info):  # type: ignore[no-untyped-def]
+        self._row(trial).status = "ERROR"
+        self._emit()

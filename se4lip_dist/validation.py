@@ -21,6 +21,7 @@ What is scored (all settings are in :class:`Protocol`, recorded with every score
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable
@@ -30,9 +31,9 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-import torch.distributed as dist
 
 from se4lip_dist import storage
+from se4lip_dist.collectives import all_gather, all_reduce_sum
 from se4lip_dist.config import HEADLINE, Config
 from se4lip_dist.losses import sync_bce_loss, sync_cosine
 from se4lip_dist.manifest import Manifest
@@ -296,26 +297,6 @@ class ValidationResult:
         return {k: [r.get(k) for r in rows] for k in keys}
 
 
-def _reducer(device: torch.device) -> Callable[[list[float]], list[float]]:
-    """Sum across ranks under torch.distributed (on ``device``: NCCL reduces CUDA tensors only)."""
-    def reduce(values: list[float]) -> list[float]:
-        if not (dist.is_available() and dist.is_initialized()):
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-    return reduce
-
-
-def _default_gather(obj: Any) -> list[Any]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _units(vset: ValidationSet, cfg: Config) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """``(unit name, lips, audio)`` of every unit this rank searches: whole clips, or the
     ``chunk_frames`` pieces of each (named ``clip#k``)."""
@@ -410,7 +391,7 @@ def score(
     *,
     keep_curve: bool = False,
     reduce: Callable[[list[float]], list[float]] | None = None,
-    gather: Callable[[Any], list[Any]] = _default_gather,
+    gather: Callable[[Any], list[Any]] = all_gather,
 ) -> ValidationResult:
     """Score a whole :class:`~se4lip_dist.models.SE4Lip` (unwrapped, any device) on ``vset``.
 
@@ -422,7 +403,26 @@ def score(
         offset searches.
     """
     device = torch.device(device)
-    reduce = reduce or _reducer(device)
+    reduce = reduce or functools.partial(all_reduce_sum, device=device)
+    p = vset.protocol
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        pair_sums = _pair_sums(model, cfg, vset, device)
+        searched, too_short = _search_units(model, cfg, _units(vset, cfg), p, keep_curve)
+    model.train(was_training)
+
+    sums = reduce([*pair_sums[:7], float(too_short), *pair_sums[7:]])
+    clips = sorted((c for part in gather(searched) for c in part), key=lambda c: c.clip_id)
+    metrics = {**offset_metrics(clips, p), "val/too_short": sums[7],
+               **_pair_metrics(sums[:7], sums[8:], cfg.model.embed_dim)}
+    return ValidationResult(metrics=metrics, clips=clips, protocol=p)
+
+
+def _pair_sums(model: Any, cfg: Config, vset: ValidationSet, device: torch.device) -> list[float]:
+    """This rank's sums over its validation pairs: loss, correct, pairs, hard negatives right,
+    hard negatives, speech and lip embedding norms, then per dimension how often the speech and
+    the lip embeddings were positive."""
     p = vset.protocol
     spec = PairSpec(window_frames=cfg.train.window_frames,
                     samples_per_frame=cfg.data.samples_per_frame,
@@ -430,57 +430,51 @@ def score(
                     hard_negative_fraction=p.hard_negative_fraction,
                     cross_clip_fraction=p.cross_clip_fraction, hard_offset_max=p.hard_offset_max)
     dim = cfg.model.embed_dim
-    was_training = model.training
-    model.eval()
     loss_sum = correct = n = hard_ok = hard_n = a_norm = v_norm = 0.0
     a_alive = torch.zeros(dim, dtype=torch.float64)
     v_alive = torch.zeros(dim, dtype=torch.float64)
     chunk = max(cfg.train.batch_size * 2, 32)
-    with torch.no_grad():
-        for group in vset.groups:
-            pairs = make_pair_batch(_as_batch(group), spec=spec, seed=p.pair_seed)
-            for i in range(0, len(pairs["label"]), chunk):
-                y = torch.from_numpy(pairs["label"][i:i + chunk]).to(device)
-                wav = torch.from_numpy(pairs["wav"][i:i + chunk]).to(device)
-                lips = torch.from_numpy(pairs["lips"][i:i + chunk]).to(device)
-                kind = torch.from_numpy(pairs["kind"][i:i + chunk]).to(device)
-                a, v = model(wav, lip_input(lips, cfg.model))
-                a_norm += float(a.float().norm(dim=1).sum())
-                v_norm += float(v.float().norm(dim=1).sum())
-                a_alive += (a > 0).sum(0).double().cpu()
-                v_alive += (v > 0).sum(0).double().cpu()
-                loss_sum += float(sync_bce_loss(a, v, y)) * len(y)
-                ok = (sync_cosine(a, v) > 0.5) == (y > 0.5)
-                hard = kind == HARD
-                correct += float(ok.sum())
-                hard_ok += float((ok & hard).sum())
-                hard_n += float(hard.sum())
-                n += len(y)
-        searched, too_short = _search_units(model, cfg, _units(vset, cfg), p, keep_curve)
-    model.train(was_training)
+    for group in vset.groups:
+        pairs = make_pair_batch(_as_batch(group), spec=spec, seed=p.pair_seed)
+        for i in range(0, len(pairs["label"]), chunk):
+            y = torch.from_numpy(pairs["label"][i:i + chunk]).to(device)
+            wav = torch.from_numpy(pairs["wav"][i:i + chunk]).to(device)
+            lips = torch.from_numpy(pairs["lips"][i:i + chunk]).to(device)
+            kind = torch.from_numpy(pairs["kind"][i:i + chunk]).to(device)
+            a, v = model(wav, lip_input(lips, cfg.model))
+            a_norm += float(a.float().norm(dim=1).sum())
+            v_norm += float(v.float().norm(dim=1).sum())
+            a_alive += (a > 0).sum(0).double().cpu()
+            v_alive += (v > 0).sum(0).double().cpu()
+            loss_sum += float(sync_bce_loss(a, v, y)) * len(y)
+            ok = (sync_cosine(a, v) > 0.5) == (y > 0.5)
+            hard = kind == HARD
+            correct += float(ok.sum())
+            hard_ok += float((ok & hard).sum())
+            hard_n += float(hard.sum())
+            n += len(y)
+    return [loss_sum, correct, n, hard_ok, hard_n, a_norm, v_norm,
+            *a_alive.tolist(), *v_alive.tolist()]
 
-    sums = reduce([loss_sum, correct, n, hard_ok, hard_n, a_norm, v_norm, float(too_short),
-                   *a_alive.tolist(), *v_alive.tolist()])
-    loss_sum, correct, n, hard_ok, hard_n, a_norm, v_norm, too_short = sums[:8]
-    alive = sums[8:]
-    clips = sorted((c for part in gather(searched) for c in part), key=lambda c: c.clip_id)
+
+def _pair_metrics(sums: list[float], alive: list[float], dim: int) -> dict[str, float]:
+    """The pair metrics of the whole set from the reduced :func:`_pair_sums`."""
+    loss_sum, correct, n, hard_ok, hard_n, a_norm, v_norm = sums
 
     def ratio(a: float, b: float) -> float:
         return a / b if b else float("nan")
 
-    metrics = {**offset_metrics(clips, p), "val/too_short": too_short,
-               "val/loss": ratio(loss_sum, n),
-               "val/sync_acc": ratio(correct, n),
-               "val/hard_neg_acc": ratio(hard_ok, hard_n),
-               "val/pairs": n,
-               # Collapse watch: a collapsed encoder gives flat distances, a meaningless offset.
-               "val/speech_norm": ratio(a_norm, n),
-               "val/lip_norm": ratio(v_norm, n),
-               "val/speech_dead_frac": (sum(c == 0 for c in alive[:dim]) / dim if n
-                                        else float("nan")),
-               "val/lip_dead_frac": (sum(c == 0 for c in alive[dim:]) / dim if n
-                                     else float("nan"))}
-    return ValidationResult(metrics=metrics, clips=clips, protocol=p)
+    return {"val/loss": ratio(loss_sum, n),
+            "val/sync_acc": ratio(correct, n),
+            "val/hard_neg_acc": ratio(hard_ok, hard_n),
+            "val/pairs": n,
+            # Collapse watch: a collapsed encoder gives flat distances, a meaningless offset.
+            "val/speech_norm": ratio(a_norm, n),
+            "val/lip_norm": ratio(v_norm, n),
+            "val/speech_dead_frac": (sum(c == 0 for c in alive[:dim]) / dim if n
+                                     else float("nan")),
+            "val/lip_dead_frac": (sum(c == 0 for c in alive[dim:]) / dim if n
+                                  else float("nan"))}
 
 
 def model_from_state(model_state: dict[str, Any], cfg: Config) -> Any:

@@ -61,3 +61,26 @@ def test_modules_import_only_their_own_or_earlier_rows() -> None:
                 if row_of[dep] > i:
                     later.append(f"{f.relative_to(ROOT)} imports {dep} (a later row)")
     assert not later, "\n".join(later)
+
+
+def test_no_import_cycle_inside_the_package() -> None:
+    """Modules of one row may import each other, but never in a circle."""
+    pkg = ROOT / "se4lip_dist"
+    deps: dict[str, set[str]] = {}
+    for f in pkg.rglob("*.py"):
+        name = f.relative_to(pkg).parts[0].removesuffix(".py")
+        deps.setdefault(name, set()).update(_imported(f) - {name})
+
+    def reaches(start: str, node: str, seen: set[str]) -> list[str] | None:
+        for dep in sorted(deps.get(node, ())):
+            if dep == start:
+                return [node, dep]
+            if dep not in seen:
+                seen.add(dep)
+                path = reaches(start, dep, seen)
+                if path:
+                    return [node, *path]
+        return None
+
+    cycles = [" -> ".join(path) for m in sorted(deps) if (path := reaches(m, m, set()))]
+    assert not cycles, "\n".join(cycles)

@@ -599,9 +599,11 @@ def run_extract(
     try:
         if on_start:
             on_start(len(jobs))
-        pool = _EncoderPool(model["pinned_uri"], uri, min(min_concurrency, concurrency),
-                            min(concurrency, max(1, len(jobs))), use_gpu, precision, address,
-                            placement_timeout_s)
+        pool = ActorJobPool(
+            EncoderActor, {"model_uri": model["pinned_uri"], "tracking_uri": uri,
+                           "use_gpu": use_gpu, "precision": precision},
+            min(min_concurrency, concurrency), min(concurrency, max(1, len(jobs))), use_gpu,
+            address, placement_timeout_s, plan=_plan_batch)
         with pool if jobs else nullcontext():
             # Only now, with the actors placeable: a bad model, server or cluster leaves nothing.
             storage.makedirs(out)
@@ -633,29 +635,37 @@ def run_extract(
     return summary
 
 
-class _EncoderPool:
-    """The Ray Data job that plans the inputs and runs :class:`EncoderActor` over them, in an
-    autoscaling actor pool of ``min_size`` to ``max_size`` actors, with bounded waits.
+class ActorJobPool:
+    """A Ray Data job over JSON job rows: optional planning tasks, then an autoscaling pool of
+    ``min_size`` to ``max_size`` actors of ``actor``, with bounded waits.
+
+    ``extract`` runs :class:`EncoderActor` in it, ``audit`` its own actor: ``actor(**kwargs)``
+    is built once per actor (a model load), then called with ``{"job": [json, ...]}`` batches
+    of one job and returns one result row per job.
 
     Entering it joins or starts Ray and checks, before anything is written, that the cluster
     can hold the first ``min_size`` actors (:func:`se4lip_dist.placement.wait_placeable`); Ray
     Data's own wait for them to start and load the model (``DataContext.wait_for_min_actors_s``,
     unbounded by default) is then bounded by ``timeout_s`` as well. More actors are added while
-    inputs wait and the cluster (or its autoscaler) has room.
+    jobs wait and the cluster (or its autoscaler) has room.
     """
 
-    def __init__(self, model_uri: str, tracking_uri: str, min_size: int, max_size: int,
-                 use_gpu: bool, precision: str, address: str | None, timeout_s: float) -> None:
-        self.model_uri, self.tracking_uri = model_uri, tracking_uri
+    def __init__(self, actor: type, actor_kwargs: dict[str, Any], min_size: int, max_size: int,
+                 use_gpu: bool, address: str | None, timeout_s: float, *,
+                 plan: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+                 label: str = "encoder actor", error: type[Exception] = ExtractError,
+                 job_name: str = "extraction job") -> None:
+        self.actor, self.actor_kwargs, self.plan = actor, actor_kwargs, plan
         self.max_size = max(1, max_size)
         self.min_size = max(1, min(min_size, self.max_size))
-        self.use_gpu, self.precision = use_gpu, precision
+        self.use_gpu = use_gpu
         self.address, self.timeout_s = address, timeout_s
+        self.error, self.job_name = error, job_name
         self.request = {"CPU": ACTOR_CPUS, **({"GPU": 1.0} if use_gpu else {})}
-        self.what = f"{self.min_size} encoder actor{'s' if self.min_size > 1 else ''}"
+        self.what = f"{self.min_size} {label}{'s' if self.min_size > 1 else ''}"
         self._started = False
 
-    def __enter__(self) -> _EncoderPool:
+    def __enter__(self) -> ActorJobPool:
         """Join or start Ray, then wait until the cluster can hold the first actors (or raise)."""
         self._started = not ray.is_initialized()
         init_ray(self.address)
@@ -663,7 +673,7 @@ class _EncoderPool:
             wait_placeable(self.request, self.min_size, self.what, self.timeout_s)
         except PlacementError as e:
             self.__exit__()
-            raise ExtractError(str(e)) from e
+            raise self.error(str(e)) from e
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -672,7 +682,7 @@ class _EncoderPool:
             self._started = False
 
     def run(self, jobs: list[dict[str, Any]]) -> Iterable[dict[str, Any]]:
-        """Result rows of :func:`process_input`, in completion order."""
+        """The actors' result rows, one per job, in completion order."""
         if not jobs:
             return
 
@@ -685,14 +695,13 @@ class _EncoderPool:
         try:
             ds = ray.data.from_items([{"job": json.dumps(j)} for j in jobs],
                                      override_num_blocks=blocks)
-            # Marker reads are I/O: light tasks, in parallel, ahead of the encoder actors.
-            ds = ds.map_batches(_plan_batch, batch_size=None, batch_format="numpy",
-                                num_cpus=PLAN_CPUS)
+            if self.plan is not None:
+                # Planning reads are I/O: light tasks, in parallel, ahead of the actors.
+                ds = ds.map_batches(self.plan, batch_size=None, batch_format="numpy",
+                                    num_cpus=PLAN_CPUS)
             ds = ds.map_batches(
-                EncoderActor,
-                fn_constructor_kwargs={"model_uri": self.model_uri,
-                                       "tracking_uri": self.tracking_uri,
-                                       "use_gpu": self.use_gpu, "precision": self.precision},
+                self.actor,
+                fn_constructor_kwargs=self.actor_kwargs,
                 compute=ActorPoolStrategy(min_size=self.min_size, max_size=self.max_size),
                 batch_size=1,
                 batch_format="numpy",
@@ -702,10 +711,10 @@ class _EncoderPool:
             for row in ds.iter_rows():
                 yield {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
         except ray.exceptions.GetTimeoutError as e:
-            raise ExtractError(f"{self.what} ({describe(self.request)} each) did not start "
-                               f"within {self.timeout_s:g} s: {e}") from e
+            raise self.error(f"{self.what} ({describe(self.request)} each) did not start "
+                             f"within {self.timeout_s:g} s: {e}") from e
         except ray.exceptions.RayError as e:
-            raise ExtractError(f"extraction job failed: {e}") from e
+            raise self.error(f"{self.job_name} failed: {e}") from e
         finally:
             ctx.wait_for_min_actors_s = wait_before
 
@@ -754,12 +763,14 @@ def _end_run(uri: str, run_id: str, summary: ExtractSummary, status: str) -> Non
 
 
 __all__ = [
+    "ACTOR_CPUS",
     "AUDIO_EXTS",
     "FRAME_FILE",
     "PARQUET_FILE",
     "SUCCESS_FILE",
     "WINDOW",
     "WINDOW_FILE",
+    "ActorJobPool",
     "EncoderActor",
     "ExtractError",
     "ExtractSummary",

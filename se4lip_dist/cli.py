@@ -1015,16 +1015,19 @@ def subject(
     face_backend: Annotated[str | None, _key_opt("face.backend", "--face-backend")] = None,
     tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="MLflow URI (default: ./se4lip-runs sqlite).")] = None,
     use_gpu: Annotated[bool, typer.Option("--use-gpu", help="Train and extract on GPUs.")] = False,
+    offset: Annotated[str, typer.Option("--offset", help="When the sync audit finds the video's audio offset: stop (with the measured offset), fix (train and extract on corrected data) or ignore.")] = "stop",
+    audit_model: Annotated[str | None, typer.Option("--audit-model", help="Model that audits the video's sync (default: the --init encoder).")] = None,
     address: AddressOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """One person's video -> that person's encoder (fine-tuned, end of the video held out) ->
-    renderer features and a held-out report."""
+    """One person's video -> its sync audit -> that person's encoder (fine-tuned, end of the
+    video held out) -> renderer features and a held-out report."""
     sets = [*(set_ or []), *_key_sets(insightface_root=insightface_root, face_backend=face_backend)]
     _quiet_ray(as_json)
     from se4lip_dist.subject import run_subject
     res = _guard(run_subject, video, out_dir, name=name, init=init or None, preset=preset,
                  overrides=sets, tracking_uri=tracking_uri, address=address, use_gpu=use_gpu,
+                 on_offset=offset, audit_model=audit_model,
                  on_step=None if as_json else lambda title: console.rule(f"[bold]{title}"))
     if as_json:
         _emit_json(res)
@@ -1038,6 +1041,7 @@ def subject(
                           if k.startswith("val/offset_acc_shift") and not k.endswith(("_low", "_high")))
               + f"), LSE-D {h['val/lse_d']:.3f}, LSE-C {h['val/lse_c']:.3f} ({res['init']})",
               soft_wrap=True)
+    out.print(f"sync audit: {res['audit']['note']}", soft_wrap=True)
     out.print(f"features: {res['features']}", soft_wrap=True)
     out.print(f"report:   {res['report']['markdown']}", soft_wrap=True)
 

@@ -52,7 +52,7 @@ from se4lip_dist.placement import DEFAULT_TIMEOUT_S, PlacementError, describe, w
 from se4lip_dist.prepare import VIDEO_EXTS, Failure, collect_inputs
 from se4lip_dist.registry import RegistryError, embed_waveforms, load_encoder, pin_model
 from se4lip_dist.runtime import init_ray
-from se4lip_dist.sync import centred_audio_windows
+from se4lip_dist.sync import centred_audio_windows, shift_audio
 from se4lip_dist.tracking import (
     RunLogger,
     TrackingError,
@@ -345,7 +345,7 @@ def count_frames(info: Any, fps: int) -> int:
 
 
 def extract_features(encoder: Any, cfg: Any, path: str, fps: int,
-                     batch_size: int) -> tuple[np.ndarray, float]:
+                     batch_size: int, audio_offset: int = 0) -> tuple[np.ndarray, float]:
     """One embedding per video frame of ``path``.
 
     Args:
@@ -354,6 +354,9 @@ def extract_features(encoder: Any, cfg: Any, path: str, fps: int,
         path: video or audio file.
         fps: video frame rate of the output rows.
         batch_size: windows per forward pass.
+        audio_offset: the input's measured AV offset in frames (``audit``; > 0: audio late):
+            the audio is advanced by it first (zeros shifted in), so frame ``c`` gets the
+            sound of its own mouth movement.
 
     Returns:
         ``(features float32 [N, D], audio seconds)``.
@@ -372,6 +375,8 @@ def extract_features(encoder: Any, cfg: Any, path: str, fps: int,
     if n < 1:
         raise media.MediaError(f"{path}: shorter than one frame at {fps} fps")
     audio = media.decode_audio(path, sr, n_samples=n * spf, info=info)
+    if audio_offset:
+        audio = shift_audio(audio, -audio_offset, spf)
     windows = centred_audio_windows(audio, n, cfg.train.window_frames, spf)
     chunks = [embed_waveforms(encoder, np.ascontiguousarray(windows[i:i + batch_size]), cfg)
               for i in range(0, n, batch_size)]
@@ -406,7 +411,8 @@ def process_input(encoder: Any, cfg: Any, job: dict[str, Any]) -> dict[str, Any]
         with storage.local_copy(path) as local:
             digest = storage.sha256(local)
             feats, seconds = extract_features(encoder, cfg, local, job["settings"]["fps"],
-                                              job["batch_size"])
+                                              job["batch_size"],
+                                              job["settings"].get("audio_offset", 0))
         storage.remove_temp_files(folder)  # left by a killed run (local folders only)
         marker = _read_marker(folder)
         keep = marker.get("outputs", {}) if marker and not job.get("fresh") else {}
@@ -510,6 +516,7 @@ def run_extract(
     min_concurrency: int = 1,
     use_gpu: bool = False,
     precision: str = "fp32",
+    audio_offset: int = 0,
     address: str | None = None,
     experiment: str = "se4lip-extract",
     placement_timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -536,6 +543,8 @@ def run_extract(
             dynamically, faster for the paper's GRU (see ``benchmarks/``); refused when the
             embeddings of a probe signal drift below cosine :data:`INT8_MIN_COSINE` from
             float32.
+        audio_offset: the inputs' measured AV offset in frames (``audit``): the audio is
+            advanced by it before embedding (see :func:`extract_features`).
         address: Ray cluster address; None starts a local Ray (stopped again at the end).
         experiment: MLflow experiment of the run that records this job.
         placement_timeout_s: how long the first ``min_concurrency`` encoder actors may wait
@@ -583,6 +592,8 @@ def run_extract(
                                 "window_frames": cfg.train.window_frames, "window": WINDOW}
     if precision != "fp32":  # fp32 markers from before --precision existed stay valid
         settings["precision"] = precision
+    if audio_offset:
+        settings["audio_offset"] = int(audio_offset)
     if cfg.train.window_frames % 2 == 0:
         # Even windows used to sit half a frame early; outputs written that way are redone.
         settings["centring"] = "window c - (T - 1) // 2"

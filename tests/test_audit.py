@@ -289,3 +289,30 @@ def test_cli_audit_in_process(corpus, tmp_path) -> None:
     r = CliRunner().invoke(app, ["audit", str(corpus), "--model", version_uri, "--tracking-uri",
                                  uri, "--workers", "0", "--shift", "20"])
     assert r.exit_code == 2 and "inside" in r.output
+
+
+@pytest.mark.timeout(120)
+def test_extract_advances_the_audio_by_the_measured_offset(tmp_path) -> None:
+    """Features of a video whose audio runs 4 frames late, extracted with audio_offset=4, are
+    those of the same video in sync (away from the end, where zeros come in)."""
+    import torch
+
+    from se4lip_dist.extract import extract_features
+    from se4lip_dist.media import decode_clip
+    from se4lip_dist.models import SpeechEncoder
+    from se4lip_dist.synthetic import make_synthetic_clip, write_clip
+
+    cfg = load_config("cpu-small", overrides=["model.gru_layers=1", "model.embed_dim=16"])
+    torch.manual_seed(0)
+    enc = SpeechEncoder(cfg.model, cfg.data.sample_rate).eval()
+    make_synthetic_clip(tmp_path / "src.mp4", 2.0, seed=4)
+    clip = decode_clip(tmp_path / "src.mp4")
+    for name, k in (("sync.mkv", 0), ("late.mkv", 4)):
+        write_clip(tmp_path / name, clip.frames, shift_audio(clip.audio, k, SPF), 25, 16000,
+                   audio_codec="pcm_s16le")
+    ref, _ = extract_features(enc, cfg, str(tmp_path / "sync.mkv"), 25, 32)
+    late, _ = extract_features(enc, cfg, str(tmp_path / "late.mkv"), 25, 32)
+    fixed, _ = extract_features(enc, cfg, str(tmp_path / "late.mkv"), 25, 32, audio_offset=4)
+    keep = len(ref) - 4 - cfg.train.window_frames
+    np.testing.assert_allclose(fixed[:keep], ref[:keep], atol=1e-5)
+    assert not np.allclose(late[:keep], ref[:keep], atol=1e-3)

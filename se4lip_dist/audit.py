@@ -791,6 +791,16 @@ def _fix_plan(fix_out: str | None, undecidable: str, model: str, cfg: Config,
     return plan, ManifestCommitter(Manifest(config={"data": data, "face": face}), out)
 
 
+def _commit(committer: ManifestCommitter | None) -> None:
+    """Commit the corrected shards; a copy that holds no clip still gets its (empty)
+    manifest, so readers see an audited folder rather than an unprepared one."""
+    if committer is None:
+        return
+    committer.flush()
+    if not committer.manifest.shards:
+        committer.manifest.save(committer.out_dir)
+
+
 def audit_in_process(model: Any, cfg: Config, data: list[str], *,
                      settings: AuditSettings | None = None, report_dir: str | None = None,
                      fix_out: str | None = None, undecidable: str = "drop",
@@ -815,8 +825,7 @@ def audit_in_process(model: Any, cfg: Config, data: list[str], *,
         for job in plan.jobs:
             collect.add(worker.run_job(job))
     finally:
-        if committer is not None:
-            committer.flush()
+        _commit(committer)
     summary.wall_seconds = time.perf_counter() - t0
     if report_dir:
         write_report(summary, report_dir)
@@ -933,8 +942,7 @@ def run_audit(
                     collect.add(json.loads(row["result"]))
         finished = True
     finally:
-        if committer is not None:
-            committer.flush()  # every corrected shard written so far stays committed
+        _commit(committer)  # every corrected shard written so far stays committed
         summary.wall_seconds = time.perf_counter() - t0
         if not finished:
             end_run(uri, run_id, status="FAILED")

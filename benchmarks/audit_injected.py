@@ -18,13 +18,15 @@ confidence). Clips longer than ``--max-frames`` (300: 12 s) are audited on their
 A trial is *correct* when the audit decides and its offset is within one frame of
 ``base + j``: ``base`` is 0 for GRID and, for the other clips, the audit's own measurement at
 ``j = 0`` (when that is undecidable, the median of ``offset - j`` over the clip's decided
-trials, and the clip is marked). Every interval counts clips, never (clip, injection) trials:
+trials, and the clip is marked); there the ``j = 0`` trial defines the base and is not
+scored. Every interval counts clips, never (clip, injection) trials:
 the per-clip accuracy among decided trials is averaged over clips with a bootstrap interval,
 and the share of clips with every decided trial correct gets a Wilson interval. Several
 ``--model``/``--tracking-uri`` pairs are measured side by side on the same crops.
 
 Confidence thresholds are swept after the fact (a decided trial under the threshold becomes
-``low_confidence``, the audit's last check), so one run shows what ``--min-confidence`` trades.
+``low_confidence``, the audit's last check), so one run shows what ``--min-confidence`` trades;
+``--from-json RESULTS --min-confidence X`` re-summarises saved trials at another threshold.
 """
 
 from __future__ import annotations
@@ -140,7 +142,9 @@ def summarise(trials: list[dict[str, Any]], threshold: float, tol: int) -> dict[
     by_j: dict[int, dict[str, int]] = {}
     counts = {"trials": 0, "decided": 0, "correct": 0, "wrong": 0, UNDECIDABLE: 0}
     for t in trials:
-        b = base[t["clip"]][0]
+        b, source = base[t["clip"]]
+        if source == "measured at j=0" and t["injected"] == 0:
+            continue  # it defines the clip's base: scoring it would count itself
         status = decide(t, threshold)
         counts["trials"] += 1
         row = by_j.setdefault(t["injected"], {"correct": 0, "wrong": 0, UNDECIDABLE: 0})
@@ -210,11 +214,16 @@ def markdown(results: dict[str, Any]) -> str:
             for true, row in s["confusion"].items():
                 lines.append(f"| {group} | {true} | {row[IN_SYNC]} | {row[OFFSET]} | "
                              f"{row[UNDECIDABLE]} |")
-        lines += ["", "Confidence sweep (all clips): | min LSE-C | decided | accuracy |",
-                  "| --- | --- | --- |"]
-        for thr_s, s in r["sweep"].items():
-            acc = "-" if s["accuracy_decided"] is None else f"{s['accuracy_decided']:.3f}"
-            lines.append(f"| {thr_s} | {s['decided']}/{s['trials']} | {acc} |")
+        lines += ["", "Confidence sweep (decided trials / trials, accuracy among decided):", "",
+                  "| min LSE-C | " + " | ".join(r["sweep"]) + " |",
+                  "| --- |" + " --- |" * len(r["sweep"])]
+        for group in r["summary"]:
+            cells = []
+            for sw in r["sweep"].values():
+                s = sw[group]
+                acc = "-" if s["accuracy_decided"] is None else f"{s['accuracy_decided']:.2f}"
+                cells.append(f"{s['decided']}/{s['trials']}, {acc}")
+            lines.append(f"| {group} | " + " | ".join(cells) + " |")
         wild = r["summary"].get("wild+unseen")
         if wild:
             lines += ["", "Base offsets (j = 0) of the wild and unseen clips: " + ", ".join(
@@ -224,8 +233,9 @@ def markdown(results: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", action="append", required=True)
-    ap.add_argument("--tracking-uri", action="append", required=True)
+    ap.add_argument("--model", action="append")
+    ap.add_argument("--tracking-uri", action="append")
+    ap.add_argument("--from-json", type=Path, help="re-summarise the trials of a saved run")
     ap.add_argument("--grid", type=int, default=40)
     ap.add_argument("--grid-skip", type=int, default=200)
     ap.add_argument("--injections", default="-8..8", help="a..b or a comma list")
@@ -238,7 +248,14 @@ def main() -> None:
         "XDG_CACHE_HOME", Path.home() / ".cache")) / "se4lip-bench" / "audit-injected")
     ap.add_argument("--out", type=Path, default=HERE / "audit_injected.json")
     args = ap.parse_args()
-    if len(args.model) != len(args.tracking_uri):
+    if args.from_json:  # re-summarise saved trials (another threshold), no model runs
+        results = json.loads(args.from_json.read_text())
+        if args.min_confidence is not None:
+            results["min_confidence"] = args.min_confidence
+        summarise_all(results, results["settings"]["sync_tolerance"])
+        print(markdown(results))
+        return
+    if not args.model or len(args.model) != len(args.tracking_uri or []):
         ap.error("give one --tracking-uri per --model")
     if ".." in args.injections:
         a, b = (int(x) for x in args.injections.split(".."))
@@ -281,17 +298,23 @@ def main() -> None:
         trials += [{"clip": c["name"], "group": c["group"], "injected": j,
                     "status": UNDECIDABLE, "reason": "no_face", "offset": None,
                     "confidence": None} for c in clips if not len(c["lips"]) for j in injections]
-        groups = {"grid": [t for t in trials if t["group"] == "grid"],
-                  "wild+unseen": [t for t in trials if t["group"] != "grid"]}
-        tol = settings.sync_tolerance
-        results["models"][label] = {
-            "seconds": time.perf_counter() - t0,
-            "summary": {g: summarise(ts, threshold, tol) for g, ts in groups.items() if ts},
-            "sweep": {f"{thr:g}": summarise(trials, thr, tol) for thr in THRESHOLDS},
-            "trials": trials,
-        }
+        results["models"][label] = {"seconds": time.perf_counter() - t0, "trials": trials}
+    summarise_all(results, settings.sync_tolerance)
     args.out.write_text(json.dumps(results, indent=1, default=str))
     print(markdown(results))
+
+
+def summarise_all(results: dict[str, Any], tol: int) -> None:
+    """Fill every model's ``summary`` (at ``min_confidence``) and ``sweep`` from its trials."""
+    for r in results["models"].values():
+        trials = r["trials"]
+        groups = {"grid": [t for t in trials if t["group"] == "grid"],
+                  "wild+unseen": [t for t in trials if t["group"] != "grid"]}
+        groups = {g: ts for g, ts in groups.items() if ts}
+        r["summary"] = {g: summarise(ts, results["min_confidence"], tol)
+                        for g, ts in groups.items()}
+        r["sweep"] = {f"{thr:g}": {g: summarise(ts, thr, tol) for g, ts in groups.items()}
+                      for thr in THRESHOLDS}
 
 
 if __name__ == "__main__":

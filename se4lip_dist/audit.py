@@ -14,8 +14,8 @@ Every clip gets one status:
 - ``in_sync``: consistent, confident, ``|k| <= sync_tolerance``;
 - ``offset``: consistent, confident, ``|k| > sync_tolerance`` (``offset`` holds ``k``);
 - ``undecidable``, with a ``reason``: ``too_short`` (fewer windows than the search needs),
-  ``silent`` (audio RMS below ``silence_rms``), ``no_face`` (too few frames with a detected
-  face, or a video with none), ``unreadable`` (a video that cannot be decoded),
+  ``silent`` (audio RMS below ``silence_rms``), ``no_face`` (most of the clip's face
+  detections found none, or a video with none), ``unreadable`` (a video that cannot be decoded),
   ``inconsistent`` (the shifts disagree), ``search_edge`` (an answer on the edge of the
   search range) or ``low_confidence`` (LSE-C, median minus minimum distance, below
   ``min_confidence`` at some shift). Undecidable clips are never corrected.
@@ -138,7 +138,9 @@ class AuditSettings:
     sync_tolerance: int = OFFSET_TOLERANCE
     """A consistent clip with ``|offset| <=`` this is ``in_sync`` (never corrected)."""
     min_face_fraction: float = 0.5
-    """Least share of frames with a detected face (prepared clips record it per frame)."""
+    """Least share of a clip's regular face detections that found a face (``prepare``
+    records ``missing_fraction`` per clip, and drops clips over ``face.max_missing_fraction``;
+    a video with no face at all fails there and is ``no_face`` too)."""
     silence_rms: float = 1e-3
     """Audio RMS (full scale 1.0) below which a clip is ``silent``."""
 
@@ -200,7 +202,7 @@ class ClipAudit:
 
 def measure(model: Any, cfg: Config, lips: np.ndarray, audio: np.ndarray,
             settings: AuditSettings, *, clip_id: str, source: str = "",
-            detected: np.ndarray | None = None) -> ClipAudit:
+            face_fraction: float | None = None) -> ClipAudit:
     """Audit one clip's arrays: checks, the shift-protocol search, and the decision.
 
     Args:
@@ -211,15 +213,16 @@ def measure(model: Any, cfg: Config, lips: np.ndarray, audio: np.ndarray,
         settings: search and decision thresholds.
         clip_id: name recorded in the result.
         source: where the clip came from.
-        detected: per-frame face detections (None: not known, not checked).
+        face_fraction: share of the clip's regular face detections that found a face
+            (``1 - missing_fraction`` of its prepare record; None: not checked).
     """
     out = ClipAudit(clip_id=clip_id, source=source, status=UNDECIDABLE, frames=len(lips),
                     shifts=list(settings.shifts))
     audio = np.asarray(audio, np.float32)
     out.audio_rms = round(float(np.sqrt(np.mean(audio.astype(np.float64) ** 2)))
                           if audio.size else 0.0, 6)
-    if detected is not None and len(detected):
-        out.face_fraction = round(float(np.mean(detected)), 4)
+    if face_fraction is not None:
+        out.face_fraction = round(float(face_fraction), 4)
         if out.face_fraction < settings.min_face_fraction:
             out.reason = "no_face"
             return out
@@ -252,13 +255,12 @@ def measure(model: Any, cfg: Config, lips: np.ndarray, audio: np.ndarray,
 # ---------------------------------------------------------------- clip rows
 
 
-def clip_arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A clip's shard rows (in segment order) -> ``(lips, float32 audio, detected)``."""
+def clip_arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """A clip's shard rows (in segment order) -> ``(lips, float32 audio)``."""
     lips = np.concatenate([decode_lips(list(j)) for j in table["lips"].to_pylist()])
     pcm = b"".join(table["audio"].to_pylist())
     audio = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32767.0
-    detected = np.concatenate([np.asarray(d, bool) for d in table["detected"].to_pylist()])
-    return lips, audio, detected
+    return lips, audio
 
 
 def correct_rows(table: pa.Table, offset: int, segment_frames: int,
@@ -355,7 +357,9 @@ class AuditWorker:
             if problem is not None:
                 audits.append(problem)
                 continue
-            a = self._measure(cid, source, table, job.get("check_faces", True))
+            faces = (1.0 - float(record.missing_fraction or 0.0)
+                     if record is not None and job.get("check_faces", True) else None)
+            a = self._measure(cid, source, table, faces)
             if writer is not None and self.fix is not None:
                 self._write(a, table, record, writer)
             audits.append(a)
@@ -363,11 +367,12 @@ class AuditWorker:
         return {"clips": [asdict(a) for a in audits],
                 "shards": [asdict(info)] if info is not None else []}
 
-    def _measure(self, cid: str, source: str, table: pa.Table, check_faces: bool) -> ClipAudit:
+    def _measure(self, cid: str, source: str, table: pa.Table,
+                 face_fraction: float | None) -> ClipAudit:
         try:
-            lips, audio, detected = clip_arrays(table)
+            lips, audio = clip_arrays(table)
             return measure(self.model, self.cfg, lips, audio, self.settings, clip_id=cid,
-                           source=source, detected=detected if check_faces else None)
+                           source=source, face_fraction=face_fraction)
         except Exception as e:  # one bad clip is reported; the others are still audited
             return ClipAudit(cid, source, UNDECIDABLE, "unreadable", error=f"{source}: {e}",
                              shifts=list(self.settings.shifts))

@@ -50,12 +50,12 @@ def write_clips(out_dir: str | Path, clips: list[Clip], *, crop: int = 48, seed:
             s.lips_jpeg = o.lips_jpeg
             if c.silent:
                 s.audio = np.zeros_like(s.audio)
-            if c.no_face:
+            if c.no_face:  # as prepare records a face found in 1 of 10 regular detections
                 s.detected = np.zeros_like(s.detected)
         writer.add(c.clip_id, segments_to_table(segs))
         pending[c.clip_id] = ClipRecord(source=f"/videos/{c.clip_id}.mp4", frames=c.frames,
                                         segments=len(segs), shard="", speaker="synth",
-                                        split="train")
+                                        split="train", missing_fraction=0.9 if c.no_face else 0.0)
         if len(pending) == clips_per_shard or i == len(clips) - 1:
             info = writer.flush()
             assert info is not None

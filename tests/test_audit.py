@@ -234,7 +234,7 @@ def test_no_face_video_is_undecidable(cfg, insightface_root, tmp_path) -> None:
                            fix_out=str(tmp_path / "fix"))
     [a] = res.clips
     assert (a.status, a.reason, a.action) == (UNDECIDABLE, "no_face", "")
-    assert not (tmp_path / "fix" / "manifest.json").exists()
+    assert Manifest.load(tmp_path / "fix").clips == {}  # an audited copy holding no clip
 
 
 @pytest.mark.slow
@@ -316,3 +316,31 @@ def test_extract_advances_the_audio_by_the_measured_offset(tmp_path) -> None:
     keep = len(ref) - 4 - cfg.train.window_frames
     np.testing.assert_allclose(fixed[:keep], ref[:keep], atol=1e-5)
     assert not np.allclose(late[:keep], ref[:keep], atol=1e-3)
+
+
+def test_injected_benchmark_scores_against_the_right_base() -> None:
+    """benchmarks/audit_injected.py: GRID trials are scored against offset 0, other clips
+    against their own decided offset at j = 0 (that trial itself not scored), low-confidence
+    decisions withdrawn, and clips counted as the units."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from audit_injected import summarise
+
+    def t(clip, group, j, status, offset, conf=0.1):  # type: ignore[no-untyped-def]
+        return {"clip": clip, "group": group, "injected": j, "status": status,
+                "reason": "", "offset": offset, "confidence": conf}
+
+    trials = [t("g", "grid", -5, OFFSET, -5), t("g", "grid", 0, IN_SYNC, 1),
+              t("g", "grid", 5, OFFSET, 3),  # wrong by 2
+              t("w", "wild", 0, OFFSET, 3), t("w", "wild", 5, OFFSET, 8),
+              t("w", "wild", -5, IN_SYNC, -2, conf=0.001),  # withdrawn below 0.01
+              t("u", "unseen", 0, UNDECIDABLE, None), t("u", "unseen", 4, OFFSET, 6),
+              t("u", "unseen", -4, OFFSET, -2)]
+    s = summarise(trials, 0.01, 1)
+    assert (s["trials"], s["decided"], s["correct"], s["wrong"], s[UNDECIDABLE]) == (8, 6, 5, 1, 2)
+    assert s["bases"]["w"] == {"offset": 3, "from": "measured at j=0"}
+    assert s["bases"]["u"] == {"offset": 2, "from": "median over injections"}
+    assert s["clips_decided"] == 3 and s["clips_all_correct"] == 2
+    assert s["confusion"][OFFSET] == {IN_SYNC: 0, OFFSET: 5, UNDECIDABLE: 2}
+    assert s["confusion"][IN_SYNC] == {IN_SYNC: 1, OFFSET: 0, UNDECIDABLE: 0}

@@ -19,7 +19,9 @@ A trial is *correct* when the audit decides and its offset is within one frame o
 ``base + j``: ``base`` is 0 for GRID and, for the other clips, the audit's own measurement at
 ``j = 0`` (when that is undecidable, the median of ``offset - j`` over the clip's decided
 trials, and the clip is marked); there the ``j = 0`` trial defines the base and is not
-scored. Every interval counts clips, never (clip, injection) trials:
+scored. GRID is also scored that way (``grid, own base``): the gap between its two rows is
+what the shift protocol cannot see, a per-clip bias that moves with the audio. Every
+interval counts clips, never (clip, injection) trials:
 the per-clip accuracy among decided trials is averaged over clips with a bootstrap interval,
 and the share of clips with every decided trial correct gets a Wilson interval. Several
 ``--model``/``--tracking-uri`` pairs are measured side by side on the same crops.
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from se4lip_dist.audit import IN_SYNC, OFFSET, UNDECIDABLE, AuditSettings, measure
 from se4lip_dist.config import Config
@@ -91,12 +94,31 @@ def crops(path: Path, cfg: Config, detector: Any, work: Path) -> tuple[np.ndarra
     return lips, audio
 
 
+class LipMemo(torch.nn.Module):
+    """The lip encoder with its answers kept per input: a clip's lip windows are the same at
+    every injection (only the audio moves), so they are embedded once per clip."""
+
+    def __init__(self, lips: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = lips
+        self.memo: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = hashlib.sha1(x.detach().cpu().numpy().tobytes()).hexdigest()
+        if key not in self.memo:
+            self.memo[key] = self.inner(x)
+        return self.memo[key]
+
+
 def run_model(model: Any, cfg: Config, clips: list[dict[str, Any]], injections: list[int],
               settings: AuditSettings) -> list[dict[str, Any]]:
     """One record per (clip, injection): status, reason, offset, confidence."""
     spf = cfg.data.samples_per_frame
+    memo = LipMemo(model.lips)
+    model.lips = memo
     trials = []
     for c in clips:
+        memo.memo.clear()
         t0 = time.perf_counter()
         for j in injections:
             a = measure(model, cfg, c["lips"], shift_audio(c["audio"], j, spf), settings,
@@ -116,12 +138,14 @@ def decide(t: dict[str, Any], threshold: float) -> str:
     return t["status"]
 
 
-def bases(trials: list[dict[str, Any]], threshold: float) -> dict[str, tuple[int | None, str]]:
-    """Each clip's reference offset and where it came from."""
+def bases(trials: list[dict[str, Any]], threshold: float,
+          grid_known: bool = True) -> dict[str, tuple[int | None, str]]:
+    """Each clip's reference offset and where it came from (GRID: 0, known, unless
+    ``grid_known`` is False: then measured like the others)."""
     out: dict[str, tuple[int | None, str]] = {}
     for clip in dict.fromkeys(t["clip"] for t in trials):
         mine = [t for t in trials if t["clip"] == clip]
-        if mine[0]["group"] == "grid":
+        if mine[0]["group"] == "grid" and grid_known:
             out[clip] = (0, "known")
             continue
         zero = next((t for t in mine if t["injected"] == 0), None)
@@ -134,9 +158,10 @@ def bases(trials: list[dict[str, Any]], threshold: float) -> dict[str, tuple[int
     return out
 
 
-def summarise(trials: list[dict[str, Any]], threshold: float, tol: int) -> dict[str, Any]:
+def summarise(trials: list[dict[str, Any]], threshold: float, tol: int,
+              grid_known: bool = True) -> dict[str, Any]:
     """Confusion counts and intervals over clips for one model, one group of clips."""
-    base = bases(trials, threshold)
+    base = bases(trials, threshold, grid_known)
     per_clip: dict[str, list[bool]] = {}
     confusion = {true: {IN_SYNC: 0, OFFSET: 0, UNDECIDABLE: 0} for true in (IN_SYNC, OFFSET)}
     by_j: dict[int, dict[str, int]] = {}
@@ -217,7 +242,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", "Confidence sweep (decided trials / trials, accuracy among decided):", "",
                   "| min LSE-C | " + " | ".join(r["sweep"]) + " |",
                   "| --- |" + " --- |" * len(r["sweep"])]
-        for group in r["summary"]:
+        for group in next(iter(r["sweep"].values())):
             cells = []
             for sw in r["sweep"].values():
                 s = sw[group]
@@ -235,7 +260,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", action="append")
     ap.add_argument("--tracking-uri", action="append")
-    ap.add_argument("--from-json", type=Path, help="re-summarise the trials of a saved run")
+    ap.add_argument("--from-json", type=Path, nargs="+",
+                    help="re-summarise the trials of saved runs (several: merged)")
+    ap.add_argument("--groups", default="grid,wild,unseen",
+                    help="which clips to run (split a long run over processes, then merge "
+                         "with --from-json)")
     ap.add_argument("--grid", type=int, default=40)
     ap.add_argument("--grid-skip", type=int, default=200)
     ap.add_argument("--injections", default="-8..8", help="a..b or a comma list")
@@ -249,7 +278,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "audit_injected.json")
     args = ap.parse_args()
     if args.from_json:  # re-summarise saved trials (another threshold), no model runs
-        results = json.loads(args.from_json.read_text())
+        results = json.loads(args.from_json[0].read_text())
+        for more in args.from_json[1:]:  # runs over other --groups: their trials join in
+            other = json.loads(more.read_text())
+            for label, r in other["models"].items():
+                results["models"].setdefault(label, {"trials": []})["trials"] += r["trials"]
         if args.min_confidence is not None:
             results["min_confidence"] = args.min_confidence
         summarise_all(results, results["settings"]["sync_tolerance"])
@@ -276,7 +309,10 @@ def main() -> None:
             sys.exit("the models were prepared with different data settings; run them apart")
     detector = build_detector(cfg0.face)
     clips = []
-    for group, path in pick_clips(args.grid, args.grid_skip):
+    groups = set(args.groups.split(","))
+    for group, path in pick_clips(args.grid if "grid" in groups else 0, args.grid_skip):
+        if group not in groups:
+            continue
         try:
             lips, audio = crops(path, cfg0, detector, args.work)
         except RuntimeError as e:  # no face at all: the audit's no_face; counted as such
@@ -311,8 +347,10 @@ def summarise_all(results: dict[str, Any], tol: int) -> None:
         groups = {"grid": [t for t in trials if t["group"] == "grid"],
                   "wild+unseen": [t for t in trials if t["group"] != "grid"]}
         groups = {g: ts for g, ts in groups.items() if ts}
-        r["summary"] = {g: summarise(ts, results["min_confidence"], tol)
-                        for g, ts in groups.items()}
+        thr0 = results["min_confidence"]
+        r["summary"] = {g: summarise(ts, thr0, tol) for g, ts in groups.items()}
+        if "grid" in groups:  # the same GRID trials against each clip's own measured base
+            r["summary"]["grid, own base"] = summarise(groups["grid"], thr0, tol, False)
         r["sweep"] = {f"{thr:g}": {g: summarise(ts, thr, tol) for g, ts in groups.items()}
                       for thr in THRESHOLDS}
 

@@ -975,7 +975,8 @@ def _start_run(uri: str, experiment: str, model: dict[str, Any], summary: AuditS
         tags["se4lip.model_version"] = str(model["version"])
     label = (f"{model['name']} v{model['version']}"
              if model.get("name") and model.get("version") is not None else model["uri"])
-    name = f"audit {label} on {summary.data[0].rstrip('/').rsplit('/', 1)[-1]}"
+    more = f" +{len(summary.data) - 1}" if len(summary.data) > 1 else ""
+    name = f"audit {label} on {summary.data[0].rstrip('/').rsplit('/', 1)[-1]}{more}"
     return start_run(uri, experiment, name, params=params, tags=tags,
                      config_yaml=cfg.to_yaml(), command="audit")
 

@@ -791,7 +791,7 @@ def audit(
     undecidable: Annotated[str, typer.Option("--undecidable", help="With --fix: drop undecidable clips, or keep them (flagged in the index).")] = "drop",
     report: Annotated[str | None, typer.Option("--report", help="Folder for audit.parquet, audit.csv and the report (default: FIX/audit with --fix, else ./audit).")] = None,
     shift: Annotated[list[int] | None, typer.Option("--shift", help="Audio shifts every clip is searched at (repeat; default -3, 0, 3).")] = None,
-    max_offset: Annotated[int, typer.Option("--max-offset", help="Search +-this many frames.")] = 15,
+    max_offset: Annotated[int, _key_opt("train.max_offset")] = TrainConfig.max_offset,
     min_confidence: Annotated[float | None, typer.Option("--min-confidence", help="Least LSE-C (this encoder's scale) for a decision.")] = None,
     sync_tolerance: Annotated[int, typer.Option("--sync-tolerance", help="A clip with |offset| <= this is in sync (never corrected).")] = 1,
     workers: Annotated[int, typer.Option("--workers", help="Most audit actors (0.5 CPU each); 0: in this process, no Ray.")] = 1,

@@ -125,3 +125,34 @@ def test_study_arms_are_valid_augmentation_configs() -> None:
     assert without.augment.noise_p == 0 and without.augment.blur_p > 0
     with pytest.raises(SystemExit, match="unknown arm"):
         subject_study.arm_overrides("only-jpeg")
+
+
+def test_subject_audit_step_fixes_stops_or_skips(monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    """The flow's audit step: an offset video is corrected into shards-audited (what training
+    then reads) with --offset fix, stops the flow with --offset stop, and a flow without a
+    general encoder is not audited."""
+    from se4lip_dist import subject as sub
+    from se4lip_dist.audit import OFFSET, AuditSettings, AuditSummary, ClipAudit
+
+    calls: list[str | None] = []
+
+    def fake_audit(data, model, **kw):  # type: ignore[no-untyped-def]
+        calls.append(kw.get("fix_out"))
+        s = AuditSummary(list(data), model, {"pinned_uri": "models:/se4lip/2"}, AuditSettings(),
+                         clips=[ClipAudit("c", "v.mp4", OFFSET, offset=3)])
+        s.report = {"markdown": "report.md"}
+        return s
+
+    monkeypatch.setattr(sub, "run_audit", fake_audit)
+    out = str(tmp_path)
+    doc = sub._audit("v.mp4", "shards", out, "models:/se4lip@champion", "fix", "uri", None,
+                     False)
+    assert (doc["action"], doc["offset"], doc["model"]) == ("corrected", 3, "models:/se4lip/2")
+    assert doc["shards"].endswith("shards-audited") and calls == [None, doc["shards"]]
+    with pytest.raises(sub.SubjectError, match=r"runs 3 frames late.*--offset fix"):
+        sub._audit("v.mp4", "shards", out, "models:/se4lip@champion", "stop", "uri", None, False)
+    ignored = sub._audit("v.mp4", "shards", out, "m", "ignore", "uri", None, False)
+    assert (ignored["action"], ignored["shards"]) == ("ignored", "shards")
+    assert sub._audit("v.mp4", "shards", out, None, "stop", "uri", None, False)["action"] == \
+        "not audited"

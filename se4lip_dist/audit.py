@@ -330,6 +330,9 @@ class FixPlan:
 
 # ---------------------------------------------------------------- jobs
 
+ClipItem = tuple[str, str, pa.Table, ClipRecord | None, ClipAudit | None]
+"""``(clip id, source, shard rows, index record, why it cannot be audited or None)``."""
+
 
 class AuditWorker:
     """Audits jobs (a chunk of one shard's clips, or one video) and, with a :class:`FixPlan`,
@@ -402,9 +405,7 @@ class AuditWorker:
             a.action = "copied" if a.status == IN_SYNC else "flagged"
         writer.add(a.clip_id, table, rec)
 
-    def _clips(self, job: dict[str, Any]) -> Iterator[tuple[str, str, pa.Table,
-                                                             ClipRecord | None,
-                                                             ClipAudit | None]]:
+    def _clips(self, job: dict[str, Any]) -> Iterator[ClipItem]:
         """``(clip id, source, rows, index record, None)`` per clip of the job, or a
         :class:`ClipAudit` saying why a clip (a video) could not be read."""
         if job["kind"] == "shard":
@@ -412,8 +413,7 @@ class AuditWorker:
         else:
             yield self._video_clip(job)
 
-    def _shard_clips(self, job: dict[str, Any]) -> Iterator[tuple[str, str, pa.Table,
-                                                                   ClipRecord | None, None]]:
+    def _shard_clips(self, job: dict[str, Any]) -> Iterator[ClipItem]:
         ids = sorted(job["clips"])
         fs, path = storage.resolve(job["shard"])
         table = pq.read_table(path, filesystem=fs, filters=[("clip_id", "in", ids)])
@@ -426,14 +426,13 @@ class AuditWorker:
             rec = records.get(cid)
             source = rec.source if rec else cid
             if rows.num_rows == 0:
-                yield cid, source, rows, rec, ClipAudit(  # type: ignore[misc]
+                yield cid, source, rows, rec, ClipAudit(
                     cid, source, UNDECIDABLE, "unreadable", shifts=list(self.settings.shifts),
                     error=f"{job['shard']}: no rows of {cid}")
                 continue
             yield cid, source, rows, rec, None
 
-    def _video_clip(self, job: dict[str, Any]) -> tuple[str, str, pa.Table, ClipRecord | None,
-                                                         ClipAudit | None]:
+    def _video_clip(self, job: dict[str, Any]) -> ClipItem:
         path = job["path"]
         empty = SCHEMA.empty_table()
         try:

@@ -787,6 +787,71 @@ def evaluate(
 
 
 @app.command()
+def audit(
+    data: Annotated[list[str], typer.Argument(help="A prepared-shards folder, or videos (files, folders, CSV/JSONL manifests).")],
+    model: Annotated[str, typer.Option("--model", help="The sync model that measures: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/...")] = "models:/se4lip@champion",
+    fix: Annotated[str | None, typer.Option("--fix", help="Write a corrected prepared-shards folder here (a new folder): offset clips get their audio shifted back and both streams trimmed to their overlap.")] = None,
+    undecidable: Annotated[str, typer.Option("--undecidable", help="With --fix: drop undecidable clips, or keep them (flagged in the index).")] = "drop",
+    report: Annotated[str | None, typer.Option("--report", help="Folder for audit.parquet, audit.csv and the report (default: FIX/audit with --fix, else ./audit).")] = None,
+    shift: Annotated[list[int] | None, typer.Option("--shift", help="Audio shifts every clip is searched at (repeat; default -3, 0, 3).")] = None,
+    max_offset: Annotated[int, _key_opt("train.max_offset")] = TrainConfig.max_offset,
+    min_confidence: Annotated[float | None, typer.Option("--min-confidence", help="Least LSE-C (this encoder's scale) for a decision.")] = None,
+    sync_tolerance: Annotated[int, typer.Option("--sync-tolerance", help="A clip with |offset| <= this is in sync (never corrected).")] = 1,
+    workers: Annotated[int, typer.Option("--workers", help="Most audit actors (0.5 CPU each); 0: in this process, no Ray.")] = 1,
+    min_workers: Annotated[int, typer.Option("--min-workers", help="Audit actors the cluster must hold before the job starts.")] = 1,
+    use_gpu: Annotated[bool, typer.Option("--use-gpu")] = False,
+    tracking_uri: TrackingOpt = None,
+    experiment: Annotated[str, typer.Option("--experiment")] = "se4lip-audit",
+    address: AddressOpt = None,
+    placement_timeout: Annotated[float, typer.Option("--placement-timeout", help="Seconds the audit actors may wait for cluster resources.")] = 600.0,
+    insightface_root: Annotated[Path | None, _key_opt("face.insightface_root")] = None,
+    face_backend: Annotated[str | None, _key_opt("face.backend", "--face-backend")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure every clip's audio-video offset (shift protocol), classify it (in sync, offset
+    by k frames, undecidable) and, with --fix, write a corrected copy of the data."""
+    _quiet_ray(as_json)
+    from se4lip_dist.audit import MIN_CONFIDENCE, AuditSettings, run_audit
+
+    settings = _guard(AuditSettings, shifts=tuple(shift or (-3, 0, 3)), max_offset=max_offset,
+                      min_confidence=MIN_CONFIDENCE if min_confidence is None else min_confidence,
+                      sync_tolerance=sync_tolerance)
+    progress = Progress(TextColumn("[bold]audit"), BarColumn(), MofNCompleteColumn(),
+                        TimeRemainingColumn(), console=console, transient=True, **_live_io(),
+                        disable=as_json or not console.is_interactive)
+    task = progress.add_task("audit", total=None)
+    with progress:
+        res = _guard(run_audit, data, model, report_dir=report, fix_out=fix,
+                     undecidable=undecidable, settings=settings, tracking_uri=tracking_uri,
+                     workers=workers, min_workers=min_workers, use_gpu=use_gpu, address=address,
+                     experiment=experiment, placement_timeout_s=placement_timeout,
+                     insightface_root=str(insightface_root.resolve()) if insightface_root else None,
+                     face_backend=face_backend,
+                     on_start=lambda n: progress.update(task, total=n),
+                     on_result=lambda _a: progress.update(task, advance=1))
+    if as_json:
+        _emit_json(res.to_json())
+        return
+    t = Table(title=f"audit {model} ({len(res.clips)} clips)")
+    for col in ("status", "clips", "share (95% CI over clips)"):
+        t.add_column(col)
+    for status, d in res.shares().items():
+        t.add_row(status, str(res.counts[status]), "-" if d["share"] is None else
+                  f"{d['share']:.2f} [{d['ci_low']:.2f}, {d['ci_high']:.2f}]")
+    out.print(t)
+    if res.reasons:
+        out.print("undecidable: " + ", ".join(f"{r} {k}" for r, k in res.reasons.items()))
+    for a in res.clips:
+        if a.status == "offset":
+            out.print(f"offset {a.offset:+d} frames: {a.clip_id} ({a.source})", soft_wrap=True,
+                      highlight=False)
+    if res.fix_out:
+        out.print(f"corrected copy: {res.fix_out} (corrected {res.corrected}, copied "
+                  f"{res.copied}, flagged {res.flagged}, dropped {res.dropped})", soft_wrap=True)
+    out.print(f"report: {res.report['markdown']}", soft_wrap=True)
+
+
+@app.command()
 def lmd(
     pred: Annotated[Path, typer.Argument(help="Generated video.")],
     gt: Annotated[Path, typer.Argument(help="Ground-truth video of the same speech.")],
@@ -953,16 +1018,19 @@ def subject(
     face_backend: Annotated[str | None, _key_opt("face.backend", "--face-backend")] = None,
     tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="MLflow URI (default: ./se4lip-runs sqlite).")] = None,
     use_gpu: Annotated[bool, typer.Option("--use-gpu", help="Train and extract on GPUs.")] = False,
+    offset: Annotated[str, typer.Option("--offset", help="When the sync audit finds the video's audio offset: stop (with the measured offset), fix (train and extract on corrected data) or ignore.")] = "stop",
+    audit_model: Annotated[str | None, typer.Option("--audit-model", help="Model that audits the video's sync (default: the --init encoder).")] = None,
     address: AddressOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """One person's video -> that person's encoder (fine-tuned, end of the video held out) ->
-    renderer features and a held-out report."""
+    """One person's video -> its sync audit -> that person's encoder (fine-tuned, end of the
+    video held out) -> renderer features and a held-out report."""
     sets = [*(set_ or []), *_key_sets(insightface_root=insightface_root, face_backend=face_backend)]
     _quiet_ray(as_json)
     from se4lip_dist.subject import run_subject
     res = _guard(run_subject, video, out_dir, name=name, init=init or None, preset=preset,
                  overrides=sets, tracking_uri=tracking_uri, address=address, use_gpu=use_gpu,
+                 on_offset=offset, audit_model=audit_model,
                  on_step=None if as_json else lambda title: console.rule(f"[bold]{title}"))
     if as_json:
         _emit_json(res)
@@ -976,6 +1044,7 @@ def subject(
                           if k.startswith("val/offset_acc_shift") and not k.endswith(("_low", "_high")))
               + f"), LSE-D {h['val/lse_d']:.3f}, LSE-C {h['val/lse_c']:.3f} ({res['init']})",
               soft_wrap=True)
+    out.print(f"sync audit: {res['audit']['note']}", soft_wrap=True)
     out.print(f"features: {res['features']}", soft_wrap=True)
     out.print(f"report:   {res['report']['markdown']}", soft_wrap=True)
 

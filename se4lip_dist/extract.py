@@ -52,7 +52,7 @@ from se4lip_dist.placement import DEFAULT_TIMEOUT_S, PlacementError, describe, w
 from se4lip_dist.prepare import VIDEO_EXTS, Failure, collect_inputs
 from se4lip_dist.registry import RegistryError, embed_waveforms, load_encoder, pin_model
 from se4lip_dist.runtime import init_ray
-from se4lip_dist.sync import centred_audio_windows
+from se4lip_dist.sync import centred_audio_windows, shift_audio
 from se4lip_dist.tracking import (
     RunLogger,
     TrackingError,
@@ -345,7 +345,7 @@ def count_frames(info: Any, fps: int) -> int:
 
 
 def extract_features(encoder: Any, cfg: Any, path: str, fps: int,
-                     batch_size: int) -> tuple[np.ndarray, float]:
+                     batch_size: int, audio_offset: int = 0) -> tuple[np.ndarray, float]:
     """One embedding per video frame of ``path``.
 
     Args:
@@ -354,6 +354,9 @@ def extract_features(encoder: Any, cfg: Any, path: str, fps: int,
         path: video or audio file.
         fps: video frame rate of the output rows.
         batch_size: windows per forward pass.
+        audio_offset: the input's measured AV offset in frames (``audit``; > 0: audio late):
+            the audio is advanced by it first (zeros shifted in), so frame ``c`` gets the
+            sound of its own mouth movement.
 
     Returns:
         ``(features float32 [N, D], audio seconds)``.
@@ -372,6 +375,8 @@ def extract_features(encoder: Any, cfg: Any, path: str, fps: int,
     if n < 1:
         raise media.MediaError(f"{path}: shorter than one frame at {fps} fps")
     audio = media.decode_audio(path, sr, n_samples=n * spf, info=info)
+    if audio_offset:
+        audio = shift_audio(audio, -audio_offset, spf)
     windows = centred_audio_windows(audio, n, cfg.train.window_frames, spf)
     chunks = [embed_waveforms(encoder, np.ascontiguousarray(windows[i:i + batch_size]), cfg)
               for i in range(0, n, batch_size)]
@@ -406,7 +411,8 @@ def process_input(encoder: Any, cfg: Any, job: dict[str, Any]) -> dict[str, Any]
         with storage.local_copy(path) as local:
             digest = storage.sha256(local)
             feats, seconds = extract_features(encoder, cfg, local, job["settings"]["fps"],
-                                              job["batch_size"])
+                                              job["batch_size"],
+                                              job["settings"].get("audio_offset", 0))
         storage.remove_temp_files(folder)  # left by a killed run (local folders only)
         marker = _read_marker(folder)
         keep = marker.get("outputs", {}) if marker and not job.get("fresh") else {}
@@ -510,6 +516,7 @@ def run_extract(
     min_concurrency: int = 1,
     use_gpu: bool = False,
     precision: str = "fp32",
+    audio_offset: int = 0,
     address: str | None = None,
     experiment: str = "se4lip-extract",
     placement_timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -536,6 +543,8 @@ def run_extract(
             dynamically, faster for the paper's GRU (see ``benchmarks/``); refused when the
             embeddings of a probe signal drift below cosine :data:`INT8_MIN_COSINE` from
             float32.
+        audio_offset: the inputs' measured AV offset in frames (``audit``): the audio is
+            advanced by it before embedding (see :func:`extract_features`).
         address: Ray cluster address; None starts a local Ray (stopped again at the end).
         experiment: MLflow experiment of the run that records this job.
         placement_timeout_s: how long the first ``min_concurrency`` encoder actors may wait
@@ -583,6 +592,8 @@ def run_extract(
                                 "window_frames": cfg.train.window_frames, "window": WINDOW}
     if precision != "fp32":  # fp32 markers from before --precision existed stay valid
         settings["precision"] = precision
+    if audio_offset:
+        settings["audio_offset"] = int(audio_offset)
     if cfg.train.window_frames % 2 == 0:
         # Even windows used to sit half a frame early; outputs written that way are redone.
         settings["centring"] = "window c - (T - 1) // 2"
@@ -599,9 +610,11 @@ def run_extract(
     try:
         if on_start:
             on_start(len(jobs))
-        pool = _EncoderPool(model["pinned_uri"], uri, min(min_concurrency, concurrency),
-                            min(concurrency, max(1, len(jobs))), use_gpu, precision, address,
-                            placement_timeout_s)
+        pool = ActorJobPool(
+            EncoderActor, {"model_uri": model["pinned_uri"], "tracking_uri": uri,
+                           "use_gpu": use_gpu, "precision": precision},
+            min(min_concurrency, concurrency), min(concurrency, max(1, len(jobs))), use_gpu,
+            address, placement_timeout_s, plan=_plan_batch)
         with pool if jobs else nullcontext():
             # Only now, with the actors placeable: a bad model, server or cluster leaves nothing.
             storage.makedirs(out)
@@ -633,29 +646,37 @@ def run_extract(
     return summary
 
 
-class _EncoderPool:
-    """The Ray Data job that plans the inputs and runs :class:`EncoderActor` over them, in an
-    autoscaling actor pool of ``min_size`` to ``max_size`` actors, with bounded waits.
+class ActorJobPool:
+    """A Ray Data job over JSON job rows: optional planning tasks, then an autoscaling pool of
+    ``min_size`` to ``max_size`` actors of ``actor``, with bounded waits.
+
+    ``extract`` runs :class:`EncoderActor` in it, ``audit`` its own actor: ``actor(**kwargs)``
+    is built once per actor (a model load), then called with ``{"job": [json, ...]}`` batches
+    of one job and returns one result row per job.
 
     Entering it joins or starts Ray and checks, before anything is written, that the cluster
     can hold the first ``min_size`` actors (:func:`se4lip_dist.placement.wait_placeable`); Ray
     Data's own wait for them to start and load the model (``DataContext.wait_for_min_actors_s``,
     unbounded by default) is then bounded by ``timeout_s`` as well. More actors are added while
-    inputs wait and the cluster (or its autoscaler) has room.
+    jobs wait and the cluster (or its autoscaler) has room.
     """
 
-    def __init__(self, model_uri: str, tracking_uri: str, min_size: int, max_size: int,
-                 use_gpu: bool, precision: str, address: str | None, timeout_s: float) -> None:
-        self.model_uri, self.tracking_uri = model_uri, tracking_uri
+    def __init__(self, actor: type, actor_kwargs: dict[str, Any], min_size: int, max_size: int,
+                 use_gpu: bool, address: str | None, timeout_s: float, *,
+                 plan: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+                 label: str = "encoder actor", error: type[Exception] = ExtractError,
+                 job_name: str = "extraction job") -> None:
+        self.actor, self.actor_kwargs, self.plan = actor, actor_kwargs, plan
         self.max_size = max(1, max_size)
         self.min_size = max(1, min(min_size, self.max_size))
-        self.use_gpu, self.precision = use_gpu, precision
+        self.use_gpu = use_gpu
         self.address, self.timeout_s = address, timeout_s
+        self.error, self.job_name = error, job_name
         self.request = {"CPU": ACTOR_CPUS, **({"GPU": 1.0} if use_gpu else {})}
-        self.what = f"{self.min_size} encoder actor{'s' if self.min_size > 1 else ''}"
+        self.what = f"{self.min_size} {label}{'s' if self.min_size > 1 else ''}"
         self._started = False
 
-    def __enter__(self) -> _EncoderPool:
+    def __enter__(self) -> ActorJobPool:
         """Join or start Ray, then wait until the cluster can hold the first actors (or raise)."""
         self._started = not ray.is_initialized()
         init_ray(self.address)
@@ -663,7 +684,7 @@ class _EncoderPool:
             wait_placeable(self.request, self.min_size, self.what, self.timeout_s)
         except PlacementError as e:
             self.__exit__()
-            raise ExtractError(str(e)) from e
+            raise self.error(str(e)) from e
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -672,7 +693,7 @@ class _EncoderPool:
             self._started = False
 
     def run(self, jobs: list[dict[str, Any]]) -> Iterable[dict[str, Any]]:
-        """Result rows of :func:`process_input`, in completion order."""
+        """The actors' result rows, one per job, in completion order."""
         if not jobs:
             return
 
@@ -685,14 +706,13 @@ class _EncoderPool:
         try:
             ds = ray.data.from_items([{"job": json.dumps(j)} for j in jobs],
                                      override_num_blocks=blocks)
-            # Marker reads are I/O: light tasks, in parallel, ahead of the encoder actors.
-            ds = ds.map_batches(_plan_batch, batch_size=None, batch_format="numpy",
-                                num_cpus=PLAN_CPUS)
+            if self.plan is not None:
+                # Planning reads are I/O: light tasks, in parallel, ahead of the actors.
+                ds = ds.map_batches(self.plan, batch_size=None, batch_format="numpy",
+                                    num_cpus=PLAN_CPUS)
             ds = ds.map_batches(
-                EncoderActor,
-                fn_constructor_kwargs={"model_uri": self.model_uri,
-                                       "tracking_uri": self.tracking_uri,
-                                       "use_gpu": self.use_gpu, "precision": self.precision},
+                self.actor,
+                fn_constructor_kwargs=self.actor_kwargs,
                 compute=ActorPoolStrategy(min_size=self.min_size, max_size=self.max_size),
                 batch_size=1,
                 batch_format="numpy",
@@ -702,10 +722,10 @@ class _EncoderPool:
             for row in ds.iter_rows():
                 yield {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
         except ray.exceptions.GetTimeoutError as e:
-            raise ExtractError(f"{self.what} ({describe(self.request)} each) did not start "
-                               f"within {self.timeout_s:g} s: {e}") from e
+            raise self.error(f"{self.what} ({describe(self.request)} each) did not start "
+                             f"within {self.timeout_s:g} s: {e}") from e
         except ray.exceptions.RayError as e:
-            raise ExtractError(f"extraction job failed: {e}") from e
+            raise self.error(f"{self.job_name} failed: {e}") from e
         finally:
             ctx.wait_for_min_actors_s = wait_before
 
@@ -754,12 +774,14 @@ def _end_run(uri: str, run_id: str, summary: ExtractSummary, status: str) -> Non
 
 
 __all__ = [
+    "ACTOR_CPUS",
     "AUDIO_EXTS",
     "FRAME_FILE",
     "PARQUET_FILE",
     "SUCCESS_FILE",
     "WINDOW",
     "WINDOW_FILE",
+    "ActorJobPool",
     "EncoderActor",
     "ExtractError",
     "ExtractSummary",

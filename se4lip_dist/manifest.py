@@ -75,6 +75,14 @@ class ClipRecord:
     vfr: bool = False
     missing_fraction: float = 0.0
     mean_det_score: float = 0.0
+    audit_status: str | None = None
+    """What ``audit --fix`` found: ``in_sync``, ``offset`` (corrected) or ``undecidable`` (kept
+    and flagged); None when the clip was never audited."""
+    audit_offset: int | None = None
+    """Frames the audio was advanced by to correct the clip (its measured offset; 0 when in
+    sync, None when not measured)."""
+    audit_model: str | None = None
+    """The pinned model URI that measured the offset."""
 
 
 INDEX_SCHEMA = pa.schema([
@@ -90,8 +98,12 @@ INDEX_SCHEMA = pa.schema([
     pa.field("vfr", pa.bool_()),
     pa.field("missing_fraction", pa.float64()),
     pa.field("mean_det_score", pa.float64()),
+    pa.field("audit_status", pa.string()),
+    pa.field("audit_offset", pa.int32()),
+    pa.field("audit_model", pa.string()),
 ])
-"""One row per clip: ``clip_id`` plus the fields of :class:`ClipRecord`."""
+"""One row per clip: ``clip_id`` plus the fields of :class:`ClipRecord` (index files written
+before the ``audit_*`` columns existed read them as nulls)."""
 _RECORD_FIELDS = [f.name for f in fields(ClipRecord)]
 
 
@@ -133,7 +145,8 @@ def write_index(out_dir: str, info: ShardInfo, records: dict[str, ClipRecord]) -
         # and read whole files), dictionaries only for the columns that repeat in a shard.
         with pq.ParquetWriter(f, table.schema, compression="zstd", store_schema=False,
                               write_statistics=False,
-                              use_dictionary=["shard", "speaker", "split"]) as w:
+                              use_dictionary=["shard", "speaker", "split", "audit_status",
+                                              "audit_model"]) as w:
             w.write_table(table)
             w.add_key_value_metadata({META_SHARD: json.dumps(asdict(info)).encode()})
 

@@ -325,7 +325,7 @@ def test_key_option_values_become_config_overrides(tmp_path) -> None:
 @pytest.mark.parametrize("argv", [
     ["prepare", "x.mp4", "--out", "o"], ["train", "--data", "d"], ["tune", "--data", "d"],
     ["extract", "x.wav"], ["evaluate", "x.mp4"], ["subject", "x.mp4", "--out", "o"],
-    ["quickstart"],
+    ["quickstart"], ["audit", "shards"],
 ])
 def test_quiet_settings_come_before_ray_and_mlflow_are_imported(argv: list[str]) -> None:
     # Ray Data reads RAY_DATA_DISABLE_PROGRESS_BARS when it is imported: a stage module

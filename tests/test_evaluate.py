@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from planted_sync import PlantedSync
 
 from se4lip_dist import evaluate as evaluate_mod
 from se4lip_dist.config import load_config
@@ -19,36 +19,7 @@ from se4lip_dist.media import decode_clip
 from se4lip_dist.sync import shift_audio, wilson_interval
 from se4lip_dist.synthetic import make_synthetic_clip, write_clip
 
-T = 5
 SPF = 640
-
-
-class _Loudness(nn.Module):
-    def forward(self, wav: torch.Tensor) -> torch.Tensor:
-        frames = wav.reshape(wav.shape[0], T, SPF)
-        rms = frames.pow(2).mean(-1).sqrt()
-        return rms - rms.mean(-1, keepdim=True)  # the shape over the window, not the level
-
-
-class _MouthArea(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.anchor = nn.Parameter(torch.zeros(1))  # gives the model a device
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        gray = x.reshape(b, c // 3, 3, h, w).mean(2)
-        area = (gray < 0.3).float().mean((-1, -2))
-        return area - area.mean(-1, keepdim=True)
-
-
-class PlantedSync(nn.Module):
-    """Stands in for SE4Lip: ``.speech`` and ``.lips`` with signed, zero-mean 'embeddings'."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.speech = _Loudness()
-        self.lips = _MouthArea()
 
 
 @pytest.fixture(scope="module")

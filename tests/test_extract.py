@@ -373,7 +373,7 @@ def test_extract_job_entry_point_parses(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("job,command", [("extract_job", "extract"), ("tune_job", "tune"),
-                                         ("subject_job", "subject")])
+                                         ("subject_job", "subject"), ("audit_job", "audit")])
 def test_job_scripts_run_the_cli_command(job: str, command: str, monkeypatch) -> None:
     import runpy
 
@@ -384,5 +384,5 @@ def test_job_scripts_run_the_cli_command(job: str, command: str, monkeypatch) ->
     ns = runpy.run_path(str(ROOT / "jobs" / f"{job}.py"))
     ns["main"](["IN", "--out", "o"])
     assert calls[0][:4] == [command, "IN", "--out", "o"]
-    # The extraction job prints its summary as JSON, as jobs/README.md says.
-    assert ("--json" in calls[0]) == (command == "extract")
+    # The extraction and audit jobs print their summary as JSON, as jobs/README.md says.
+    assert ("--json" in calls[0]) == (command in ("extract", "audit"))

@@ -60,13 +60,18 @@ def test_subject_flow_end_to_end(tmp_path: Path) -> None:
     make_synthetic_clip(video, 20.0, seed=5)  # 500 frames: the last 100 held out
     res = CliRunner().invoke(app, [
         "subject", str(video), "--out", str(tmp_path / "out"), "--tracking-uri", uri,
-        "--face-backend", "none", "--json",
+        "--face-backend", "none", "--json", "--offset", "ignore",
         "--set", "train.steps_per_epoch=6", "--set", "train.epochs=2",
         "--set", "train.num_workers=1", "--set", "train.cpus_per_worker=0.5",
         "--set", "train.lr=0.002", "--set", "train.max_offset=8"])
     assert res.exit_code == 0, res.output[-4000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["subject"] == "test-person" and out["init"].startswith("warm start from")
+    # The video was audited first, by the general encoder, and the version says so.
+    assert out["audit"]["model"] == general and out["audit"]["status"] is not None
+    tags = MlflowClient(tracking_uri=uri).get_model_version(
+        "se4lip-test-person", out["registered"]["version"]).tags
+    assert tags["se4lip.audit_model"] == general and tags["se4lip.audit"] == out["audit"]["note"]
     assert out["registered"]["name"] == "se4lip-test-person"
     # 100 held-out frames are three 30-frame pieces (the last one 40): too few units to promote.
     assert out["registered"]["alias"] == "challenger"
@@ -81,6 +86,28 @@ def test_subject_flow_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "report" / "heldout_offset_curve.png").stat().st_size > 0
     run = MlflowClient(tracking_uri=uri).get_run(out["run_id"])
     assert run.data.tags["se4lip.init"] == general
+
+
+def test_offset_decision_stops_fixes_or_ignores() -> None:
+    """An offset video stops the flow with the measured offset and the flags that override;
+    in sync and undecidable videos go on, and the note says which."""
+    from se4lip_dist.audit import IN_SYNC, OFFSET, UNDECIDABLE, ClipAudit
+    from se4lip_dist.subject import SubjectError, offset_decision
+
+    late = ClipAudit("v", "v.mp4", OFFSET, offset=4)
+    with pytest.raises(SubjectError, match=r"runs 4 frames late \(offset \+4, measured by "
+                                           r"models:/se4lip/3\).*--offset fix.*--offset ignore"):
+        offset_decision(late, "stop", "v.mp4", "models:/se4lip/3")
+    assert offset_decision(late, "fix", "v.mp4", "m").endswith("corrected")
+    assert "kept as recorded" in offset_decision(late, "ignore", "v.mp4", "m")
+    early = ClipAudit("v", "v.mp4", OFFSET, offset=-2)
+    assert "2 frames early" in offset_decision(early, "fix", "v.mp4", "m")
+    assert offset_decision(ClipAudit("v", "v.mp4", IN_SYNC, offset=1), "stop", "v.mp4",
+                           "m").startswith("in sync (offset +1")
+    assert "undecidable (inconsistent" in offset_decision(
+        ClipAudit("v", "v.mp4", UNDECIDABLE, "inconsistent"), "stop", "v.mp4", "m")
+    with pytest.raises(SubjectError, match="on_offset must be one of"):
+        offset_decision(late, "maybe", "v.mp4", "m")
 
 
 def test_study_arms_are_valid_augmentation_configs() -> None:
@@ -98,3 +125,34 @@ def test_study_arms_are_valid_augmentation_configs() -> None:
     assert without.augment.noise_p == 0 and without.augment.blur_p > 0
     with pytest.raises(SystemExit, match="unknown arm"):
         subject_study.arm_overrides("only-jpeg")
+
+
+def test_subject_audit_step_fixes_stops_or_skips(monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    """The flow's audit step: an offset video is corrected into shards-audited (what training
+    then reads) with --offset fix, stops the flow with --offset stop, and a flow without a
+    general encoder is not audited."""
+    from se4lip_dist import subject as sub
+    from se4lip_dist.audit import OFFSET, AuditSettings, AuditSummary, ClipAudit
+
+    calls: list[str | None] = []
+
+    def fake_audit(data, model, **kw):  # type: ignore[no-untyped-def]
+        calls.append(kw.get("fix_out"))
+        s = AuditSummary(list(data), model, {"pinned_uri": "models:/se4lip/2"}, AuditSettings(),
+                         clips=[ClipAudit("c", "v.mp4", OFFSET, offset=3)])
+        s.report = {"markdown": "report.md"}
+        return s
+
+    monkeypatch.setattr(sub, "run_audit", fake_audit)
+    out = str(tmp_path)
+    doc = sub._audit("v.mp4", "shards", out, "models:/se4lip@champion", "fix", "uri", None,
+                     False)
+    assert (doc["action"], doc["offset"], doc["model"]) == ("corrected", 3, "models:/se4lip/2")
+    assert doc["shards"].endswith("shards-audited") and calls == [None, doc["shards"]]
+    with pytest.raises(sub.SubjectError, match=r"runs 3 frames late.*--offset fix"):
+        sub._audit("v.mp4", "shards", out, "models:/se4lip@champion", "stop", "uri", None, False)
+    ignored = sub._audit("v.mp4", "shards", out, "m", "ignore", "uri", None, False)
+    assert (ignored["action"], ignored["shards"]) == ("ignored", "shards")
+    assert sub._audit("v.mp4", "shards", out, None, "stop", "uri", None, False)["action"] == \
+        "not audited"

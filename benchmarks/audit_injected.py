@@ -1,7 +1,7 @@
 """Does the sync audit recover injected audio offsets, and say "undecidable" rather than guess?
 
     .venv/bin/python benchmarks/audit_injected.py \\
-        --model models:/grid-gate@champion --tracking-uri sqlite:////tmp/gridexp/mlflow.db \\
+        --model models:/grid-gate@champion \\
         --grid 40 --out benchmarks/audit_injected.json
 
 Clips (``$SE4LIP_SHARED_DATA``, default ../shared/data): ``--grid`` GRID s1 clips spread
@@ -259,7 +259,8 @@ def markdown(results: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", action="append")
-    ap.add_argument("--tracking-uri", action="append")
+    ap.add_argument("--tracking-uri", action="append",
+                    help="MLflow URI of each --model (default: ./se4lip-runs/mlflow.db)")
     ap.add_argument("--from-json", type=Path, nargs="+",
                     help="re-summarise the trials of saved runs (several: merged)")
     ap.add_argument("--groups", default="grid,wild,unseen",
@@ -288,8 +289,14 @@ def main() -> None:
         summarise_all(results, results["settings"]["sync_tolerance"])
         print(markdown(results))
         return
-    if not args.model or len(args.model) != len(args.tracking_uri or []):
-        ap.error("give one --tracking-uri per --model")
+    if not args.model:
+        ap.error("give --model (with its --tracking-uri, or the working folder's store)")
+    if args.tracking_uri is None:
+        from se4lip_dist.tracking import default_tracking_uri
+
+        args.tracking_uri = [default_tracking_uri()] * len(args.model)
+    if len(args.model) != len(args.tracking_uri):
+        ap.error("give one --tracking-uri per --model, or none for the working folder's store")
     if ".." in args.injections:
         a, b = (int(x) for x in args.injections.split(".."))
         injections = list(range(a, b + 1))

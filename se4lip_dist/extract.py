@@ -46,6 +46,7 @@ import torch
 from ray.data import ActorPoolStrategy
 
 from se4lip_dist import media, storage
+from se4lip_dist.config import Config
 from se4lip_dist.media import count_output_frames
 from se4lip_dist.models.speech import int8_fidelity, quantize_int8
 from se4lip_dist.placement import DEFAULT_TIMEOUT_S, PlacementError, describe, wait_placeable
@@ -502,6 +503,46 @@ def check_int8(encoder: Any, cfg: Any, model_uri: str) -> float:
 # ---------------------------------------------------------------- the run
 
 
+def _check_arguments(fps: int, batch_size: int, concurrency: int, min_concurrency: int,
+                     precision: str, use_gpu: bool) -> None:
+    """``ExtractError`` for arguments no job could run with."""
+    if fps <= 0 or batch_size < 1 or concurrency < 1 or min_concurrency < 1:
+        raise ExtractError("fps, batch_size and concurrency must be positive")
+    if precision not in PRECISIONS:
+        raise ExtractError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "int8" and use_gpu:
+        raise ExtractError("--precision int8 runs on CPU (dynamic quantization); drop --use-gpu")
+
+
+def _output_settings(cfg: Config, fps: int, precision: str, audio_offset: int
+                     ) -> dict[str, Any]:
+    """What, besides the model, decides an input's outputs (recorded in their markers)."""
+    settings: dict[str, Any] = {"fps": fps, "sample_rate": cfg.data.sample_rate,
+                                "window_frames": cfg.train.window_frames, "window": WINDOW}
+    if precision != "fp32":  # fp32 markers from before --precision existed stay valid
+        settings["precision"] = precision
+    if audio_offset:
+        settings["audio_offset"] = int(audio_offset)
+    if cfg.train.window_frames % 2 == 0:
+        # Even windows used to sit half a frame early; outputs written that way are redone.
+        settings["centring"] = "window c - (T - 1) // 2"
+    return settings
+
+
+def _count(row: dict[str, Any], summary: ExtractSummary, failures: list[Failure]) -> None:
+    """Add one input's result row to the run's counts."""
+    if row["status"] == "skipped":
+        summary.skipped += 1
+    elif row["status"] == "failed":
+        failures.append(Failure(row["path"], row["error"], "extract",
+                                row.get("traceback") or None))
+    else:
+        summary.extracted += 1
+        summary.frames += int(row["frames"])
+        summary.audio_seconds += float(row["audio_seconds"])
+    summary.compute_seconds += float(row["seconds"])
+
+
 def run_extract(
     inputs: list[str],
     model_uri: str,
@@ -563,12 +604,7 @@ def run_extract(
     """
     t0 = time.perf_counter()
     wanted = wanted_outputs(fmt, parquet)
-    if fps <= 0 or batch_size < 1 or concurrency < 1 or min_concurrency < 1:
-        raise ExtractError("fps, batch_size and concurrency must be positive")
-    if precision not in PRECISIONS:
-        raise ExtractError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "int8" and use_gpu:
-        raise ExtractError("--precision int8 runs on CPU (dynamic quantization); drop --use-gpu")
+    _check_arguments(fps, batch_size, concurrency, min_concurrency, precision, use_gpu)
     out = storage.absolute(str(out_dir))
     try:
         storage.check_bucket(out)
@@ -588,16 +624,7 @@ def run_extract(
         raise ExtractError(f"fps {fps} does not divide the model's sample rate "
                            f"{cfg.data.sample_rate}")
     identity = _model_identity(model)
-    settings: dict[str, Any] = {"fps": fps, "sample_rate": cfg.data.sample_rate,
-                                "window_frames": cfg.train.window_frames, "window": WINDOW}
-    if precision != "fp32":  # fp32 markers from before --precision existed stay valid
-        settings["precision"] = precision
-    if audio_offset:
-        settings["audio_offset"] = int(audio_offset)
-    if cfg.train.window_frames % 2 == 0:
-        # Even windows used to sit half a frame early; outputs written that way are redone.
-        settings["centring"] = "window c - (T - 1) // 2"
-
+    settings = _output_settings(cfg, fps, precision, audio_offset)
     paths, failures = expand_inputs(inputs)
     summary = ExtractSummary(out_dir=out, model_uri=model_uri, model=model,
                              inputs=len(paths) + len(failures), dim=cfg.model.embed_dim,
@@ -624,16 +651,7 @@ def run_extract(
             status = "FAILED"
             try:
                 for row in pool.run(jobs):
-                    if row["status"] == "skipped":
-                        summary.skipped += 1
-                    elif row["status"] == "failed":
-                        failures.append(Failure(row["path"], row["error"], "extract",
-                                                row.get("traceback") or None))
-                    else:
-                        summary.extracted += 1
-                        summary.frames += int(row["frames"])
-                        summary.audio_seconds += float(row["audio_seconds"])
-                    summary.compute_seconds += float(row["seconds"])
+                    _count(row, summary, failures)
                     if on_result:
                         on_result(row)
                 status = "FINISHED"

@@ -914,40 +914,15 @@ def run_prepare(
     summary = PrepareSummary(out_dir=out)
     preview = storage.absolute(str(preview_dir)) if preview_dir else None
     backend = backend or PrepareBackend()
-    try:
-        for where in (out, preview):
-            if where:
-                storage.check_bucket(where)
-        manifest = _open_manifest(out, cfg)
-    except storage.StorageError as e:
-        raise PrepareError(str(e)) from e
-
-    # Fail the whole run early, with one message, when the detector itself cannot load, unless
-    # no input could be prepared anyway: then the inputs are the problem to report.
-    try:
-        detector = build_detector(cfg.face)
-    except FaceModelError as e:
-        inputs, failures = collect_inputs(items)
-        unusable = [f for inp in inputs if (f := input_problem(inp)) is not None]
-        if len(unusable) < len(inputs):
-            raise PrepareError(str(e)) from e
-        summary.failures = failures + unusable
-        summary.inputs = len(summary.failures)
-        append_failures(out, [{**f.to_json(), "time": time.time()} for f in summary.failures])
+    manifest = _open_output(out, preview, cfg)
+    detector = _detector_or_input_failures(items, cfg, out, summary)
+    if detector is None:
         summary.wall_seconds = time.perf_counter() - t0
         return summary
-
     on_ray = workers != 0 and bool(items)
     if on_ray:
         max_workers = workers
-        min_workers = max(1, min(min_workers, workers or min_workers))
-        # Before anything is written: a cluster that cannot hold the workers fails here.
-        init_ray(address)
-        what = f"{min_workers} clip worker{'s' if min_workers > 1 else ''}"
-        try:
-            wait_placeable({"CPU": WORKER_CPUS}, min_workers, what, placement_timeout_s)
-        except PlacementError as e:
-            raise PrepareError(str(e)) from e
+        min_workers = _start_ray(address, workers, min_workers, placement_timeout_s)
     try:
         _ready_folder(out, manifest)
     except storage.StorageError as e:
@@ -972,6 +947,52 @@ def run_prepare(
     summary.total_frames = manifest.total_frames
     summary.manifest_saves = driver.committer.saves
     return summary
+
+
+def _open_output(out: str, preview: str | None, cfg: Config) -> Manifest:
+    """The output folder's manifest (or a new one), after checking the buckets are there."""
+    try:
+        for where in (out, preview):
+            if where:
+                storage.check_bucket(where)
+        return _open_manifest(out, cfg)
+    except storage.StorageError as e:
+        raise PrepareError(str(e)) from e
+
+
+def _detector_or_input_failures(items: list[str], cfg: Config, out: str,
+                                summary: PrepareSummary) -> Any:
+    """The face detector, or None when it cannot load and no input was usable anyway.
+
+    Fails the whole run early, with one message, when the detector itself cannot load, unless
+    no input could be prepared anyway: then the inputs' failures go into ``summary`` and
+    ``failures.jsonl`` as the problem to report.
+    """
+    try:
+        return build_detector(cfg.face)
+    except FaceModelError as e:
+        inputs, failures = collect_inputs(items)
+        unusable = [f for inp in inputs if (f := input_problem(inp)) is not None]
+        if len(unusable) < len(inputs):
+            raise PrepareError(str(e)) from e
+        summary.failures = failures + unusable
+        summary.inputs = len(summary.failures)
+        append_failures(out, [{**f.to_json(), "time": time.time()} for f in summary.failures])
+        return None
+
+
+def _start_ray(address: str | None, workers: int | None, min_workers: int,
+               timeout_s: float) -> int:
+    """Join or start Ray and wait until the cluster can hold the first clip workers (before
+    anything is written); returns how many the pool starts with at least."""
+    min_workers = max(1, min(min_workers, workers or min_workers))
+    init_ray(address)
+    what = f"{min_workers} clip worker{'s' if min_workers > 1 else ''}"
+    try:
+        wait_placeable({"CPU": WORKER_CPUS}, min_workers, what, timeout_s)
+    except PlacementError as e:
+        raise PrepareError(str(e)) from e
+    return min_workers
 
 
 def _run_in_process(items: list[str], out: str, preview: str | None, cfg: Config,

@@ -102,6 +102,26 @@ def subject_config(preset: str, overrides: list[str], init_cfg: Config | None) -
     return cfg.override(SUBJECT_TRAIN).override(parse_overrides(overrides))
 
 
+def _starting_point(init: str | None, uri: str, preset: str, overrides: list[str]
+                    ) -> tuple[Config, str | None, str]:
+    """The subject's config, the pinned general encoder it warm-starts from (None: from
+    scratch) and the report's line saying which."""
+    init_note = "from scratch (no general encoder given)"
+    init_cfg = None
+    pinned = None
+    if init:
+        try:
+            pinned = pin_model(init, uri)["pinned_uri"]
+            _, init_cfg = load_model_state(pinned, uri)
+            init_note = f"warm start from {pinned}"
+        except (RegistryError, TrackingError) as e:
+            init_note = f"from scratch ({init} is not available: {e})"
+    cfg = subject_config(preset, overrides, init_cfg)
+    if pinned is not None:
+        cfg = cfg.override({"train.init": pinned})
+    return cfg, pinned, init_note
+
+
 def run_subject(
     video: str,
     out_dir: str,
@@ -149,21 +169,7 @@ def run_subject(
     subject = name or subject_name(video)
     out = storage.absolute(out_dir)
     uri = resolve_tracking_uri(tracking_uri)
-    overrides = list(overrides or [])
-
-    init_note = "from scratch (no general encoder given)"
-    init_cfg = None
-    pinned = None
-    if init:
-        try:
-            pinned = pin_model(init, uri)["pinned_uri"]
-            _, init_cfg = load_model_state(pinned, uri)
-            init_note = f"warm start from {pinned}"
-        except (RegistryError, TrackingError) as e:
-            init_note = f"from scratch ({init} is not available: {e})"
-    cfg = subject_config(preset, overrides, init_cfg)
-    if pinned is not None:
-        cfg = cfg.override({"train.init": pinned})
+    cfg, pinned, init_note = _starting_point(init, uri, preset, list(overrides or []))
 
     step(f"1/5 prepare {video}, then audit its sync")
     shards = storage.join(out, "shards")

@@ -62,6 +62,7 @@ from se4lip_dist.train import (
     BEST_PREFIX,
     build_trainer,
     load_checkpoint_dir,
+    load_init,
     training_datasets,
 )
 from se4lip_dist.validation import METRICS, TIE_BREAK, metric_name
@@ -275,7 +276,7 @@ def trial_plan(job: dict[str, Any]) -> Resources:
 def trial_trainer(job: dict[str, Any], trial: str, cfg: Config, run_id: str | None,
                   datasets: dict[str, Any] | None = None) -> Any:
     """The trial's ``TorchTrainer``: :func:`se4lip_dist.train.build_trainer` with the trial's
-    ranks and names, reporting each epoch to Tune.
+    ranks and names, reporting each epoch to Tune, warm-started from ``train.init`` if set.
 
     Args:
         job: the tune job's settings (``base`` config, data, store, ranks per trial).
@@ -284,12 +285,13 @@ def trial_trainer(job: dict[str, Any], trial: str, cfg: Config, run_id: str | No
         run_id: the trial's MLflow child run.
         datasets: built already (default: built here).
     """
+    init_state = load_init(cfg, job["tracking_uri"])[0] if cfg.train.init else None
     return build_trainer(
         cfg, job["data_dir"], trial_plan(job),
         # Stable per trial: a resumed tune resumes each unfinished trial's Train run.
         name=f"{job['name']}-{trial}", storage_path=job["storage"],
         tracking_uri=job["tracking_uri"], run_id=run_id, datasets=datasets,
-        callbacks=[TuneReportCallback()])
+        callbacks=[TuneReportCallback()], init_state=init_state)
 
 
 TRAIN_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
@@ -457,6 +459,14 @@ def _base_config(space: Any, opts: TuneOptions) -> tuple[Config, str, str]:
     base = space.base_config(list(opts.overrides)).override({"train.select_metric": metric})
     if opts.epochs is not None:
         base = base.override({"train.epochs": opts.epochs})
+    # A warm start fixes the architecture and the window (train.load_init refuses others):
+    # say so before any trial starts rather than fail the trials that differ.
+    varied = sorted(k for k in space.params if k.startswith("model.")
+                    or k == "train.window_frames")
+    if base.train.init and varied:
+        raise TuneError(f"train.init {base.train.init} warm-starts every trial from one "
+                        f"architecture, but the space varies {', '.join(varied)}: drop "
+                        "train.init, or search a space that keeps those fixed")
     return base, metric, mode
 
 

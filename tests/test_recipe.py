@@ -167,3 +167,50 @@ def test_train_and_tune_build_the_same_trainer(shards: Path, tmp_path: Path,
     assert ran.train_loop_config == trial.train_loop_config
     assert not ran.run_config.callbacks and [type(c) for c in trial.run_config.callbacks] == [Stand]
     assert (ran.run_config.name, trial.run_config.name) == ("r", "t-trial_0")
+
+
+def test_a_tune_trial_warm_starts_from_train_init_as_train_does(
+        shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``tune --set train.init=...`` sends every trial the warm-start weights ``train`` would
+    (trials used to train from scratch without a word)."""
+    import ray
+    from ray.train import UserCallback
+
+    from se4lip_dist import train, tuning
+    from se4lip_dist.train import TrainRecipe, load_init
+    from se4lip_dist.validation import ValidationSet
+
+    monkeypatch.setattr(train, "row_dataset", lambda data_dir, cfg: ("rows", data_dir))
+
+    class Stand(UserCallback):
+        """Ray refuses to build Tune's report callback outside a Tune session."""
+
+    monkeypatch.setattr(tuning, "TuneReportCallback", Stand)
+    monkeypatch.setattr(ray, "put", lambda obj: obj)  # the weights, not the object store
+    cfg = _cfg("train.steps_per_epoch=1")
+    recipe = TrainRecipe(cfg).setup()
+    stats = recipe.train_epoch(_batches(shards, cfg))
+    recipe.end_epoch(stats, recipe.validate(ValidationSet.load(str(shards), cfg)))
+    init = tmp_path / "init"
+    init.mkdir()
+    recipe.save_checkpoint(init, cfg.to_dict())
+    warm = cfg.override({"train.init": str(init)})
+    job = {"base": warm.to_dict(), "data_dir": str(shards), "tracking_uri": "sqlite:///x.db",
+           "name": "t", "storage": str(tmp_path), "num_workers": 1,
+           "worker_cpus": warm.train.cpus_per_worker, "worker_gpus": 0}
+    trial = tuning.trial_trainer(job, "trial_0", warm, "run",
+                                 tuning.training_datasets(str(shards), warm))
+    sent = trial.train_loop_config["init_state"]
+    expected, _ = load_init(warm, "sqlite:///x.db")
+    assert sent is not None and sent.keys() == expected.keys()
+    assert all(torch.equal(sent[k], t) for k, t in expected.items())
+    assert tuning.trial_trainer(job, "trial_1", cfg, "run", tuning.training_datasets(
+        str(shards), cfg)).train_loop_config["init_state"] is None
+
+
+def test_tune_refuses_train_init_when_the_space_varies_the_architecture(tmp_path: Path) -> None:
+    from se4lip_dist.tuning import TuneError, TuneOptions, run_tune
+
+    space = Path(__file__).resolve().parent.parent / "tune" / "default.yaml"
+    with pytest.raises(TuneError, match=r"varies model\.gru_layers, train\.window_frames"):
+        run_tune(str(space), str(tmp_path), TuneOptions(overrides=("train.init=/nowhere",)))

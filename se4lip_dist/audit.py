@@ -42,7 +42,6 @@ import csv
 import html
 import io
 import json
-import os
 import tempfile
 import time
 import traceback
@@ -61,8 +60,9 @@ import torch
 
 from se4lip_dist import storage
 from se4lip_dist.config import Config
+from se4lip_dist.evaluate import local_face_overrides
 from se4lip_dist.extract import ActorJobPool, output_names
-from se4lip_dist.faces import INSIGHTFACE_ROOT_ENV, FaceModelError, build_detector
+from se4lip_dist.faces import FaceModelError, build_detector
 from se4lip_dist.manifest import (
     INDEX_SCHEMA,
     MANIFEST,
@@ -894,12 +894,7 @@ def run_audit(
         sync_model, cfg = load_sync_model(model["pinned_uri"], uri)
     except (RegistryError, TrackingError) as e:
         raise AuditError(str(e)) from e
-    overrides: dict[str, Any] = {}
-    if face_backend is not None:
-        overrides["face.backend"] = face_backend
-    root = insightface_root or os.environ.get(INSIGHTFACE_ROOT_ENV) or None
-    if root is not None:
-        overrides["face.insightface_root"] = str(Path(root).expanduser().resolve())
+    overrides = local_face_overrides(face_backend, insightface_root)
     if overrides:
         cfg = cfg.override(overrides)
     report = report_dir or (storage.join(storage.absolute(fix_out), "audit") if fix_out

@@ -128,6 +128,20 @@ def load_sync_model(model_uri: str, tracking_uri: str | None = None) -> tuple[An
     return model.eval(), cfg
 
 
+def local_face_overrides(face_backend: str | None,
+                         insightface_root: str | Path | None) -> dict[str, Any]:
+    """Config overrides for this machine's face detection: ``face_backend`` if given, and the
+    detector root from ``insightface_root`` or ``$SE4LIP_INSIGHTFACE_ROOT`` (a model's config
+    names the root of the machine it was trained on)."""
+    overrides: dict[str, Any] = {}
+    if face_backend is not None:
+        overrides["face.backend"] = face_backend
+    root = insightface_root or os.environ.get(INSIGHTFACE_ROOT_ENV) or None
+    if root is not None:
+        overrides["face.insightface_root"] = str(Path(root).expanduser().resolve())
+    return overrides
+
+
 def evaluate_videos(model: Any, cfg: Config, videos: list[str], *, max_offset: int = 15,
                     shift: int | Sequence[int] = 0,
                     plot_dir: str | Path | None = None) -> dict[str, Any]:
@@ -263,13 +277,7 @@ def run_evaluate(
             is a usable video (when none is, the clips report why instead).
     """
     model, cfg = load_sync_model(model_uri, tracking_uri)
-    overrides: dict[str, Any] = {}
-    if face_backend is not None:
-        overrides["face.backend"] = face_backend
-    # The model's config names the detector root of the machine it was trained on.
-    root = insightface_root or os.environ.get(INSIGHTFACE_ROOT_ENV) or None
-    if root is not None:
-        overrides["face.insightface_root"] = str(Path(root).expanduser().resolve())
+    overrides = local_face_overrides(face_backend, insightface_root)
     if overrides:
         cfg = cfg.override(overrides)
     result = evaluate_videos(model, cfg, list(videos), max_offset=max_offset, shift=shift,

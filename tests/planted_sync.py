@@ -12,18 +12,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-T = 5
 SPF = 640
 
 
-class _Loudness(nn.Module):
+class Loudness(nn.Module):
+    """Speech 'embedding': the loudness of each frame of the window, centred."""
+
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
-        frames = wav.reshape(wav.shape[0], T, SPF)
+        frames = wav.reshape(wav.shape[0], -1, SPF)
         rms = frames.pow(2).mean(-1).sqrt()
         return rms - rms.mean(-1, keepdim=True)  # the shape over the window, not the level
 
 
-class _MouthArea(nn.Module):
+class MouthArea(nn.Module):
+    """Lip 'embedding': the dark (open-mouth) area of each frame of the window, centred."""
+
     def __init__(self) -> None:
         super().__init__()
         self.anchor = nn.Parameter(torch.zeros(1))  # gives the model a device
@@ -40,5 +43,5 @@ class PlantedSync(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.speech = _Loudness()
-        self.lips = _MouthArea()
+        self.speech = Loudness()
+        self.lips = MouthArea()

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from planted_sync import SPF, Loudness, MouthArea
 from torch import nn
 
 from se4lip_dist import media
@@ -31,7 +32,6 @@ from se4lip_dist.sync import audio_windows, centred_audio_windows, window_lead
 from se4lip_dist.synthetic import make_synthetic_clip
 from se4lip_dist.validation import ValidationSet, score
 
-SPF = 640
 FPS = 25
 
 
@@ -101,29 +101,6 @@ def test_probe_span_feature_is_the_mean_of_extract_features(t: int, clip: Path) 
                                feats[f0:f1].mean(0), rtol=1e-4, atol=1e-5)
 
 
-class _Loudness(nn.Module):
-    """Speech 'embedding': the loudness of each frame of the window, centred."""
-
-    def forward(self, wav: torch.Tensor) -> torch.Tensor:
-        frames = wav.reshape(wav.shape[0], -1, SPF)
-        rms = frames.pow(2).mean(-1).sqrt()
-        return rms - rms.mean(-1, keepdim=True)
-
-
-class _MouthArea(nn.Module):
-    """Lip 'embedding': the dark (open-mouth) area of each frame of the window, centred."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.anchor = nn.Parameter(torch.zeros(1))  # gives the model a device
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        gray = x.reshape(b, c // 3, 3, h, w).mean(2)
-        area = (gray < 0.3).float().mean((-1, -2))
-        return area - area.mean(-1, keepdim=True)
-
-
 class _ZeroPad(nn.Module):
     """Pads embeddings with zeros to ``dim`` (distances and cosines unchanged)."""
 
@@ -141,8 +118,8 @@ class PlantedSync(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.speech = _ZeroPad(_Loudness(), dim)
-        self.lips = _ZeroPad(_MouthArea(), dim)
+        self.speech = _ZeroPad(Loudness(), dim)
+        self.lips = _ZeroPad(MouthArea(), dim)
 
     def forward(self, wav: torch.Tensor, lips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.speech(wav), self.lips(lips)

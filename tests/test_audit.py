@@ -344,3 +344,49 @@ def test_injected_benchmark_scores_against_the_right_base() -> None:
     assert s["clips_decided"] == 3 and s["clips_all_correct"] == 2
     assert s["confusion"][OFFSET] == {IN_SYNC: 0, OFFSET: 5, UNDECIDABLE: 2}
     assert s["confusion"][IN_SYNC] == {IN_SYNC: 1, OFFSET: 0, UNDECIDABLE: 0}
+
+
+def test_injected_benchmark_shuffles_audio_within_a_group_and_never_keeps_a_clips_own() -> None:
+    """``--pairing shuffled`` gives every clip another clip of its group's audio, cut to the
+    shorter of the two (the content-blind baseline the audit should call undecidable)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from audit_injected import shuffle_audio
+
+    def clip(name: str, group: str, frames: int) -> dict:
+        return {"name": name, "group": group, "lips": np.zeros((frames, 2, 2, 3), np.uint8),
+                "audio": np.full(frames * SPF, float(len(name) + frames), np.float32)}
+
+    clips = [clip("a", "grid", 10), clip("bb", "grid", 6), clip("ccc", "grid", 8),
+             clip("w", "wild", 5), clip("empty", "wild", 0)]
+    out = {c["name"]: c for c in shuffle_audio(clips)}
+    assert set(out) == {"a", "bb", "ccc"}  # a group of one usable clip has no other audio
+    assert {n: c["audio_of"] for n, c in out.items()} == {"a": "bb", "bb": "ccc", "ccc": "a"}
+    for c in out.values():
+        assert len(c["audio"]) == len(c["lips"]) * SPF
+    assert len(out["a"]["lips"]) == 6 and out["a"]["audio"][0] == 2 + 6
+
+
+def test_injected_benchmark_takes_grid_clips_the_model_validated_on(tmp_path: Path) -> None:
+    """``--heldout SHARDS``: the GRID clips are those the model's own split rule holds out."""
+    import sys
+
+    from shard_fixtures import write_synthetic_shards
+
+    from se4lip_dist.config import load_config
+    from se4lip_dist.manifest import Manifest
+    from se4lip_dist.splits import SplitRule
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from audit_injected import heldout_grid
+
+    write_synthetic_shards(tmp_path / "s", n_clips=12, n_frames=20, val_clips=3)
+    cfg = load_config("cpu-small")
+    manifest = Manifest.load(tmp_path / "s")
+    rule = SplitRule.for_manifest(manifest, cfg)
+    rows = manifest.clips_table(["clip_id", "source", "split", "speaker"]).to_pylist()
+    val = {Path(r["source"]).name for r in rows
+           if rule.role(r["clip_id"], r["split"], r["speaker"]) == "val"}
+    picked = heldout_grid(tmp_path / "s", cfg)
+    assert len(picked) == 3 and {p.name for p in picked} == val

@@ -790,7 +790,7 @@ def evaluate(
 def audit(
     data: Annotated[list[str], typer.Argument(help="A prepared-shards folder, or videos (files, folders, CSV/JSONL manifests).")],
     model: Annotated[str, typer.Option("--model", help="The sync model that measures: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/...")] = "models:/se4lip@champion",
-    fix: Annotated[str | None, typer.Option("--fix", help="Write a corrected prepared-shards folder here (a new folder): offset clips get their audio shifted back and both streams trimmed to their overlap.")] = None,
+    fix: Annotated[str | None, typer.Option("--fix", help="Write a corrected prepared-shards folder here (a new folder, or one an unfinished run of the same audit left: it resumes): offset clips get their audio shifted back and both streams trimmed to their overlap.")] = None,
     undecidable: Annotated[str, typer.Option("--undecidable", help="With --fix: drop undecidable clips, or keep them (flagged in the index).")] = "drop",
     report: Annotated[str | None, typer.Option("--report", help="Folder for audit.parquet, audit.csv and the report (default: FIX/audit with --fix, else ./audit).")] = None,
     shift: Annotated[list[int] | None, typer.Option("--shift", help="Audio shifts every clip is searched at (repeat; default -3, 0, 3).")] = None,
@@ -844,7 +844,9 @@ def audit(
                       highlight=False)
     if res.fix_out:
         out.print(f"corrected copy: {res.fix_out} (corrected {res.corrected}, copied "
-                  f"{res.copied}, flagged {res.flagged}, dropped {res.dropped})", soft_wrap=True)
+                  f"{res.copied}, flagged {res.flagged}, dropped {res.dropped}"
+                  + (f"; {res.resumed} clips done by the earlier run it resumed" if res.resumed
+                     else "") + ")", soft_wrap=True)
     out.print(f"report: {res.report['markdown']}", soft_wrap=True)
 
 

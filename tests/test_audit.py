@@ -390,3 +390,58 @@ def test_injected_benchmark_takes_grid_clips_the_model_validated_on(tmp_path: Pa
            if rule.role(r["clip_id"], r["split"], r["speaker"]) == "val"}
     picked = heldout_grid(tmp_path / "s", cfg)
     assert len(picked) == 3 and {p.name for p in picked} == val
+
+
+@pytest.mark.timeout(180)
+def test_an_interrupted_fix_resumes_where_it_stopped(cfg, corpus, tmp_path, monkeypatch) -> None:
+    """``--fix`` cut after a job's shard is published but before its record is written: the
+    rerun keeps the jobs already done, redoes that one, and every kept clip is in the corrected
+    copy exactly once; another model or setting refuses to resume."""
+    from se4lip_dist import audit, storage
+
+    plan = audit.plan_audit
+    monkeypatch.setattr(audit, "plan_audit", lambda *a, **k: plan(*a, clips_per_job=4, **k))
+    write = storage.write_atomic
+    records: list[str] = []
+
+    def cut_at_second_record(url, data):  # type: ignore[no-untyped-def]
+        if f"/{audit.JOBS_DIR}/" in url:
+            records.append(url)
+            if len(records) == 2:
+                raise KeyboardInterrupt  # the driver is killed right there
+        return write(url, data)
+
+    monkeypatch.setattr(storage, "write_atomic", cut_at_second_record)
+    out = tmp_path / "fixed"
+    with pytest.raises(KeyboardInterrupt):
+        audit_in_process(PlantedSync(), cfg, [str(corpus)], fix_out=str(out),
+                         model_uri="models:/planted/1")
+    monkeypatch.setattr(storage, "write_atomic", write)
+    assert len(Manifest.load(out).clips) < len(INJECTED)
+
+    with pytest.raises(AuditError, match=r"audit_fix.json: written by an audit --fix with "
+                                         r"another model"):
+        audit_in_process(PlantedSync(), cfg, [str(corpus)], fix_out=str(out),
+                         model_uri="models:/planted/2")
+    measured: list[str] = []
+    measure_clip = audit.measure
+
+    def counting(*a, **k):  # type: ignore[no-untyped-def]
+        measured.append(k["clip_id"])
+        return measure_clip(*a, **k)
+
+    monkeypatch.setattr(audit, "measure", counting)
+    res = audit_in_process(PlantedSync(), cfg, [str(corpus)], fix_out=str(out),
+                           model_uri="models:/planted/1")
+    assert res.resumed == 4 and len(res.clips) == 12 and res.counts[OFFSET] == 6
+    fixed = Manifest.load(out)
+    assert set(fixed.clips) == {f"shift{k:+d}" for k in INJECTED}
+    assert fixed.total_clips == len(INJECTED)  # none twice
+    rows = [r["clip_id"] for p in fixed.shard_paths(out) for r in iter_rows(p)]
+    assert sorted(set(rows)) == sorted(fixed.clips)
+    assert len(list(out.glob("shard-*.parquet"))) == len(fixed.shards)  # the cut one is gone
+    assert len(measured) == 12 - 4  # the first job's clips were not measured again
+    again = audit_in_process(PlantedSync(), cfg, [str(corpus)], fix_out=str(out),
+                             model_uri="models:/planted/1")
+    assert again.resumed == 12 and len(measured) == 8
+    assert Manifest.load(out).total_clips == len(INJECTED)

@@ -48,9 +48,11 @@ import torch
 from se4lip_dist.audit import IN_SYNC, OFFSET, UNDECIDABLE, AuditSettings, measure
 from se4lip_dist.config import Config
 from se4lip_dist.faces import build_detector
+from se4lip_dist.manifest import Manifest
 from se4lip_dist.prepare import PrepareInput, process_clip
 from se4lip_dist.registry import load_sync_model, pin_model
 from se4lip_dist.shards import decode_lips
+from se4lip_dist.splits import SplitRule
 from se4lip_dist.sync import bootstrap_interval, shift_audio, wilson_interval
 
 HERE = Path(__file__).resolve().parent
@@ -61,10 +63,22 @@ INSIGHTFACE = Path(os.environ.get("SE4LIP_INSIGHTFACE_ROOT",
 THRESHOLDS = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1)
 
 
-def pick_clips(n_grid: int, skip: int) -> list[tuple[str, Path]]:
-    """``(group, path)``: GRID clips spread over the corpus after the first ``skip``, then the
-    wild and unseen clips."""
-    grid = sorted((SHARED / "grid_s1" / "video").glob("*.mp4"))[skip:]
+def heldout_grid(shards: Path, cfg: Config) -> list[Path]:
+    """The GRID clips of ``shards`` that a model with config ``cfg`` validated on (its own
+    split rule), i.e. never trained on."""
+    manifest = Manifest.load(shards)
+    rule = SplitRule.for_manifest(manifest, cfg)
+    table = manifest.clips_table(["clip_id", "source", "split", "speaker"]).to_pylist()
+    names = sorted(Path(r["source"]).name for r in table
+                   if rule.role(r["clip_id"], r["split"], r["speaker"]) == "val")
+    return [SHARED / "grid_s1" / "video" / n for n in names]
+
+
+def pick_clips(n_grid: int, skip: int, pool: list[Path] | None = None) -> list[tuple[str, Path]]:
+    """``(group, path)``: GRID clips spread over ``pool`` (default: the sorted corpus after its
+    first ``skip``), then the wild and unseen clips."""
+    grid = pool if pool is not None else sorted(
+        (SHARED / "grid_s1" / "video").glob("*.mp4"))[skip:]
     if not grid and n_grid:
         sys.exit(f"no GRID clips under {SHARED / 'grid_s1' / 'video'} (set SE4LIP_SHARED_DATA)")
     idx = np.linspace(0, len(grid) - 1, n_grid).round().astype(int) if n_grid else []
@@ -129,6 +143,22 @@ def run_model(model: Any, cfg: Config, clips: list[dict[str, Any]], injections: 
         print(f"  {c['name']}: {len(c['lips'])} frames, {time.perf_counter() - t0:.1f} s",
               file=sys.stderr)
     return trials
+
+
+def shuffle_audio(clips: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each clip with the audio of the next clip of its group (a content-blind pairing: the
+    audit should call it undecidable), both cut to the shorter one."""
+    out = []
+    for group in dict.fromkeys(c["group"] for c in clips):
+        mine = [c for c in clips if c["group"] == group and len(c["lips"])]
+        for c, other in zip(mine, mine[1:] + mine[:1], strict=True):
+            if other is c:
+                continue  # a group of one has no other audio
+            spf = len(other["audio"]) // max(1, len(other["lips"]))
+            n = min(len(c["lips"]), len(other["audio"]) // spf)
+            out.append({**c, "lips": c["lips"][:n], "audio": other["audio"][:n * spf],
+                        "audio_of": other["name"]})
+    return out
 
 
 def decide(t: dict[str, Any], threshold: float) -> str:
@@ -220,6 +250,17 @@ def markdown(results: dict[str, Any]) -> str:
     lines = []
     for label, r in results["models"].items():
         thr = results["min_confidence"]
+        if results.get("pairing") == "shuffled":
+            lines += [f"### {label}, shuffled audio (min LSE-C {thr:g})", "",
+                      "Every clip has another clip's audio: a decided trial is a false "
+                      "decision, and the right answer is undecidable.", ""]
+            for group, s in r["summary"].items():
+                lo, hi = wilson_interval(s["clips_decided"], s["clips"])
+                lines.append(f"- {group}: {s['decided']} of {s['trials']} trials decided; "
+                             f"{s['clips_decided']} of {s['clips']} clips decided at least "
+                             f"once [{lo:.2f}, {hi:.2f}]")
+            lines.append("")
+            continue
         lines += [f"### {label} (min LSE-C {thr:g})", "",
                   "| clips | trials | decided | correct within 1 frame | wrong | undecidable "
                   "| mean clip accuracy [95% CI over clips] | clips with every decided trial "
@@ -268,6 +309,11 @@ def main() -> None:
                          "with --from-json)")
     ap.add_argument("--grid", type=int, default=40)
     ap.add_argument("--grid-skip", type=int, default=200)
+    ap.add_argument("--heldout", type=Path, default=None,
+                    help="shard folder the (first) model trained on: its GRID clips come from "
+                         "that folder's validation clips under the model's own split rule")
+    ap.add_argument("--pairing", choices=("matched", "shuffled"), default="matched",
+                    help="shuffled: each clip gets another clip's audio (content-blind baseline)")
     ap.add_argument("--injections", default="-8..8", help="a..b or a comma list")
     ap.add_argument("--max-offset", type=int, default=15)
     ap.add_argument("--max-frames", type=int, default=300,
@@ -317,7 +363,8 @@ def main() -> None:
     detector = build_detector(cfg0.face)
     clips = []
     groups = set(args.groups.split(","))
-    for group, path in pick_clips(args.grid if "grid" in groups else 0, args.grid_skip):
+    pool = heldout_grid(args.heldout, cfg0) if args.heldout else None
+    for group, path in pick_clips(args.grid if "grid" in groups else 0, args.grid_skip, pool):
         if group not in groups:
             continue
         try:
@@ -329,7 +376,10 @@ def main() -> None:
             spf = cfg0.data.samples_per_frame
             lips, audio = lips[:args.max_frames], audio[:args.max_frames * spf]
         clips.append({"name": path.stem, "group": group, "lips": lips, "audio": audio})
+    if args.pairing == "shuffled":
+        clips = shuffle_audio(clips)
     results: dict[str, Any] = {"injections": injections, "settings": settings.to_dict(),
+                               "pairing": args.pairing, "heldout": str(args.heldout or ""),
                                "max_frames": args.max_frames, "grid": args.grid,
                                "min_confidence": threshold, "grid_skip": args.grid_skip,
                                "models": {}}

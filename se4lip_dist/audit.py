@@ -33,12 +33,15 @@ overlap (``|k|`` frames shorter: for ``k > 0`` the last video frames and the fir
 undecidable ones are dropped (or kept and flagged). Each clip's index record carries
 ``audit_status``, ``audit_offset`` (the frames it was corrected by) and ``audit_model`` (the
 pinned model that measured it), so training, extraction and evaluation read corrected data and
-anyone can trace why a clip changed.
+anyone can trace why a clip changed. A ``--fix`` run that stops part way resumes when run again
+with the same model, data and settings: each finished job leaves a record of its clips in
+``audit_jobs/`` once its shard is published, and the rerun audits only the jobs without one.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import html
 import io
 import json
@@ -71,6 +74,7 @@ from se4lip_dist.manifest import (
     Manifest,
     ManifestCommitter,
     ManifestError,
+    recover,
     table_records,
 )
 from se4lip_dist.placement import DEFAULT_TIMEOUT_S
@@ -119,6 +123,11 @@ CSV_FILE = "audit.csv"
 REPORT_FILE = "audit_report.md"
 HTML_FILE = "audit_report.html"
 HISTOGRAM_FILE = "offset_histogram.png"
+FIX_FILE = "audit_fix.json"
+"""In a ``fix_out`` folder: the model, data and settings that write it (a rerun with the same
+ones resumes it)."""
+JOBS_DIR = "audit_jobs"
+"""In a ``fix_out`` folder: one record (clip audits and shard) per finished job."""
 
 
 class AuditError(RuntimeError):
@@ -367,8 +376,12 @@ class AuditWorker:
                 self._write(a, table, record, writer)
             audits.append(a)
         info = writer.flush() if writer is not None else None
-        return {"clips": [asdict(a) for a in audits],
-                "shards": [asdict(info)] if info is not None else []}
+        result = {"clips": [asdict(a) for a in audits],
+                  "shards": [asdict(info)] if info is not None else []}
+        if self.fix is not None:  # after the shard and its index are published
+            storage.write_atomic(storage.join(self.fix.out, JOBS_DIR, f"{job_key(job)}.json"),
+                                 json.dumps(result))
+        return result
 
     def _measure(self, cid: str, source: str, table: pa.Table,
                  face_fraction: float | None) -> ClipAudit:
@@ -499,6 +512,13 @@ class AuditPlan:
     """Inputs that are not videos at all (named, undecidable)."""
 
 
+def job_key(job: dict[str, Any]) -> str:
+    """A job's stable name across runs (its shard file and clips, or its video)."""
+    where = storage.basename(job["shard"]) if job["kind"] == "shard" else job["path"]
+    text = json.dumps([job["kind"], where, job.get("clips")])
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
 def is_shards(item: str) -> bool:
     """Whether ``item`` is a prepared-shards folder (it holds ``manifest.json``)."""
     try:
@@ -582,6 +602,8 @@ class AuditSummary:
     copied: int = 0
     flagged: int = 0
     dropped: int = 0
+    resumed: int = 0
+    """Clips an earlier, unfinished run of the same ``--fix`` audit had finished."""
     wall_seconds: float = 0.0
     run_id: str | None = None
 
@@ -621,7 +643,8 @@ class AuditSummary:
                              for a in self.clips if a.status == OFFSET],
             "report": self.report, "fix_out": self.fix_out, "corrected": self.corrected,
             "copied": self.copied, "flagged": self.flagged, "dropped": self.dropped,
-            "wall_seconds": round(self.wall_seconds, 2), "mlflow_run_id": self.run_id,
+            "resumed": self.resumed, "wall_seconds": round(self.wall_seconds, 2),
+            "mlflow_run_id": self.run_id,
         }
 
 
@@ -764,9 +787,23 @@ class _Collector:
                  on_result: Callable[[ClipAudit], None] | None) -> None:
         self.summary, self.committer, self.on_result = summary, committer, on_result
 
-    def add(self, result: dict[str, Any]) -> None:
+    def begin(self, plan: AuditPlan, start: FixStart) -> list[dict[str, Any]]:
+        """Count the inputs that are no videos and the jobs an earlier run finished; returns
+        the jobs left to run."""
+        self.add({"clips": [asdict(a) for a in plan.failures], "shards": []})
+        jobs = []
+        for job in plan.jobs:
+            done = start.done.get(job_key(job))
+            if done is None:
+                jobs.append(job)
+            else:  # its shard is in the output manifest already
+                self.add(done, commit=False)
+                self.summary.resumed += len(done["clips"])
+        return jobs
+
+    def add(self, result: dict[str, Any], commit: bool = True) -> None:
         s = self.summary
-        if self.committer is not None:
+        if self.committer is not None and commit:
             for d in result["shards"]:
                 self.committer.add(ShardInfo(**d))
         for d in result["clips"]:
@@ -778,21 +815,68 @@ class _Collector:
                 self.on_result(a)
 
 
+@dataclass
+class FixStart:
+    """Where a ``--fix`` run starts: its plan, the committer of the output manifest, and the
+    results of the jobs an earlier run of the same audit finished (by :func:`job_key`)."""
+
+    plan: FixPlan | None = None
+    committer: ManifestCommitter | None = None
+    done: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
 def _fix_plan(fix_out: str | None, undecidable: str, model: str, cfg: Config,
-              manifest: Manifest | None) -> tuple[FixPlan | None, ManifestCommitter | None]:
+              manifest: Manifest | None, data: list[str], settings: AuditSettings) -> FixStart:
     if not fix_out:
-        return None, None
+        return FixStart()
     out = storage.absolute(fix_out)
-    if storage.exists(storage.join(out, MANIFEST)):
-        raise AuditError(f"{storage.join(out, MANIFEST)}: --fix needs a new folder (this one "
-                         "already holds prepared shards)")
-    data = dict((manifest.config.get("data") if manifest else None) or cfg.to_dict()["data"])
+    data_cfg = dict((manifest.config.get("data") if manifest else None) or cfg.to_dict()["data"])
     face = (manifest.config.get("face") if manifest else None) or cfg.to_dict()["face"]
     plan = FixPlan(out=out, model=model, undecidable=undecidable,
-                   segment_frames=int(data.get("segment_frames", cfg.data.segment_frames)),
-                   shard_bytes=int(data.get("shard_bytes", cfg.data.shard_bytes)))
-    storage.makedirs(out)
-    return plan, ManifestCommitter(Manifest(config={"data": data, "face": face}), out)
+                   segment_frames=int(data_cfg.get("segment_frames", cfg.data.segment_frames)),
+                   shard_bytes=int(data_cfg.get("shard_bytes", cfg.data.shard_bytes)))
+    config = {"data": data_cfg, "face": face}
+    wanted = {"model": model, "data": [storage.absolute(d) for d in data],
+              "settings": settings.to_dict(), "undecidable": undecidable}
+    marker = storage.join(out, FIX_FILE)
+    if not storage.exists(marker):
+        if storage.exists(storage.join(out, MANIFEST)):
+            raise AuditError(f"{storage.join(out, MANIFEST)}: --fix needs a new folder (this one "
+                             "already holds prepared shards that no audit --fix wrote)")
+        storage.makedirs(out)
+        storage.write_atomic(marker, json.dumps(wanted, indent=1))
+        return FixStart(plan, ManifestCommitter(Manifest(config=config), out))
+    try:
+        earlier = json.loads(storage.read_text(marker))
+    except (ValueError, OSError) as e:
+        raise AuditError(f"{marker}: unreadable ({e}); give --fix a new folder") from e
+    changed = [k for k in wanted if earlier.get(k) != wanted[k]]
+    if changed:
+        raise AuditError(f"{marker}: written by an audit --fix with another "
+                         f"{', '.join(changed)}; rerun it with the same ones to resume, or give "
+                         "--fix a new folder")
+    committer, done = _resume(out, config)
+    return FixStart(plan, committer, done)
+
+
+def _resume(out: str, config: dict[str, Any]) -> tuple[ManifestCommitter, dict[str, Any]]:
+    """The output manifest of an earlier, unfinished ``--fix`` run, made consistent, and the
+    results of its finished jobs. A shard whose job left no record (cut between the two) is
+    deleted: its job runs again."""
+    have = (Manifest.load(out) if storage.exists(storage.join(out, MANIFEST))
+            else Manifest(config=config))
+    records: dict[str, dict[str, Any]] = {}
+    jobs_dir = storage.join(out, JOBS_DIR)
+    for name in storage.listdir(jobs_dir) if storage.is_dir(jobs_dir) else []:
+        if name.endswith(".json"):
+            records[name.removesuffix(".json")] = json.loads(
+                storage.read_text(storage.join(jobs_dir, name)))
+    recorded = {d["file"] for r in records.values() for d in r["shards"]}
+    if recover(have, out, adopt=recorded.__contains__)[0]:
+        have.save(out)
+    named = {s.file for s in have.shards}
+    done = {k: r for k, r in records.items() if all(d["file"] in named for d in r["shards"])}
+    return ManifestCommitter(have, out), done
 
 
 def _commit(committer: ManifestCommitter | None) -> None:
@@ -821,15 +905,15 @@ def audit_in_process(model: Any, cfg: Config, data: list[str], *,
     plan = plan_audit(data, cfg, settings)
     summary = AuditSummary(list(data), model_uri, {"uri": model_uri, "pinned_uri": model_uri},
                            settings, fix_out=storage.absolute(fix_out) if fix_out else None)
-    fix, committer = _fix_plan(fix_out, undecidable, model_uri, cfg, plan.manifest)
-    collect = _Collector(summary, committer, on_result)
-    collect.add({"clips": [asdict(a) for a in plan.failures], "shards": []})
-    worker = AuditWorker(model, cfg, settings, fix)
+    start = _fix_plan(fix_out, undecidable, model_uri, cfg, plan.manifest, data, settings)
+    collect = _Collector(summary, start.committer, on_result)
+    jobs = collect.begin(plan, start)
+    worker = AuditWorker(model, cfg, settings, start.plan)
     try:
-        for job in plan.jobs:
+        for job in jobs:
             collect.add(worker.run_job(job))
     finally:
-        _commit(committer)
+        _commit(start.committer)
     summary.wall_seconds = time.perf_counter() - t0
     if report_dir:
         write_report(summary, report_dir)
@@ -904,18 +988,19 @@ def run_audit(
             if where:
                 storage.check_bucket(where)
         plan = plan_audit(data, cfg, settings)
-        fix, committer = _fix_plan(fix_out, undecidable, model["pinned_uri"], cfg,
-                                   plan.manifest)
+        start = _fix_plan(fix_out, undecidable, model["pinned_uri"], cfg, plan.manifest, data,
+                          settings)
     except storage.StorageError as e:
         raise AuditError(str(e)) from e
+    fix, committer = start.plan, start.committer
     summary = AuditSummary(list(data), model_uri, model, settings,
                            fix_out=fix.out if fix else None)
     collect = _Collector(summary, committer, on_result)
-    collect.add({"clips": [asdict(a) for a in plan.failures], "shards": []})
+    jobs = collect.begin(plan, start)
     if on_start:
-        on_start(len(plan.jobs))
+        on_start(len(jobs))
     detector = None
-    if any(j["kind"] == "video" for j in plan.jobs):
+    if any(j["kind"] == "video" for j in jobs):
         try:  # fail once, here, rather than once per video in the actors
             detector = build_detector(cfg.face)
         except FaceModelError as e:
@@ -926,18 +1011,18 @@ def run_audit(
     try:
         if workers == 0:
             worker = AuditWorker(sync_model, cfg, settings, fix, detector=detector)
-            for job in plan.jobs:
+            for job in jobs:
                 collect.add(worker.run_job(job))
-        elif plan.jobs:
+        elif jobs:
             pool = ActorJobPool(
                 AuditActor, {"model_uri": model["pinned_uri"], "tracking_uri": uri,
                              "overrides": overrides, "settings": settings.to_dict(),
                              "fix": asdict(fix) if fix else None, "use_gpu": use_gpu},
-                min_workers, min(workers, len(plan.jobs)), use_gpu, address,
+                min_workers, min(workers, len(jobs)), use_gpu, address,
                 placement_timeout_s, label="audit actor", error=AuditError,
                 job_name="audit job")
             with pool:
-                for row in pool.run(plan.jobs):
+                for row in pool.run(jobs):
                     collect.add(json.loads(row["result"]))
         finished = True
     finally:

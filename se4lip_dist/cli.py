@@ -177,6 +177,19 @@ def _live_io() -> dict[str, bool]:
     return {"redirect_stdout": _log_route is None, "redirect_stderr": _log_route is None}
 
 
+def _job_progress(label: str, as_json: bool, status: bool = False) -> tuple[Progress, TaskID]:
+    """A batch job's bar (items done of total, time left) and its task; ``status`` adds a
+    ``status`` text field. Transient, and off in logs and pipes: no bar is left behind an
+    error or the table that follows."""
+    columns = [TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn()]
+    if status:
+        columns.append(TextColumn("{task.fields[status]}"))
+    progress = Progress(*columns, TimeRemainingColumn(), console=console, transient=True,
+                        disable=as_json or not console.is_interactive, **_live_io())
+    fields = {"status": ""} if status else {}
+    return progress, progress.add_task(label, total=None, **fields)
+
+
 def _terminal(fd: int) -> TextIO:
     return os.fdopen(fd, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
 
@@ -281,15 +294,9 @@ def prepare(
         insightface_root=insightface_root, face_backend=face_backend, detect_every=detect_every,
         refine_motion=refine_motion))
     _quiet_ray(as_json)
-    from se4lip_dist.prepare import PrepareError, run_prepare
+    from se4lip_dist.prepare import run_prepare
 
-    progress = Progress(
-        TextColumn("[bold]prepare"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=console,
-        # Transient, and off in logs and pipes: no bar left behind an error or the table below.
-        disable=as_json or not console.is_interactive, transient=True, **_live_io(),
-    )
-    task = progress.add_task("prepare", total=None, status="")
+    progress, task = _job_progress("prepare", as_json, status=True)
     n_failed = 0
 
     def on_result(res) -> None:  # type: ignore[no-untyped-def]
@@ -302,15 +309,11 @@ def prepare(
         progress.update(task, advance=1, status=f"{n_failed} failed" if n_failed else "")
 
     with progress:
-        try:
-            summary = run_prepare(
-                inputs or [], out_dir, cfg, workers=workers, min_workers=min_workers,
-                clips_per_shard=clips_per_shard, address=address, preview_dir=preview,
-                placement_timeout_s=placement_timeout,
-                on_start=lambda n: progress.update(task, total=n), on_result=on_result,
-            )
-        except PrepareError as e:
-            _fail(str(e), exc=e)
+        summary = _guard(
+            run_prepare, inputs or [], out_dir, cfg, workers=workers, min_workers=min_workers,
+            clips_per_shard=clips_per_shard, address=address, preview_dir=preview,
+            placement_timeout_s=placement_timeout,
+            on_start=lambda n: progress.update(task, total=n), on_result=on_result)
     if as_json:
         _emit_json(summary.to_json())
     else:
@@ -696,10 +699,7 @@ def extract(
     """
     _quiet_ray(as_json)
     from se4lip_dist.extract import run_extract
-    progress = Progress(TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(),
-                        TimeRemainingColumn(), console=console, transient=True, **_live_io(),
-                        disable=as_json or not console.is_interactive)  # none after an error
-    task = progress.add_task("extract", total=None)
+    progress, task = _job_progress("extract", as_json)
     with progress:
         summary = _guard(
             run_extract, inputs, model, out_dir, tracking_uri=tracking_uri, fps=fps, fmt=fmt,
@@ -790,7 +790,7 @@ def evaluate(
 def audit(
     data: Annotated[list[str], typer.Argument(help="A prepared-shards folder, or videos (files, folders, CSV/JSONL manifests).")],
     model: Annotated[str, typer.Option("--model", help="The sync model that measures: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/...")] = "models:/se4lip@champion",
-    fix: Annotated[str | None, typer.Option("--fix", help="Write a corrected prepared-shards folder here (a new folder): offset clips get their audio shifted back and both streams trimmed to their overlap.")] = None,
+    fix: Annotated[str | None, typer.Option("--fix", help="Write a corrected prepared-shards folder here (a new folder, or one an unfinished run of the same audit left: it resumes): offset clips get their audio shifted back and both streams trimmed to their overlap.")] = None,
     undecidable: Annotated[str, typer.Option("--undecidable", help="With --fix: drop undecidable clips, or keep them (flagged in the index).")] = "drop",
     report: Annotated[str | None, typer.Option("--report", help="Folder for audit.parquet, audit.csv and the report (default: FIX/audit with --fix, else ./audit).")] = None,
     shift: Annotated[list[int] | None, typer.Option("--shift", help="Audio shifts every clip is searched at (repeat; default -3, 0, 3).")] = None,
@@ -816,10 +816,7 @@ def audit(
     settings = _guard(AuditSettings, shifts=tuple(shift or (-3, 0, 3)), max_offset=max_offset,
                       min_confidence=MIN_CONFIDENCE if min_confidence is None else min_confidence,
                       sync_tolerance=sync_tolerance)
-    progress = Progress(TextColumn("[bold]audit"), BarColumn(), MofNCompleteColumn(),
-                        TimeRemainingColumn(), console=console, transient=True, **_live_io(),
-                        disable=as_json or not console.is_interactive)
-    task = progress.add_task("audit", total=None)
+    progress, task = _job_progress("audit", as_json)
     with progress:
         res = _guard(run_audit, data, model, report_dir=report, fix_out=fix,
                      undecidable=undecidable, settings=settings, tracking_uri=tracking_uri,
@@ -847,7 +844,9 @@ def audit(
                       highlight=False)
     if res.fix_out:
         out.print(f"corrected copy: {res.fix_out} (corrected {res.corrected}, copied "
-                  f"{res.copied}, flagged {res.flagged}, dropped {res.dropped})", soft_wrap=True)
+                  f"{res.copied}, flagged {res.flagged}, dropped {res.dropped}"
+                  + (f"; {res.resumed} clips done by the earlier run it resumed" if res.resumed
+                     else "") + ")", soft_wrap=True)
     out.print(f"report: {res.report['markdown']}", soft_wrap=True)
 
 

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -427,13 +428,15 @@ class ManifestCommitter:
             self.saves += 1
 
 
-def recover(manifest: Manifest, out_dir: str) -> tuple[int, int]:
+def recover(manifest: Manifest, out_dir: str,
+            adopt: Callable[[str], bool] | None = None) -> tuple[int, int]:
     """Bring a folder left by a killed run back to a consistent state before writing to it.
 
     Index files the manifest does not name yet, whose shard is there with the size the index
-    records, are adopted (their clips count as done); shards without such an index, index files
-    without their shard and temp files are deleted. Returns ``(shards adopted, files deleted)``;
-    the caller saves the manifest.
+    records (and, with ``adopt``, whose shard file name it accepts), are adopted (their clips
+    count as done); shards without such an index, index files without their shard and temp
+    files are deleted. Returns ``(shards adopted, files deleted)``; the caller saves the
+    manifest.
     """
     named = {s.file for s in manifest.shards}
     names = set(storage.listdir(out_dir))
@@ -447,7 +450,8 @@ def recover(manifest: Manifest, out_dir: str) -> tuple[int, int]:
         url = storage.join(out_dir, name)
         try:
             info = read_index_info(url)
-            ok = shard in shard_names and storage.size(storage.join(out_dir, shard)) == info.bytes
+            ok = (shard in shard_names and (adopt is None or adopt(shard))
+                  and storage.size(storage.join(out_dir, shard)) == info.bytes)
         except (ManifestError, OSError, pa.ArrowInvalid, json.JSONDecodeError, TypeError):
             ok = False
         if ok:

@@ -395,73 +395,92 @@ def input_problem(inp: PrepareInput) -> Failure | None:
 
 def _process_local(result: ClipResult, path: str, cfg: Config, detector: Any) -> None:
     """The body of :func:`process_clip` on a local copy ``path`` of ``result.input``."""
-    inp, clip_id = result.input, result.clip_id
-    data, face = cfg.data, cfg.face
+    inp, data = result.input, cfg.data
     stage = "decode"
     try:
         info = _probe_streams(path, inp.path)
         audio = media.decode_audio(path, data.sample_rate, info=info)
         stage = "faces"
-        tracker = faces.MouthTracker(
-            detector,
-            detect_every=face.detect_every,
-            refine_motion=face.refine_motion,
-            smooth_window=face.smooth_window,
-            max_missing_fraction=face.max_missing_fraction,
-        )
-        jpegs: list[bytes] = []
-        kps: list[np.ndarray] = []
-        scores: list[float] = []
-        detected: list[bool] = []
-        tiles: list[np.ndarray] = []
-        # One decoder thread: clips run one per core, and threads cost CPU time per frame.
-        frames = media.iter_pictures(path, data.fps, info=info, threads=1)
-        for tf in tracker.track(frames):
-            cx, cy, side = faces.mouth_square(tf.kps, face.mouth_scale)
-            crop = faces.crop_square(tf.frame, cx, cy, side, data.crop_size)
-            jpegs.append(encode_jpeg(crop, data.jpeg_quality))
-            kps.append(np.asarray(tf.kps, np.float32))
-            scores.append(float(tf.score))
-            detected.append(bool(tf.detected))
-            if tf.index % 5 == 0 and len(tiles) < 4 * PREVIEW_TILES:
-                tiles.append(crop)
-        n = len(jpegs)
+        track = _track_mouth(path, info, cfg, detector)
         stage = "segment"
+        n = len(track.jpegs)
         if n < cfg.train.window_frames:
             raise ValueError(
                 f"{inp.path}: clip has {n} frames at {data.fps} fps, shorter than one "
                 f"{cfg.train.window_frames}-frame window"
             )
-        spf = data.samples_per_frame
-        audio = _fit_length(audio, n * spf)
-        kp = np.stack(kps)
-        sc = np.asarray(scores, np.float32)
-        de = np.asarray(detected, bool)
-        for seg, (s0, s1) in enumerate(segment_bounds(n, data.segment_frames,
-                                                      cfg.train.window_frames)):
-            result.segments.append(
-                Segment(
-                    clip_id=clip_id, segment=seg, start_frame=s0, clip_frames=n,
-                    fps=data.fps, sample_rate=data.sample_rate, crop_size=data.crop_size,
-                    lips_jpeg=jpegs[s0:s1], audio=audio[s0 * spf : s1 * spf],
-                    keypoints=kp[s0:s1], det_score=sc[s0:s1], detected=de[s0:s1],
-                    speaker=inp.speaker, split=inp.split,
-                )
-            )
+        result.segments = _segments(result, track, _fit_length(audio, n * data.samples_per_frame),
+                                    cfg)
+        de = track.detected
         result.record = ClipRecord(
             source=storage.absolute(inp.path), frames=n, segments=len(result.segments), shard="",
             speaker=inp.speaker, split=inp.split, duration_s=round(n / data.fps, 3),
             src_fps=info.src_fps, vfr=info.vfr,
-            missing_fraction=round(float(tracker.missing_fraction), 4),
-            mean_det_score=round(float(sc[de].mean()) if de.any() else 0.0, 4),
+            missing_fraction=round(track.missing_fraction, 4),
+            mean_det_score=round(float(track.scores[de].mean()) if de.any() else 0.0, 4),
         )
-        result.preview = _contact_sheet(tiles)
+        result.preview = _contact_sheet(track.tiles)
     except Exception as e:  # every per-clip error becomes a failure record, never a crash
         msg = (str(e) or type(e).__name__).replace(path, inp.path)
         if inp.path not in msg:
             msg = f"{inp.path}: {msg}"
         result.failure = Failure(inp.path, msg, stage,
                                  traceback.format_exc().replace(path, inp.path))
+
+
+@dataclass
+class MouthTrack:
+    """A clip's mouth, frame by frame: the JPEG lip crop, the face keypoints, the detector's
+    score, whether the detector ran on that frame, and a few crops for the preview sheet."""
+
+    jpegs: list[bytes]
+    keypoints: np.ndarray
+    scores: np.ndarray
+    detected: np.ndarray
+    tiles: list[np.ndarray]
+    missing_fraction: float
+
+
+def _track_mouth(path: str, info: Any, cfg: Config, detector: Any) -> MouthTrack:
+    """Decode the pictures of ``path`` at ``data.fps`` and crop the tracked mouth of each."""
+    data, face = cfg.data, cfg.face
+    tracker = faces.MouthTracker(
+        detector, detect_every=face.detect_every, refine_motion=face.refine_motion,
+        smooth_window=face.smooth_window, max_missing_fraction=face.max_missing_fraction)
+    jpegs: list[bytes] = []
+    kps: list[np.ndarray] = []
+    scores: list[float] = []
+    detected: list[bool] = []
+    tiles: list[np.ndarray] = []
+    # One decoder thread: clips run one per core, and threads cost CPU time per frame.
+    for tf in tracker.track(media.iter_pictures(path, data.fps, info=info, threads=1)):
+        cx, cy, side = faces.mouth_square(tf.kps, face.mouth_scale)
+        crop = faces.crop_square(tf.frame, cx, cy, side, data.crop_size)
+        jpegs.append(encode_jpeg(crop, data.jpeg_quality))
+        kps.append(np.asarray(tf.kps, np.float32))
+        scores.append(float(tf.score))
+        detected.append(bool(tf.detected))
+        if tf.index % 5 == 0 and len(tiles) < 4 * PREVIEW_TILES:
+            tiles.append(crop)
+    return MouthTrack(jpegs, np.stack(kps) if kps else np.zeros((0, 5, 2), np.float32),
+                      np.asarray(scores, np.float32), np.asarray(detected, bool), tiles,
+                      float(tracker.missing_fraction))
+
+
+def _segments(result: ClipResult, track: MouthTrack, audio: np.ndarray,
+              cfg: Config) -> list[Segment]:
+    """The clip cut into training segments (``audio`` fitted to the frames already)."""
+    data, inp, spf = cfg.data, result.input, cfg.data.samples_per_frame
+    n = len(track.jpegs)
+    return [
+        Segment(clip_id=result.clip_id, segment=seg, start_frame=s0, clip_frames=n,
+                fps=data.fps, sample_rate=data.sample_rate, crop_size=data.crop_size,
+                lips_jpeg=track.jpegs[s0:s1], audio=audio[s0 * spf:s1 * spf],
+                keypoints=track.keypoints[s0:s1], det_score=track.scores[s0:s1],
+                detected=track.detected[s0:s1], speaker=inp.speaker, split=inp.split)
+        for seg, (s0, s1) in enumerate(segment_bounds(n, data.segment_frames,
+                                                      cfg.train.window_frames))
+    ]
 
 
 def _fit_length(x: np.ndarray, n: int) -> np.ndarray:

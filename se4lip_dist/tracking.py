@@ -203,9 +203,12 @@ def log_datasets(tracking_uri: str, run_id: str, *, data_hash: str, source: str,
 
 def log_parent_model(tracking_uri: str, run_id: str, info: dict[str, Any]) -> None:
     """Record the model a run started from (``train.init``): a tag, and MLflow's model input
-    (lineage shown on both models) when the source is a logged model."""
+    (lineage shown on both models) when the source is a logged model; once per run."""
     client = MlflowClient(tracking_uri=tracking_uri)
-    client.set_tag(run_id, "se4lip.init", redact_uri(info.get("pinned_uri") or info["uri"]))
+    parent = redact_uri(info.get("pinned_uri") or info["uri"])
+    if client.get_run(run_id).data.tags.get("se4lip.init") == parent:
+        return  # a restarted run: recorded already
+    client.set_tag(run_id, "se4lip.init", parent)
     if info.get("model_id"):
         client.log_inputs(run_id, models=[LoggedModelInput(info["model_id"])])
 

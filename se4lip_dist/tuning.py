@@ -54,6 +54,7 @@ from se4lip_dist.tracking import (
     ensure_experiment,
     job_tracking_uri,
     log_datasets,
+    log_parent_model,
     reopen_run,
     set_description,
     start_run,
@@ -276,7 +277,8 @@ def trial_plan(job: dict[str, Any]) -> Resources:
 def trial_trainer(job: dict[str, Any], trial: str, cfg: Config, run_id: str | None,
                   datasets: dict[str, Any] | None = None) -> Any:
     """The trial's ``TorchTrainer``: :func:`se4lip_dist.train.build_trainer` with the trial's
-    ranks and names, reporting each epoch to Tune, warm-started from ``train.init`` if set.
+    ranks and names, reporting each epoch to Tune, warm-started from ``train.init`` if set
+    (recorded on the trial's run as ``train`` records it).
 
     Args:
         job: the tune job's settings (``base`` config, data, store, ranks per trial).
@@ -285,7 +287,11 @@ def trial_trainer(job: dict[str, Any], trial: str, cfg: Config, run_id: str | No
         run_id: the trial's MLflow child run.
         datasets: built already (default: built here).
     """
-    init_state = load_init(cfg, job["tracking_uri"])[0] if cfg.train.init else None
+    init_state = None
+    if cfg.train.init:
+        init_state, info = load_init(cfg, job["tracking_uri"])
+        if run_id:
+            log_parent_model(job["tracking_uri"], run_id, info)
     return build_trainer(
         cfg, job["data_dir"], trial_plan(job),
         # Stable per trial: a resumed tune resumes each unfinished trial's Train run.

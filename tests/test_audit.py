@@ -344,3 +344,104 @@ def test_injected_benchmark_scores_against_the_right_base() -> None:
     assert s["clips_decided"] == 3 and s["clips_all_correct"] == 2
     assert s["confusion"][OFFSET] == {IN_SYNC: 0, OFFSET: 5, UNDECIDABLE: 2}
     assert s["confusion"][IN_SYNC] == {IN_SYNC: 1, OFFSET: 0, UNDECIDABLE: 0}
+
+
+def test_injected_benchmark_shuffles_audio_within_a_group_and_never_keeps_a_clips_own() -> None:
+    """``--pairing shuffled`` gives every clip another clip of its group's audio, cut to the
+    shorter of the two (the content-blind baseline the audit should call undecidable)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from audit_injected import shuffle_audio
+
+    def clip(name: str, group: str, frames: int) -> dict:
+        return {"name": name, "group": group, "lips": np.zeros((frames, 2, 2, 3), np.uint8),
+                "audio": np.full(frames * SPF, float(len(name) + frames), np.float32)}
+
+    clips = [clip("a", "grid", 10), clip("bb", "grid", 6), clip("ccc", "grid", 8),
+             clip("w", "wild", 5), clip("empty", "wild", 0)]
+    out = {c["name"]: c for c in shuffle_audio(clips)}
+    assert set(out) == {"a", "bb", "ccc"}  # a group of one usable clip has no other audio
+    assert {n: c["audio_of"] for n, c in out.items()} == {"a": "bb", "bb": "ccc", "ccc": "a"}
+    for c in out.values():
+        assert len(c["audio"]) == len(c["lips"]) * SPF
+    assert len(out["a"]["lips"]) == 6 and out["a"]["audio"][0] == 2 + 6
+
+
+def test_injected_benchmark_takes_grid_clips_the_model_validated_on(tmp_path: Path) -> None:
+    """``--heldout SHARDS``: the GRID clips are those the model's own split rule holds out."""
+    import sys
+
+    from shard_fixtures import write_synthetic_shards
+
+    from se4lip_dist.config import load_config
+    from se4lip_dist.manifest import Manifest
+    from se4lip_dist.splits import SplitRule
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from audit_injected import heldout_grid
+
+    write_synthetic_shards(tmp_path / "s", n_clips=12, n_frames=20, val_clips=3)
+    cfg = load_config("cpu-small")
+    manifest = Manifest.load(tmp_path / "s")
+    rule = SplitRule.for_manifest(manifest, cfg)
+    rows = manifest.clips_table(["clip_id", "source", "split", "speaker"]).to_pylist()
+    val = {Path(r["source"]).name for r in rows
+           if rule.role(r["clip_id"], r["split"], r["speaker"]) == "val"}
+    picked = heldout_grid(tmp_path / "s", cfg)
+    assert len(picked) == 3 and {p.name for p in picked} == val
+
+
+@pytest.mark.timeout(180)
+def test_an_interrupted_fix_resumes_where_it_stopped(cfg, corpus, tmp_path, monkeypatch) -> None:
+    """``--fix`` cut after a job's shard is published but before its record is written: the
+    rerun keeps the jobs already done, redoes that one, and every kept clip is in the corrected
+    copy exactly once; another model or setting refuses to resume."""
+    from se4lip_dist import audit, storage
+
+    plan = audit.plan_audit
+    monkeypatch.setattr(audit, "plan_audit", lambda *a, **k: plan(*a, clips_per_job=4, **k))
+    write = storage.write_atomic
+    records: list[str] = []
+
+    def cut_at_second_record(url, data):  # type: ignore[no-untyped-def]
+        if f"/{audit.JOBS_DIR}/" in url:
+            records.append(url)
+            if len(records) == 2:
+                raise KeyboardInterrupt  # the driver is killed right there
+        return write(url, data)
+
+    monkeypatch.setattr(storage, "write_atomic", cut_at_second_record)
+    out = tmp_path / "fixed"
+    with pytest.raises(KeyboardInterrupt):
+        audit_in_process(PlantedSync(), cfg, [str(corpus)], fix_out=str(out),
+                         model_uri="models:/planted/1")
+    monkeypatch.setattr(storage, "write_atomic", write)
+    assert len(Manifest.load(out).clips) < len(INJECTED)
+
+    with pytest.raises(AuditError, match=r"audit_fix.json: written by an audit --fix with "
+                                         r"another model"):
+        audit_in_process(PlantedSync(), cfg, [str(corpus)], fix_out=str(out),
+                         model_uri="models:/planted/2")
+    measured: list[str] = []
+    measure_clip = audit.measure
+
+    def counting(*a, **k):  # type: ignore[no-untyped-def]
+        measured.append(k["clip_id"])
+        return measure_clip(*a, **k)
+
+    monkeypatch.setattr(audit, "measure", counting)
+    res = audit_in_process(PlantedSync(), cfg, [str(corpus)], fix_out=str(out),
+                           model_uri="models:/planted/1")
+    assert res.resumed == 4 and len(res.clips) == 12 and res.counts[OFFSET] == 6
+    fixed = Manifest.load(out)
+    assert set(fixed.clips) == {f"shift{k:+d}" for k in INJECTED}
+    assert fixed.total_clips == len(INJECTED)  # none twice
+    rows = [r["clip_id"] for p in fixed.shard_paths(out) for r in iter_rows(p)]
+    assert sorted(set(rows)) == sorted(fixed.clips)
+    assert len(list(out.glob("shard-*.parquet"))) == len(fixed.shards)  # the cut one is gone
+    assert len(measured) == 12 - 4  # the first job's clips were not measured again
+    again = audit_in_process(PlantedSync(), cfg, [str(corpus)], fix_out=str(out),
+                             model_uri="models:/planted/1")
+    assert again.resumed == 12 and len(measured) == 8
+    assert Manifest.load(out).total_clips == len(INJECTED)

@@ -9,12 +9,14 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 import torch
+from mlflow import MlflowClient
 from shard_fixtures import TINY_TRAIN, write_synthetic_shards
 
 from se4lip_dist.config import Config, load_config
 from se4lip_dist.manifest import Manifest
 from se4lip_dist.splits import SplitRule
 from se4lip_dist.stream import READ_COLUMNS, PairSpec, make_pair_batch
+from se4lip_dist.tracking import start_run
 
 
 @pytest.fixture(scope="module")
@@ -195,15 +197,20 @@ def test_a_tune_trial_warm_starts_from_train_init_as_train_does(
     init.mkdir()
     recipe.save_checkpoint(init, cfg.to_dict())
     warm = cfg.override({"train.init": str(init)})
-    job = {"base": warm.to_dict(), "data_dir": str(shards), "tracking_uri": "sqlite:///x.db",
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    job = {"base": warm.to_dict(), "data_dir": str(shards), "tracking_uri": uri,
            "name": "t", "storage": str(tmp_path), "num_workers": 1,
            "worker_cpus": warm.train.cpus_per_worker, "worker_gpus": 0}
-    trial = tuning.trial_trainer(job, "trial_0", warm, "run",
+    run_id = start_run(uri, "tune-init", "trial 0", params={}, tags={}, config_yaml="")
+    trial = tuning.trial_trainer(job, "trial_0", warm, run_id,
                                  tuning.training_datasets(str(shards), warm))
     sent = trial.train_loop_config["init_state"]
-    expected, _ = load_init(warm, "sqlite:///x.db")
+    expected, _ = load_init(warm, uri)
     assert sent is not None and sent.keys() == expected.keys()
     assert all(torch.equal(sent[k], t) for k, t in expected.items())
+    # The trial's run names its parent, as a train run does.
+    tags = MlflowClient(tracking_uri=uri).get_run(run_id).data.tags
+    assert tags.get("se4lip.init") == str(init.resolve())
     assert tuning.trial_trainer(job, "trial_1", cfg, "run", tuning.training_datasets(
         str(shards), cfg)).train_loop_config["init_state"] is None
 

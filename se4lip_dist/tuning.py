@@ -427,7 +427,7 @@ def run_tune(
     state = _saved_state(exp_dir, store, opts)
     if state and state.get("registered"):
         return state["result"]  # finished earlier: nothing left to do, never register twice
-    if state is not None:
+    if state is not None and "plan" in state:  # absent from tunes started before --search
         # Tune restores the searcher and scheduler it started with; rank and gate alike.
         opts = replace(opts, plan=SearchPlan(**state["plan"]))
         sched = state["plan"]["scheduler"]

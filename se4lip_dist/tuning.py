@@ -527,9 +527,10 @@ def _plan(opts: TuneOptions, base: Config) -> Resources:
 
 
 def _champion_points(uri: str, opts: TuneOptions, space: Any) -> list[dict[str, Any]]:
-    """The ``--register`` champion's values of the searched keys, to evaluate first (none
-    with ``--search grid``, without a champion, or when its values lie outside the space)."""
-    if not opts.warm_start or opts.plan.search == "grid" or not opts.register:
+    """The ``--register`` champion's values of the searched keys, TPE's first trial (none
+    without a champion, when its values lie outside the space, or with random and grid
+    search, whose trial count and enumeration it would change)."""
+    if not opts.warm_start or opts.plan.search != "tpe" or not opts.register:
         return []
     version = champion_version(uri, opts.register)
     if version is None:

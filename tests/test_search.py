@@ -194,3 +194,26 @@ def test_warm_start_and_pareto_tpe(tmp_path: Path, local_ray: None) -> None:
     assert study.trials[0].params == champ  # asked first
     assert len(study.directions) == 2 and len(study.trials) == 4
     assert all(len(t.values) == 2 for t in study.trials)
+
+
+def test_tune_warm_starts_tpe_from_the_registered_champion(tmp_path: Path) -> None:
+    """``--search tpe`` with a champion under ``--register``: its values of the searched keys
+    are the first point; random search, or no champion, gets none."""
+    from shard_fixtures import TINY_MODEL, register_random_model
+
+    from se4lip_dist.config import load_config
+    from se4lip_dist.lifecycle import promote
+    from se4lip_dist.tuning import TuneOptions, _champion_points
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space = _space(tmp_path, {"model.gru_layers": {"choice": [1, 2, 3]},
+                              "train.lr": {"loguniform": [1e-4, 1e-2]}})
+    tpe = TuneOptions(register="enc", plan=SearchPlan(search="tpe"))
+    assert _champion_points(uri, tpe, space) == []  # no model yet
+    cfg = load_config("cpu-small", overrides=[*TINY_MODEL, "model.gru_layers=3",
+                                              "train.lr=5e-4"])
+    register_random_model(uri, cfg, "enc")
+    assert _champion_points(uri, tpe, space) == []  # registered, not champion
+    promote("enc", 1, tracking_uri=uri)
+    assert _champion_points(uri, tpe, space) == [{"model.gru_layers": 3, "train.lr": 5e-4}]
+    assert _champion_points(uri, TuneOptions(register="enc"), space) == []  # random search

@@ -478,12 +478,19 @@ def tune(
     storage_path: Annotated[str | None, typer.Option("--storage-path", help="Tune/Train results (shared FS or s3:// on clusters).")] = None,
     address: AddressOpt = None,
     placement_timeout: PlacementOpt = None,
+    search: Annotated[str, typer.Option("--search", help="random | grid (every choice enumerated) | tpe (Optuna TPE: learns from finished trials).")] = "random",
+    scheduler: Annotated[str | None, typer.Option("--scheduler", help="asha | fifo (default: the space's, else asha).")] = None,
+    objective: Annotated[str, typer.Option("--objective", help="accuracy | pareto (metric vs extraction cost; multi-objective TPE with --search tpe).")] = "accuracy",
+    cost: Annotated[str, typer.Option("--cost", help="gflop (per audio second, from the architecture) | rtf (measured real-time factor): what --max-cost and the front are over.")] = "gflop",
+    max_cost: Annotated[float | None, typer.Option("--max-cost", help="Cost budget in --cost units: the winner and @champion must be within it.")] = None,
+    search_seed: Annotated[int | None, typer.Option("--search-seed", help="Seed of the searcher's sampling.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Search GRU depth, window and learning rate with Ray Tune; register the best encoder."""
     from rich.live import Live
 
     _quiet_ray(as_json)
+    from se4lip_dist.search import SearchPlan
     from se4lip_dist.tuning import TuneOptions, run_tune
 
     overrides = list(set_ or [])
@@ -494,6 +501,8 @@ def tune(
         num_workers_per_trial=num_workers_per_trial, epochs=epochs, metric=metric, mode=mode,
         register=register, tracking_uri=tracking_uri, experiment=experiment, name=name,
         resume=resume, storage_path=storage_path, address=address, overrides=tuple(overrides),
+        plan=SearchPlan(search=search, scheduler=scheduler, objective=objective, cost=cost,
+                        max_cost=max_cost, seed=search_seed),
         **({"placement_timeout_s": placement_timeout} if placement_timeout else {}),
     )
     live = Live(_trials_table([], metric or HEADLINE, "trials"), console=console,
@@ -552,12 +561,15 @@ def _render_ranked(result: dict) -> None:
     metric = result["metric"]
     t = Table(title=f"tune {result['name']}: trials ranked by their best epoch's {metric} "
                     f"({result['mode']})")
-    for col in ("#", "trial", "status", "epochs", "best epoch", "params", metric):
+    front = {r["trial"] for r in result.get("front", [])}
+    for col in ("#", "trial", "status", "epochs", "best epoch", "params", metric,
+                "GFLOP/audio s", "RTF", "front"):
         t.add_column(col)
     for i, r in enumerate(result["trials"], 1):
         t.add_row(str(i), r["trial"], r["status"], str(r["epoch"]), str(r.get("best_epoch")),
                   " ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in r["params"].items()),
-                  _fmt(r.get(metric)))
+                  _fmt(r.get(metric)), _fmt(r.get("cost/gflop_per_audio_s")),
+                  _fmt(r.get("cost/rtf")), "*" if r["trial"] in front else "")
     out.print(t)
     reg = result["registered"]
     out.print(f"best: {result['best']['trial']}  {result['stopped_early']} trial(s) stopped early "

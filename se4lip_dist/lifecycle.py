@@ -14,7 +14,11 @@
    - *significantly better than the champion*: both are scored on the units neither trained on
      (:class:`validation.HeldOut`, from the champion's recorded data and split), and a one-sided
      exact McNemar test on per-unit hits must reach ``train.gate_alpha``. Equal evidence never
-     flips the champion.
+     flips the champion;
+   - *within the cost budget*, when the candidate carries one (``tune --max-cost``): a version
+     whose extraction cost (:mod:`se4lip_dist.cost`) exceeds it is never promoted, and a
+     champion above it gives way to any version within it that clears the floor, so
+     ``@champion`` is the best encoder within the budget.
 4. **alias** it, compare-and-set: under a short registry lock the champion is read again; if
    another gate moved it while this one scored, this one scores against the new champion. The
    alias is written before the ``gate.*`` tags and description (a ``gate.pending`` tag marks the
@@ -42,6 +46,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from se4lip_dist.config import Config
+from se4lip_dist.cost import GFLOP, gflop_per_audio_s
 from se4lip_dist.manifest import Manifest
 from se4lip_dist.models import build_model
 from se4lip_dist.registry import (
@@ -107,6 +112,14 @@ class Candidate:
     """``metric (mode)`` that selected the epoch."""
     tags: dict[str, Any] = field(default_factory=dict)
     """Extra version tags (data hash, tune name, search space...)."""
+    costs: dict[str, float] = field(default_factory=dict)
+    """Measured ``cost/*`` of the run (``cost/gflop_per_audio_s`` is computed when absent)."""
+    budget: tuple[str, float] | None = None
+    """``(cost metric, limit)`` the version must be within to be promoted."""
+
+    def cost_of(self) -> dict[str, float]:
+        """The candidate's ``cost/*``, the architecture's GFLOP always among them."""
+        return {GFLOP: gflop_per_audio_s(self.cfg), **self.costs}
 
 
 def format_score(v: Any) -> str:
@@ -281,6 +294,8 @@ class Versus:
     """Which units those are, when not all of the candidate's."""
     refused: str = ""
     """Why no like-for-like comparison was possible (the candidate is not promoted)."""
+    costs: dict[str, float] = field(default_factory=dict)
+    """The champion's ``cost/*``: its architecture's GFLOP, its gate's recorded RTF."""
 
 
 def _champion_manifest(tags: dict[str, str], version: int, data_dir: str,
@@ -311,7 +326,9 @@ def versus_champion(tracking_uri: str, name: str, champ_v: int, cand: Candidate,
     """Score the champion like for like and compare per-unit hits with a paired exact test."""
     state, champ_cfg = load_model_state(f"models:/{name}/{champ_v}", tracking_uri)
     tags = dict(version_info(tracking_uri, name, champ_v).tags or {})
-    out = Versus(version=champ_v)
+    out = Versus(version=champ_v, costs={**{
+        k.removeprefix("gate."): float(v) for k, v in tags.items()
+        if k.startswith("gate.cost/")}, GFLOP: gflop_per_audio_s(champ_cfg)})
     champ_rule = "unknown"
     try:
         manifest = _champion_manifest(tags, champ_v, data_dir, vset.protocol.data_hash)
@@ -351,13 +368,29 @@ def _unit_frames(vset: ValidationSet) -> list[tuple[str, int, int]]:
             for c, rows in sorted(vset.clip_rows.items()) for r in rows]
 
 
+def over_budget(budget: tuple[str, float] | None, costs: dict[str, float]) -> str:
+    """Why ``costs`` exceed ``budget`` (``""`` when within it or without one); a cost that
+    was never measured is over (nothing shows it within)."""
+    if budget is None:
+        return ""
+    metric, limit = budget
+    value = costs.get(metric)
+    if value is None:
+        return f"{metric} was not measured, so nothing shows it within the budget {limit:g}"
+    return "" if value <= limit else f"{metric} {_f(value)} exceeds the budget {limit:g}"
+
+
 def decide(m: dict[str, float], floor: dict[str, float], min_units: int, alpha: float,
-           versus: Versus | None) -> tuple[str, str]:
-    """The alias and its reason, from the candidate's scores, its floor and the comparison."""
+           versus: Versus | None, budget: tuple[str, float] | None = None,
+           costs: dict[str, float] | None = None) -> tuple[str, str]:
+    """The alias and its reason, from the candidate's scores, its floor, the comparison and
+    (with a budget) the candidate's and the champion's extraction costs."""
     lo, units = m[f"{HEADLINE}_ci_low"], int(m["val/units"])
     blind = (f"constant answer {_f(floor['constant'])}, random-init encoder "
              f"{_f(floor['random_init'])}, shuffled audio {_f(floor['shuffled_audio'])}")
     stays = f"; {CHAMPION} stays at v{versus.version}" if versus is not None else ""
+    if over := over_budget(budget, costs or {}):
+        return CHALLENGER, f"over the cost budget: {over}{stays}"
     if units < min_units:
         return CHALLENGER, (f"evidence too thin: {units} held-out units (the gate needs "
                             f"{min_units}; hold out more, or shorter val_chunk_frames pieces): "
@@ -368,6 +401,11 @@ def decide(m: dict[str, float], floor: dict[str, float], min_units: int, alpha: 
                             f"({blind}){stays}")
     if versus is None:
         return CHAMPION, (f"no {CHAMPION} yet; above the content-blind floor "
+                          f"{_f(floor['floor'])} ({blind}): {_score_line(m)}")
+    if budget is not None and (champ_over := over_budget(budget, versus.costs)):
+        # The champion is outside the budget: the best encoder within it takes its place.
+        return CHAMPION, (f"{CHAMPION} v{versus.version} is over the cost budget ({champ_over})"
+                          f"; this version is within it and above the content-blind floor "
                           f"{_f(floor['floor'])} ({blind}): {_score_line(m)}")
     if versus.refused:
         return CHALLENGER, f"{versus.refused}{stays}"
@@ -474,12 +512,13 @@ def gate(tracking_uri: str, name: str, version: int, cand: Candidate,
         prior = _previous_champion(client, name, version, seen)
         versus = (versus_champion(tracking_uri, name, prior, cand, data_dir, vset, new)
                   if prior is not None else None)
-        alias, reason = decide(new.metrics, floor, tc.val_min_units, tc.gate_alpha, versus)
+        alias, reason = decide(new.metrics, floor, tc.val_min_units, tc.gate_alpha, versus,
+                               cand.budget, cand.cost_of())
         with gate_lock(client, name):
             if champion_version(tracking_uri, name) != seen:
                 continue  # another gate promoted meanwhile: compete with the new champion
             _write_decision(tracking_uri, name, version, alias, prior, _tags(
-                alias, reason, new, floor, versus, data_dir, vset),
+                alias, reason, new, floor, versus, data_dir, vset, cand),
                 _description(alias, reason, new, floor, versus, vset, cand))
         return {"alias": alias, "reason": reason,
                 "scores": {k: new.metrics[k] for k in SCORE_KEYS},
@@ -515,9 +554,12 @@ def _write_decision(tracking_uri: str, name: str, version: int, alias: str,
 
 
 def _tags(alias: str, reason: str, new: ValidationResult, floor: dict[str, float],
-          versus: Versus | None, data_dir: str, vset: ValidationSet) -> dict[str, str]:
+          versus: Versus | None, data_dir: str, vset: ValidationSet,
+          cand: Candidate) -> dict[str, str]:
     m, protocol = new.metrics, vset.protocol
     tags: dict[str, str] = {
+        **{f"gate.{k}": _f(v) for k, v in cand.cost_of().items()},
+        "gate.budget": _budget_text(cand.budget),
         "gate.reason": reason, "gate.metric": f"{HEADLINE} (max), paired exact McNemar",
         "gate.protocol": protocol.digest, "gate.protocol_text": protocol.describe(),
         "gate.data": redact_uri(data_dir), "se4lip.data_manifest_hash": protocol.data_hash,
@@ -542,10 +584,19 @@ def _description(alias: str, reason: str, new: ValidationResult, floor: dict[str
     if versus is not None and versus.scores:
         lines.append(f"- {CHAMPION} v{versus.version} on the same units: "
                      f"{_score_line(versus.scores)}")
+    costs = ", ".join(f"{k} {_f(v)}" for k, v in sorted(cand.cost_of().items()))
+    budget = ("no cost budget" if cand.budget is None else
+              f"cost budget {_budget_text(cand.budget)}: {CHAMPION} is the best encoder "
+              "within it")
+    lines.append(f"- extraction cost: {costs}; {budget}")
     lines += [f"- protocol {vset.protocol.digest}: {vset.protocol.describe()}",
               f"- trained by run {cand.run_id}, epoch {cand.epoch} of {cand.epochs} "
               f"(selected by {cand.selected_by})"]
     return "\n".join(lines)
+
+
+def _budget_text(budget: tuple[str, float] | None) -> str:
+    return "none" if budget is None else f"{budget[0]} <= {budget[1]:g}"
 
 
 def promote(name: str, version: int, alias: str = CHAMPION,
@@ -620,6 +671,7 @@ __all__ = [
     "format_score",
     "gate",
     "log_once",
+    "over_budget",
     "promote",
     "publish",
 ]

@@ -64,4 +64,23 @@ def offset_curve_figure(distances: Sequence[float], title: str, *, predicted: in
     return fig
 
 
-__all__ = ["offset_curve_figure", "pyplot", "save_figure"]
+def pareto_figure(points: Sequence[tuple[float, float, bool]], metric: str, cost: str,
+                  title: str) -> Any:
+    """Score against cost of every trial, ``(cost, score, on the front)``; the front joined."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([c for c, _, f in points if not f], [m for _, m, f in points if not f],
+               color="grey", label="dominated")
+    front = sorted((c, m) for c, m, f in points if f)
+    ax.plot([c for c, _ in front], [m for _, m in front], marker="o", color="C1",
+            drawstyle="steps-post", label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"{cost} (lower is cheaper)")
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+__all__ = ["offset_curve_figure", "pareto_figure", "pyplot", "save_figure"]

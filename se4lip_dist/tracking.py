@@ -334,6 +334,12 @@ class RunLogger:
         """Log a text artifact."""
         self.client.log_text(self.run_id, text, artifact_file)
 
+    def figure(self, fig: Any, name: str, folder: str = "plots") -> None:
+        """Log a matplotlib figure as ``folder/name`` (PNG) and close it."""
+        with tempfile.TemporaryDirectory() as tmp:
+            save_figure(fig, Path(tmp) / name)
+            self.client.log_artifact(self.run_id, str(Path(tmp) / name), folder)
+
     def system_metrics(self, *, resume: bool = False) -> Any:
         """Start MLflow's system-metrics monitor (CPU, memory, disk, network, GPU when
         available) for this run; call ``.finish()`` on the returned monitor at the end."""

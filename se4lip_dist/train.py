@@ -39,6 +39,7 @@ from se4lip_dist import storage
 from se4lip_dist.augment import augment_batch
 from se4lip_dist.collectives import all_gather, all_have, all_reduce_sum, broadcast_buffers
 from se4lip_dist.config import Config, flatten
+from se4lip_dist.cost import encoder_costs
 from se4lip_dist.lifecycle import Candidate, GateError, publish
 from se4lip_dist.losses import sync_bce_loss, sync_cosine
 from se4lip_dist.manifest import Manifest
@@ -392,17 +393,20 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     if rank == 0 and config.get("run_id"):
         logger = RunLogger(config["tracking_uri"], config["run_id"])
     monitor = logger.system_metrics(resume=restored is not None) if logger else None
+    # The encoder's extraction cost, beside every epoch's scores (tune ranks and fronts on it).
+    costs = encoder_costs(cfg, recipe.core.speech, recipe.device) if rank == 0 else {}
 
     if recipe.finished():
         # Restored a run that had already finished (a tune driver killed after the trial's last
         # epoch but before Tune saw it end): report the final result again, or Tune gets none.
-        ray.train.report(recipe.history[-1], checkpoint=ckpt if rank == 0 else None)
+        ray.train.report({**recipe.history[-1], **costs},
+                         checkpoint=ckpt if rank == 0 else None)
     try:
         while recipe.more_epochs():
             batches = epoch_batches(train_ds, cfg, rule, recipe.epoch, recipe.device, world)
             stats = recipe.train_epoch(batches)
             val = recipe.validate(vset)
-            metrics = recipe.end_epoch(stats, val)
+            metrics = {**recipe.end_epoch(stats, val), **costs}
             if logger is not None:
                 _log_epoch(logger, recipe, metrics, val)
             _report(recipe, metrics, config["cfg"])

@@ -2,8 +2,9 @@
 
 Ray 2.60 pattern (Train V2 + Tune): every trial runs :func:`tune_trial`, a *driver function*
 that builds a ``TorchTrainer`` over :func:`se4lip_dist.train.train_loop` and forwards rank 0's
-per-epoch metrics to Tune through ``TuneReportCallback``. ASHA (or FIFO) schedules the trials on
-``time_attr="epoch"``.
+per-epoch metrics to Tune through ``TuneReportCallback``. The searcher (random, grid or Optuna
+TPE), the scheduler (ASHA or FIFO on ``time_attr="epoch"``) and the objective (the metric, or
+the metric against extraction cost under a budget) come from :mod:`se4lip_dist.search`.
 
 MLflow: one parent run for the tune job, one child run per trial (found again by its trial name
 on ``--resume``), the ranked trial table as an artifact. Each trial keeps its best validated
@@ -23,7 +24,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +35,19 @@ from mlflow import MlflowClient
 from ray import tune
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from se4lip_dist import storage
 from se4lip_dist.config import Config, TrainConfig, flatten
+from se4lip_dist.cost import COSTS, pareto_front
 from se4lip_dist.credentials import keep_secrets_out_of_tune
-from se4lip_dist.lifecycle import Candidate, GateError, publish
+from se4lip_dist.lifecycle import Candidate, GateError, champion_version, publish
 from se4lip_dist.manifest import Manifest
 from se4lip_dist.placement import DEFAULT_TIMEOUT_S, PlacementError, check_feasible, wait_placeable
+from se4lip_dist.plots import pareto_figure
+from se4lip_dist.registry import load_model_state
 from se4lip_dist.resources import Resources
 from se4lip_dist.runtime import cluster_cpus, init_ray, own_sigint
+from se4lip_dist.search import SearchPlan, check_plan, make_tuner, warm_points
 from se4lip_dist.spaces import load_space
 from se4lip_dist.splits import SplitRule, clip_frames
 from se4lip_dist.storage import redact_uri
@@ -105,6 +109,10 @@ class TuneOptions:
     """Longest wait for a trial's workers to be placed (autoscalers may need minutes)."""
     overrides: tuple[str, ...] = ()
     """``--set`` overrides applied to the space's preset before the search values."""
+    plan: SearchPlan = field(default_factory=SearchPlan)
+    """Searcher, scheduler, objective and cost budget (``--search``, ``--scheduler``...)."""
+    warm_start: bool = True
+    """Try the ``--register`` champion's values of the searched keys first."""
 
 
 @dataclass
@@ -414,6 +422,7 @@ def run_tune(
     t0 = time.perf_counter()
     space = load_space(space_path, preset=opts.preset)
     base, metric, mode = _base_config(space, opts)
+    sched = check_plan(space, opts.plan)
     data_dir = storage.absolute(data_dir)  # trials run on other nodes: absolute path or URL
     manifest = Manifest.load(data_dir)
     manifest.check_shards(data_dir)  # old-schema shards fail here, not inside every trial
@@ -425,6 +434,11 @@ def run_tune(
     state = _saved_state(exp_dir, store, opts)
     if state and state.get("registered"):
         return state["result"]  # finished earlier: nothing left to do, never register twice
+    if state is not None and "plan" in state:  # absent from tunes started before --search
+        # Tune restores the searcher and scheduler it started with; rank and gate alike.
+        opts = replace(opts, plan=SearchPlan(**state["plan"]))
+        sched = state["plan"]["scheduler"]
+    opts = replace(opts, plan=replace(opts.plan, scheduler=sched))
 
     started = not ray.is_initialized()
     init_ray(opts.address, dashboard=True)  # Train V2's placement-group cleaner needs it
@@ -435,7 +449,7 @@ def run_tune(
             parent = _start_parent(uri, opts, space, base, data_hash, data_dir, res)
             state = {"parent_run_id": parent, "space": space.path, "data_dir": str(data_dir),
                      "data_hash": data_hash, "metric": metric, "mode": mode,
-                     "base": base.to_dict()}
+                     "base": base.to_dict(), "plan": asdict(opts.plan)}
             _write_state(exp_dir, state)
         else:
             reopen_run(uri, state["parent_run_id"])
@@ -444,7 +458,8 @@ def run_tune(
         # The new Tune console output ignores verbose=0; we draw our own live table instead.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         live = _LiveTable(metric, on_update, opts.name, on_wait)
-        tuner = _tuner(opts, space, job, base, res, live, (metric, mode), exp_dir)
+        points = _champion_points(uri, opts, space) if not opts.resume else []
+        tuner = _tuner(opts, space, job, base, res, live, (metric, mode), exp_dir, points)
         with own_sigint():
             grid = tuner.fit()
         rows, result = _conclude(grid, uri, opts, state, space, data_dir, (metric, mode))
@@ -518,32 +533,30 @@ def _plan(opts: TuneOptions, base: Config) -> Resources:
     return res
 
 
+def _champion_points(uri: str, opts: TuneOptions, space: Any) -> list[dict[str, Any]]:
+    """The ``--register`` champion's values of the searched keys, TPE's first trial (none
+    without a champion, when its values lie outside the space, or with random and grid
+    search, whose trial count and enumeration it would change)."""
+    if not opts.warm_start or opts.plan.search != "tpe" or not opts.register:
+        return []
+    version = champion_version(uri, opts.register)
+    if version is None:
+        return []
+    _, cfg = load_model_state(f"models:/{opts.register}/{version}", uri)
+    return warm_points(space, flatten(cfg.to_dict()))
+
+
 def _tuner(opts: TuneOptions, space: Any, job: dict[str, Any], base: Config, res: Resources,
-           live: Any, objective: tuple[str, str], exp_dir: str) -> Any:
-    """The ``Tuner``: restored from ``exp_dir`` on ``--resume``, else a new search whose trials
-    each run :func:`tune_trial` with ``job``."""
-    metric, mode = objective
-    trainable = tune.with_resources(tune_trial, {"cpu": res.driver_cpus})
-    run_config = tune.RunConfig(
-        name=opts.name, storage_path=job["storage"], callbacks=[live], verbose=0,
-        failure_config=tune.FailureConfig(max_failures=1),
-    )
-    if opts.resume and tune.Tuner.can_restore(exp_dir):
-        return tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
-    return tune.Tuner(
-        trainable,
-        param_space={**space.param_space(), "se4lip": job},
-        tune_config=tune.TuneConfig(
-            metric=metric, mode=mode,
-            num_samples=opts.num_samples or space.num_samples,
-            max_concurrent_trials=res.max_concurrent,
-            scheduler=_scheduler(space.scheduler, base.train.epochs),
-            trial_name_creator=lambda t: f"trial-{t.trial_id}",
-            trial_dirname_creator=lambda t: f"trial-{t.trial_id}",
-        ),
-        run_config=run_config,
-    )
+           live: Any, objective: tuple[str, str], exp_dir: str,
+           points: list[dict[str, Any]]) -> Any:
+    """The ``Tuner`` (:func:`se4lip_dist.search.make_tuner`) whose trials each run
+    :func:`tune_trial` with ``job``; restored from ``exp_dir`` on ``--resume``."""
+    return make_tuner(
+        tune.with_resources(tune_trial, {"cpu": res.driver_cpus}), space, opts.plan,
+        objective, name=opts.name, storage=job["storage"], constants={"se4lip": job},
+        num_samples=opts.num_samples or space.num_samples, max_concurrent=res.max_concurrent,
+        epochs=base.train.epochs, callbacks=[live], points=points,
+        restore=exp_dir if opts.resume else None)
 
 
 def _conclude(grid: Any, uri: str, opts: TuneOptions, state: dict[str, Any], space: Any,
@@ -566,7 +579,7 @@ def _conclude(grid: Any, uri: str, opts: TuneOptions, state: dict[str, Any], spa
     if not any(r.metrics.get(metric) is not None for r in rows):
         errors = [str(r.error) for r in grid if r.error is not None][:3]
         raise TuneError(f"no trial reported {metric}; errors: {errors}")
-    best_row = rows[0]
+    best_row = _winner(rows, metric, opts.plan)
     best = next(r for r in grid if _trial_name(r) == best_row.name)
     stopped = sum(1 for r in rows if r.status == "STOPPED EARLY")
     _finish_children(uri, grid, rows)
@@ -581,6 +594,8 @@ def _conclude(grid: Any, uri: str, opts: TuneOptions, state: dict[str, Any], spa
                  "params": best_row.params, "epoch": best_row.best_epoch,
                  "metrics": best_row.metrics, "config": registered.pop("config")},
         "trials": [_row_json(r) for r in rows],
+        "search": asdict(opts.plan),
+        "front": [_row_json(r) for r in _front(rows, metric, mode, opts.plan)],
         "stopped_early": stopped,
         "registered": registered,
         "tracking_uri": redact_uri(uri),
@@ -588,10 +603,30 @@ def _conclude(grid: Any, uri: str, opts: TuneOptions, state: dict[str, Any], spa
     return rows, result
 
 
-def _scheduler(kind: str, epochs: int) -> Any:
-    if kind == "fifo" or epochs < 2:
-        return FIFOScheduler()
-    return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=1, reduction_factor=2)
+def _winner(rows: list[TrialRow], metric: str, plan: SearchPlan) -> TrialRow:
+    """The best ranked row within the cost budget (the first row without one).
+
+    Raises:
+        TuneError: no trial that reported ``metric`` is within the budget.
+    """
+    scored = [r for r in rows if r.metrics.get(metric) is not None]
+    budget = plan.budget()
+    if budget is None:
+        return scored[0]
+    cost, limit = budget
+    within = [r for r in scored if r.metrics.get(cost, math.inf) <= limit]
+    if not within:
+        cheapest = min((r.metrics.get(cost, math.inf) for r in scored), default=math.inf)
+        raise TuneError(f"no trial is within the cost budget {cost} <= {limit:g} (the cheapest "
+                        f"costs {cheapest:.4g}); nothing registered. Raise --max-cost or search "
+                        "cheaper encoders")
+    return within[0]
+
+
+def _front(rows: list[TrialRow], metric: str, mode: str, plan: SearchPlan) -> list[TrialRow]:
+    """The trials on the ``metric`` versus cost Pareto front, cheapest first."""
+    flat = [{"row": r, **r.metrics} for r in rows]
+    return [d["row"] for d in pareto_front(flat, metric, plan.cost_metric, mode)]
 
 
 def _read_state(exp_dir: str) -> dict[str, Any] | None:
@@ -609,7 +644,10 @@ def _start_parent(uri: str, opts: TuneOptions, space: Any, base: Config, data_ha
     params = {
         "tune.space": space.path, "tune.preset": space.preset, "tune.metric": base.train
         .select_metric, "tune.num_samples": opts.num_samples or space.num_samples,
-        "tune.scheduler": space.scheduler, "tune.max_concurrent_trials": res.max_concurrent,
+        "tune.scheduler": opts.plan.scheduler, "tune.search": opts.plan.search,
+        "tune.objective": opts.plan.objective, "tune.cost": opts.plan.cost_metric,
+        "tune.max_cost": opts.plan.max_cost, "tune.search_seed": opts.plan.seed,
+        "tune.max_concurrent_trials": res.max_concurrent,
         "tune.num_workers_per_trial": res.num_workers, "tune.worker_cpus": res.worker_cpus,
         "tune.epochs": base.train.epochs, "data.dir": redact_uri(data_dir),
         "data.manifest_hash": data_hash, "ray.storage_path": redact_uri(
@@ -617,12 +655,15 @@ def _start_parent(uri: str, opts: TuneOptions, space: Any, base: Config, data_ha
     }
     params.update({f"search.{k}": json.dumps(v) for k, v in space.params.items()})
     tags = {"se4lip.kind": "tune", "se4lip.tune": opts.name, "se4lip.preset": space.preset,
-            "se4lip.data_manifest_hash": data_hash}
+            "se4lip.data_manifest_hash": data_hash, "se4lip.search": opts.plan.search,
+            "se4lip.scheduler": str(opts.plan.scheduler),
+            "se4lip.objective": opts.plan.objective,
+            "se4lip.budget": _budget_text(opts.plan)}
     run_id = start_run(
         uri, opts.experiment, opts.name, params=params, tags=tags,
         config_yaml=Path(space.path).read_text(), command="tune",
         description=(f"Tune `{opts.name}` over `{space.path}` ({space.description or 'search'})"
-                     f": running. Trials are the child runs below."))
+                     f", {_plan_text(opts.plan)}: running. Trials are the child runs below."))
 
     manifest = Manifest.load(data_dir)
     frames = clip_frames(manifest, SplitRule.for_manifest(manifest, base))
@@ -630,6 +671,17 @@ def _start_parent(uri: str, opts: TuneOptions, space: Any, base: Config, data_ha
                  splits={"training": sorted(frames["train"]),
                          "validation": sorted(frames["val"])})
     return run_id
+
+
+def _budget_text(plan: SearchPlan) -> str:
+    budget = plan.budget()
+    return "none" if budget is None else f"{budget[0]} <= {budget[1]:g}"
+
+
+def _plan_text(plan: SearchPlan) -> str:
+    """``search tpe, scheduler asha, objective pareto, budget cost/... <= 0.1``."""
+    return (f"search {plan.search}, scheduler {plan.scheduler}, objective {plan.objective}, "
+            f"cost budget {_budget_text(plan)}")
 
 
 def _rank(grid: Any, metric: str, mode: str, space: Any) -> list[TrialRow]:
@@ -652,7 +704,7 @@ def _rank(grid: Any, metric: str, mode: str, space: Any) -> list[TrialRow]:
         # The metrics of the best epoch (every report carries the best so far).
         best_metrics = next((h for h in _history(r) if h.get("epoch") == best_epoch), m)
         keep = {k: float(v) for k, v in best_metrics.items()
-                if k.startswith(("val/", "train/")) and isinstance(v, int | float)}
+                if k.startswith(("val/", "train/", "cost/")) and isinstance(v, int | float)}
         rows.append(TrialRow(name=_trial_name(r), params=params, status=status, epoch=epochs,
                              metrics=keep, best_epoch=best_epoch))
 
@@ -681,7 +733,8 @@ def _trial_name(result: Any) -> str:
 def _row_json(r: TrialRow) -> dict[str, Any]:
     return {"trial": r.name, "status": r.status, "epoch": r.epoch, "best_epoch": r.best_epoch,
             "run_id": r.run_id, "params": r.params,
-            **{k: round(v, 4) for k, v in r.metrics.items()}}
+            **{k: float(f"{v:.4g}") if k in COSTS else round(v, 4)
+               for k, v in r.metrics.items()}}
 
 
 def _finish_children(uri: str, grid: Any, rows: list[TrialRow]) -> None:
@@ -727,7 +780,8 @@ def _register_best(uri: str, opts: TuneOptions, state: dict[str, Any], best: Any
         source=f"run:{run_id}:epoch{best_epoch}", epoch=best_epoch,
         epochs=int(restored.state["epoch"]), selected_by=f"{metric} ({mode})",
         tags={"se4lip.data_manifest_hash": state["data_hash"], "se4lip.tune": opts.name,
-              "se4lip.trial": row.name, "se4lip.search_space": space.path})
+              "se4lip.trial": row.name, "se4lip.search_space": space.path},
+        costs={k: v for k, v in row.metrics.items() if k in COSTS}, budget=opts.plan.budget())
     try:
         published = publish(uri, cand, register=opts.register, data_dir=data_dir)
     except GateError as e:
@@ -753,6 +807,8 @@ def _log_parent(uri: str, parent: str, rows: list[TrialRow], result: dict[str, A
     logger = RunLogger(uri, parent)
     logger.text(table, "trials.md")
     logger.text(json.dumps(result["trials"], indent=1), "trials.json")
+    plan = SearchPlan(**result["search"])
+    front = _log_front(logger, rows, result, metric, plan)
     best = result["best"]
     logger.metrics({f"best/{k}": v for k, v in best["metrics"].items()}, step=0)
     client = MlflowClient(tracking_uri=uri)
@@ -762,12 +818,36 @@ def _log_parent(uri: str, parent: str, rows: list[TrialRow], result: dict[str, A
     if best.get("run_id"):
         client.set_tag(parent, "se4lip.best_run_id", best["run_id"])
     set_description(uri, parent, (
-        f"Tune `{result['name']}`: {len(rows)} trials ranked by their best epoch's `{metric}` "
-        f"({result['mode']}). Best: trial {best['trial']} (run `{best.get('run_id')}`, epoch "
-        f"{best['epoch']}), `{metric}` = {best['metrics'].get(metric, float('nan')):.4f}. "
-        f"Registered `{reg['name']}` v{reg['version']} as **{reg['alias']}**: {reg['reason']}."
-        f"\n\n{table}"))
+        f"Tune `{result['name']}` ({_plan_text(plan)}): {len(rows)} trials ranked by their best "
+        f"epoch's `{metric}` ({result['mode']}). Best"
+        f"{' within the budget' if plan.budget() else ''}: trial {best['trial']} (run "
+        f"`{best.get('run_id')}`, epoch {best['epoch']}), `{metric}` = "
+        f"{best['metrics'].get(metric, float('nan')):.4f}. Registered `{reg['name']}` "
+        f"v{reg['version']} as **{reg['alias']}**: {reg['reason']}.\n\n{table}\n"
+        f"Pareto front ({metric} vs {plan.cost_metric}, cheapest first):\n\n{front}"))
     end_run(uri, parent, "FINISHED")
+
+
+def _log_front(logger: RunLogger, rows: list[TrialRow], result: dict[str, Any], metric: str,
+               plan: SearchPlan) -> str:
+    """The accuracy-versus-cost front as ``pareto.md`` and ``plots/pareto.png``; its table."""
+    cost = plan.cost_metric
+    on_front = {r["trial"] for r in result["front"]}
+    header = ["trial", *sorted({k for r in rows for k in r.params}), metric, *COSTS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in result["front"]:
+        lines.append("| " + " | ".join([r["trial"], *[_short(r["params"].get(k, ""))
+                                                      for k in header[1:-3]],
+                                        *[f"{r.get(k, float('nan')):.4g}"
+                                          for k in header[-3:]]]) + " |")
+    table = "\n".join(lines) + "\n"
+    logger.text(table, "pareto.md")
+    points = [(r.metrics[cost], r.metrics[metric], r.name in on_front) for r in rows
+              if r.metrics.get(cost) is not None and r.metrics.get(metric) is not None]
+    if points:
+        logger.figure(pareto_figure(points, metric, cost, f"tune {result['name']}"),
+                      "pareto.png")
+    return table
 
 
 _WAIT_POLL_S = 2.0

@@ -337,3 +337,33 @@ def test_scale_sim_runs_the_real_pipeline_on_fake_media(tmp_path: Path) -> None:
     rows = json.loads(out.read_text())
     assert [r["clips"] for r in rows] == [200, 600] and rows[1]["shards"] >= 600 // 16
     assert "| 600 |" in proc.stdout
+
+
+def test_search_compare_table_and_best_after() -> None:
+    import search_compare as sc
+
+    assert sc.best_after([0.1, float("nan"), 0.5, 0.3], 2) == 0.1
+    assert sc.best_after([0.1, float("nan"), 0.5, 0.3], 4) == 0.5
+    md = sc.table({"random": {0: [0.1, 0.2], 1: [0.3, 0.1]}, "tpe": {0: [0.2, 0.4]}}, [1, 2],
+                  "val/x")
+    assert md.splitlines()[0] == "| best val/x after k trials | random | tpe |"
+    assert "| k = 2 | 0.250 [0.200, 0.300] (n=2) | 0.400 (n=1) |" in md
+
+
+@pytest.mark.timeout(600)
+def test_search_compare_runs_both_searchers_on_a_synthetic_objective(tmp_path: Path) -> None:
+    """The mechanics on real Ray Tune: every (searcher, seed) runs --trials trials in order."""
+    import search_compare as sc
+    import yaml
+
+    space = tmp_path / "s.yaml"
+    space.write_text(yaml.safe_dump({"metric": "val/shift_acc", "params": {
+        "model.gru_layers": {"choice": [1, 2, 4]}, "train.lr": {"loguniform": [1e-4, 1e-2]}}}))
+    out = sc.main(["--synthetic", "--space", str(space), "--trials", "3", "--seeds", "0", "1",
+                   "--at", "1", "3", "--storage-path", str(tmp_path / "ray"),
+                   "--out", str(tmp_path / "o.json")])
+    for s in ("random", "tpe"):
+        assert set(out["scores"][s]) == {"0", "1"}
+        assert all(len(v) == 3 and all(x <= 1.0 for x in v) for v in out["scores"][s].values())
+    assert "| k = 3 |" in out["table"]
+    assert json.loads((tmp_path / "o.json").read_text())["table"] == out["table"]

@@ -345,3 +345,29 @@ def test_quiet_settings_come_before_ray_and_mlflow_are_imported(argv: list[str])
     """)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "LOADED []" in res.stdout + res.stderr, res.stdout + res.stderr
+
+
+def test_ranked_table_shows_costs_and_the_front(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from rich.console import Console
+
+    from se4lip_dist import cli
+
+    rec = Console(width=250, record=True)
+    monkeypatch.setattr(cli, "out", rec)
+    monkeypatch.setattr(cli, "console", rec)
+    m = "val/offset_acc"
+    trials = [{"trial": "trial-a", "status": "DONE", "epoch": 1, "best_epoch": 1,
+               "params": {"model.gru_layers": 1}, m: 0.8, "cost/gflop_per_audio_s": 0.0099,
+               "cost/rtf": 0.0004},
+              {"trial": "trial-b", "status": "DONE", "epoch": 1, "best_epoch": 1,
+               "params": {"model.gru_layers": 2}, m: 0.7, "cost/gflop_per_audio_s": 0.0114,
+               "cost/rtf": 0.0007}]
+    cli._render_ranked({"metric": m, "mode": "max", "name": "t", "trials": trials,
+                        "front": trials[:1], "best": {"trial": "trial-a"}, "stopped_early": 0,
+                        "wall_s": 1.0, "tracking_uri": "sqlite:///x.db",
+                        "registered": {"name": "n", "version": 1, "alias": "champion",
+                                       "reason": "r"}})
+    lines = rec.export_text().splitlines()
+    a = next(line for line in lines if "trial-a" in line and "0.0099" in line)
+    b = next(line for line in lines if "trial-b" in line and "0.0114" in line)
+    assert a.rstrip(" │|").endswith("*") and not b.rstrip(" │|").endswith("*")

@@ -162,3 +162,14 @@ def test_quickstart_then_its_follow_ups_as_printed(tmp_path: Path) -> None:
     assert names and all(n.startswith("extract se4lip-quickstart v") for n in names), names
     store = Path(uri.removeprefix("sqlite:///"))
     assert client.get_experiment("0").artifact_location.startswith(store.parent.as_uri())
+
+
+def test_a_venv_symlink_is_ignored_too() -> None:
+    """Worktrees share one environment through a ``.venv`` symlink. ``.venv/`` matches only a
+    directory, so ``git add -A`` committed the symlink, and checking that commit out over a
+    real ``.venv`` (ignored, hence expendable to git) replaced the environment with the link."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    # --no-index with a path git cannot see as a directory: what a symlink looks like to git.
+    done = subprocess.run(["git", "check-ignore", "--no-index", "-q", ".venv"], cwd=ROOT)
+    assert done.returncode == 0, ".venv (a symlink) is not ignored: see .gitignore"

@@ -200,6 +200,45 @@ def test_content_blind_models_are_never_promoted(setup: dict, store: tuple) -> N
     assert champion_version(uri, name) == good["version"]
 
 
+def _scores(lo: float, units: int = 12) -> dict[str, float]:
+    """Hand-made gate scores: ``lo`` the 95 % lower bound of the headline metric."""
+    return {"val/shift_acc": lo + 0.1, "val/shift_acc_ci_low": lo, "val/shift_acc_ci_high": 1.0,
+            "val/units": units, "val/clips": units, "val/offset_acc": 0.9, "val/sync_acc": 0.9,
+            "val/loss": 0.3}
+
+
+FLOOR = {"floor": 0.2, "constant": 0.1, "random_init": 0.2, "shuffled_audio": 0.15}
+
+
+def test_the_cost_budget_keeps_the_champion_within_it() -> None:
+    """A version over the budget is never promoted (even with no champion) and the reason
+    names the budget; a champion over it gives way to one within it that clears the floor;
+    without a budget, or with the champion within it, equal evidence changes nothing."""
+    from se4lip_dist.cost import GFLOP, RTF
+    from se4lip_dist.lifecycle import Versus, decide
+
+    good = _scores(0.6)
+    alias, reason = decide(good, FLOOR, 8, 0.05, None, (GFLOP, 0.5), {GFLOP: 0.8})
+    assert alias == CHALLENGER
+    assert reason == f"over the cost budget: {GFLOP} 0.8000 exceeds the budget 0.5"
+    alias, reason = decide(good, FLOOR, 8, 0.05, None, (RTF, 0.01), {GFLOP: 0.1})
+    assert alias == CHALLENGER and f"{RTF} was not measured" in reason
+
+    equal = Versus(version=3, units=12, new_hits=8, old_hits=8, p_value=1.0,
+                   costs={GFLOP: 0.9, RTF: 0.2})
+    alias, reason = decide(good, FLOOR, 8, 0.05, equal, (GFLOP, 0.5), {GFLOP: 0.3})
+    assert alias == CHAMPION
+    assert reason.startswith(f"champion v3 is over the cost budget ({GFLOP} 0.9000 exceeds")
+    # ... but never a candidate below the floor, budget or not.
+    alias, _ = decide(_scores(0.1), FLOOR, 8, 0.05, equal, (GFLOP, 0.5), {GFLOP: 0.3})
+    assert alias == CHALLENGER
+    assert decide(good, FLOOR, 8, 0.05, equal)[0] == CHALLENGER  # no budget
+    cheap = Versus(version=3, units=12, new_hits=8, old_hits=8, p_value=1.0,
+                   costs={GFLOP: 0.4})
+    alias, reason = decide(good, FLOOR, 8, 0.05, cheap, (GFLOP, 0.5), {GFLOP: 0.3})
+    assert alias == CHALLENGER and "not significantly better than champion v3" in reason
+
+
 def test_thin_evidence_is_not_promoted(setup: dict, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     few = setup["cfg"].override({"train.val_max_clips": 3})

@@ -94,9 +94,10 @@ def test_plan_resources_gives_gpu_ranks_cpus_per_gpu_worker() -> None:
     assert cpu.worker_bundle() == {"CPU": 1.0}
 
 
-def _space(path: Path, params: dict, metric: str = "val/offset_acc") -> Path:
+def _space(path: Path, params: dict, metric: str = "val/offset_acc",
+           num_samples: int = 1) -> Path:
     path.write_text(yaml.safe_dump({
-        "preset": "cpu-small", "metric": metric, "num_samples": 1, "scheduler": "fifo",
+        "preset": "cpu-small", "metric": metric, "num_samples": num_samples, "scheduler": "fifo",
         "params": params,
     }))
     return path
@@ -184,15 +185,22 @@ def test_train_then_tune_on_one_name_gate_and_mlflow(shards: Path, tmp_path: Pat
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_resume_after_killing_the_driver(shards: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("search", ["random", "tpe"])
+def test_resume_after_killing_the_driver(shards: Path, tmp_path: Path, search: str) -> None:
+    """Killed mid-trial, ``--resume`` finishes the same 2 trials (with TPE: its study restored,
+    not a fresh search of 2 more) and registers once."""
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    space = _space(tmp_path / "s.yaml", {"model.gru_layers": {"grid": [1, 2]},
-                                         "train.lr": 2.0e-3})
+    # TPE samples: a choice (2 trials), where random search enumerates the same grid.
+    kind = "grid" if search == "random" else "choice"
+    space = _space(tmp_path / "s.yaml", {"model.gru_layers": {kind: [1, 2]},
+                                         "train.lr": 2.0e-3},
+                   num_samples=2 if kind == "choice" else 1)
     argv = [sys.executable, "-m", "se4lip_dist", "tune", "--data", str(shards), "--space",
             str(space), "--epochs", "3", "--tracking-uri", uri, "--storage-path",
-            str(tmp_path / "ray"), "--name", "killme", "--register", "se4lip-k", "--json"]
+            str(tmp_path / "ray"), "--name", "killme", "--register", "se4lip-k", "--json",
+            "--search", search]
     for o in TINY_MODEL:
         argv += ["--set", o]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}

@@ -1,0 +1,203 @@
+"""How a tune searches: the searcher, the scheduler and the objective, from ``tune``'s flags.
+
+- ``random``: Tune's variant generator over the space as written (``grid`` keys enumerated,
+  the others sampled); ``grid``: every ``choice`` enumerated too (ranges are refused);
+  ``tpe``: Optuna's TPE through Ray Tune's ``OptunaSearch``, which learns from the finished
+  trials. ``choice`` maps to a categorical, ``uniform``/``loguniform``/``randint`` to float,
+  log-float and int distributions one to one; a ``grid`` key is refused (TPE samples, it does
+  not enumerate: write it as ``choice``).
+- ``accuracy`` ranks trials by the space's metric; ``pareto`` searches metric (max) and
+  extraction cost (min) together (multi-objective TPE with ``tpe``) and the parent run logs the
+  front. ``max_cost`` bounds the cost of the encoder that may win and be promoted.
+- ``asha`` stops weak trials on ``epoch`` on top of any searcher; ``fifo`` runs all to the end.
+
+The searcher's state lives in the Tune experiment: ``Tuner.restore`` (``--resume``) brings the
+Optuna study back with every trial it was told, so a resumed search neither repeats nor
+restarts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import BasicVariantGenerator
+from ray.tune.search.optuna import OptunaSearch
+
+from se4lip_dist.config import ConfigError
+from se4lip_dist.cost import COSTS, GFLOP, RTF
+from se4lip_dist.spaces import SearchSpace
+
+SEARCHES = ("random", "grid", "tpe")
+OBJECTIVES = ("accuracy", "pareto")
+SCHEDULERS = ("asha", "fifo")
+COST_METRICS = {"gflop": GFLOP, "rtf": RTF}
+"""``--cost`` names of the ``cost/*`` metrics a budget or a front is over."""
+SEARCH_METRIC_PREFIX = "best/"
+"""What the searcher is told: the trial's best epoch so far (what the trial would register),
+not its last one (``train.BEST_PREFIX``)."""
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """How to search (the ``tune`` flags); checked against a space by :func:`check_plan`."""
+
+    search: str = "random"
+    scheduler: str | None = None
+    """None: the space's own (``scheduler:`` in its YAML, ASHA by default)."""
+    objective: str = "accuracy"
+    cost: str = "gflop"
+    """``gflop`` (per audio second, from the architecture) or ``rtf`` (measured)."""
+    max_cost: float | None = None
+    seed: int | None = None
+    """Seed of the searcher's sampling (random or TPE); trials' training seeds are apart."""
+
+    @property
+    def cost_metric(self) -> str:
+        return COST_METRICS[self.cost]
+
+    def budget(self) -> tuple[str, float] | None:
+        """``(cost metric, limit)`` the winner and the gate must respect, or None."""
+        return None if self.max_cost is None else (self.cost_metric, self.max_cost)
+
+
+def check_plan(space: SearchSpace, plan: SearchPlan) -> str:
+    """The scheduler the plan runs with, after refusing combinations that cannot work.
+
+    Raises:
+        ConfigError: one line naming the flag (and the space key) to change.
+    """
+    if plan.search not in SEARCHES:
+        raise ConfigError(f"--search must be one of {SEARCHES}, got {plan.search!r}")
+    if plan.objective not in OBJECTIVES:
+        raise ConfigError(f"--objective must be one of {OBJECTIVES}, got {plan.objective!r}")
+    if plan.cost not in COST_METRICS:
+        raise ConfigError(f"--cost must be one of {sorted(COST_METRICS)}, got {plan.cost!r}")
+    scheduler = plan.scheduler or space.scheduler
+    if scheduler not in SCHEDULERS:
+        raise ConfigError(f"--scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+    if plan.max_cost is not None and not plan.max_cost > 0:
+        raise ConfigError(f"--max-cost must be > 0, got {plan.max_cost:g}")
+    kinds = {k: next(iter(spec)) for k, spec in space.params.items()}
+    if plan.search == "tpe":
+        grid = sorted(k for k, kind in kinds.items() if kind == "grid")
+        if grid:
+            raise ConfigError(f"--search tpe samples and cannot enumerate a grid: {space.path} "
+                              f"has grid key(s) {', '.join(grid)}; write them as choice, or "
+                              "use --search grid|random")
+    if plan.search == "grid":
+        ranges = sorted(k for k, kind in kinds.items() if kind not in ("grid", "choice"))
+        if ranges:
+            raise ConfigError(f"--search grid enumerates lists only: {space.path} samples "
+                              f"{', '.join(ranges)} from a range; use --search random|tpe")
+    return scheduler
+
+
+def searcher(space: SearchSpace, plan: SearchPlan, metric: str, mode: str,
+             points: list[dict[str, Any]] | None = None) -> tuple[Any, dict[str, Any]]:
+    """Tune's ``search_alg`` and the ``param_space`` it goes with.
+
+    Args:
+        space: the validated space.
+        plan: the flags (checked by :func:`check_plan`).
+        metric: the metric ranking trials; the searcher is told its best-so-far value.
+        mode: ``max`` or ``min``.
+        points: configurations to try first (the champion's, say), as dotted key -> value.
+
+    Returns:
+        ``(search_alg, param_space)``: with ``tpe`` the Optuna searcher owns the space and
+        ``param_space`` keeps only the fixed values (Tune refuses both holding the domains).
+    """
+    domains = space.param_space()
+    if plan.search == "grid":
+        domains = {**domains, **{k: tune.grid_search(list(spec["choice"]))
+                                 for k, spec in space.params.items() if "choice" in spec}}
+    if plan.search != "tpe":
+        return BasicVariantGenerator(points_to_evaluate=points or None,
+                                     random_state=plan.seed), domains
+    searched = {k: domains[k] for k in space.params}
+    target = SEARCH_METRIC_PREFIX + metric
+    if plan.objective == "pareto":
+        metrics: str | list[str] = [target, plan.cost_metric]
+        modes: str | list[str] = [mode, "min"]
+    else:
+        metrics, modes = target, mode
+    alg = OptunaSearch(space=OptunaSearch.convert_search_space(searched), metric=metrics,
+                       mode=modes, points_to_evaluate=points or None, seed=plan.seed)
+    return alg, dict(space.fixed)
+
+
+def scheduler(kind: str, epochs: int) -> Any:
+    """ASHA on ``epoch`` (FIFO when asked, or when one epoch leaves nothing to stop early)."""
+    if kind == "fifo" or epochs < 2:
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=1, reduction_factor=2)
+
+
+def make_tuner(trainable: Any, space: SearchSpace, plan: SearchPlan, objective: tuple[str, str],
+               *, name: str, storage: str, constants: dict[str, Any], num_samples: int,
+               max_concurrent: int | None, epochs: int, callbacks: list[Any],
+               points: list[dict[str, Any]] | None = None, restore: str | None = None) -> Any:
+    """A ``tune.Tuner`` searching ``space`` as ``plan`` says, or the one saved at ``restore``.
+
+    Args:
+        trainable: Tune trainable (``tuning.tune_trial`` with its resources).
+        space: the validated space.
+        plan: checked by :func:`check_plan` (``plan.scheduler`` set).
+        objective: ``(metric, mode)`` ranking the trials and driving the scheduler.
+        name: experiment name under ``storage``.
+        storage: Tune's storage path.
+        constants: fixed config entries every trial gets besides its parameters.
+        num_samples: trials (with ``grid`` keys: repetitions of the grid).
+        max_concurrent: trials at once (None: unbounded).
+        epochs: a trial's epochs (the scheduler's ``max_t``).
+        callbacks: Tune callbacks.
+        points: configurations to evaluate first (see :func:`warm_points`).
+        restore: the experiment folder of a ``--resume``: the Tuner restored from it, with
+            its searcher's and scheduler's state, when it has one.
+    """
+    run_config = tune.RunConfig(
+        name=name, storage_path=storage, callbacks=callbacks, verbose=0,
+        failure_config=tune.FailureConfig(max_failures=1),
+    )
+    if restore is not None and tune.Tuner.can_restore(restore):
+        return tune.Tuner.restore(restore, trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True)
+    metric, mode = objective
+    alg, param_space = searcher(space, plan, metric, mode, points)
+    return tune.Tuner(
+        trainable,
+        param_space={**param_space, **constants},
+        tune_config=tune.TuneConfig(
+            metric=metric, mode=mode, search_alg=alg, num_samples=num_samples,
+            max_concurrent_trials=max_concurrent,
+            scheduler=scheduler(str(plan.scheduler), epochs),
+            trial_name_creator=lambda t: f"trial-{t.trial_id}",
+            trial_dirname_creator=lambda t: f"trial-{t.trial_id}",
+        ),
+        run_config=run_config,
+    )
+
+
+def warm_points(space: SearchSpace, flat: dict[str, Any]) -> list[dict[str, Any]]:
+    """The space's keys of a flat config (a champion's) as one point to evaluate first, or
+    none when a value lies outside the space (the searcher would refuse it)."""
+    point: dict[str, Any] = {}
+    for key, spec in space.params.items():
+        (kind, arg), = spec.items()
+        if key not in flat:
+            return []
+        v = flat[key]
+        if kind in ("choice", "grid"):
+            if v not in arg:
+                return []
+        elif not (isinstance(v, int | float) and arg[0] <= v <= arg[1]):
+            return []
+        point[key] = v
+    return [point]
+
+
+__all__ = ["COSTS", "COST_METRICS", "OBJECTIVES", "SCHEDULERS", "SEARCHES", "SearchPlan",
+           "check_plan", "make_tuner", "scheduler", "searcher", "warm_points"]

@@ -972,15 +972,8 @@ def run_audit(
     if workers < 0 or min_workers < 1:
         raise AuditError("workers must be >= 0 and min_workers >= 1")
     uri = resolve_tracking_uri(tracking_uri)
-    try:
-        check_reachable(uri)
-        model = pin_model(model_uri, uri)
-        sync_model, cfg = load_sync_model(model["pinned_uri"], uri)
-    except (RegistryError, TrackingError) as e:
-        raise AuditError(str(e)) from e
-    overrides = local_face_overrides(face_backend, insightface_root)
-    if overrides:
-        cfg = cfg.override(overrides)
+    model, sync_model, cfg, overrides = _audit_model(model_uri, uri, face_backend,
+                                                     insightface_root)
     report = report_dir or (storage.join(storage.absolute(fix_out), "audit") if fix_out
                             else "audit")
     try:
@@ -1014,14 +1007,12 @@ def run_audit(
             for job in jobs:
                 collect.add(worker.run_job(job))
         elif jobs:
-            pool = ActorJobPool(
-                AuditActor, {"model_uri": model["pinned_uri"], "tracking_uri": uri,
-                             "overrides": overrides, "settings": settings.to_dict(),
-                             "fix": asdict(fix) if fix else None, "use_gpu": use_gpu},
-                min_workers, min(workers, len(jobs)), use_gpu, address,
-                placement_timeout_s, label="audit actor", error=AuditError,
-                job_name="audit job")
-            with pool:
+            actor = {"model_uri": model["pinned_uri"], "tracking_uri": uri,
+                     "overrides": overrides, "settings": settings.to_dict(),
+                     "fix": asdict(fix) if fix else None, "use_gpu": use_gpu}
+            with ActorJobPool(AuditActor, actor, min_workers, min(workers, len(jobs)), use_gpu,
+                              address, placement_timeout_s, label="audit actor",
+                              error=AuditError, job_name="audit job") as pool:
                 for row in pool.run(jobs):
                     collect.add(json.loads(row["result"]))
         finished = True
@@ -1037,6 +1028,20 @@ def run_audit(
         raise AuditError(str(e)) from e
     _end_run(uri, run_id, summary, "FINISHED")
     return summary
+
+
+def _audit_model(model_uri: str, uri: str, face_backend: str | None,
+                 insightface_root: str | None) -> tuple[dict[str, Any], Any, Config,
+                                                        dict[str, Any]]:
+    """The pinned model, loaded, its config with this machine's face settings, and those."""
+    try:
+        check_reachable(uri)
+        model = pin_model(model_uri, uri)
+        sync_model, cfg = load_sync_model(model["pinned_uri"], uri)
+    except (RegistryError, TrackingError) as e:
+        raise AuditError(str(e)) from e
+    overrides = local_face_overrides(face_backend, insightface_root)
+    return model, sync_model, cfg.override(overrides) if overrides else cfg, overrides
 
 
 def _start_run(uri: str, experiment: str, model: dict[str, Any], summary: AuditSummary,

@@ -28,11 +28,10 @@ from ray.tune.search.optuna import OptunaSearch
 
 from se4lip_dist.config import ConfigError
 from se4lip_dist.cost import COSTS, GFLOP, RTF
-from se4lip_dist.spaces import SearchSpace
+from se4lip_dist.spaces import SCHEDULERS, SearchSpace
 
 SEARCHES = ("random", "grid", "tpe")
 OBJECTIVES = ("accuracy", "pareto")
-SCHEDULERS = ("asha", "fifo")
 COST_METRICS = {"gflop": GFLOP, "rtf": RTF}
 """``--cost`` names of the ``cost/*`` metrics a budget or a front is over."""
 SEARCH_METRIC_PREFIX = "best/"

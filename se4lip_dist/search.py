@@ -95,7 +95,8 @@ def check_plan(space: SearchSpace, plan: SearchPlan) -> str:
 
 
 def searcher(space: SearchSpace, plan: SearchPlan, metric: str, mode: str,
-             points: list[dict[str, Any]] | None = None) -> tuple[Any, dict[str, Any]]:
+             points: list[dict[str, Any]] | None = None,
+             max_concurrent: int | None = None) -> tuple[Any, dict[str, Any]]:
     """Tune's ``search_alg`` and the ``param_space`` it goes with.
 
     Args:
@@ -104,6 +105,8 @@ def searcher(space: SearchSpace, plan: SearchPlan, metric: str, mode: str,
         metric: the metric ranking trials; the searcher is told its best-so-far value.
         mode: ``max`` or ``min``.
         points: configurations to try first (the champion's, say), as dotted key -> value.
+        max_concurrent: trials at once for random and grid search (Tune ignores
+            ``max_concurrent_trials`` with a variant generator: the generator must bound it).
 
     Returns:
         ``(search_alg, param_space)``: with ``tpe`` the Optuna searcher owns the space and
@@ -114,8 +117,8 @@ def searcher(space: SearchSpace, plan: SearchPlan, metric: str, mode: str,
         domains = {**domains, **{k: tune.grid_search(list(spec["choice"]))
                                  for k, spec in space.params.items() if "choice" in spec}}
     if plan.search != "tpe":
-        return BasicVariantGenerator(points_to_evaluate=points or None,
-                                     random_state=plan.seed), domains
+        return BasicVariantGenerator(points_to_evaluate=points or None, random_state=plan.seed,
+                                     max_concurrent=max_concurrent or 0), domains
     searched = {k: domains[k] for k in space.params}
     target = SEARCH_METRIC_PREFIX + metric
     if plan.objective == "pareto":
@@ -165,13 +168,14 @@ def make_tuner(trainable: Any, space: SearchSpace, plan: SearchPlan, objective: 
         return tune.Tuner.restore(restore, trainable=trainable, resume_unfinished=True,
                                   resume_errored=True)
     metric, mode = objective
-    alg, param_space = searcher(space, plan, metric, mode, points)
+    alg, param_space = searcher(space, plan, metric, mode, points, max_concurrent)
     return tune.Tuner(
         trainable,
         param_space={**param_space, **constants},
         tune_config=tune.TuneConfig(
             metric=metric, mode=mode, search_alg=alg, num_samples=num_samples,
-            max_concurrent_trials=max_concurrent,
+            # A Searcher (TPE) is bounded here; the variant generator bounds itself above.
+            max_concurrent_trials=max_concurrent if plan.search == "tpe" else None,
             scheduler=scheduler(str(plan.scheduler), epochs),
             trial_name_creator=lambda t: f"trial-{t.trial_id}",
             trial_dirname_creator=lambda t: f"trial-{t.trial_id}",

@@ -83,6 +83,16 @@ def test_grid_search_enumerates_choices(tmp_path: Path) -> None:
     assert count_variants(grid, []) == 6 and count_variants(rand, []) == 2
 
 
+def test_random_and_grid_search_bound_their_own_concurrency(tmp_path: Path) -> None:
+    """Tune ignores ``max_concurrent_trials`` beside a variant generator (it ran every trial
+    at once, and ASHA had no earlier trial to stop a bad one against): the generator must be
+    given the bound."""
+    space = _space(tmp_path, {"model.gru_layers": {"choice": [1, 2, 4]}})
+    for search in ("random", "grid"):
+        alg, _ = searcher(space, SearchPlan(search=search), METRIC, "max", max_concurrent=1)
+        assert alg.max_concurrent == 1
+
+
 def test_warm_points_keep_only_a_champion_inside_the_space(tmp_path: Path) -> None:
     space = _space(tmp_path, MIXED)
     champ = {"model.gru_layers": 2, "train.lr": 3e-4, "train.window_frames": 5,

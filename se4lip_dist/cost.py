@@ -84,7 +84,9 @@ def measure_rtf(speech: nn.Module, sample_rate: int, device: Any,
     One ``seconds``-long waveform (the extractor's chunking embeds long windows), one warm-up
     pass, then the best of three timed passes (the least disturbed by other work).
     """
-    wav = torch.randn(1, int(seconds * sample_rate), device=device) * 0.1
+    # Its own generator: timing must not advance the training's global RNG (rank 0 only).
+    gen = torch.Generator(device=device or "cpu").manual_seed(0)
+    wav = torch.randn(1, int(seconds * sample_rate), device=device, generator=gen) * 0.1
     was_training = speech.training
     speech.eval()
     best = math.inf

@@ -69,7 +69,8 @@ def run_synthetic(space_path: str, search: str, seed: int, trials: int,
 
 
 def run_real(space_path: str, data: str, search: str, seed: int, trials: int, epochs: int,
-             storage: str, tracking_uri: str | None) -> list[float]:
+             storage: str, tracking_uri: str | None,
+             overrides: tuple[str, ...] = ()) -> list[float]:
     """Best-epoch scores of one real tune (``run_tune``), in trial creation order."""
     from se4lip_dist.search import SearchPlan
     from se4lip_dist.tuning import TuneOptions, run_tune
@@ -78,7 +79,7 @@ def run_real(space_path: str, data: str, search: str, seed: int, trials: int, ep
         num_samples=trials, max_concurrent_trials=1, epochs=epochs,
         name=f"search-compare-{search}-{seed}", storage_path=storage,
         tracking_uri=tracking_uri, experiment="search-compare",
-        register=f"search-compare-{search}", warm_start=False,
+        register=f"search-compare-{search}", warm_start=False, overrides=overrides,
         plan=SearchPlan(search=search, scheduler="fifo", seed=seed)))
     metric = result["metric"]
     rows = sorted(result["trials"], key=lambda t: _index(t["trial"]))
@@ -133,6 +134,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--at", type=int, nargs="+", default=None)
     ap.add_argument("--searchers", nargs="+", default=list(SEARCHERS), choices=SEARCHERS)
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="KEY=VALUE", help="preset override for every trial (as tune --set)")
     ap.add_argument("--storage-path", default=None)
     ap.add_argument("--tracking-uri", default=None)
     ap.add_argument("--out", default=None, help="JSON of every run's scores and the table")
@@ -149,21 +152,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     storage = a.storage_path or tempfile.mkdtemp(prefix="search-compare-")
     runs: dict[str, dict[int, list[float]]] = {s: {} for s in a.searchers}
     init_ray(dashboard=not a.synthetic)
+    out: dict[str, Any] = {}
     try:
         for seed in a.seeds:
             for s in a.searchers:
                 runs[s][seed] = (run_synthetic(a.space, s, seed, a.trials, storage)
                                  if a.synthetic else
                                  run_real(a.space, a.data, s, seed, a.trials, a.epochs,
-                                          storage, a.tracking_uri))
+                                          storage, a.tracking_uri, tuple(a.overrides)))
+                out = _report(a, runs, at, metric)  # kept after every tune: hours of trials
     finally:
         ray.shutdown()
-    md = table(runs, at, metric)
-    print(md)
+    print(out["table"])
+    return out
+
+
+def _report(a: argparse.Namespace, runs: dict[str, dict[int, list[float]]], at: list[int],
+            metric: str) -> dict[str, Any]:
     out = {"space": a.space, "data": a.data, "synthetic": a.synthetic, "trials": a.trials,
-           "epochs": a.epochs, "seeds": a.seeds, "metric": metric, "at": at,
-           "scores": {s: {str(k): v for k, v in r.items()} for s, r in runs.items()},
-           "table": md}
+           "epochs": a.epochs, "seeds": a.seeds, "overrides": a.overrides, "metric": metric,
+           "at": at, "scores": {s: {str(k): v for k, v in r.items()} for s, r in runs.items()},
+           "table": table(runs, at, metric)}
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=1))
     return out

@@ -96,7 +96,8 @@ def check_plan(space: SearchSpace, plan: SearchPlan) -> str:
 
 def searcher(space: SearchSpace, plan: SearchPlan, metric: str, mode: str,
              points: list[dict[str, Any]] | None = None,
-             max_concurrent: int | None = None) -> tuple[Any, dict[str, Any]]:
+             max_concurrent: int | None = None,
+             num_samples: int | None = None) -> tuple[Any, dict[str, Any]]:
     """Tune's ``search_alg`` and the ``param_space`` it goes with.
 
     Args:
@@ -105,8 +106,9 @@ def searcher(space: SearchSpace, plan: SearchPlan, metric: str, mode: str,
         metric: the metric ranking trials; the searcher is told its best-so-far value.
         mode: ``max`` or ``min``.
         points: configurations to try first (the champion's, say), as dotted key -> value.
-        max_concurrent: trials at once for random and grid search (Tune ignores
-            ``max_concurrent_trials`` with a variant generator: the generator must bound it).
+        max_concurrent: trials at once (Tune ignores ``max_concurrent_trials`` with a
+            variant generator: the generator must bound it).
+        num_samples: the trial budget TPE's random start is sized to.
 
     Returns:
         ``(search_alg, param_space)``: with ``tpe`` the Optuna searcher owns the space and
@@ -127,8 +129,36 @@ def searcher(space: SearchSpace, plan: SearchPlan, metric: str, mode: str,
     else:
         metrics, modes = target, mode
     alg = OptunaSearch(space=OptunaSearch.convert_search_space(searched), metric=metrics,
-                       mode=modes, points_to_evaluate=points or None, seed=plan.seed)
+                       mode=modes, points_to_evaluate=points or None,
+                       sampler=tpe_sampler(plan.seed, num_samples, max_concurrent))
     return alg, dict(space.fixed)
+
+
+def startup_trials(num_samples: int | None) -> int:
+    """Random trials before TPE models the results: half the budget, 2 to 10.
+
+    Optuna's default (10 whatever the budget) made every search of 10 trials or fewer a
+    random one."""
+    if num_samples is None:
+        return 10
+    return max(2, min(10, num_samples // 2))
+
+
+def tpe_sampler(seed: int | None, num_samples: int | None,
+                max_concurrent: int | None) -> Any:
+    """Optuna's TPE (multi-objective when given two metrics), sized to the trial budget.
+
+    With trials running side by side, ``constant_liar`` counts the running ones as bad so
+    that concurrent suggestions spread out instead of repeating one point."""
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():  # both options are flagged experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=startup_trials(num_samples), multivariate=True,
+            constant_liar=(max_concurrent or 2) > 1)
 
 
 def scheduler(kind: str, epochs: int) -> Any:
@@ -168,7 +198,8 @@ def make_tuner(trainable: Any, space: SearchSpace, plan: SearchPlan, objective: 
         return tune.Tuner.restore(restore, trainable=trainable, resume_unfinished=True,
                                   resume_errored=True)
     metric, mode = objective
-    alg, param_space = searcher(space, plan, metric, mode, points, max_concurrent)
+    alg, param_space = searcher(space, plan, metric, mode, points, max_concurrent,
+                                num_samples)
     return tune.Tuner(
         trainable,
         param_space={**param_space, **constants},
@@ -203,4 +234,5 @@ def warm_points(space: SearchSpace, flat: dict[str, Any]) -> list[dict[str, Any]
 
 
 __all__ = ["COSTS", "COST_METRICS", "OBJECTIVES", "SCHEDULERS", "SEARCHES", "SearchPlan",
-           "check_plan", "make_tuner", "scheduler", "searcher", "warm_points"]
+           "check_plan", "make_tuner", "scheduler", "searcher", "startup_trials", "tpe_sampler",
+           "warm_points"]

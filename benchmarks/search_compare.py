@@ -8,6 +8,10 @@
     # the searchers' mechanics on a synthetic objective (seconds per tune, no data)
     .venv/bin/python benchmarks/search_compare.py --synthetic --trials 12 --seeds 0 1 2
 
+    # the table again from the MLflow runs of earlier real tunes (no trials run)
+    .venv/bin/python benchmarks/search_compare.py --from-mlflow --tracking-uri URI \\
+        --trials 16 --seeds 0 1 2 3 4 --at 4 8 16
+
 Every (searcher, seed) pair runs the same number of trials with the same epochs, one trial at
 a time (so "after k trials" is the order the searcher chose them in) and ASHA off (FIFO: an
 early-stopped trial's score would not be comparable). ``--seeds`` seed the searcher's
@@ -53,7 +57,7 @@ def run_synthetic(space_path: str, search: str, seed: int, trials: int,
     """Scores of one synthetic tune, in the order its trials were created."""
     from ray import cloudpickle, tune
 
-    from se4lip_dist.search import SearchPlan, check_plan, make_tuner
+    from se4lip_dist.search import SearchPlan, check_plan, make_tuner, trial_index
     from se4lip_dist.spaces import load_space
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import us
@@ -64,7 +68,7 @@ def run_synthetic(space_path: str, search: str, seed: int, trials: int,
                       (space.metric, "max"), name=f"{search}-{seed}", storage=storage,
                       constants={"__metric": space.metric}, num_samples=trials,
                       max_concurrent=1, epochs=1, callbacks=[]).fit()
-    done = sorted(grid, key=lambda r: _index(Path(r.path).name))
+    done = sorted(grid, key=lambda r: trial_index(Path(r.path).name))
     return [float(r.metrics.get(space.metric, math.nan)) for r in done]
 
 
@@ -72,7 +76,7 @@ def run_real(space_path: str, data: str, search: str, seed: int, trials: int, ep
              storage: str, tracking_uri: str | None,
              overrides: tuple[str, ...] = ()) -> list[float]:
     """Best-epoch scores of one real tune (``run_tune``), in trial creation order."""
-    from se4lip_dist.search import SearchPlan
+    from se4lip_dist.search import SearchPlan, trial_index
     from se4lip_dist.tuning import TuneOptions, run_tune
 
     result = run_tune(space_path, data, TuneOptions(
@@ -82,13 +86,37 @@ def run_real(space_path: str, data: str, search: str, seed: int, trials: int, ep
         register=f"search-compare-{search}", warm_start=False, overrides=overrides,
         plan=SearchPlan(search=search, scheduler="fifo", seed=seed)))
     metric = result["metric"]
-    rows = sorted(result["trials"], key=lambda t: _index(t["trial"]))
+    rows = sorted(result["trials"], key=lambda t: trial_index(t["trial"]))
     return [float(t.get(metric, math.nan)) for t in rows]
 
 
-def _index(trial: str) -> int:
-    tail = trial.rsplit("_", 1)[-1]
-    return int(tail) if tail.isdigit() else 0
+def scores_from_mlflow(uri: str, metric: str, searchers: list[str],
+                       seeds: list[int]) -> dict[str, dict[int, list[float]]]:
+    """The scores of finished tunes this script ran, from their MLflow runs: each tune's trial
+    runs in the order they started (trials run one at a time), best epoch's ``metric``.
+
+    Rebuilds the table after a crash, or for tunes whose trial names carry no creation order
+    (TPE trials before ``search.trial_name``)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("search-compare")
+    runs: dict[str, dict[int, list[float]]] = {s: {} for s in searchers}
+    if exp is None:
+        return runs
+    for s in searchers:
+        for seed in seeds:
+            parents = client.search_runs([exp.experiment_id],
+                                         f"tags.`se4lip.kind` = 'tune' and "
+                                         f"attributes.run_name = 'search-compare-{s}-{seed}'")
+            if not parents or parents[0].info.status != "FINISHED":
+                continue  # not run, or still running
+            children = client.search_runs(
+                [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'",
+                order_by=["attributes.start_time ASC"])
+            runs[s][seed] = [float(c.data.metrics.get("best/" + metric, math.nan))
+                             for c in children]
+    return {s: r for s, r in runs.items()}
 
 
 def best_after(scores: list[float], k: int) -> float:
@@ -139,7 +167,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--storage-path", default=None)
     ap.add_argument("--tracking-uri", default=None)
     ap.add_argument("--out", default=None, help="JSON of every run's scores and the table")
+    ap.add_argument("--from-mlflow", action="store_true",
+                    help="no trials: rebuild the table from the MLflow runs at --tracking-uri")
     a = ap.parse_args(argv)
+    if a.from_mlflow:
+        if not a.tracking_uri:
+            ap.error("--from-mlflow reads the runs at --tracking-uri")
+        from se4lip_dist.spaces import load_space
+
+        metric = load_space(a.space).metric
+        at = a.at or sorted({max(1, a.trials // 4), max(1, a.trials // 2), a.trials})
+        out = _report(a, scores_from_mlflow(a.tracking_uri, metric, a.searchers, a.seeds),
+                      at, metric)
+        print(out["table"])
+        return out
     if not a.synthetic and not a.data:
         ap.error("pass --data SHARDS (real trials) or --synthetic")
     import ray

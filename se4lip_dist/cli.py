@@ -479,7 +479,7 @@ def tune(
     address: AddressOpt = None,
     placement_timeout: PlacementOpt = None,
     search: Annotated[str, typer.Option("--search", help="random | grid (every choice enumerated) | tpe (Optuna TPE: learns from finished trials).")] = "random",
-    scheduler: Annotated[str | None, typer.Option("--scheduler", help="asha | fifo (default: the space's, else asha).")] = None,
+    scheduler: Annotated[str | None, typer.Option("--scheduler", help="asha | fifo | pbt (default: the space's, else asha). pbt: population-based training, exploiting between epochs; mutates train.* and augment.* keys.")] = None,
     objective: Annotated[str, typer.Option("--objective", help="accuracy | pareto (metric vs extraction cost; multi-objective TPE with --search tpe).")] = "accuracy",
     cost: Annotated[str, typer.Option("--cost", help="gflop (per audio second, from the architecture) | rtf (measured real-time factor): what --max-cost and the front are over.")] = "gflop",
     max_cost: Annotated[float | None, typer.Option("--max-cost", help="Cost budget in --cost units: the winner and @champion must be within it.")] = None,

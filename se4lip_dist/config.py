@@ -441,6 +441,18 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def shapes_weights(key: str) -> bool:
+    """True for the dotted keys a checkpoint's weights depend on (``model.*`` and the window):
+    a checkpoint cannot carry on under another value of these."""
+    return key.startswith("model.") or key == "train.window_frames"
+
+
+def architecture_diff(a: Config, b: Config) -> dict[str, tuple[Any, Any]]:
+    """``{key: (a's value, b's value)}`` for the :func:`shapes_weights` keys that differ."""
+    fa, fb = flatten(a.to_dict()), flatten(b.to_dict())
+    return {k: (v, fb.get(k)) for k, v in fa.items() if shapes_weights(k) and v != fb.get(k)}
+
+
 def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = d

@@ -9,7 +9,11 @@
 - ``accuracy`` ranks trials by the space's metric; ``pareto`` searches metric (max) and
   extraction cost (min) together (multi-objective TPE with ``tpe``) and the parent run logs the
   front. ``max_cost`` bounds the cost of the encoder that may win and be promoted.
-- ``asha`` stops weak trials on ``epoch`` on top of any searcher; ``fifo`` runs all to the end.
+- ``asha`` stops weak trials on ``epoch`` on top of any searcher; ``fifo`` runs all to the end;
+  ``pbt`` (population-based training) runs the population side by side and, after every
+  epoch, has a trial in the bottom quarter continue from a top-quarter trial's checkpoint with
+  that trial's config, its training keys perturbed (:func:`pbt_mutations`). Keys the weights
+  depend on (``model.*``, the window) are drawn once per trial and travel with the checkpoint.
 
 The searcher's state lives in the Tune experiment: ``Tuner.restore`` (``--resume``) brings the
 Optuna study back with every trial it was told, so a resumed search neither repeats nor
@@ -18,15 +22,22 @@ restarts.
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import (
+    ASHAScheduler,
+    FIFOScheduler,
+    PopulationBasedTraining,
+    TrialScheduler,
+)
 from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from se4lip_dist.config import ConfigError
+from se4lip_dist.config import ConfigError, shapes_weights
 from se4lip_dist.cost import COSTS, GFLOP, RTF
 from se4lip_dist.spaces import SCHEDULERS, SearchSpace
 
@@ -62,8 +73,10 @@ class SearchPlan:
         return None if self.max_cost is None else (self.cost_metric, self.max_cost)
 
 
-def check_plan(space: SearchSpace, plan: SearchPlan) -> str:
+def check_plan(space: SearchSpace, plan: SearchPlan, epochs: int | None = None) -> str:
     """The scheduler the plan runs with, after refusing combinations that cannot work.
+
+    ``epochs``: a trial's epochs, when known (PBT needs two or more to exploit between).
 
     Raises:
         ConfigError: one line naming the flag (and the space key) to change.
@@ -91,7 +104,98 @@ def check_plan(space: SearchSpace, plan: SearchPlan) -> str:
         if ranges:
             raise ConfigError(f"--search grid enumerates lists only: {space.path} samples "
                               f"{', '.join(ranges)} from a range; use --search random|tpe")
+    if scheduler == "pbt":
+        _check_pbt(space, plan, epochs)
     return scheduler
+
+
+def _check_pbt(space: SearchSpace, plan: SearchPlan, epochs: int | None) -> None:
+    if plan.search == "tpe":
+        raise ConfigError("--scheduler pbt draws and perturbs its own population: use "
+                          "--search random or grid with it, not tpe")
+    if plan.objective == "pareto":
+        raise ConfigError("--scheduler pbt exploits on the metric alone: use --objective "
+                          "accuracy (a --max-cost budget still bounds what is registered)")
+    if not pbt_mutations(space):
+        fixed = ", ".join(sorted(space.params)) or "nothing"
+        raise ConfigError(f"--scheduler pbt perturbs training keys (train.lr, augment.*), and "
+                          f"{space.path} searches only {fixed}, which the weights depend on: "
+                          "add a train.* or augment.* range, or use --scheduler asha|fifo")
+    if epochs is not None and epochs < 2:
+        raise ConfigError(f"--scheduler pbt exploits between epochs and a trial trains "
+                          f"{epochs}: give --epochs 2 or more")
+
+
+def trial_count(space: SearchSpace, plan: SearchPlan, num_samples: int) -> int:
+    """Trials a search creates: ``num_samples`` times every enumerated list (``grid`` keys, and
+    ``choice`` keys too with ``--search grid``)."""
+    lists = ("grid", "choice") if plan.search == "grid" else ("grid",)
+    return num_samples * math.prod(len(arg) for spec in space.params.values()
+                                   for kind, arg in spec.items() if kind in lists)
+
+
+def check_population(space: SearchSpace, plan: SearchPlan, num_samples: int,
+                     max_concurrent: int | None) -> None:
+    """PBT trains its population side by side (a trial waiting for its turn has no score to
+    compare and none to clone): refuse a population the cluster cannot run at once.
+
+    Raises:
+        ConfigError: naming the flags to change.
+    """
+    if plan.scheduler != "pbt":
+        return
+    n = trial_count(space, plan, num_samples)
+    if n < 2:
+        raise ConfigError(f"--scheduler pbt needs a population of 2 or more trials, got {n}: "
+                          "raise --num-samples")
+    if max_concurrent is not None and n > max_concurrent:
+        raise ConfigError(f"--scheduler pbt trains its {n} trials side by side, and "
+                          f"{max_concurrent} fit at once here: pass --num-samples "
+                          f"{max_concurrent}, or --max-concurrent-trials {n} with fewer CPUs "
+                          "per trial (--cpus-per-trial, --num-workers-per-trial)")
+
+
+def pbt_mutations(space: SearchSpace) -> dict[str, Any]:
+    """What PBT may perturb: the searched keys the weights do not depend on (a ``choice`` or
+    ``grid`` as its list, which PBT steps through; a range as its Tune domain, which PBT
+    rescales by 0.8 or 1.2 or draws again)."""
+    domains = space.param_space()
+    out: dict[str, Any] = {}
+    for key, spec in space.params.items():
+        (kind, arg), = spec.items()
+        if shapes_weights(key):
+            continue
+        out[key] = list(arg) if kind in ("choice", "grid") else domains[key]
+    return out
+
+
+class SideBySidePBT(PopulationBasedTraining):
+    """Tune's PBT for a population that runs all at once (:func:`check_population`).
+
+    Tune's PBT pauses a trial at its perturbation point whenever another is paused or pending,
+    to take turns when the population exceeds the cluster. Here a trial is paused only while
+    it restarts from an exploit, and pausing the others then would only restart them from
+    their own checkpoints (a Train V2 trial restarts its whole worker group). Nor does a
+    trial's last epoch exploit or get cloned: the clone would have nothing left to train."""
+
+    def __init__(self, *, max_t: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._max_t = max_t
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        if result.get(self._time_attr, 0) >= self._max_t:
+            return TrialScheduler.CONTINUE
+        decision = super().on_trial_result(tune_controller, trial, result)
+        return TrialScheduler.CONTINUE if decision == TrialScheduler.PAUSE else decision
+
+
+def _clip(bounds: dict[str, tuple[float, float]], config: dict[str, Any]) -> dict[str, Any]:
+    """PBT's explore step multiplies a value by 0.8 or 1.2 whatever its range: keep it inside."""
+    for key, (lo, hi) in bounds.items():
+        if key in config:
+            v = min(max(config[key], lo), hi)
+            config[key] = type(config[key])(v)
+    return config
 
 
 def searcher(space: SearchSpace, plan: SearchPlan, metric: str, mode: str,
@@ -161,8 +265,17 @@ def tpe_sampler(seed: int | None, num_samples: int | None,
             constant_liar=(max_concurrent or 2) > 1)
 
 
-def scheduler(kind: str, epochs: int) -> Any:
-    """ASHA on ``epoch`` (FIFO when asked, or when one epoch leaves nothing to stop early)."""
+def scheduler(kind: str, epochs: int, space: SearchSpace | None = None) -> Any:
+    """ASHA on ``epoch`` (FIFO when asked, or when one epoch leaves nothing to stop early), or
+    PBT exploiting after every epoch (``space`` gives what it perturbs)."""
+    if kind == "pbt":
+        assert space is not None
+        bounds = {k: (float(v[0]), float(v[1])) for k, spec in space.params.items()
+                  for kind_, v in spec.items() if kind_ in ("uniform", "loguniform", "randint")}
+        return SideBySidePBT(
+            max_t=epochs, time_attr="epoch", perturbation_interval=1, quantile_fraction=0.25,
+            resample_probability=0.25, hyperparam_mutations=pbt_mutations(space),
+            custom_explore_fn=functools.partial(_clip, bounds))
     if kind == "fifo" or epochs < 2:
         return FIFOScheduler()
     return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=1, reduction_factor=2)
@@ -207,12 +320,27 @@ def make_tuner(trainable: Any, space: SearchSpace, plan: SearchPlan, objective: 
             metric=metric, mode=mode, search_alg=alg, num_samples=num_samples,
             # A Searcher (TPE) is bounded here; the variant generator bounds itself above.
             max_concurrent_trials=max_concurrent if plan.search == "tpe" else None,
-            scheduler=scheduler(str(plan.scheduler), epochs),
-            trial_name_creator=lambda t: f"trial-{t.trial_id}",
-            trial_dirname_creator=lambda t: f"trial-{t.trial_id}",
+            scheduler=scheduler(str(plan.scheduler), epochs, space),
+            trial_name_creator=trial_name, trial_dirname_creator=trial_name,
         ),
         run_config=run_config,
     )
+
+
+def trial_name(trial: Any) -> str:
+    """``trial-<id>_<creation index>`` for every searcher: the variant generator's ids end in
+    the index already; a searcher's (TPE's) are random hex, so the index comes from the
+    trial's tag, which Tune starts with its 1-based creation counter."""
+    tid = trial.trial_id
+    if "_" not in tid:
+        tid = f"{tid}_{int(trial.experiment_tag.split('_', 1)[0]) - 1:05d}"
+    return f"trial-{tid}"
+
+
+def trial_index(name: str) -> int:
+    """``trial-fe0e0_00003`` -> 3: the order a search created its trials in."""
+    tail = name.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
 
 
 def warm_points(space: SearchSpace, flat: dict[str, Any]) -> list[dict[str, Any]]:
@@ -233,6 +361,23 @@ def warm_points(space: SearchSpace, flat: dict[str, Any]) -> list[dict[str, Any]
     return [point]
 
 
-__all__ = ["COSTS", "COST_METRICS", "OBJECTIVES", "SCHEDULERS", "SEARCHES", "SearchPlan",
-           "check_plan", "make_tuner", "scheduler", "searcher", "startup_trials", "tpe_sampler",
-           "warm_points"]
+__all__ = [
+    "COSTS",
+    "COST_METRICS",
+    "OBJECTIVES",
+    "SCHEDULERS",
+    "SEARCHES",
+    "SearchPlan",
+    "check_plan",
+    "check_population",
+    "make_tuner",
+    "pbt_mutations",
+    "scheduler",
+    "searcher",
+    "startup_trials",
+    "tpe_sampler",
+    "trial_count",
+    "trial_index",
+    "trial_name",
+    "warm_points",
+]

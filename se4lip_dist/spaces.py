@@ -19,7 +19,7 @@ from se4lip_dist.config import Config, ConfigError, list_presets, load_config
 from se4lip_dist.validation import HEADLINE, METRICS, ValidationError, metric_name
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
-SCHEDULERS = ("asha", "fifo")
+SCHEDULERS = ("asha", "fifo", "pbt")
 
 
 @dataclass(frozen=True)

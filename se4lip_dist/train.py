@@ -38,7 +38,7 @@ from ray.train.torch import TorchTrainer
 from se4lip_dist import storage
 from se4lip_dist.augment import augment_batch
 from se4lip_dist.collectives import all_gather, all_have, all_reduce_sum, broadcast_buffers
-from se4lip_dist.config import Config, flatten
+from se4lip_dist.config import Config, architecture_diff, flatten
 from se4lip_dist.cost import encoder_costs
 from se4lip_dist.lifecycle import Candidate, GateError, publish
 from se4lip_dist.losses import sync_bce_loss, sync_cosine
@@ -151,6 +151,10 @@ def place_model(model: Any, cfg: Config, restored: Restored | None, place: Any,
     scaler = torch.amp.GradScaler(device.type, enabled=_amp_dtype(cfg, device) == torch.float16)
     if restored is not None:
         opt.load_state_dict(restored.optim)
+        # The config, not the checkpoint, sets the step size: a PBT exploit (or a resume with
+        # another --set train.lr) continues the weights and moments under the new values.
+        for group, want in zip(opt.param_groups, groups, strict=True):
+            group["lr"], group["weight_decay"] = want["lr"], tc.weight_decay
         if restored.state.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(restored.state["scaler"])
     return model, opt, scaler
@@ -317,6 +321,7 @@ class TrainRecipe:
             "train/loss": loss_sum / seen if seen else float("nan"),
             "train/sync_acc": correct / seen if seen else float("nan"),
             "train/steps": self.step,
+            "train/lr": self.opt.param_groups[0]["lr"],
             "perf/samples_per_s": seen / stats.elapsed if stats.elapsed else 0.0,
             "perf/data_wait_fraction": wait_all / elapsed_all if elapsed_all else 0.0,
             "perf/epoch_time_s": time.perf_counter() - stats.started,
@@ -366,7 +371,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
 
     Args:
         config: ``{"cfg": Config.to_dict(), "data_dir": str, "tracking_uri": str | None,
-            "run_id": str | None, "init_state": ObjectRef | None}``.
+            "run_id": str | None, "init_state": ObjectRef | None}``, and optionally
+            ``"resume_from"``: a ``Checkpoint`` to continue from when the run has none yet.
 
     Returns:
         On rank 0: ``{"history", "epochs", "steps", "best_epoch", "worker_node_ids"}``; None
@@ -375,7 +381,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     cfg = Config.from_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    ckpt = ray.train.get_checkpoint()
+    # The run's own last checkpoint (a worker-group restart), else the one the trial resumes
+    # from (a PBT exploit or a paused trial: Tune's checkpoint of this or another trial).
+    ckpt = ray.train.get_checkpoint() or config.get("resume_from")
     restored = None
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -601,10 +609,7 @@ def load_init(cfg: Config, tracking_uri: str) -> tuple[dict[str, Any], dict[str,
             state, init_cfg = load_model_state(info["pinned_uri"], tracking_uri)
     except RegistryError as e:
         raise TrainError(f"train.init {src}: {e}") from e
-    diff = {k: (v, getattr(cfg.model, k)) for k, v in vars(init_cfg.model).items()
-            if getattr(cfg.model, k) != v}
-    if init_cfg.train.window_frames != cfg.train.window_frames:
-        diff["train.window_frames"] = (init_cfg.train.window_frames, cfg.train.window_frames)
+    diff = architecture_diff(init_cfg, cfg)
     if diff:
         shown = ", ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in sorted(diff.items()))
         raise TrainError(f"train.init {src} has another architecture ({shown}): train with its "

@@ -2,8 +2,9 @@
 
 Ray 2.60 pattern (Train V2 + Tune): every trial runs :func:`tune_trial`, a *driver function*
 that builds a ``TorchTrainer`` over :func:`se4lip_dist.train.train_loop` and forwards rank 0's
-per-epoch metrics to Tune through ``TuneReportCallback``. The searcher (random, grid or Optuna
-TPE), the scheduler (ASHA or FIFO on ``time_attr="epoch"``) and the objective (the metric, or
+per-epoch metrics to Tune through ``TuneReportCallback`` (under PBT, with each checkpoint: see
+:func:`_fit_with_tune_checkpoints`). The searcher (random, grid or Optuna
+TPE), the scheduler (ASHA, FIFO or PBT on ``time_attr="epoch"``) and the objective (the metric, or
 the metric against extraction cost under a budget) come from :mod:`se4lip_dist.search`.
 
 MLflow: one parent run for the tune job, one child run per trial (found again by its trial name
@@ -19,11 +20,13 @@ CPU stays free for Ray Data (on 2 cores, reserving every CPU hangs Ray Data fore
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,8 @@ import ray.tune
 from mlflow import MlflowClient
 from ray import tune
 from ray.tune import Callback
-from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.util.queue import Empty, Queue
 
 from se4lip_dist import storage
 from se4lip_dist.config import Config, TrainConfig, flatten
@@ -47,7 +51,14 @@ from se4lip_dist.plots import pareto_figure
 from se4lip_dist.registry import load_model_state
 from se4lip_dist.resources import Resources
 from se4lip_dist.runtime import cluster_cpus, init_ray, own_sigint
-from se4lip_dist.search import SearchPlan, check_plan, make_tuner, warm_points
+from se4lip_dist.search import (
+    SearchPlan,
+    check_plan,
+    check_population,
+    make_tuner,
+    trial_index,
+    warm_points,
+)
 from se4lip_dist.spaces import load_space
 from se4lip_dist.splits import SplitRule, clip_frames
 from se4lip_dist.storage import redact_uri
@@ -269,11 +280,79 @@ def tune_trial(config: dict[str, Any]) -> None:
     # Train then waits for capacity as long as this trial may, instead of failing and
     # retrying every 60 s (its default).
     os.environ.setdefault(TRAIN_START_TIMEOUT_ENV, str(max(60.0, job["placement_timeout_s"])))
-    result = trial_trainer(job, trial, cfg, run_id, datasets).fit()
+    if job.get("pbt"):
+        _fit_with_tune_checkpoints(job, trial, cfg, run_id, params, datasets)
+    else:
+        result = trial_trainer(job, trial, cfg, run_id, datasets).fit()
+        if result.error is not None:
+            raise result.error
+
+    end_run(job["tracking_uri"], run_id, "FINISHED")
+
+
+class _ReportToQueue(ray.train.UserCallback):
+    """Train callback: each report (rank 0's metrics, the checkpoint) into a Ray queue, which
+    the trial's driver function hands to Tune (``TuneReportCallback`` passes metrics only)."""
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]],
+                     checkpoint: ray.train.Checkpoint | None) -> None:
+        m = dict(metrics[0])
+        if checkpoint is not None:
+            m[CHECKPOINT_PATH_KEY] = checkpoint.path  # what registration reads, as with Tune's
+        self.queue.put((m, checkpoint))
+
+
+def _fit_with_tune_checkpoints(job: dict[str, Any], trial: str, cfg: Config,
+                               run_id: str | None, params: dict[str, Any],
+                               datasets: dict[str, Any]) -> None:
+    """A PBT trial: every epoch's checkpoint goes to Tune (PBT clones them), and the trial
+    continues from the one Tune gives it: its own after a pause, a better trial's after an
+    exploit (the config Tune passes is then that trial's, perturbed).
+
+    The Train run is named after that checkpoint: a fresh name per continuation, so Train's
+    own resume (after a worker-group failure) never reaches back before the exploit."""
+    resume = ray.tune.get_checkpoint()
+    suffix = ""
+    if resume is not None:
+        suffix = "-" + hashlib.sha1(resume.path.encode()).hexdigest()[:8]
+        if run_id:
+            _record_exploit(job["tracking_uri"], run_id, trial, resume.path, params)
+    queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    try:
+        trainer = trial_trainer(job, trial, cfg, run_id, datasets, resume_from=resume,
+                                report=_ReportToQueue(queue), name_suffix=suffix)
+        with ThreadPoolExecutor(1) as pool:
+            fit = pool.submit(trainer.fit)
+            while True:
+                try:
+                    metrics, checkpoint = queue.get(timeout=1.0)
+                except Empty:
+                    if fit.done():  # checked after a get: the last report is never left behind
+                        break
+                    continue
+                ray.tune.report(metrics, checkpoint=checkpoint)
+            result = fit.result()
+    finally:
+        queue.shutdown()
     if result.error is not None:
         raise result.error
 
-    end_run(job["tracking_uri"], run_id, "FINISHED")
+
+def _record_exploit(uri: str, run_id: str, trial: str, checkpoint: str,
+                    params: dict[str, Any]) -> None:
+    """On the trial's MLflow run: which checkpoint it continues and its values from now on
+    (``se4lip.pbt.<n>`` tags; a trial resuming its own checkpoint after a pause is not one)."""
+    source = Path(checkpoint).parent.name
+    if source == trial:
+        return
+    client = MlflowClient(tracking_uri=uri)
+    n = sum(k.startswith("se4lip.pbt.") for k in client.get_run(run_id).data.tags) + 1
+    values = ", ".join(f"{k}={_short(v)}" for k, v in sorted(params.items()))
+    client.set_tag(run_id, f"se4lip.pbt.{n}",
+                   f"continues {source}/{Path(checkpoint).name} with {values}")
 
 
 def trial_plan(job: dict[str, Any]) -> Resources:
@@ -283,7 +362,8 @@ def trial_plan(job: dict[str, Any]) -> Resources:
 
 
 def trial_trainer(job: dict[str, Any], trial: str, cfg: Config, run_id: str | None,
-                  datasets: dict[str, Any] | None = None) -> Any:
+                  datasets: dict[str, Any] | None = None, *, resume_from: Any = None,
+                  report: Any = None, name_suffix: str = "") -> Any:
     """The trial's ``TorchTrainer``: :func:`se4lip_dist.train.build_trainer` with the trial's
     ranks and names, reporting each epoch to Tune, warm-started from ``train.init`` if set
     (recorded on the trial's run as ``train`` records it).
@@ -294,18 +374,22 @@ def trial_trainer(job: dict[str, Any], trial: str, cfg: Config, run_id: str | No
         cfg: the trial's config (the base with the trial's parameters).
         run_id: the trial's MLflow child run.
         datasets: built already (default: built here).
+        resume_from: a Tune checkpoint to continue from (PBT), when the Train run has none.
+        report: the Train callback reporting to Tune (default ``TuneReportCallback``).
+        name_suffix: appended to the Train run's name (a PBT continuation's own run).
     """
     init_state = None
-    if cfg.train.init:
+    if cfg.train.init and resume_from is None:
         init_state, info = load_init(cfg, job["tracking_uri"])
         if run_id:
             log_parent_model(job["tracking_uri"], run_id, info)
     return build_trainer(
         cfg, job["data_dir"], trial_plan(job),
         # Stable per trial: a resumed tune resumes each unfinished trial's Train run.
-        name=f"{job['name']}-{trial}", storage_path=job["storage"],
+        name=f"{job['name']}-{trial}{name_suffix}", storage_path=job["storage"],
         tracking_uri=job["tracking_uri"], run_id=run_id, datasets=datasets,
-        callbacks=[TuneReportCallback()], init_state=init_state)
+        callbacks=[report or TuneReportCallback()], init_state=init_state,
+        extra_config={"resume_from": resume_from} if resume_from is not None else None)
 
 
 TRAIN_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
@@ -362,7 +446,7 @@ def _child_run(job: dict[str, Any], trial: str, cfg: Config, params: dict[str, A
     logged["data.manifest_hash"] = job["data_hash"]
     searched = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in sorted(params.items()))
     return start_run(
-        uri, job["experiment"], f"{job['name']} #{_trial_index(trial)}: {searched}",
+        uri, job["experiment"], f"{job['name']} #{trial_index(trial)}: {searched}",
         params=logged,
         tags={"mlflow.parentRunId": job["parent_run_id"], "se4lip.trial": trial,
               "se4lip.tune": job["name"], "se4lip.preset": cfg.preset,
@@ -372,12 +456,6 @@ def _child_run(job: dict[str, Any], trial: str, cfg: Config, params: dict[str, A
                      f"{cfg.train.epochs} epochs unless the scheduler stops it; its best epoch "
                      f"by `{cfg.train.select_metric}` is what the search compares."),
     )
-
-
-def _trial_index(trial: str) -> int:
-    """``trial-fe0e0_00003`` -> 3 (Tune numbers trials from 0 in creation order)."""
-    tail = trial.rsplit("_", 1)[-1]
-    return int(tail) if tail.isdigit() else 0
 
 
 def _short(v: Any) -> str:
@@ -422,7 +500,7 @@ def run_tune(
     t0 = time.perf_counter()
     space = load_space(space_path, preset=opts.preset)
     base, metric, mode = _base_config(space, opts)
-    sched = check_plan(space, opts.plan)
+    sched = check_plan(space, opts.plan, base.train.epochs)
     data_dir = storage.absolute(data_dir)  # trials run on other nodes: absolute path or URL
     manifest = Manifest.load(data_dir)
     manifest.check_shards(data_dir)  # old-schema shards fail here, not inside every trial
@@ -444,6 +522,8 @@ def run_tune(
     init_ray(opts.address, dashboard=True)  # Train V2's placement-group cleaner needs it
     try:
         res = _plan(opts, base)
+        check_population(space, opts.plan, opts.num_samples or space.num_samples,
+                         res.max_concurrent)
         base = base.override({"train.num_workers": res.num_workers})
         if state is None:
             parent = _start_parent(uri, opts, space, base, data_hash, data_dir, res)
@@ -511,6 +591,7 @@ def _job(opts: TuneOptions, state: dict[str, Any], data_dir: str, data_hash: str
         "parent_run_id": state["parent_run_id"], "name": opts.name, "storage": store,
         "num_workers": res.num_workers, "worker_cpus": res.worker_cpus,
         "worker_gpus": res.worker_gpus, "placement_timeout_s": opts.placement_timeout_s,
+        "pbt": opts.plan.scheduler == "pbt",
     }
 
 
@@ -701,8 +782,7 @@ def _rank(grid: Any, metric: str, mode: str, space: Any) -> list[TrialRow]:
         else:
             status = "DONE"
         best_epoch = int(m.get(f"{BEST_PREFIX}epoch", epochs) or 0)
-        # The metrics of the best epoch (every report carries the best so far).
-        best_metrics = next((h for h in _history(r) if h.get("epoch") == best_epoch), m)
+        best_metrics = _best_epoch_metrics(_history(r), m, best_epoch, metric)
         keep = {k: float(v) for k, v in best_metrics.items()
                 if k.startswith(("val/", "train/", "cost/")) and isinstance(v, int | float)}
         rows.append(TrialRow(name=_trial_name(r), params=params, status=status, epoch=epochs,
@@ -716,6 +796,20 @@ def _rank(grid: Any, metric: str, mode: str, space: Any) -> list[TrialRow]:
         return (-v if mode == "max" else v), loss
 
     return sorted(rows, key=key)
+
+
+def _best_epoch_metrics(history: list[dict[str, Any]], last: dict[str, Any], best_epoch: int,
+                        metric: str) -> dict[str, Any]:
+    """The metrics of a trial's best epoch (every report carries the best so far).
+
+    Under PBT a trial's history has its own epochs before an exploit and the cloned lineage's
+    after, so an epoch number can appear twice, or the best epoch can be the other trial's:
+    the latest entry holding the best value is taken, else the last report with that value."""
+    best = last.get(BEST_PREFIX + metric)
+    for h in reversed(history):
+        if h.get("epoch") == best_epoch and (best is None or h.get(metric) == best):
+            return h
+    return last if best is None else {**last, metric: best}
 
 
 def _history(result: Any) -> list[dict[str, Any]]:

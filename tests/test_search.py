@@ -15,7 +15,19 @@ import pytest
 import yaml
 
 from se4lip_dist.config import ConfigError
-from se4lip_dist.search import SearchPlan, check_plan, make_tuner, searcher, warm_points
+from se4lip_dist.search import (
+    SearchPlan,
+    _clip,
+    check_plan,
+    check_population,
+    make_tuner,
+    pbt_mutations,
+    scheduler,
+    searcher,
+    trial_count,
+    trial_index,
+    warm_points,
+)
 from se4lip_dist.spaces import load_space
 
 METRIC = "val/shift_acc"
@@ -50,6 +62,58 @@ def test_plan_refuses_what_cannot_work(tmp_path: Path) -> None:
     fifo = _space(tmp_path, {"train.lr": {"loguniform": [1e-4, 1e-3]}}, scheduler="fifo")
     assert check_plan(fifo, SearchPlan(search="tpe")) == "fifo"
     assert check_plan(fifo, SearchPlan(search="tpe", scheduler="asha")) == "asha"
+
+
+def test_pbt_refuses_what_it_cannot_do(tmp_path: Path) -> None:
+    arch = _space(tmp_path, {"model.gru_layers": {"choice": [1, 2]},
+                             "train.window_frames": {"choice": [3, 5]}})
+    with pytest.raises(ConfigError, match=r"pbt perturbs training keys.*model\.gru_layers"):
+        check_plan(arch, SearchPlan(scheduler="pbt"))
+    space = _space(tmp_path, {"model.gru_layers": {"choice": [1, 2]},
+                              "train.lr": {"loguniform": [1e-4, 1e-2]}})
+    with pytest.raises(ConfigError, match="use --search random or grid"):
+        check_plan(space, SearchPlan(search="tpe", scheduler="pbt"))
+    with pytest.raises(ConfigError, match="--objective accuracy"):
+        check_plan(space, SearchPlan(scheduler="pbt", objective="pareto"))
+    with pytest.raises(ConfigError, match="--epochs 2 or more"):
+        check_plan(space, SearchPlan(scheduler="pbt"), epochs=1)
+    assert check_plan(space, SearchPlan(scheduler="pbt"), epochs=3) == "pbt"
+
+
+def test_pbt_trains_its_whole_population_at_once(tmp_path: Path) -> None:
+    """A trial waiting for capacity has no score to compare and no checkpoint to clone, and
+    Tune would create it only when another ends: the population must fit at once."""
+    space = _space(tmp_path, {"model.gru_layers": {"grid": [1, 2]},
+                              "train.lr": {"loguniform": [1e-4, 1e-2]}})
+    plan = SearchPlan(scheduler="pbt")
+    assert trial_count(space, plan, 3) == 6  # 3 samples of a 2-value grid
+    check_population(space, plan, 3, 6)
+    check_population(space, plan, 3, None)  # a cluster: Tune's pending trials are demand
+    with pytest.raises(ConfigError, match=r"its 6 trials side by side, and 4 fit at once"):
+        check_population(space, plan, 3, 4)
+    one = _space(tmp_path, {"train.lr": {"loguniform": [1e-4, 1e-2]}})
+    with pytest.raises(ConfigError, match="population of 2 or more"):
+        check_population(one, plan, 1, 4)
+    check_population(space, SearchPlan(scheduler="asha"), 3, 1)  # only PBT needs it
+
+
+def test_pbt_perturbs_only_what_the_weights_do_not_depend_on(tmp_path: Path) -> None:
+    from ray.tune.search.sample import Float
+
+    space = _space(tmp_path, {"model.gru_layers": {"choice": [1, 2]},
+                              "train.window_frames": {"choice": [3, 5]},
+                              "train.lr": {"loguniform": [1e-4, 1e-2]},
+                              "train.batch_size": {"choice": [16, 32]},
+                              "augment.noise_p": {"uniform": [0.0, 0.5]}})
+    muts = pbt_mutations(space)
+    assert set(muts) == {"train.lr", "train.batch_size", "augment.noise_p"}
+    assert muts["train.batch_size"] == [16, 32]  # PBT steps through a list
+    assert isinstance(muts["train.lr"], Float)
+    # PBT rescales by 0.8 or 1.2 whatever the range: the explore step keeps values inside.
+    clipped = _clip({"train.lr": (1e-4, 1e-2)}, {"train.lr": 1.2e-2, "train.batch_size": 16})
+    assert clipped == {"train.lr": 1e-2, "train.batch_size": 16}
+    sched = scheduler("pbt", 3, space)
+    assert sched._time_attr == "epoch" and sched._perturbation_interval == 1
 
 
 def test_tpe_maps_the_yaml_space_one_to_one(tmp_path: Path) -> None:
@@ -201,6 +265,9 @@ def test_tpe_resume_keeps_the_searchers_state(tmp_path: Path, local_ray: None) -
     exp = str(tmp_path / "ray" / "s")
     rest = _tuner(space, plan, tmp_path / "ray", restore=exp).fit()
     assert len(rest) == 6, [r.config for r in rest]
+    # Named in creation order like variant-generated trials (Optuna's ids are random hex, and
+    # every TPE trial's MLflow run was "#0": the benchmark's "best after k" order was lost).
+    assert sorted(trial_index(Path(r.path).name) for r in rest) == list(range(6))
     assert all(r.error is None and METRIC in r.metrics for r in rest)
     alg = OptunaSearch()
     alg.restore_from_dir(exp)

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from se4lip_dist.config import ConfigError
+from se4lip_dist.search import SearchPlan, check_plan
 from se4lip_dist.spaces import load_space
 
 TUNE_DIR = Path(__file__).resolve().parents[1] / "tune"
@@ -14,7 +15,9 @@ def test_every_shipped_space_is_valid(path: Path) -> None:
     assert space.params
     ps = space.param_space()
     assert set(ps) == set(space.params) | set(space.fixed)
-    space.base_config()
+    base = space.base_config()
+    # Its own scheduler with the default searcher (PBT: something to perturb, epochs to do it).
+    assert check_plan(space, SearchPlan(), base.train.epochs) == space.scheduler
 
 
 def test_shipped_spaces_cover_the_issue() -> None:

@@ -178,6 +178,27 @@ def test_optimizer_state_follows_the_placed_parameters(tmp_path) -> None:
     opt2.step()  # mixed float32 state and float64 parameters would raise here
 
 
+def test_a_restored_optimizer_takes_the_configs_step_size(tmp_path) -> None:
+    """A PBT exploit continues another trial's checkpoint under a perturbed learning rate:
+    the loaded optimizer state must not bring the old rate back (nor the old weight decay)."""
+
+    from se4lip_dist.models import build_model
+    from se4lip_dist.train import Restored, place_model
+
+    cfg = load_config("cpu-small", overrides=[*TINY_TRAIN, "train.lr=1e-3",
+                                              "train.weight_decay=0.0"])
+    model, opt, _ = place_model(build_model(cfg.model, window_frames=cfg.train.window_frames),
+                                cfg, None, lambda m: m)
+    saved = Restored(model=model.state_dict(), best=model.state_dict(), optim=opt.state_dict(),
+                     state={"scaler": None})
+    new = cfg.override({"train.lr": 2.5e-4, "train.weight_decay": 0.01})
+    _, opt2, _ = place_model(build_model(new.model, window_frames=new.train.window_frames),
+                             new, saved, lambda m: m)
+    speech, lips = opt2.param_groups
+    assert speech["lr"] == 2.5e-4 and lips["lr"] == 2.5e-4 * new.train.lips_lr_scale
+    assert speech["weight_decay"] == lips["weight_decay"] == 0.01
+
+
 def test_run_names_fresh_unique_and_resume(tmp_path) -> None:
     from se4lip_dist.train import RUN_STATE_FILE, TrainError, _resolve_name
 

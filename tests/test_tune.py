@@ -185,22 +185,26 @@ def test_train_then_tune_on_one_name_gate_and_mlflow(shards: Path, tmp_path: Pat
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-@pytest.mark.parametrize("search", ["random", "tpe"])
+@pytest.mark.parametrize("search", ["random", "tpe", "pbt"])
 def test_resume_after_killing_the_driver(shards: Path, tmp_path: Path, search: str) -> None:
     """Killed mid-trial, ``--resume`` finishes the same 2 trials (with TPE: its study restored,
-    not a fresh search of 2 more) and registers once."""
+    not a fresh search of 2 more; with PBT: its population, each trial from its last Tune
+    checkpoint) and registers once."""
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # TPE samples: a choice (2 trials), where random search enumerates the same grid.
-    kind = "grid" if search == "random" else "choice"
-    space = _space(tmp_path / "s.yaml", {"model.gru_layers": {kind: [1, 2]},
-                                         "train.lr": 2.0e-3},
-                   num_samples=2 if kind == "choice" else 1)
+    kind = "choice" if search == "tpe" else "grid"
+    params = {"model.gru_layers": {kind: [1, 2]}, "train.lr": 2.0e-3}
+    flags = ["--search", search]
+    if search == "pbt":  # a population of 2, side by side, perturbing the learning rate
+        params = {"train.lr": {"grid": [1.0e-7, 2.0e-3]}}
+        flags = ["--scheduler", "pbt", "--max-concurrent-trials", "2"]
+    space = _space(tmp_path / "s.yaml", params, num_samples=2 if kind == "choice" else 1)
     argv = [sys.executable, "-m", "se4lip_dist", "tune", "--data", str(shards), "--space",
             str(space), "--epochs", "3", "--tracking-uri", uri, "--storage-path",
             str(tmp_path / "ray"), "--name", "killme", "--register", "se4lip-k", "--json",
-            "--search", search]
+            *flags]
     for o in TINY_MODEL:
         argv += ["--set", o]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}

@@ -97,3 +97,57 @@ def test_tpe_pareto_with_a_budget_from_the_cli(tmp_path: Path) -> None:
     reg = result["registered"]
     mv = client.get_model_version("se4lip-p", str(reg["version"]))
     assert mv.tags["gate.budget"] == f"{GFLOP} <= {budget:.6g}"
+
+
+@pytest.mark.timeout(1200)
+def test_pbt_exploits_the_better_trial_from_the_cli(tmp_path: Path) -> None:
+    """Two trials side by side, one that cannot learn (lr 1e-7; on a tie it ranks lower, being
+    first), over 4 epochs (3 perturbation points): PBT has a trial continue the
+    other's checkpoint under a perturbed config, the trial's MLflow run says so and its
+    learning rate changes, and no trial restarts unless it was exploited (Tune's PBT paused
+    the other trials while one restarted from an exploit, and cloned last epochs)."""
+    from mlflow import MlflowClient
+
+    shards = tmp_path / "shards"
+    write_synthetic_shards(shards, n_clips=28, n_frames=40, val_clips=8, clips_per_shard=7)
+    space = tmp_path / "s.yaml"
+    space.write_text(yaml.safe_dump({
+        "preset": "cpu-small", "metric": "val/offset_acc", "num_samples": 1,
+        "params": {"train.lr": {"grid": [1.0e-7, 2.0e-3]}}}))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = tmp_path / "ray"
+    argv = [sys.executable, "-m", "se4lip_dist", "tune", "--data", str(shards), "--space",
+            str(space), "--epochs", "4", "--tracking-uri", uri, "--storage-path", str(store),
+            "--name", "pbt", "--register", "se4lip-pbt", "--json", "--scheduler", "pbt",
+            "--max-concurrent-trials", "2"]
+    for o in TINY_MODEL:
+        argv += ["--set", o]
+    done = subprocess.run(argv, env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+                          capture_output=True, text=True, timeout=1100)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert len(result["trials"]) == 2 and result["search"]["scheduler"] == "pbt"
+    assert result["registered"]["version"] == 1
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("se4lip-tune").experiment_id
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = "
+                                         f"'{result['parent_run_id']}'")
+    exploits = {c.data.tags["se4lip.trial"]: sorted(v for k, v in c.data.tags.items()
+                                                    if k.startswith("se4lip.pbt."))
+                for c in children}
+    assert any(exploits.values()), exploits
+    for child in children:
+        trial = child.data.tags["se4lip.trial"]
+        lrs = [m.value for m in sorted(client.get_metric_history(child.info.run_id,
+                                                                 "train/lr"),
+                                       key=lambda m: (m.timestamp, m.step))]
+        # One Train run per start: the first, then one per exploit (no needless restarts).
+        runs = [p for p in store.iterdir() if p.name.startswith(f"pbt-{trial}")]
+        assert len(runs) == 1 + len(exploits[trial]), (trial, runs, exploits)
+        for line in exploits[trial]:
+            (other,) = set(exploits) - {trial}
+            assert line.startswith(f"continues {other}/checkpoint_"), line
+            # Never a last epoch's checkpoint: the exploiting trial trains on with the new lr.
+            lr = float(line.rsplit("train.lr=", 1)[1])
+            assert any(abs(v - lr) <= 0.01 * lr for v in lrs), (line, lrs)

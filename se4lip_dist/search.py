@@ -149,10 +149,12 @@ def check_population(space: SearchSpace, plan: SearchPlan, num_samples: int,
         raise ConfigError(f"--scheduler pbt needs a population of 2 or more trials, got {n}: "
                           "raise --num-samples")
     if max_concurrent is not None and n > max_concurrent:
+        fewer = (f"pass --num-samples {max_concurrent}, or " if max_concurrent >= 2 else
+                 "pass --num-samples and ")
         raise ConfigError(f"--scheduler pbt trains its {n} trials side by side, and "
-                          f"{max_concurrent} fit at once here: pass --num-samples "
-                          f"{max_concurrent}, or --max-concurrent-trials {n} with fewer CPUs "
-                          "per trial (--cpus-per-trial, --num-workers-per-trial)")
+                          f"{max_concurrent} fit at once here: {fewer}--max-concurrent-trials "
+                          "with the population size (each trial then gets a smaller share: "
+                          "--cpus-per-trial, --num-workers-per-trial)")
 
 
 def pbt_mutations(space: SearchSpace) -> dict[str, Any]:

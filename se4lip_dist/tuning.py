@@ -3,9 +3,9 @@
 Ray 2.60 pattern (Train V2 + Tune): every trial runs :func:`tune_trial`, a *driver function*
 that builds a ``TorchTrainer`` over :func:`se4lip_dist.train.train_loop` and forwards rank 0's
 per-epoch metrics to Tune through ``TuneReportCallback`` (under PBT, with each checkpoint: see
-:func:`_fit_with_tune_checkpoints`). The searcher (random, grid or Optuna
-TPE), the scheduler (ASHA, FIFO or PBT on ``time_attr="epoch"``) and the objective (the metric, or
-the metric against extraction cost under a budget) come from :mod:`se4lip_dist.search`.
+:func:`_fit_with_tune_checkpoints`). The searcher (random, grid or Optuna TPE), the scheduler
+(ASHA, FIFO or PBT on ``time_attr="epoch"``) and the objective (the metric, or the metric
+against extraction cost under a budget) come from :mod:`se4lip_dist.search`.
 
 MLflow: one parent run for the tune job, one child run per trial (found again by its trial name
 on ``--resume``), the ranked trial table as an artifact. Each trial keeps its best validated
